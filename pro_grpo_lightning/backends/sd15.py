@@ -1,0 +1,328 @@
+"""Stable Diffusion 1.x / 2.x backend: UNet + DDIM with eta > 0 as the stochastic policy.
+
+The sampler is the DDIM step of ``steps.ddim`` on the tables of diffusers' ``DDIMScheduler``
+(``alphas_cumprod``, ``final_alpha_cumprod``, ``set_timesteps``' timesteps). The scheduler's own
+stateful ``step`` is never called: step index i of a batch row reads timestep ``timesteps[i]`` and
+the previous timestep ``timesteps[i] - num_train_timesteps // T`` (``final_alpha_cumprod`` below 0),
+exactly the rule of ``DDIMScheduler.step``, so rows at different steps share one UNet call.
+
+``TinySD15Backend`` is the same class on a ~1 M-parameter model built in code (random weights, no
+files), for tests, the quickstart and CPU benchmarks; ``save_tiny_sd15_pipeline`` writes it as a
+diffusers folder so the real loading path can be exercised offline.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..steps import StepOutput
+from ..steps.ddim import ddim_step, ddim_tables, draw_noise
+from .base import Conditioning, DiffusionBackend, LoraSettings, check_pretrained_source
+
+#: UNet attention projections that carry the adapter (self- and cross-attention).
+DEFAULT_LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
+
+#: SD1.x's noise schedule (its scheduler_config.json), with DDIM's class and clip_sample off.
+SD15_SCHEDULER_CONFIG: dict[str, Any] = dict(
+    num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+    set_alpha_to_one=False, steps_offset=1, clip_sample=False, prediction_type="epsilon",
+    timestep_spacing="leading",
+)
+
+TINY_SD15_SOURCE = "<tiny-sd15>"
+
+
+class SD15Backend(DiffusionBackend):
+    """SD1.x (and SD2.x, v-prediction) from a diffusers folder or hub id.
+
+    Args:
+        pretrained: diffusers pipeline folder or hub id (subfolders unet/vae/text_encoder/
+            tokenizer/scheduler). Checked in ``__init__``; weights load in ``configure_model``.
+        num_steps: T, DDIM steps of a trajectory (DanceGRPO on SD1.4: 50).
+        guidance_scale: CFG scale; <= 1 runs the conditional branch only.
+        resolution: image side in pixels (a multiple of the VAE factor, 8).
+        eta: DDIM eta; 1 has DDPM's posterior std (DanceGRPO), 0 is the deterministic ODE.
+        lora: the policy adapter on the UNet's attention projections.
+        dtype: dtype of the frozen weights and the UNet forward; the step math runs in float32.
+        negative_prompt: CFG's unconditional prompt, encoded once in ``configure_model``.
+        revision: hub revision of ``pretrained``.
+        vae_decode_chunk: decode at most this many latents per VAE call (memory); None: all.
+        gradient_checkpointing: recompute UNet activations in the backward pass.
+
+    The scheduler config's ``clip_sample``/``thresholding`` are ignored: x0 is never clipped
+    (SD's own configs have clipping off).
+    """
+
+    def __init__(self, pretrained: str, num_steps: int = 50, guidance_scale: float = 5.0,
+                 resolution: int = 512, eta: float = 1.0, lora: LoraSettings | None = None,
+                 dtype: str = "float32", negative_prompt: str = "", revision: str | None = None,
+                 vae_decode_chunk: int | None = None, gradient_checkpointing: bool = False) -> None:
+        super().__init__(num_steps=num_steps, guidance_scale=guidance_scale, resolution=resolution,
+                         lora=lora, dtype=dtype, negative_prompt=negative_prompt)
+        if eta < 0:
+            raise ValueError(f"eta must be >= 0, got {eta}")
+        if resolution % 8:
+            raise ValueError(f"resolution must be a multiple of 8 (the SD VAE factor), got {resolution}")
+        if vae_decode_chunk is not None and vae_decode_chunk < 1:
+            raise ValueError(f"vae_decode_chunk must be >= 1 or None, got {vae_decode_chunk}")
+        self.pretrained = pretrained
+        self.eta = float(eta)
+        self.revision = revision
+        self.vae_decode_chunk = vae_decode_chunk
+        self.gradient_checkpointing = gradient_checkpointing
+        self._check_source(pretrained)
+        # Filled by configure_model().
+        self.unet: nn.Module | None = None
+        self.vae: nn.Module | None = None
+        self.text_encoder: nn.Module | None = None
+        self.tokenizer: Any = None
+        self.prediction_type = "epsilon"
+        self.init_noise_sigma = 1.0
+        self.vae_scale_factor = 8
+        self.latent_channels = 4
+        self._tables: dict[str, Tensor] = {}  # float32 / long CPU tables, [T] each
+        self._tables_on: dict[torch.device, dict[str, Tensor]] = {}
+
+    def _check_source(self, pretrained: str) -> None:
+        check_pretrained_source(pretrained)
+
+    # ---- lifecycle -------------------------------------------------------------------------
+    def load_components(self) -> dict[str, Any]:
+        """unet, vae, text_encoder, tokenizer, scheduler from ``pretrained`` (tokenizer checked first)."""
+        from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+        from transformers import CLIPTextModel, CLIPTokenizer
+
+        src, rev, dt = self.pretrained, self.revision, self.weight_dtype
+        tokenizer = CLIPTokenizer.from_pretrained(src, subfolder="tokenizer", revision=rev)
+        text_encoder = CLIPTextModel.from_pretrained(src, subfolder="text_encoder", revision=rev,
+                                                     dtype=dt)
+        check_tokenizer(tokenizer, text_encoder.config.vocab_size, src)
+        return dict(
+            tokenizer=tokenizer,
+            text_encoder=text_encoder,
+            unet=UNet2DConditionModel.from_pretrained(src, subfolder="unet", revision=rev, torch_dtype=dt),
+            vae=AutoencoderKL.from_pretrained(src, subfolder="vae", revision=rev, torch_dtype=dt),
+            scheduler=DDIMScheduler.from_pretrained(src, subfolder="scheduler", revision=rev),
+        )
+
+    def configure_model(self) -> None:
+        if self.unet is not None:
+            return
+        from peft import LoraConfig
+
+        parts = self.load_components()
+        unet, vae, text_encoder = parts["unet"], parts["vae"], parts["text_encoder"]
+        for net in (unet, vae, text_encoder):
+            net.requires_grad_(False)
+            if any(p.dtype != self.weight_dtype for p in net.parameters()):
+                net.to(dtype=self.weight_dtype)
+        self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
+        self.latent_channels = int(unet.config.in_channels)
+        if self.resolution % self.vae_scale_factor:
+            raise ValueError(f"resolution {self.resolution} is not a multiple of the VAE factor "
+                             f"{self.vae_scale_factor} of {self.pretrained!r}")
+
+        settings = self.lora
+        init = {"true": True, "default": True, "false": False}.get(str(settings.init).lower(), settings.init)
+        unet.add_adapter(LoraConfig(
+            r=settings.rank, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
+            init_lora_weights=init, target_modules=list(settings.target_modules or DEFAULT_LORA_TARGETS)))
+        for p in unet.parameters():  # peft creates the adapter in the base dtype; train it in fp32
+            if p.requires_grad:
+                p.data = p.data.float()
+        if self.gradient_checkpointing:
+            unet.enable_gradient_checkpointing()
+
+        self.unet, self.vae, self.text_encoder = unet, vae, text_encoder
+        self.tokenizer = parts["tokenizer"]
+        self._set_schedule(parts["scheduler"])
+        # CFG's unconditional embedding: computed once, moves with the module, never trained.
+        neg = self._encode([self.negative_prompt])  # [1, L, D]
+        self.register_buffer("negative_embeds", neg, persistent=False)
+
+    def _set_schedule(self, scheduler: Any) -> None:
+        """Per-step tables from a DDIMScheduler: timesteps and abar at t and at t_prev, [T] each."""
+        scheduler.set_timesteps(self.num_steps)
+        self._tables = ddim_tables(scheduler.alphas_cumprod, scheduler.final_alpha_cumprod,
+                                   scheduler.timesteps, scheduler.config.num_train_timesteps, self.eta)
+        self._tables_on = {}
+        self.prediction_type = scheduler.config.prediction_type
+        self.init_noise_sigma = float(scheduler.init_noise_sigma)
+
+    def _table(self, name: str, device: torch.device) -> Tensor:
+        """A schedule table on ``device`` (kept out of the buffers so no module cast touches it)."""
+        if not self._tables:
+            raise RuntimeError("call configure_model() before sampling")
+        if device not in self._tables_on:
+            self._tables_on[device] = {k: v.to(device) for k, v in self._tables.items()}
+        return self._tables_on[device][name]
+
+    # ---- the five stages ---------------------------------------------------------------------
+    @torch.no_grad()
+    def _encode(self, prompts: Sequence[str]) -> Tensor:
+        tok = self.tokenizer(list(prompts), padding="max_length", max_length=self.tokenizer.model_max_length,
+                             truncation=True, return_tensors="pt")
+        ids = tok.input_ids.to(self.text_encoder.device)  # [B, L]
+        return self.text_encoder(ids).last_hidden_state  # [B, L, D]
+
+    def encode_prompts(self, prompts: Sequence[str]) -> Conditioning:
+        self._require_model()
+        return {"prompt_embeds": self._encode(prompts)}  # [B, L, D]
+
+    def initial_latents(self, batch_size: int, generator: torch.Generator | None = None) -> Tensor:
+        side = self.resolution // self.vae_scale_factor
+        shape = (batch_size, self.latent_channels, side, side)
+        return draw_noise(shape, self.device, generator) * self.init_noise_sigma  # [B, C, h, w]
+
+    def guided_output(self, latents: Tensor, step_index: Tensor, cond: Conditioning) -> Tensor:
+        """The CFG-combined UNet output for rows at per-sample steps: [B, C, h, w] float32."""
+        unet = self._require_model()
+        device = latents.device
+        timesteps = self._table("timesteps", device)[step_index.to(device)]  # [B]
+        embeds = cond["prompt_embeds"].to(device=device, dtype=self.weight_dtype)  # [B, L, D]
+        x = latents.to(self.weight_dtype)  # [B, C, h, w]
+        if self.guidance_scale <= 1:
+            return unet(x, timesteps, encoder_hidden_states=embeds).sample.float()  # [B, C, h, w]
+        B = latents.shape[0]
+        neg = self.negative_embeds.to(device=device, dtype=self.weight_dtype).expand(B, -1, -1)  # [B, L, D]
+        out = unet(torch.cat([x, x]), torch.cat([timesteps, timesteps]),  # [2B, C, h, w]
+                   encoder_hidden_states=torch.cat([neg, embeds])).sample.float()
+        uncond, text = out.chunk(2)  # [B, C, h, w] each
+        return uncond + self.guidance_scale * (text - uncond)  # [B, C, h, w]
+
+    def step(self, latents: Tensor, step_index: Tensor, cond: Conditioning, *,
+             generator: torch.Generator | None = None, next_latents: Tensor | None = None,
+             ) -> StepOutput:
+        device = latents.device
+        step_index = step_index.to(device=device, dtype=torch.long)  # [B]
+        model_output = self.guided_output(latents, step_index, cond)  # [B, C, h, w] float32
+        out = ddim_step(model_output, latents,
+                        self._table("alpha_prod_t", device)[step_index],  # [B]
+                        self._table("alpha_prod_prev", device)[step_index],  # [B]
+                        eta=self.eta, generator=generator, next_latents=next_latents,
+                        prediction_type=self.prediction_type)
+        out.model_output = model_output
+        return out
+
+    @torch.no_grad()
+    def decode(self, latents: Tensor) -> Tensor:
+        self._require_model()
+        vae = self.vae
+        z = latents.to(device=vae.device, dtype=self.weight_dtype) / vae.config.scaling_factor  # [B, C, h, w]
+        if getattr(vae.config, "shift_factor", None):
+            z = z + vae.config.shift_factor
+        chunk = self.vae_decode_chunk or max(1, z.shape[0])
+        images = torch.cat([vae.decode(part).sample for part in z.split(chunk)])  # [B, 3, H, W]
+        return (images.float() / 2 + 0.5).clamp(0, 1)  # [B, 3, H, W]
+
+    # ---- schedule / policy -------------------------------------------------------------------
+    def trainable_steps(self) -> Tensor:
+        std = self._table("std", torch.device("cpu"))  # [T]
+        return (std > 0) & std.log().isfinite()  # [T] bool
+
+    def timesteps(self) -> Tensor:
+        """The UNet timestep of each step index: [T] long."""
+        return self._table("timesteps", torch.device("cpu")).clone()
+
+    def denoiser(self) -> nn.Module:
+        return self._require_model()
+
+    def _require_model(self) -> nn.Module:
+        if self.unet is None:
+            raise RuntimeError(f"{type(self).__name__}: call configure_model() first")
+        return self.unet
+
+    def extra_repr(self) -> str:
+        return f"pretrained={self.pretrained!r}, eta={self.eta}, " + super().extra_repr()
+
+
+def check_tokenizer(tokenizer: Any, vocab_size: int, source: str) -> None:
+    """Guard against the silent dummy tokenizer (OFFLINE.md): its vocabulary must fit the encoder's.
+
+    ``CLIPTokenizer.from_pretrained(<hub id>)`` under ``HF_HUB_OFFLINE=1`` can return a tokenizer of
+    a few tokens without error; its ids would be valid but meaningless. A real one covers the text
+    encoder's embedding table (CLIP: 49,408 of 49,408).
+    """
+    n = len(tokenizer)
+    if not vocab_size // 2 <= n <= vocab_size:
+        raise RuntimeError(
+            f"tokenizer loaded from {source!r} (subfolder 'tokenizer') has {n} tokens but its text "
+            f"encoder has vocab_size {vocab_size}: the tokenizer files are missing or wrong (offline "
+            f"hub loads can silently return a dummy tokenizer). Check the folder or download the model.")
+
+
+# ---- the tiny model ---------------------------------------------------------------------------
+def build_tiny_sd15_components(resolution: int = 64, seed: int = 0) -> dict[str, Any]:
+    """A random-init SD1.5-architecture pipeline of about 1.2 M parameters, built offline.
+
+    UNet 1.06 M (2 cross-attention down/up blocks, channels 32/64), VAE 81 k (4 blocks: factor 8,
+    so 64 px -> 4x8x8 latents), CLIP text encoder 36 k (hidden 32, 2 layers, byte-level vocab 514),
+    and SD1.5's DDIM schedule. Each component is seeded on its own; the global RNG is untouched.
+    """
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from .tokenizers import byte_level_clip_tokenizer
+
+    if resolution % 8:
+        raise ValueError(f"resolution must be a multiple of 8, got {resolution}")
+    tokenizer = byte_level_clip_tokenizer()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        unet = UNet2DConditionModel(
+            sample_size=resolution // 8, in_channels=4, out_channels=4, layers_per_block=1,
+            block_out_channels=(32, 64), norm_num_groups=8, cross_attention_dim=32, attention_head_dim=8,
+            down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"))
+        torch.manual_seed(seed + 1)
+        vae = AutoencoderKL(
+            in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1,
+            block_out_channels=(8, 16, 16, 16), norm_num_groups=8, sample_size=resolution,
+            down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4)
+        torch.manual_seed(seed + 2)
+        text_encoder = CLIPTextModel(CLIPTextConfig(
+            vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+            num_attention_heads=4, max_position_embeddings=77, projection_dim=32,
+            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id))
+    for net in (unet, vae, text_encoder):
+        net.eval()
+    return dict(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+                scheduler=DDIMScheduler(**SD15_SCHEDULER_CONFIG))
+
+
+def save_tiny_sd15_pipeline(path: str, resolution: int = 64, seed: int = 0) -> str:
+    """Write the tiny model as a diffusers StableDiffusionPipeline folder; returns ``path``."""
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline(**build_tiny_sd15_components(resolution, seed), safety_checker=None,
+                                   feature_extractor=None, requires_safety_checker=False)
+    pipe.save_pretrained(path)
+    return path
+
+
+class TinySD15Backend(SD15Backend):
+    """``SD15Backend`` on the code-built tiny model (``build_tiny_sd15_components``): no files."""
+
+    def __init__(self, num_steps: int = 4, guidance_scale: float = 3.0, resolution: int = 64,
+                 eta: float = 1.0, lora: LoraSettings | None = None, dtype: str = "float32",
+                 negative_prompt: str = "", seed: int = 0, vae_decode_chunk: int | None = None,
+                 gradient_checkpointing: bool = False) -> None:
+        super().__init__(TINY_SD15_SOURCE, num_steps=num_steps, guidance_scale=guidance_scale,
+                         resolution=resolution, eta=eta, lora=lora, dtype=dtype,
+                         negative_prompt=negative_prompt, vae_decode_chunk=vae_decode_chunk,
+                         gradient_checkpointing=gradient_checkpointing)
+        self.seed = seed
+
+    def _check_source(self, pretrained: str) -> None:
+        pass  # built in code
+
+    def load_components(self) -> dict[str, Any]:
+        return build_tiny_sd15_components(self.resolution, self.seed)
+
+    def extra_repr(self) -> str:
+        return f"seed={self.seed}, " + super().extra_repr()

@@ -1,0 +1,130 @@
+"""Several rewards as one: a weighted sum of (optionally normalised) scores, raw scores for logging.
+
+Why normalise: rewards live on very different scales (PickScore ~22, ImageReward ~0 +- 1, JPEG
+-kB ~ -100), so raw weights mostly say which reward dominates. Z-scoring each component first makes
+``weight`` the component's share of the total.
+
+What it does and does not change. Advantages are computed per group
+(``A_g = (R_g - mean_group) / std_group``), which cancels any affine map ``a * R + b`` with ``a > 0``
+that is the same for the whole batch (up to the advantage's eps). So for a *single* reward, "batch" and
+"running" normalisation leave the advantages as they are; for *several* rewards they change the mix
+(each component's ``a`` differs), which is the point. Pruning ranks previews within a group, so the
+same holds for which trajectories survive.
+
+Modes:
+    "none":    total = sum_i w_i s_i.
+    "batch":   z-score each component over the batch being scored (population std + eps): an
+               all-equal component contributes 0. Note that previews and final images are different
+               batches with their own statistics.
+    "running": z-score with an EMA of each component's mean and variance (``momentum``). The stats
+               are updated only by calls with ``update_stats=True`` (the rollout's final images), so
+               pruning previews (``update_stats=False``) never shift them. Each update folds the batch
+               in first, then normalises it; until the first update, batch statistics are used. The
+               stats are buffers: saved in the state dict, resumed from a checkpoint, and per process
+               (not synchronised across ranks).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from .base import Reward
+
+NORMALIZE_MODES = ("none", "batch", "running")
+
+
+class RewardSet(nn.Module):
+    """Weighted sum of rewards.
+
+    Args:
+        rewards: one or more rewards with unique ``name`` s.
+        normalize: "none", "batch" or "running" (see the module docstring).
+        momentum: EMA factor of the running statistics: ``stat = momentum * stat + (1 - momentum) * batch``.
+        eps: added to the std in the z-score.
+    """
+
+    def __init__(self, rewards: Sequence[Reward], normalize: str = "none", momentum: float = 0.99,
+                 eps: float = 1e-6) -> None:
+        super().__init__()
+        rewards = list(rewards)
+        if not rewards:
+            raise ValueError("RewardSet: needs at least one reward, got an empty list")
+        names = [r.name for r in rewards]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ValueError(f"RewardSet: reward names must be unique, {duplicates} appear more than once; "
+                             f"give each a distinct `name` (names: {names})")
+        if normalize not in NORMALIZE_MODES:
+            raise ValueError(f"RewardSet.normalize must be one of {NORMALIZE_MODES}, got {normalize!r}")
+        if not 0.0 <= momentum < 1.0:
+            raise ValueError(f"RewardSet.momentum must be in [0, 1), got {momentum}")
+        self.rewards = nn.ModuleList(rewards)
+        self.normalize = normalize
+        self.momentum = float(momentum)
+        self.eps = float(eps)
+        n = len(rewards)
+        # Registered in every mode so state dicts have the same keys whatever the mode.
+        self.register_buffer("running_mean", torch.zeros(n))  # [n]
+        self.register_buffer("running_var", torch.ones(n))  # [n]
+        self.register_buffer("num_updates", torch.zeros((), dtype=torch.long))
+
+    @property
+    def names(self) -> list[str]:
+        return [r.name for r in self.rewards]
+
+    @property
+    def weights(self) -> list[float]:
+        return [r.weight for r in self.rewards]
+
+    def configure_model(self) -> None:
+        for reward in self.rewards:
+            reward.configure_model()
+
+    @torch.no_grad()
+    def forward(self, images: Tensor, prompts: Sequence[str],
+                update_stats: bool = False) -> tuple[Tensor, dict[str, Tensor]]:
+        """images [B, 3, H, W] in [0, 1] -> (total [B] float32, {name: raw score [B]}).
+
+        ``update_stats`` folds this batch into the running statistics ("running" mode only).
+        """
+        components = {r.name: r(images, prompts) for r in self.rewards}  # each [B]
+        device = next(iter(components.values())).device
+        scores = torch.stack([s.to(device) for s in components.values()], 1)  # [B, n]
+        normalized = self._normalize(scores, update_stats)  # [B, n]
+        weights = torch.tensor(self.weights, dtype=torch.float32, device=device)  # [n]
+        total = normalized @ weights  # [B]
+        return total, components
+
+    def _normalize(self, scores: Tensor, update_stats: bool) -> Tensor:
+        if self.normalize == "none":
+            return scores
+        batch_mean = scores.mean(0)  # [n]
+        batch_var = scores.var(0, unbiased=False)  # [n]
+        if self.normalize == "batch":
+            return (scores - batch_mean) / (batch_var.sqrt() + self.eps)
+        # "running"
+        if update_stats:
+            self._update(batch_mean, batch_var)
+        if int(self.num_updates) == 0:  # nothing tracked yet (e.g. previews of the first rollout)
+            mean, var = batch_mean, batch_var
+        else:
+            mean, var = self.running_mean.to(scores.device), self.running_var.to(scores.device)
+        return (scores - mean) / (var.sqrt() + self.eps)
+
+    def _update(self, batch_mean: Tensor, batch_var: Tensor) -> None:
+        batch_mean = batch_mean.to(self.running_mean)
+        batch_var = batch_var.to(self.running_var)
+        if int(self.num_updates) == 0:  # start from the first batch, not from the (0, 1) placeholder
+            self.running_mean.copy_(batch_mean)
+            self.running_var.copy_(batch_var)
+        else:
+            m = self.momentum
+            self.running_mean.mul_(m).add_((1 - m) * batch_mean)
+            self.running_var.mul_(m).add_((1 - m) * batch_var)
+        self.num_updates.add_(1)
+
+    def extra_repr(self) -> str:
+        return f"normalize={self.normalize!r}, momentum={self.momentum}"

@@ -1,0 +1,272 @@
+"""Expand and prune: one rollout of P prompts x G_max trajectories as one batch.
+
+The rollout is a plain object (no Trainer needed). All groups of a batch live in one tensor,
+group-major: rows ``p * G_live .. (p + 1) * G_live - 1`` are prompt p's live trajectories. At a
+checkpoint every live trajectory's x0 preview (free: the step just computed it) is decoded and
+scored; the selection rule keeps ``K_next`` per group, and *every* tensor of the live batch is
+index-selected together, so the following denoiser calls run on the smaller batch. Pruned
+trajectories cost nothing afterwards.
+
+History is stored per step at the batch size of that step; the survivors' full trajectories
+(latents of all T + 1 noise levels, log-probs of all T steps) are gathered once at the end
+through the composed keep-indices (the lineage), which copies nothing while sampling.
+
+Audit mode (``audit=True``) runs the same selections but keeps the whole expanded group alive to
+the end, so the proxy choice can be compared with the choice the true reward would have made.
+It costs a plain G_max rollout; the module runs it every N rollouts to log proxy quality.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from .backends.base import Conditioning, DiffusionBackend, select_rows
+from .rewards.combine import RewardSet
+from .schedules import GroupSchedule
+from .selection import flat_indices, select_indices
+
+
+@dataclass
+class Checkpoint:
+    """What happened at one selection point (a pruning checkpoint, or the final static selection).
+
+    step:   the 0-based step whose x0 preview was scored (T for the final selection on true rewards)
+    scores: [P, G_before] the (proxy) scores of every trajectory live there (None for rule "none")
+    kept:   [P, G_after] local indices (into the live group) that survived
+    survivors: [N] for each final survivor, its local index in the group at this checkpoint
+    """
+
+    step: int
+    scores: Tensor | None
+    kept: Tensor
+    survivors: Tensor
+
+
+@dataclass
+class RolloutResult:
+    """The K survivors of each of P prompts (N = P * K trajectories, group-major), ready to train on.
+
+    prompts:       P prompt strings
+    cond:          the prompts' conditioning, one row per prompt (reused by every inner epoch)
+    prompt_index:  [N] long, the prompt of each trajectory
+    step_index:    [T] long, 0..T-1
+    latents:       [N, T + 1, *latent_shape]  x at every noise level, the noisiest first
+    log_probs:     [N, T]                     log-prob of each sampled step (sampling policy)
+    rewards:       [P, K]                     true total reward of the final images
+    components:    {name: [P, K]}             each reward's raw score
+    images:        [N, 3, H, W]               final images in [0, 1]
+    checkpoints:   the selections made, in order
+    nfe:           denoiser calls spent (per sample; CFG's doubled batch counts once)
+    nfe_full:      what the expanded group would cost unpruned, P * G_max * T
+    num_previews:  x0 previews decoded and scored
+    timings:       seconds spent in "denoise", "preview" (decode + reward) and "final"
+    audit:         {"overlap": fraction of survivors the true reward would also have kept, ...}
+    """
+
+    prompts: list[str]
+    cond: Conditioning
+    prompt_index: Tensor
+    latents: Tensor
+    log_probs: Tensor
+    rewards: Tensor
+    components: dict[str, Tensor]
+    images: Tensor
+    checkpoints: list[Checkpoint]
+    nfe: int
+    nfe_full: int
+    num_previews: int
+    timings: dict[str, float] = field(default_factory=dict)
+    audit: dict[str, Tensor] = field(default_factory=dict)
+
+    @property
+    def num_prompts(self) -> int:
+        return len(self.prompts)
+
+    @property
+    def group_size(self) -> int:
+        return self.rewards.shape[1]
+
+    @property
+    def num_steps(self) -> int:
+        return self.log_probs.shape[1]
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class ExpandPruneRollout:
+    """Samples one rollout batch under a group schedule.
+
+    Args:
+        backend: the model family (policy sampling, previews, decoding).
+        rewards: scores previews (proxy) and final images (true reward).
+        schedule: G_max, checkpoints, sizes and selection rule; checked against T here.
+    """
+
+    def __init__(self, backend: DiffusionBackend, rewards: RewardSet, schedule: GroupSchedule) -> None:
+        schedule.validate_steps(backend.num_steps)
+        self.backend = backend
+        self.rewards = rewards
+        self.schedule = schedule
+
+    @torch.no_grad()
+    def run(self, prompts: Sequence[str], generator: torch.Generator | None = None, *,
+            audit: bool = False) -> RolloutResult:
+        backend, sched = self.backend, self.schedule
+        device = backend.device
+        prompts = list(prompts)
+        P, G, T = len(prompts), sched.group_size, backend.num_steps
+        timings = {"denoise": 0.0, "preview": 0.0, "final": 0.0}
+
+        cond = backend.encode_prompts(prompts)  # {k: [P, ...]}
+        # Rows of the physical batch, group-major. ``live`` indexes the physical rows that are still
+        # selected; without audit the physical batch is pruned so ``live`` is always arange.
+        prompt_of = torch.arange(P, device=device).repeat_interleave(G)  # [P*G]
+        row_cond = select_rows(cond, prompt_of)  # {k: [P*G, ...]}
+        x = backend.initial_latents(P * G, generator)  # [P*G, *latent]
+        live = torch.arange(P * G, device=device)  # [P*G_live]
+        group_live = G
+
+        lat_hist: list[Tensor] = [x]  # T + 1 entries, each at its step's physical batch size
+        lp_hist: list[Tensor] = []  # T entries
+        stage_of_step: list[int] = []  # physical-batch stage of each step's output
+        remaps: list[Tensor] = []  # per physical prune: [rows after] -> rows before
+        checkpoints: list[Checkpoint] = []
+        keep_at = dict(zip(sched.checkpoints, sched.keep))
+        nfe = previews = 0
+
+        for t in range(T):
+            t0 = time.perf_counter()
+            step_index = torch.full((x.shape[0],), t, device=device, dtype=torch.long)  # [B]
+            out = backend.step(x, step_index, row_cond, generator=generator)
+            nfe += x.shape[0]
+            x = out.next_latents  # [B, *latent]
+            lat_hist.append(x)
+            lp_hist.append(out.log_prob)  # [B]
+            stage_of_step.append(len(remaps))
+            _sync(device)
+            timings["denoise"] += time.perf_counter() - t0
+
+            if t not in keep_at:
+                continue
+            t0 = time.perf_counter()
+            k_next = keep_at[t]
+            scores = None
+            if sched.rule not in ("none", "random"):  # these rules ignore scores: skip the preview
+                x0 = out.x0.index_select(0, live)  # [P*G_live, *latent]
+                images = backend.decode(x0)  # [P*G_live, 3, H, W]
+                texts = [prompts[i] for i in prompt_of.index_select(0, live).tolist()]
+                total, _ = self.rewards(images, texts)  # [P*G_live]
+                scores = total.view(P, group_live)  # [P, G_live]
+                previews += images.shape[0]
+            kept = select_indices(scores, k_next, sched.rule, group_size=group_live, num_groups=P,
+                                  generator=generator, device=device)  # [P, k_next]
+            checkpoints.append(Checkpoint(t, scores, kept, kept))  # survivors filled in at the end
+            keep_rows = flat_indices(kept, group_live)  # [P*k_next], positions within ``live``
+            group_live = k_next
+            if audit:
+                live = live.index_select(0, keep_rows)
+            else:  # prune the physical batch: later steps run on P * k_next rows
+                x = x.index_select(0, keep_rows)
+                prompt_of = prompt_of.index_select(0, keep_rows)
+                row_cond = select_rows(row_cond, keep_rows)
+                remaps.append(keep_rows)
+                live = torch.arange(x.shape[0], device=device)
+            _sync(device)
+            timings["preview"] += time.perf_counter() - t0
+
+        # True rewards of the final images (of every physical row in audit mode).
+        t0 = time.perf_counter()
+        scored_rows = torch.arange(x.shape[0], device=device) if audit else live
+        images = backend.decode(x.index_select(0, scored_rows))  # [R, 3, H, W]
+        texts = [prompts[i] for i in prompt_of.index_select(0, scored_rows).tolist()]
+        total, comps = self.rewards(images, texts, update_stats=True)  # [R]
+        audit_stats: dict[str, Tensor] = {}
+        if audit:
+            # rows are all P*G trajectories; ``live`` the proxy-selected survivors
+            # what the same rule would keep knowing the true rewards (random/none have no preference: OVF)
+            true_rule = sched.rule if sched.rule in ("ovf", "topk", "extremes") else "ovf"
+            true_kept = select_indices(total.view(P, G), group_live, true_rule,
+                                       group_size=G, num_groups=P, generator=generator, device=device)
+            chosen = torch.zeros(P * G, dtype=torch.bool, device=device)
+            chosen[flat_indices(true_kept, G)] = True
+            audit_stats["overlap"] = chosen.index_select(0, live).float().mean()
+            audit_stats["expanded_reward_std"] = total.view(P, G).std(1, unbiased=False).mean()
+            audit_stats["expanded_reward_mean"] = total.mean()
+            total = total.index_select(0, live)
+            comps = {k: v.index_select(0, live) for k, v in comps.items()}
+            images = images.index_select(0, live)
+        rewards = total.view(P, group_live)  # [P, K]
+
+        if sched.final_keep is not None:  # static selection on the true reward (no early stop)
+            kept = select_indices(rewards, sched.final_keep, sched.rule, group_size=group_live,
+                                  num_groups=P, generator=generator, device=device)  # [P, K]
+            checkpoints.append(Checkpoint(T, rewards, kept, kept))
+            keep_rows = flat_indices(kept, group_live)  # [P*K]
+            live = live.index_select(0, keep_rows)
+            rewards = rewards.flatten().index_select(0, keep_rows).view(P, -1)
+            comps = {k: v.index_select(0, keep_rows) for k, v in comps.items()}
+            images = images.index_select(0, keep_rows)
+            group_live = sched.final_keep
+        _sync(device)
+        timings["final"] += time.perf_counter() - t0
+
+        # Lineage: each survivor's physical row at every stage, walking the prunes backwards.
+        rows_at_stage = [live]
+        for remap in reversed(remaps):
+            rows_at_stage.insert(0, remap.index_select(0, rows_at_stage[0]))
+        stage_of_latent = [0] + stage_of_step  # x_0 (noise) is at stage 0; x_{t+1} at step t's stage
+        latents = torch.stack([h.index_select(0, rows_at_stage[s]) for h, s in zip(lat_hist, stage_of_latent)], 1)
+        log_probs = torch.stack([h.index_select(0, rows_at_stage[s]) for h, s in zip(lp_hist, stage_of_step)], 1)
+        self._fill_survivor_positions(checkpoints, P, group_live)
+
+        return RolloutResult(
+            prompts=prompts, cond=cond,
+            prompt_index=torch.arange(P, device=device).repeat_interleave(group_live),
+            latents=latents,  # [N, T+1, *latent]
+            log_probs=log_probs,  # [N, T]
+            rewards=rewards,  # [P, K]
+            components={k: v.view(P, group_live) for k, v in comps.items()},
+            images=images, checkpoints=checkpoints, nfe=nfe, nfe_full=P * G * T,
+            num_previews=previews, timings=timings, audit=audit_stats)
+
+    @staticmethod
+    def _fill_survivor_positions(checkpoints: list[Checkpoint], P: int, K: int) -> None:
+        """For each checkpoint, the final survivors' local index in the group live there ([P*K]).
+
+        Walk backwards: a survivor's position after checkpoint i indexes checkpoint i's ``kept``.
+        """
+        pos = torch.arange(K).repeat(P)  # [P*K] position in the final group
+        for ck in reversed(checkpoints):
+            kept = ck.kept  # [P, k_i]
+            pos = pos.to(kept.device)
+            prompt = torch.arange(P, device=kept.device).repeat_interleave(K)  # [P*K]
+            pos = kept[prompt, pos]  # [P*K] local index before this selection
+            ck.survivors = pos
+
+
+def proxy_reward_correlation(result: RolloutResult) -> list[Tensor]:
+    """Per checkpoint, Pearson correlation between survivors' proxy scores and true rewards.
+
+    Both are centred within each group first (selection only compares within a group), so the
+    figure says how well the preview ranks trajectories of one prompt. Scalar per checkpoint.
+    """
+    P, K = result.rewards.shape
+    true = result.rewards - result.rewards.mean(1, keepdim=True)  # [P, K]
+    out = []
+    for ck in result.checkpoints:
+        if ck.scores is None or ck.step >= result.num_steps:
+            continue
+        prompt = torch.arange(P, device=ck.scores.device).repeat_interleave(K)  # [P*K]
+        proxy = ck.scores[prompt, ck.survivors].view(P, K)  # [P, K]
+        proxy = proxy - proxy.mean(1, keepdim=True)
+        denom = (proxy.pow(2).sum() * true.pow(2).sum()).sqrt()
+        out.append((proxy * true).sum() / denom if denom > 0 else torch.zeros((), device=true.device))
+    return out

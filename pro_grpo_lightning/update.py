@@ -1,0 +1,146 @@
+"""The GRPO update on a rollout's survivors: inner epochs over (trajectory, step) minibatches.
+
+A plain function, testable without a Trainer: the LightningModule passes Lightning's
+``manual_backward`` and its optimizer; tests pass ``loss.backward`` and a torch optimizer.
+Each minibatch re-scores stored transitions with grad (same step function as sampling, given the
+stored next latent), so on-policy, before the first optimizer step, the ratio is exactly 1.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .backends.base import DiffusionBackend, select_rows
+from .objectives import gaussian_kl, output_kl, ppo_clip_loss
+from .rollout import RolloutResult
+
+KL_TYPES = ("exact", "output")
+
+
+@dataclass
+class UpdateSettings:
+    """How one rollout is trained on. Defaults follow Flow-GRPO / DanceGRPO where they agree.
+
+    inner_epochs: passes over the rollout's (trajectory, step) pairs.
+    timestep_fraction: share of each trajectory's trainable steps used per epoch (random subset).
+    train_batch_size: (trajectory, step) pairs per forward/backward.
+    minibatches_per_step: minibatches accumulated per optimizer step; None = all of an epoch
+        (one optimizer step per inner epoch).
+    clip_range: PPO ratio clip epsilon (baseline 1e-4: log-probs are means over latent dims).
+    kl_beta: weight of the KL to the reference (0 skips the reference forward).
+    kl_type: "exact" (closed-form Gaussian KL with the step std) or "output" (||eps - eps_ref||^2 /
+        ||v - v_ref||^2 mean over dims).
+    max_grad_norm: gradient-norm clip (None or 0 disables).
+    """
+
+    inner_epochs: int = 1
+    timestep_fraction: float = 1.0
+    train_batch_size: int = 8
+    minibatches_per_step: int | None = None
+    clip_range: float = 1e-4
+    kl_beta: float = 0.0
+    kl_type: str = "exact"
+    max_grad_norm: float | None = 1.0
+
+    def __post_init__(self) -> None:
+        if self.inner_epochs < 1:
+            raise ValueError(f"inner_epochs must be >= 1, got {self.inner_epochs}")
+        if not 0.0 < self.timestep_fraction <= 1.0:
+            raise ValueError(f"timestep_fraction must be in (0, 1], got {self.timestep_fraction}")
+        if self.train_batch_size < 1:
+            raise ValueError(f"train_batch_size must be >= 1, got {self.train_batch_size}")
+        if self.minibatches_per_step is not None and self.minibatches_per_step < 1:
+            raise ValueError(f"minibatches_per_step must be >= 1 or None, got {self.minibatches_per_step}")
+        if self.kl_type not in KL_TYPES:
+            raise ValueError(f"kl_type must be one of {KL_TYPES}, got {self.kl_type!r}")
+        if self.clip_range <= 0:
+            raise ValueError(f"clip_range must be > 0, got {self.clip_range}")
+
+
+def training_pairs(num_traj: int, trainable: Tensor, fraction: float,
+                   generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+    """Shuffled (trajectory, step) pairs for one epoch.
+
+    Each trajectory gets its own random subset of ``ceil(fraction * n)`` of the n trainable steps
+    (Flow-GRPO's timestep_fraction), drawn for all trajectories at once.
+    trainable: [T] bool. Returns traj [M], step [M], M = num_traj * ceil(fraction * n).
+    """
+    steps = trainable.nonzero().flatten()  # [n]
+    n = steps.numel()
+    if n == 0:
+        raise ValueError("the backend reports no trainable steps for this schedule")
+    m = max(1, math.ceil(fraction * n))
+    dev = trainable.device
+    order = torch.rand(num_traj, n, generator=generator, device=generator.device if generator else dev)
+    pick = order.argsort(1)[:, :m].to(dev)  # [N, m] random subset per trajectory
+    step = steps[pick].flatten()  # [N*m]
+    traj = torch.arange(num_traj, device=dev).repeat_interleave(m)  # [N*m]
+    perm = torch.randperm(traj.numel(), generator=generator, device=generator.device if generator else dev).to(dev)
+    return traj[perm], step[perm]
+
+
+def grpo_update(backend: DiffusionBackend, rollout: RolloutResult, advantages: Tensor,
+                settings: UpdateSettings, optimizer: torch.optim.Optimizer, *,
+                generator: torch.Generator | None = None,
+                backward: Callable[[Tensor], None] | None = None,
+                after_step: Callable[[], None] | None = None) -> dict[str, float]:
+    """Train the policy on one rollout. advantages: [N], one per surviving trajectory.
+
+    Returns means of the per-minibatch statistics (loss, policy_loss, kl, clip_frac, approx_kl,
+    ratio_mean) and of the pre-clip gradient norm over optimizer steps.
+    """
+    backward = backward or (lambda loss: loss.backward())
+    N = rollout.latents.shape[0]
+    trainable = backend.trainable_steps().to(rollout.latents.device)  # [T] bool
+    params = backend.trainable_parameters()
+    sums: dict[str, list[Tensor]] = {}
+
+    def add(name: str, value: Tensor) -> None:  # no .item() here: one device sync at the end
+        sums.setdefault(name, []).append(value.detach().float().reshape(()))
+
+    for _ in range(settings.inner_epochs):
+        traj, step = training_pairs(N, trainable, settings.timestep_fraction, generator)  # [M], [M]
+        chunks = list(zip(traj.split(settings.train_batch_size), step.split(settings.train_batch_size)))
+        per_step = settings.minibatches_per_step or len(chunks)
+        optimizer.zero_grad(set_to_none=True)
+        for i, (tr, st) in enumerate(chunks):
+            x_t = rollout.latents[tr, st]  # [b, *latent]
+            x_next = rollout.latents[tr, st + 1]  # [b, *latent]
+            old_log_prob = rollout.log_probs[tr, st]  # [b]
+            cond = select_rows(rollout.cond, rollout.prompt_index.index_select(0, tr))
+            out = backend.step(x_t, st, cond, next_latents=x_next)
+            policy_loss, stats = ppo_clip_loss(out.log_prob, old_log_prob, advantages[tr], settings.clip_range)
+            loss = policy_loss
+            if settings.kl_beta > 0:
+                with torch.no_grad(), backend.reference():
+                    ref = backend.step(x_t, st, cond, next_latents=x_next)
+                if settings.kl_type == "exact":
+                    kl = gaussian_kl(out.mean, ref.mean, out.std)  # [b]
+                else:
+                    kl = output_kl(out.model_output, ref.model_output)  # [b]
+                loss = loss + settings.kl_beta * kl.mean()
+                add("kl", kl.mean().detach())
+            # scale so an optimizer step sees the mean over its minibatches
+            n_in_step = min(per_step, len(chunks) - (i // per_step) * per_step)
+            backward(loss / n_in_step)
+            add("loss", loss.detach())
+            add("policy_loss", policy_loss.detach())
+            for k, v in stats.items():
+                add(k, v)
+            if (i + 1) % per_step == 0 or i + 1 == len(chunks):
+                grads = [p.grad for p in params if p.grad is not None]
+                norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])) \
+                    if grads else torch.zeros(())
+                if settings.max_grad_norm:
+                    torch.nn.utils.clip_grad_norm_(params, settings.max_grad_norm)
+                add("grad_norm", norm)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                if after_step is not None:
+                    after_step()
+    return {k: float(torch.stack(v).mean()) for k, v in sums.items()}

@@ -1,0 +1,133 @@
+"""The expand-and-prune rollout on a transparent backend: every stored value is re-derived."""
+
+import pytest
+import torch
+
+from pro_grpo_lightning.rewards.combine import RewardSet
+from pro_grpo_lightning.rollout import ExpandPruneRollout, proxy_reward_correlation
+from pro_grpo_lightning.schedules import PlainGRPOSchedule, ProGRPOSchedule, StaticOVFSchedule
+from pro_grpo_lightning.selection import ovf_indices
+from tests.fakes import AffineBackend, MeanPixel
+
+PROMPTS = ["a cat", "two dogs", "a red square"]
+
+
+def make(schedule, T=6):
+    backend = AffineBackend(num_steps=T)
+    backend.configure_model()
+    return backend, ExpandPruneRollout(backend, RewardSet([MeanPixel()]), schedule)
+
+
+def rescore(backend, result, n, t):
+    """Re-run step t of survivor n from its stored latents: (log_prob, x0)."""
+    cond = {k: v[result.prompt_index[n : n + 1]] for k, v in result.cond.items()}
+    out = backend.step(result.latents[n : n + 1, t], torch.tensor([t]), cond,
+                       next_latents=result.latents[n : n + 1, t + 1])
+    return out.log_prob[0], out.x0
+
+
+def test_pruned_rollout_keeps_consistent_trajectories():
+    sched = ProGRPOSchedule(8, [1, 3], [5, 3])
+    backend, rollout = make(sched)
+    res = rollout.run(PROMPTS, torch.Generator().manual_seed(0))
+    P, K, T = 3, 3, 6
+    assert res.latents.shape == (P * K, T + 1, 2) and res.log_probs.shape == (P * K, T)
+    assert res.rewards.shape == (P, K) and res.images.shape == (P * K, 3, 2, 2)
+    # the denoiser ran on physically smaller batches after each checkpoint
+    assert backend.call_sizes == [P * s for s in sched.group_sizes_per_step(T)]
+    assert res.nfe == P * sched.nfe_per_prompt(T) and res.nfe_full == P * 8 * T
+    assert res.num_previews == P * 8 + P * 5
+    # every survivor's stored chain re-scores to its stored log-probs (lineage, prompts, steps)
+    for n in range(P * K):
+        for t in range(T):
+            lp, _ = rescore(backend, res, n, t)
+            torch.testing.assert_close(lp, res.log_probs[n, t], rtol=0, atol=1e-6)
+    # final rewards are the reward of the survivors' final latents
+    expected = torch.sigmoid(res.latents[:, T, 0]).view(P, K)
+    torch.testing.assert_close(res.rewards, expected)
+
+
+def test_selection_is_ovf_on_preview_scores_and_survivor_positions_match():
+    sched = ProGRPOSchedule(8, [1, 3], [5, 3])
+    backend, rollout = make(sched)
+    res = rollout.run(PROMPTS, torch.Generator().manual_seed(1))
+    P, K = 3, 3
+    for ck in res.checkpoints:
+        assert torch.equal(ck.kept, ovf_indices(ck.scores, ck.kept.shape[1]))
+        # the proxy score recorded for each survivor is the reward of its own x0 preview
+        prompt = torch.arange(P).repeat_interleave(K)
+        recorded = ck.scores[prompt, ck.survivors]  # [P*K]
+        for n in range(P * K):
+            _, x0 = rescore(backend, res, n, ck.step)
+            torch.testing.assert_close(recorded[n], torch.sigmoid(x0[0, 0]), rtol=0, atol=1e-6)
+
+
+def test_survivors_have_the_largest_preview_spread_available():
+    sched = ProGRPOSchedule(8, [2], [3])
+    _, rollout = make(sched)
+    res = rollout.run(PROMPTS, torch.Generator().manual_seed(2))
+    ck = res.checkpoints[0]
+    kept_var = ck.scores.gather(1, ck.kept).var(1, unbiased=False)
+    # brute force over all 3-subsets of 8
+    import itertools
+    best = torch.stack([torch.stack([ck.scores[p, list(c)].var(unbiased=False)
+                                     for c in itertools.combinations(range(8), 3)]).max() for p in range(3)])
+    torch.testing.assert_close(kept_var, best)
+
+
+def test_plain_grpo_and_static_ovf_are_the_same_object():
+    backend, rollout = make(PlainGRPOSchedule(4))
+    res = rollout.run(PROMPTS, torch.Generator().manual_seed(3))
+    assert res.checkpoints == [] and res.rewards.shape == (3, 4) and res.nfe == res.nfe_full == 3 * 4 * 6
+    assert backend.call_sizes == [12] * 6
+
+    backend, rollout = make(StaticOVFSchedule(6, 3))
+    res = rollout.run(PROMPTS, torch.Generator().manual_seed(3))
+    assert res.nfe == 3 * 6 * 6 and res.rewards.shape == (3, 3)
+    (ck,) = res.checkpoints
+    assert ck.step == 6 and torch.equal(ck.kept, ovf_indices(ck.scores, 3))
+    torch.testing.assert_close(res.rewards, ck.scores.gather(1, ck.kept))
+    torch.testing.assert_close(res.rewards.flatten(), torch.sigmoid(res.latents[:, -1, 0]))
+
+
+def test_same_seed_same_rollout_and_rule_none_needs_no_previews():
+    _, rollout = make(ProGRPOSchedule(6, [2], [3], rule="none"))
+    a = rollout.run(PROMPTS, torch.Generator().manual_seed(4))
+    b = rollout.run(PROMPTS, torch.Generator().manual_seed(4))
+    assert torch.equal(a.latents, b.latents) and a.num_previews == 0
+    assert torch.equal(a.checkpoints[0].kept, torch.arange(3).expand(3, 3))
+
+
+def test_audit_mode_trains_on_the_same_selection_and_measures_overlap():
+    sched = ProGRPOSchedule(8, [1, 3], [5, 3])
+    backend, rollout = make(sched)
+    res = rollout.run(PROMPTS, torch.Generator().manual_seed(5), audit=True)
+    assert backend.call_sizes == [24] * 6 and res.nfe == res.nfe_full
+    assert res.rewards.shape == (3, 3)
+    for n in range(9):
+        for t in range(6):
+            lp, _ = rescore(backend, res, n, t)
+            torch.testing.assert_close(lp, res.log_probs[n, t], rtol=0, atol=1e-6)
+    ov = res.audit["overlap"]
+    assert 0.0 <= float(ov) <= 1.0 and (float(ov) * 9) == pytest.approx(round(float(ov) * 9))
+
+
+def test_proxy_correlation_matches_a_hand_computation():
+    _, rollout = make(ProGRPOSchedule(8, [4], [4]))
+    res = rollout.run(PROMPTS, torch.Generator().manual_seed(6))
+    (ck,) = res.checkpoints
+    prompt = torch.arange(3).repeat_interleave(4)
+    # proxy = 2 * true + a per-group offset: perfectly rank-faithful within groups -> 1
+    ck.scores[prompt, ck.survivors] = (2 * res.rewards + torch.arange(3.0)[:, None]).flatten()
+    (c,) = proxy_reward_correlation(res)
+    torch.testing.assert_close(c, torch.tensor(1.0))
+    ck.scores[prompt, ck.survivors] = -res.rewards.flatten()
+    (c,) = proxy_reward_correlation(res)
+    torch.testing.assert_close(c, torch.tensor(-1.0))
+    # a generic case against a direct formula on group-centred values
+    noise = torch.randn(3, 4, generator=torch.Generator().manual_seed(0))
+    ck.scores[prompt, ck.survivors] = noise.flatten()
+    a = noise - noise.mean(1, keepdim=True)
+    b = res.rewards - res.rewards.mean(1, keepdim=True)
+    (c,) = proxy_reward_correlation(res)
+    torch.testing.assert_close(c, (a * b).sum() / (a.norm() * b.norm()))
