@@ -137,3 +137,16 @@ def output_kl(output: Tensor, ref_output: Tensor) -> Tensor:
     dtype = torch.promote_types(output.dtype, torch.float32)
     diff = output.to(dtype) - ref_output.to(dtype)  # [N, ...]
     return (diff**2).reshape(diff.shape[0], -1).mean(1)  # [N]
+
+
+def flow_grpo_kl(mean: Tensor, ref_mean: Tensor, kl_std: Tensor) -> Tensor:
+    """Flow-GRPO's KL term for flow SDE steps: ``mean over dims of (mean - ref_mean)^2 / (2 kl_std^2)``.
+
+    ``kl_std`` [N] is what Flow-GRPO divides by: the SDE's diffusion coefficient g (its
+    ``std_dev_t``), from a flow backend's ``kl_std(step_index)``, not the step's std
+    s = g sqrt(sigma - sigma_next). So this equals ``gaussian_kl(mean, ref_mean, s)`` times
+    (sigma - sigma_next): the exact KL scaled by each step's sigma decrement, which is what a
+    Flow-GRPO ``beta`` was tuned against (SD3.5-M at T = 10: the exact KL is 4x to 25x larger).
+    mean, ref_mean: [N, ...]; kl_std: [N] or a scalar, > 0. Returns [N], at least float32.
+    """
+    return gaussian_kl(mean, ref_mean, kl_std)

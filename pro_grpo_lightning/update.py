@@ -16,10 +16,10 @@ import torch
 from torch import Tensor
 
 from .backends.base import DiffusionBackend, select_rows
-from .objectives import gaussian_kl, output_kl, ppo_clip_loss
+from .objectives import flow_grpo_kl, gaussian_kl, output_kl, ppo_clip_loss
 from .rollout import RolloutResult
 
-KL_TYPES = ("exact", "output")
+KL_TYPES = ("exact", "output", "flow_grpo")
 
 
 @dataclass
@@ -33,8 +33,9 @@ class UpdateSettings:
         (one optimizer step per inner epoch).
     clip_range: PPO ratio clip epsilon (baseline 1e-4: log-probs are means over latent dims).
     kl_beta: weight of the KL to the reference (0 skips the reference forward).
-    kl_type: "exact" (closed-form Gaussian KL with the step std) or "output" (||eps - eps_ref||^2 /
-        ||v - v_ref||^2 mean over dims).
+    kl_type: "exact" (closed-form Gaussian KL with the step std), "output" (||eps - eps_ref||^2 /
+        ||v - v_ref||^2 mean over dims) or "flow_grpo" (flow backends only: Flow-GRPO's form, which
+        divides by the SDE coefficient without dt, so Flow-GRPO's published betas transfer).
     max_grad_norm: gradient-norm clip (None or 0 disables).
     """
 
@@ -121,6 +122,8 @@ def grpo_update(backend: DiffusionBackend, rollout: RolloutResult, advantages: T
                     ref = backend.step(x_t, st, cond, next_latents=x_next)
                 if settings.kl_type == "exact":
                     kl = gaussian_kl(out.mean, ref.mean, out.std)  # [b]
+                elif settings.kl_type == "flow_grpo":
+                    kl = flow_grpo_kl(out.mean, ref.mean, backend.kl_std(st))  # [b]
                 else:
                     kl = output_kl(out.model_output, ref.model_output)  # [b]
                 loss = loss + settings.kl_beta * kl.mean()

@@ -62,6 +62,10 @@ class AffineBackend(DiffusionBackend):
     def stds(self) -> Tensor:
         return 0.2 + 0.1 * torch.arange(self.num_steps, dtype=torch.float32)  # [T]
 
+    def kl_std(self, step_index: Tensor) -> Tensor:
+        """What a Flow-GRPO-style KL divides by: here twice the step std, so that KL is exact / 4."""
+        return 2 * self.stds()[step_index]
+
     def step(self, latents: Tensor, step_index: Tensor, cond: Conditioning, *,
              generator: torch.Generator | None = None, next_latents: Tensor | None = None) -> StepOutput:
         self.call_sizes.append(latents.shape[0])

@@ -57,7 +57,8 @@ def test_paper_sd14_configs_mirror_the_paper():
 
 
 def test_unknown_backend_is_a_clear_error(tmp_path, capsys):
-    cfg = CONFIGS[0].read_text().replace("pro_grpo_lightning.backends.sd15.TinySD15Backend",
+    quickstart = next(c for c in CONFIGS if c.name == "quickstart.yaml")  # names its backend
+    cfg = quickstart.read_text().replace("pro_grpo_lightning.backends.sd15.TinySD15Backend",
                                          "pro_grpo_lightning.backends.nope.Missing")
     p = tmp_path / "bad.yaml"
     p.write_text(cfg)

@@ -89,6 +89,17 @@ def test_kl_to_reference_is_zero_at_start_and_exact_after_a_change(setup):
     assert stats["loss"] == pytest.approx(0.5 * float(expected), rel=1e-5)
 
 
+def test_flow_grpo_kl_divides_by_the_backends_kl_std(setup):
+    backend, res = setup
+    opt = torch.optim.SGD(backend.trainable_parameters(), lr=0.0)
+    backend.net.delta.data.fill_(0.3)
+    exact = grpo_update(backend, res, torch.zeros(6), UpdateSettings(train_batch_size=1000, kl_beta=1.0),
+                        opt, generator=torch.Generator().manual_seed(0))["kl"]
+    flow = grpo_update(backend, res, torch.zeros(6), UpdateSettings(train_batch_size=1000, kl_beta=1.0,
+                       kl_type="flow_grpo"), opt, generator=torch.Generator().manual_seed(0))["kl"]
+    assert flow == pytest.approx(exact / 4, rel=1e-5)
+
+
 def test_optimizer_steps_follow_minibatches_per_step(setup):
     backend, res = setup
     opt = torch.optim.SGD(backend.trainable_parameters(), lr=0.0)

@@ -63,12 +63,40 @@ def parse_dtype(name: str) -> torch.dtype:
         raise ValueError(f"unknown dtype {name!r}; choose one of {sorted(_DTYPES)}") from None
 
 
+#: ``pretrained`` values starting with this name a folder inside an installed Python package.
+PACKAGE_SCHEME = "pkg://"
+
+
+def resolve_pretrained_source(pretrained: str) -> str:
+    """``pkg://<package>/<folder>`` -> that folder's path inside the installed package; else unchanged.
+
+    So a config can point at weights shipped with a package (``pkg://pro_grpo_lightning/assets/
+    tiny_shapes_sd3``) wherever the package is installed and whatever the working directory.
+    """
+    if not pretrained.startswith(PACKAGE_SCHEME):
+        return pretrained
+    package, _, folder = pretrained[len(PACKAGE_SCHEME):].partition("/")
+    from importlib.resources import files
+
+    try:
+        root = files(package)
+    except ModuleNotFoundError:
+        raise FileNotFoundError(f"pretrained={pretrained!r}: no installed package {package!r}") from None
+    return str(root.joinpath(folder)) if folder else str(root)
+
+
 def check_pretrained_source(pretrained: str, what: str = "pretrained") -> None:
     """Fail early, before any model loads, when weights cannot be found.
 
-    A local folder must exist. Anything that is not an existing folder is taken as a hub id; with
-    ``HF_HUB_OFFLINE=1`` it must already be in the local hub cache.
+    A local folder must exist (``pkg://`` sources are resolved first, see
+    ``resolve_pretrained_source``). Anything that is not an existing folder is taken as a hub id;
+    with ``HF_HUB_OFFLINE=1`` it must already be in the local hub cache.
     """
+    if pretrained.startswith(PACKAGE_SCHEME):
+        path = resolve_pretrained_source(pretrained)
+        if not os.path.isdir(path):
+            raise FileNotFoundError(f"{what}={pretrained!r}: no such folder ({path})")
+        return
     path = os.path.expanduser(pretrained)
     if os.path.isdir(path):
         return

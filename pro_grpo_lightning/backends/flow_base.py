@@ -24,8 +24,9 @@ import torch
 from torch import Tensor, nn
 
 from ..steps import StepOutput
-from ..steps.flow import FLOW_STEP_KINDS, flow_sde_step, flow_step_std
-from .base import Conditioning, DiffusionBackend, LoraSettings, check_pretrained_source
+from ..steps.flow import FLOW_STEP_KINDS, flow_grpo_kl_std, flow_sde_step, flow_step_std
+from .base import (Conditioning, DiffusionBackend, LoraSettings, check_pretrained_source,
+                   resolve_pretrained_source)
 
 
 def check_tokenizer_vocab(tokenizer, vocab_size: int, where: str) -> None:
@@ -107,7 +108,7 @@ class FlowMatchingBackend(DiffusionBackend):
             raise ValueError(f"max_sequence_length must be >= 1, got {max_sequence_length}")
         if vae_decode_chunk is not None and vae_decode_chunk < 1:
             raise ValueError(f"vae_decode_chunk must be >= 1 or None, got {vae_decode_chunk}")
-        self.pretrained = pretrained
+        self.pretrained = resolve_pretrained_source(pretrained)  # pkg://... -> a folder
         self.revision = revision
         self.noise_level = float(noise_level)
         self.sde_kind = sde_kind
@@ -249,7 +250,7 @@ class FlowMatchingBackend(DiffusionBackend):
         self._require_configured()
         device = self.device
         idx = step_index.to(device=device, dtype=torch.long)  # [B]
-        sigmas = self.sigmas.to(device)  # [T + 1]
+        sigmas = self._sigmas_on(device)  # [T + 1]
         sigma, sigma_next = sigmas[idx], sigmas[idx + 1]  # [B], [B]
         latents = latents.to(device)
         v = self._velocity(latents, sigma, cond)  # [B, *latent_shape] float32
@@ -259,12 +260,32 @@ class FlowMatchingBackend(DiffusionBackend):
         out.model_output = v
         return out
 
+    def _sigmas_on(self, device: torch.device) -> Tensor:
+        """The sigma table on ``device``, copied once per device. A blocking host-to-device copy per
+        step (``.to(device)``) makes the host wait for the stream: one device sync per step/minibatch."""
+        cache = self.__dict__.setdefault("_sigma_cache", {})
+        hit = cache.get(device)
+        if hit is None or hit[0] is not self.sigmas:  # the table was rebuilt: copy again
+            hit = cache[device] = (self.sigmas, self.sigmas.to(device))
+        return hit[1]
+
     def trainable_steps(self) -> Tensor:
         """[T] bool: stochastic steps except the last (sigma_next = 0), as Flow-GRPO trains."""
         self._require_configured()
         std = flow_step_std(self.sigmas[:-1], self.sigmas[1:], self.noise_level, self.sde_kind)  # [T]
         not_last = torch.arange(self.num_steps) < self.num_steps - 1  # [T]
         return (std > 0) & not_last  # [T]
+
+    def kl_std(self, step_index: Tensor) -> Tensor:
+        """[B] float32: the std Flow-GRPO's KL divides by at each row's step (``objectives.flow_grpo_kl``).
+
+        The SDE's diffusion coefficient g for "flow_grpo"/"dance" (the step std is g sqrt(-dt)),
+        the step std for "cps"; on ``step_index``'s device.
+        """
+        self._require_configured()
+        idx = step_index.to(dtype=torch.long)  # [B], left on its device (no device-to-host sync)
+        sigmas = self.sigmas.to(idx.device)  # [T + 1]
+        return flow_grpo_kl_std(sigmas[idx], sigmas[idx + 1], self.noise_level, self.sde_kind)  # [B]
 
     # ---- latents / images ---------------------------------------------------------------------
     @property

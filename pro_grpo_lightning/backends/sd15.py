@@ -21,7 +21,8 @@ from torch import Tensor, nn
 
 from ..steps import StepOutput
 from ..steps.ddim import ddim_step, ddim_tables, draw_noise
-from .base import Conditioning, DiffusionBackend, LoraSettings, check_pretrained_source
+from .base import (Conditioning, DiffusionBackend, LoraSettings, check_pretrained_source,
+                   resolve_pretrained_source)
 
 #: UNet attention projections that carry the adapter (self- and cross-attention).
 DEFAULT_LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
@@ -69,7 +70,7 @@ class SD15Backend(DiffusionBackend):
             raise ValueError(f"resolution must be a multiple of 8 (the SD VAE factor), got {resolution}")
         if vae_decode_chunk is not None and vae_decode_chunk < 1:
             raise ValueError(f"vae_decode_chunk must be >= 1 or None, got {vae_decode_chunk}")
-        self.pretrained = pretrained
+        self.pretrained = resolve_pretrained_source(pretrained)  # pkg://... -> a folder
         self.eta = float(eta)
         self.revision = revision
         self.vae_decode_chunk = vae_decode_chunk

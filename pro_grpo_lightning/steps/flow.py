@@ -115,6 +115,21 @@ def flow_step_std(sigma: Tensor, sigma_next: Tensor, noise_level: float,
     return g * torch.sqrt((sigma - sigma_next).clamp_min(0))  # [B]
 
 
+def flow_grpo_kl_std(sigma: Tensor, sigma_next: Tensor, noise_level: float,
+                     kind: str = "flow_grpo") -> Tensor:
+    """[B] the std Flow-GRPO's KL term divides by (``std_dev_t`` of its public step function).
+
+    For "flow_grpo" and "dance" that is the diffusion coefficient g, not the transition std
+    s = g * sqrt(-dt): Flow-GRPO's KL ``mean((mu - mu_ref)^2) / (2 g^2)`` is the exact Gaussian
+    KL times (sigma - sigma_next). For "cps" its ``std_dev_t`` is the transition std itself, so
+    there the two KLs agree. "ode": zeros (no density; such steps are never trained).
+    """
+    _check_kind(kind, noise_level)
+    if kind in ("cps", "ode"):
+        return flow_step_std(sigma, sigma_next, noise_level, kind)  # [B]
+    return flow_diffusion_coefficient(sigma, sigma_next, noise_level, kind)  # [B]
+
+
 def flow_sde_step(velocity: Tensor, latents: Tensor, sigma: Tensor | float, sigma_next: Tensor | float,
                   *, noise_level: float = 0.7, kind: str = "flow_grpo",
                   generator: torch.Generator | None = None, noise: Tensor | None = None,
