@@ -418,3 +418,23 @@ def test_model_follows_the_reward_device(clip_dir):
     reward = ClipScore(pretrained=path).to("meta")  # moved before configure_model
     reward.configure_model()
     assert {p.device.type for p in reward.model.parameters()} == {"meta"}
+
+
+def test_repeated_prompts_are_encoded_once_with_the_same_scores(clip_dir):
+    path, model = clip_dir
+    reward = ClipScore(pretrained=path)
+    reward.configure_model()
+    images = _images(size=48, batch=5, seed=4)
+    prompts = ["a cat", "the sea", "a cat", "a cat", "the sea"]  # a rollout's group-major layout
+    calls = []
+    orig = reward.model.get_text_features
+
+    def spy(input_ids, attention_mask):
+        calls.append(input_ids.shape[0])
+        return orig(input_ids=input_ids, attention_mask=attention_mask)
+
+    reward.model.get_text_features = spy
+    got = reward(images, prompts)
+    assert calls == [2]  # two distinct prompts
+    expected = (100 * _clip_cosine(model, images, prompts)).clamp_min(0)
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-5)

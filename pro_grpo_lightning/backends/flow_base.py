@@ -284,7 +284,7 @@ class FlowMatchingBackend(DiffusionBackend):
         """
         self._require_configured()
         idx = step_index.to(dtype=torch.long)  # [B], left on its device (no device-to-host sync)
-        sigmas = self.sigmas.to(idx.device)  # [T + 1]
+        sigmas = self._sigmas_on(idx.device)  # [T + 1], cached per device
         return flow_grpo_kl_std(sigmas[idx], sigmas[idx + 1], self.noise_level, self.sde_kind)  # [B]
 
     # ---- latents / images ---------------------------------------------------------------------

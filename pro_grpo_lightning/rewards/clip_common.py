@@ -393,11 +393,18 @@ class ClipRewardBase(PretrainedReward):
         return l2_normalize(_features(model.get_image_features(pixel_values=pixels.to(self.weight_dtype))))
 
     def encode_text(self, prompts: Sequence[str]) -> Tensor:
-        """Prompts -> unit text embeddings [B, D] float32 (truncated to the model's context)."""
+        """Prompts -> unit text embeddings [B, D] float32 (truncated to the model's context).
+
+        A rollout scores G images per prompt: each distinct prompt is encoded once and the
+        embeddings are index-selected back to one row per image.
+        """
         model = self._require_configured()
         max_length = model.config.text_config.max_position_embeddings
-        input_ids, attention_mask = tokenize(self.tokenizer, prompts, max_length, self.device)
-        return l2_normalize(_features(model.get_text_features(input_ids=input_ids, attention_mask=attention_mask)))
+        first: dict[str, int] = {}
+        inverse = torch.tensor([first.setdefault(p, len(first)) for p in prompts], device=self.device)  # [B]
+        input_ids, attention_mask = tokenize(self.tokenizer, list(first), max_length, self.device)
+        feats = l2_normalize(_features(model.get_text_features(input_ids=input_ids, attention_mask=attention_mask)))
+        return feats.index_select(0, inverse)  # [B, D]
 
     def cosine(self, images: Tensor, prompts: Sequence[str]) -> Tensor:
         """cos(image_b, prompt_b) for each b: [B] float32."""

@@ -1,0 +1,61 @@
+#!/usr/bin/env bash
+# Every benchmark for the SD1.5, SD3.5-M and FLUX.1-dev architectures (random weights, bf16, 512 px)
+# on one GPU machine without network, in about 8 minutes. Run from the repository root:
+#
+#   benchmarks/gpu/run_all.sh OUT_DIR            # the GPU run (needs CUDA)
+#   benchmarks/gpu/run_all.sh OUT_DIR --smoke    # the same Python path on CPU at toy size (~1 min)
+#   benchmarks/gpu/run_all.sh OUT_DIR --estimate # predicted GPU seconds per stage, runs nothing
+#
+# Missing packages (diffusers, jsonargparse, importlib_metadata...) are installed from the wheels in
+# .whl/ (benchmarks/gpu/fetch_wheels.sh) into OUT_DIR/.deps, never into the system environment.
+# Each backend runs in its own process under its own time limit, in the order sd3, sd15, flux; each
+# measurement writes its JSON/table/PNG when it finishes, so a limit hit keeps what was done.
+# OUT_DIR/summary.md gathers every table and target at the end.
+set -uo pipefail
+OUT=${1:?usage: benchmarks/gpu/run_all.sh OUT_DIR [--smoke|--estimate]}
+shift
+MODE=${1:-}
+cd "$(dirname "$0")/../.."
+mkdir -p "$OUT"
+OUT=$(cd "$OUT" && pwd)
+PY=${PYTHON:-python3}
+export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+
+# ---- wheels: only what does not import --------------------------------------------------------
+DEPS="$OUT/.deps"
+missing=()
+for spec in diffusers:diffusers importlib_metadata:importlib_metadata zipp:zipp lazy_importer:lazy_importer \
+            jsonargparse:jsonargparse docstring_parser:docstring_parser typeshed_client:typeshed_client; do
+  mod=${spec%%:*}; pkg=${spec##*:}
+  "$PY" -c "import $mod" 2>/dev/null || missing+=("$pkg")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "[run_all] installing from .whl/: ${missing[*]}"
+  wheels=()
+  for pkg in "${missing[@]}"; do
+    w=$(ls .whl/"${pkg}"-*.whl .whl/"${pkg//_/-}"-*.whl 2>/dev/null | head -n1)
+    if [ -z "$w" ]; then echo "[run_all] no wheel for $pkg in .whl/ (run benchmarks/gpu/fetch_wheels.sh)"; continue; fi
+    wheels+=("$w")
+  done
+  if [ ${#wheels[@]} -gt 0 ]; then
+    "$PY" -m pip install -q --no-index --no-deps --target "$DEPS" "${wheels[@]}" || echo "[run_all] pip install failed"
+    export PYTHONPATH="$PYTHONPATH:$DEPS"
+  fi
+fi
+"$PY" -c "import diffusers, torch; print('[run_all] torch', torch.__version__, 'cuda', torch.cuda.is_available(), 'diffusers', diffusers.__version__)"
+
+# ---- the measurements ---------------------------------------------------------------------------
+if [ "$MODE" = "--estimate" ]; then
+  exec "$PY" -m benchmarks.gpu.run_all --estimate
+fi
+declare -A LIMIT=([sd3]=180 [sd15]=110 [flux]=240)
+for b in sd3 sd15 flux; do
+  limit=${LIMIT[$b]}
+  [ "$MODE" = "--smoke" ] && limit=300
+  echo "[run_all] $b (limit ${limit}s)"
+  timeout --signal=INT --kill-after=15 "$limit" "$PY" -m benchmarks.gpu.run_all --backend "$b" --out "$OUT/$b" $MODE \
+    2>&1 | tee "$OUT/$b.log"
+  echo "[run_all] $b exit ${PIPESTATUS[0]}"
+done
+"$PY" -m benchmarks.gpu.run_all --summarize "$OUT"
