@@ -108,13 +108,28 @@ class ExpandPruneRollout:
         backend: the model family (policy sampling, previews, decoding).
         rewards: scores previews (proxy) and final images (true reward).
         schedule: G_max, checkpoints, sizes and selection rule; checked against T here.
+        preview_scale: resize factor of the x0 latents before the preview decode (1 = full size).
+            The VAE decoder is convolutional, so 0.5 decodes a half-resolution preview at about a
+            quarter of the decoder's cost; reward models resize to 224 px anyway. It trades proxy
+            quality for speed: watch ``pruning/proxy_true_corr_*`` when lowering it.
     """
 
-    def __init__(self, backend: DiffusionBackend, rewards: RewardSet, schedule: GroupSchedule) -> None:
+    def __init__(self, backend: DiffusionBackend, rewards: RewardSet, schedule: GroupSchedule,
+                 preview_scale: float = 1.0) -> None:
         schedule.validate_steps(backend.num_steps)
+        if not 0.0 < preview_scale <= 1.0:
+            raise ValueError(f"preview_scale must be in (0, 1], got {preview_scale}")
         self.backend = backend
         self.rewards = rewards
         self.schedule = schedule
+        self.preview_scale = preview_scale
+
+    def preview_images(self, x0: Tensor) -> Tensor:
+        """Decode x0 previews [B, *latent] -> images [B, 3, H', W'] (smaller when preview_scale < 1)."""
+        if self.preview_scale < 1.0 and x0.ndim == 4:
+            x0 = torch.nn.functional.interpolate(x0, scale_factor=self.preview_scale, mode="bilinear",
+                                                 antialias=True)  # [B, C, h', w']
+        return self.backend.decode(x0)
 
     @torch.no_grad()
     def run(self, prompts: Sequence[str], generator: torch.Generator | None = None, *,
@@ -161,7 +176,7 @@ class ExpandPruneRollout:
             scores = None
             if sched.rule not in ("none", "random"):  # these rules ignore scores: skip the preview
                 x0 = out.x0.index_select(0, live)  # [P*G_live, *latent]
-                images = backend.decode(x0)  # [P*G_live, 3, H, W]
+                images = self.preview_images(x0)  # [P*G_live, 3, H, W]
                 texts = [prompts[i] for i in prompt_of.index_select(0, live).tolist()]
                 total, _ = self.rewards(images, texts)  # [P*G_live]
                 scores = total.view(P, group_live)  # [P, G_live]

@@ -131,3 +131,32 @@ def test_proxy_correlation_matches_a_hand_computation():
     b = res.rewards - res.rewards.mean(1, keepdim=True)
     (c,) = proxy_reward_correlation(res)
     torch.testing.assert_close(c, (a * b).sum() / (a.norm() * b.norm()))
+
+
+def test_preview_scale_decodes_smaller_previews_only():
+    from tests.fakes import AffineBackend as _B
+
+    class Spatial(_B):  # 4-d latents so the preview can be resized
+        def initial_latents(self, batch_size, generator=None):
+            return torch.randn(batch_size, 2, 4, 4, generator=generator)
+
+        def step(self, latents, step_index, cond, *, generator=None, next_latents=None):
+            flat = latents.flatten(2).mean(2)  # [B, 2]
+            out = super().step(flat, step_index, cond, generator=generator)
+            noise = torch.randn(latents.shape, generator=generator)
+            nxt = 0.9 * latents + 0.1 * noise if next_latents is None else next_latents
+            return type(out)(nxt, out.log_prob, latents, out.std, latents, latents)
+
+        def decode(self, latents):
+            self.decoded.append(tuple(latents.shape))
+            return torch.sigmoid(latents[:, :1]).expand(-1, 3, -1, -1)
+
+    b = Spatial(num_steps=4)
+    b.configure_model()
+    b.decoded = []
+    with pytest.raises(ValueError, match="preview_scale"):
+        ExpandPruneRollout(b, RewardSet([MeanPixel()]), ProGRPOSchedule(6, [1], [3]), preview_scale=0)
+    r = ExpandPruneRollout(b, RewardSet([MeanPixel()]), ProGRPOSchedule(6, [1], [3]), preview_scale=0.5)
+    res = r.run(PROMPTS, torch.Generator().manual_seed(0))
+    assert b.decoded == [(18, 2, 2, 2), (9, 2, 4, 4)]  # preview at half size, final images at full size
+    assert res.images.shape == (9, 3, 4, 4)
