@@ -51,13 +51,18 @@ def load_prompts(prompts: Sequence[str] | str) -> list[str]:
     """A list as given; a name from PROMPT_SETS; or a path to a text file (one prompt a line)."""
     if not isinstance(prompts, str):
         out = [p for p in prompts]
+    elif prompts in ("shapes", "shapes_heldout"):  # the procedural task's train / held-out prompts
+        from .tasks.shapes import shapes_prompts
+
+        out = shapes_prompts("train" if prompts == "shapes" else "heldout", seed=None)
     elif prompts in PROMPT_SETS:
         out = list(PROMPT_SETS[prompts])
     elif os.path.isfile(prompts):
         with open(prompts, encoding="utf-8") as f:
             out = [line.strip() for line in f if line.strip()]
     else:
-        raise FileNotFoundError(f"prompts={prompts!r} is neither a built-in set {sorted(PROMPT_SETS)} "
+        raise FileNotFoundError(f"prompts={prompts!r} is neither a built-in set "
+                                f"{sorted(PROMPT_SETS) + ['shapes', 'shapes_heldout']} "
                                 f"nor an existing text file")
     if not out:
         raise ValueError(f"prompts={prompts!r} gives no prompts")

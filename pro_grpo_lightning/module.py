@@ -67,6 +67,8 @@ class ProGRPOModule(pl.LightningModule):
         seed: rollout RNG seed (offset by rank).
         audit_every_n_rollouts: every N rollouts keep the whole expanded group alive to measure
             how often the proxy picks what the true reward would (0: never; costs a full rollout).
+        preview_scale: resize factor of x0 latents before the pruning previews' decode (< 1 is
+            cheaper; watch ``pruning/proxy_true_corr_*``).
         sample_every_n_rollouts: log an image grid of ``sample_prompts`` every N rollouts (0: never).
         sample_prompts: the fixed prompts of that grid.
         sample_seed: the fixed seed of that grid (same noise every time: changes are the policy's).
@@ -80,7 +82,7 @@ class ProGRPOModule(pl.LightningModule):
                  minibatches_per_step: int | None = None, clip_range: float = 1e-4,
                  kl_beta: float = 0.0, kl_type: str = "exact", max_grad_norm: float = 1.0,
                  adv_clip: float = 5.0, adv_std: str = "group", adv_eps: float = 1e-4,
-                 seed: int = 0, audit_every_n_rollouts: int = 0,
+                 seed: int = 0, audit_every_n_rollouts: int = 0, preview_scale: float = 1.0,
                  sample_every_n_rollouts: int = 0, sample_prompts: list[str] | None = None,
                  sample_seed: int = 1234) -> None:
         super().__init__()
@@ -90,6 +92,12 @@ class ProGRPOModule(pl.LightningModule):
         if adv_std not in ("group", "global"):
             raise ValueError(f"adv_std must be 'group' or 'global', got {adv_std!r}")
         schedule.validate_steps(backend.num_steps)  # before any weights load
+        if kl_type == "flow_grpo" and not hasattr(backend, "kl_std"):
+            raise ValueError(f"kl_type='flow_grpo' needs a flow-matching backend; {type(backend).__name__} "
+                             f"has no SDE coefficient: use kl_type 'exact' or 'output'")
+        if not 0.0 < preview_scale <= 1.0:
+            raise ValueError(f"preview_scale must be in (0, 1], got {preview_scale}")
+        self.preview_scale = preview_scale
         self.backend = backend
         self.rewards = RewardSet(rewards, normalize=reward_normalize)
         self.schedule = schedule
@@ -116,7 +124,8 @@ class ProGRPOModule(pl.LightningModule):
         self.backend.configure_model()
         self.rewards.configure_model()
         if self.rollout is None:
-            self.rollout = ExpandPruneRollout(self.backend, self.rewards, self.schedule)
+            self.rollout = ExpandPruneRollout(self.backend, self.rewards, self.schedule,
+                                              preview_scale=self.preview_scale)
 
     def configure_optimizers(self) -> Any:
         params = self.backend.trainable_parameters()

@@ -121,3 +121,13 @@ def test_cli_fit_quickstart_config_for_a_few_steps(tmp_path):
     assert "reward/mean" in acc.Tags()["scalars"]
     assert len(acc.Scalars("reward/mean")) == 2
     assert "samples/fixed_prompts" in acc.Tags()["images"]
+
+
+def test_bad_module_options_fail_before_any_weights_load():
+    backend = TinySD15Backend(num_steps=4, resolution=32, seed=0)
+    with pytest.raises(ValueError, match="flow-matching backend"):
+        tiny_module(backend=backend, kl_type="flow_grpo", kl_beta=0.01)
+    with pytest.raises(ValueError, match="preview_scale"):
+        tiny_module(preview_scale=1.5)
+    with pytest.raises(ValueError, match="outside"):
+        tiny_module(schedule=ProGRPOSchedule(group_size=4, checkpoints=[4], keep=[2]))
