@@ -32,12 +32,12 @@ class RewardTrend(pl.Callback):
                 "last_mean": sum(last) / len(last)}
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        log_dir = trainer.log_dir or trainer.default_root_dir  # a collective under DDP: every rank reads it
         if not self.history or not trainer.is_global_zero:
             return
         s = self.summary()
         rank_zero_info(f"[RewardTrend] {self.metric}: first {s['window']} rollouts {s['first_mean']:.4f} -> "
                        f"last {s['window']} rollouts {s['last_mean']:.4f} ({s['rollouts']} rollouts)")
-        log_dir = trainer.log_dir or trainer.default_root_dir
         if log_dir:
             os.makedirs(log_dir, exist_ok=True)
             with open(os.path.join(log_dir, "reward_trend.json"), "w") as f:

@@ -7,12 +7,25 @@
 Manual optimization: one ``training_step`` is one rollout and (inner_epochs x optimizer steps)
 updates, so ``trainer.global_step`` counts optimizer steps and ``max_steps`` counts updates.
 Checkpoints hold only what training changes: the LoRA weights, reward-normalisation statistics,
-the optimizer/scheduler (Lightning) and the rollout RNG state, so resuming continues the run.
+the optimizer/scheduler (Lightning) and the rollout counter; the rollout RNG is re-seeded from
+(seed, rollout index) every rollout (``noise.py``), so resuming continues the run exactly.
+
+Multi-GPU (DDP): each rank rolls out whole groups for its own prompts; the rollout noise is the
+rank's slice of a global draw, so W ranks x P prompts sample what one process with W x P prompts
+samples; gradients are averaged by the strategy in ``manual_backward``; reward statistics and
+logged metrics are reduced across ranks (``distributed.py``).
+
+Held-out evaluation (``validation_step`` / ``test_step``): every (prompt, image) item of the
+datamodule's held-out set is sampled from the policy with its own fixed noise, scored by the
+training rewards and ``eval_rewards``, logged as ``val/*`` / ``test/*`` and written as a table
+(CSV + markdown) under ``<log_dir>/eval/``.
 """
 
 from __future__ import annotations
 
+import csv
 import math
+import os
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -24,14 +37,16 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from torch import Tensor
 
 from .backends.base import DiffusionBackend
+from .distributed import RankSyncedRewardSet, gather_rows, reduce_metrics
+from .noise import LOCAL_STREAM, NOISE_STREAM, RankSlicedNoise, mix_seed, sample_items, seeded_generator
 from .objectives import group_advantages
 from .rewards.base import Reward
-from .rewards.combine import RewardSet
 from .rollout import ExpandPruneRollout, RolloutResult, proxy_reward_correlation
 from .schedules import GroupSchedule
 from .update import UpdateSettings, grpo_update
 
 DEFAULT_SAMPLE_PROMPTS = ["a cat", "a red square", "a horse", "a blue triangle"]
+EVAL_TOTAL = "total"  # evaluation column: the weighted sum of the raw training rewards
 
 
 def image_grid(images: Tensor, nrow: int) -> Tensor:
@@ -64,7 +79,7 @@ class ProGRPOModule(pl.LightningModule):
         adv_clip: advantages clipped to [-adv_clip, adv_clip].
         adv_std: "group" (per prompt) or "global" (whole batch, across ranks) std for advantages.
         adv_eps: added to the std.
-        seed: rollout RNG seed (offset by rank).
+        seed: rollout RNG seed; rollout k draws its noise from (seed, k) (see ``noise.py``).
         audit_every_n_rollouts: every N rollouts keep the whole expanded group alive to measure
             how often the proxy picks what the true reward would (0: never; costs a full rollout).
         preview_scale: resize factor of x0 latents before the pruning previews' decode (< 1 is
@@ -72,6 +87,8 @@ class ProGRPOModule(pl.LightningModule):
         sample_every_n_rollouts: log an image grid of ``sample_prompts`` every N rollouts (0: never).
         sample_prompts: the fixed prompts of that grid.
         sample_seed: the fixed seed of that grid (same noise every time: changes are the policy's).
+        eval_rewards: extra rewards scored on held-out prompts only (validate / test), next to the
+            training rewards; never trained on.
     """
 
     def __init__(self, backend: DiffusionBackend, rewards: list[Reward], schedule: GroupSchedule,
@@ -84,9 +101,10 @@ class ProGRPOModule(pl.LightningModule):
                  adv_clip: float = 5.0, adv_std: str = "group", adv_eps: float = 1e-4,
                  seed: int = 0, audit_every_n_rollouts: int = 0, preview_scale: float = 1.0,
                  sample_every_n_rollouts: int = 0, sample_prompts: list[str] | None = None,
-                 sample_seed: int = 1234) -> None:
+                 sample_seed: int = 1234, eval_rewards: list[Reward] | None = None) -> None:
         super().__init__()
-        self.save_hyperparameters(ignore=["backend", "rewards", "schedule", "optimizer", "lr_scheduler"])
+        self.save_hyperparameters(ignore=["backend", "rewards", "schedule", "optimizer", "lr_scheduler",
+                                          "eval_rewards"])
         self.automatic_optimization = False
         self.strict_loading = False  # checkpoints hold the adapter, not the frozen base weights
         if adv_std not in ("group", "global"):
@@ -99,7 +117,12 @@ class ProGRPOModule(pl.LightningModule):
             raise ValueError(f"preview_scale must be in (0, 1], got {preview_scale}")
         self.preview_scale = preview_scale
         self.backend = backend
-        self.rewards = RewardSet(rewards, normalize=reward_normalize)
+        self.rewards = RankSyncedRewardSet(rewards, normalize=reward_normalize)
+        self.eval_rewards = torch.nn.ModuleList(eval_rewards or [])
+        clash = sorted((set(self.rewards.names) | {EVAL_TOTAL}) & {r.name for r in self.eval_rewards})
+        if EVAL_TOTAL in self.rewards.names or clash:
+            raise ValueError(f"eval_rewards {clash} share a name with a training reward (or the column "
+                             f"{EVAL_TOTAL!r}): give them another `name`")
         self.schedule = schedule
         self.optimizer_factory = optimizer
         self.lr_scheduler_factory = lr_scheduler
@@ -114,17 +137,20 @@ class ProGRPOModule(pl.LightningModule):
         self.sample_prompts = list(sample_prompts or DEFAULT_SAMPLE_PROMPTS)
         self.sample_seed = sample_seed
         self.rollouts_done = 0
-        self._generator: torch.Generator | None = None
-        self._generator_state: Tensor | None = None
         self.rollout: ExpandPruneRollout | None = None
+        self._eval_rows: list[Tensor] = []  # per evaluation batch: [B, 2 + scores] on this rank
+        self._eval_images: list[Tensor] = []
 
     # ---- setup ---------------------------------------------------------------------------------
     def configure_model(self) -> None:
         """Load weights (idempotent): Lightning calls this before restoring a checkpoint."""
         self.backend.configure_model()
         self.rewards.configure_model()
+        for reward in self.eval_rewards:
+            reward.configure_model()
         if self.rollout is None:
-            self.rollout = ExpandPruneRollout(self.backend, self.rewards, self.schedule,
+            # The rollout samples through a view whose noise is this rank's slice of a global draw.
+            self.rollout = ExpandPruneRollout(RankSlicedNoise(self.backend), self.rewards, self.schedule,
                                               preview_scale=self.preview_scale)
 
     def configure_optimizers(self) -> Any:
@@ -136,24 +162,28 @@ class ProGRPOModule(pl.LightningModule):
             return opt
         return {"optimizer": opt, "lr_scheduler": self.lr_scheduler_factory(opt)}
 
-    @property
-    def generator(self) -> torch.Generator:
-        """The rollout RNG, on the module's device, seeded per rank; restored from checkpoints."""
-        if self._generator is None or self._generator.device != self.device:
-            gen = torch.Generator(device=self.device)
-            gen.manual_seed(self.seed + 1_000_003 * self.global_rank)
-            if self._generator_state is not None:
-                gen.set_state(self._generator_state)
-                self._generator_state = None
-            self._generator = gen
-        return self._generator
+    def rollout_generators(self, rollout: int) -> tuple[torch.Generator, torch.Generator]:
+        """(noise, local) generators of rollout ``rollout``, on the module's device.
+
+        noise: same on every rank, draws the global batch's latents and step noise (each rank keeps
+        its rows). local: per rank, for the update's shuffles and the "random" selection rule.
+        Both are functions of (seed, rollout index) only: nothing to checkpoint, exact on resume.
+        """
+        noise = seeded_generator(self.device, self.seed, rollout, NOISE_STREAM)
+        local = seeded_generator(self.device, self.seed, rollout, LOCAL_STREAM, self.global_rank)
+        return noise, local
 
     # ---- the algorithm -------------------------------------------------------------------------
     def training_step(self, batch: Sequence[str], batch_idx: int) -> None:
         self.configure_model()
         prompts = list(batch)
         audit = self.audit_every_n_rollouts > 0 and self.rollouts_done % self.audit_every_n_rollouts == 0
-        result = self.rollout.run(prompts, self.generator, audit=audit)
+        noise_gen, local_gen = self.rollout_generators(self.rollouts_done)
+        self.rollout.backend.set(noise_gen, self.global_rank, self.trainer.world_size)
+        try:
+            result = self.rollout.run(prompts, local_gen, audit=audit)
+        finally:  # a direct rollout.run() outside training draws from its own generator again
+            self.rollout.backend.set(None, 0, 1)
 
         global_std = None
         if self.adv_std == "global" and self.trainer.world_size > 1:
@@ -164,8 +194,11 @@ class ProGRPOModule(pl.LightningModule):
         opt = self.optimizers()
         sched = self.lr_schedulers()
         t0 = time.perf_counter()
+        # manual_backward: under DDP the strategy all-reduces (averages) gradients in each backward;
+        # each rank's loss is a mean over its equal-sized minibatches, so the average over ranks
+        # is the single-process mean over the global batch.
         stats = grpo_update(self.backend, result, advantages.flatten(), self.settings, opt,
-                            generator=self.generator, backward=self.manual_backward,
+                            generator=local_gen, backward=self.manual_backward,
                             after_step=sched.step if sched is not None else None)
         update_time = time.perf_counter() - t0
         self.rollouts_done += 1
@@ -173,39 +206,45 @@ class ProGRPOModule(pl.LightningModule):
         if self.sample_every_n_rollouts and (self.rollouts_done - 1) % self.sample_every_n_rollouts == 0:
             self._log_images(result)
 
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        # Ask for a stop on the last rollout: Lightning then runs the validation loop once more
+        # (its "stop requested" rule), so held-out scores exist for the final weights too.
+        trainer = self.trainer
+        last_step = trainer.max_steps is not None and 0 < trainer.max_steps <= trainer.global_step
+        last_epoch = (trainer.max_epochs is not None and trainer.max_epochs > 0
+                      and trainer.current_epoch + 1 >= trainer.max_epochs
+                      and batch_idx + 1 >= trainer.num_training_batches)
+        if last_step or last_epoch:  # without held-out prompts the validation loop is empty: no cost
+            trainer.should_stop = True
+
     # ---- sampling for inspection ---------------------------------------------------------------
     @torch.no_grad()
     def sample(self, prompts: Sequence[str], seed: int | None = None) -> Tensor:
-        """One image per prompt from the current policy with a fixed seed: [B, 3, H, W] in [0, 1]."""
+        """One image per prompt from the current policy with fixed noise: [B, 3, H, W] in [0, 1].
+
+        Prompt i's noise is seeded (seed, i): the same image whatever else is in the batch.
+        """
         self.configure_model()
-        gen = torch.Generator(device=self.device).manual_seed(self.sample_seed if seed is None else seed)
-        cond = self.backend.encode_prompts(list(prompts))
-        x = self.backend.initial_latents(len(prompts), gen)
-        for t in range(self.backend.num_steps):
-            idx = torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)
-            x = self.backend.step(x, idx, cond, generator=gen).next_latents
-        return self.backend.decode(x)
+        seed = self.sample_seed if seed is None else seed
+        return sample_items(self.backend, list(prompts), [mix_seed(seed, i) for i in range(len(prompts))])
 
     # ---- logging -------------------------------------------------------------------------------
     def _log_rollout(self, r: RolloutResult, advantages: Tensor, stats: dict[str, float],
                      update_time: float) -> None:
+        """Metrics of the whole global batch: means over ranks (equal sizes: global means), sums
+        of counts, max/min of extremes, slowest rank's timings; one reduction per kind."""
         P, K = r.rewards.shape
         m: dict[str, Tensor | float] = {
             "reward/mean": r.rewards.mean(),
-            "reward/min": r.rewards.min(),
-            "reward/max": r.rewards.max(),
             "reward/group_std": r.rewards.std(1, unbiased=False).mean(),  # spread within groups
             "advantage/abs_mean": advantages.abs().mean(),
-            "compute/nfe": float(r.nfe),
-            "compute/nfe_plain_gmax": float(r.nfe_full),
-            "compute/nfe_saved_frac": 1.0 - r.nfe / r.nfe_full,
-            "compute/previews": float(r.num_previews),
-            "time/rollout_denoise_s": r.timings["denoise"],
-            "time/rollout_preview_s": r.timings["preview"],
-            "time/rollout_final_s": r.timings["final"],
-            "time/update_s": update_time,
             "rollouts": float(self.rollouts_done),
         }
+        counts = {"compute/nfe": float(r.nfe), "compute/nfe_plain_gmax": float(r.nfe_full),
+                  "compute/previews": float(r.num_previews)}
+        slowest = {"time/rollout_denoise_s": r.timings["denoise"], "time/rollout_preview_s": r.timings["preview"],
+                   "time/rollout_final_s": r.timings["final"], "time/update_s": update_time,
+                   "reward/max": r.rewards.max()}
         for name, v in r.components.items():
             m[f"reward/{name}"] = v.mean()
         first = next((c for c in r.checkpoints if c.scores is not None and c.step < r.num_steps), None)
@@ -214,7 +253,7 @@ class ProGRPOModule(pl.LightningModule):
             survivors = first.scores[prompt, first.survivors].view(P, K)
             m["group_std/expanded_proxy"] = first.scores.std(1, unbiased=False).mean()
             m["group_std/survivors_proxy"] = survivors.std(1, unbiased=False).mean()
-        for i, c in enumerate(proxy_reward_correlation(r)):
+        for i, c in enumerate(proxy_reward_correlation(r)):  # under DDP: the mean of the ranks' values
             m[f"pruning/proxy_true_corr_{i}"] = c
         for k, v in r.audit.items():
             m[f"pruning/audit_{k}"] = v
@@ -222,13 +261,15 @@ class ProGRPOModule(pl.LightningModule):
             m[f"train/{k}"] = v
         opt = self.optimizers()
         m["train/lr"] = opt.param_groups[0]["lr"]
-        self.log_dict({k: (v.float() if isinstance(v, Tensor) else float(v)) for k, v in m.items()},
-                      on_step=True, on_epoch=False, batch_size=P)
-        self.log("reward", r.rewards.mean(), prog_bar=True, on_step=True, batch_size=P)
+        out = reduce_metrics(m, sums=counts, maxes=slowest, mins={"reward/min": r.rewards.min()},
+                             device=self.device)
+        out["compute/nfe_saved_frac"] = 1.0 - out["compute/nfe"] / out["compute/nfe_plain_gmax"]
+        self.log_dict(out, on_step=True, on_epoch=False, batch_size=P)
+        self.log("reward", out["reward/mean"], prog_bar=True, on_step=True, batch_size=P)
 
     def _log_images(self, r: RolloutResult) -> None:
         logger = self.logger
-        if logger is None:
+        if logger is None or self.global_rank != 0:  # only rank 0 writes; others need not sample
             return
         grid = image_grid(self.sample(self.sample_prompts).cpu(), nrow=len(self.sample_prompts))
         # what pruning kept: the first prompt's survivors, in their group order
@@ -240,27 +281,131 @@ class ProGRPOModule(pl.LightningModule):
             logger.log_image("samples/fixed_prompts", [grid], step=self.rollouts_done)
 
     # ---- checkpoints ---------------------------------------------------------------------------
+    def _adapter_names(self) -> set[str]:
+        # Wrapper prefixes (FSDP units) never appear in a full state dict's keys: drop them here too.
+        return {n.replace("_fsdp_wrapped_module.", "") for n, p in self.named_parameters() if p.requires_grad}
+
     def _kept_keys(self) -> set[str]:
-        keys = {n for n, p in self.named_parameters() if p.requires_grad}
+        keys = self._adapter_names()
         keys |= {n for n, _ in self.rewards.named_buffers(prefix="rewards")}
         return keys
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         keep = self._kept_keys()
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
-        checkpoint["pro_grpo"] = {"rollouts_done": self.rollouts_done,
-                                  "generator": self.generator.get_state(),
+        # No generator state: rollout k's RNG is re-seeded from (seed, k) (noise.py).
+        checkpoint["pro_grpo"] = {"rollouts_done": self.rollouts_done, "seed": self.seed,
+                                  "rng": "per-rollout (seed, rollout index)",
                                   "schedule": repr(self.schedule)}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.configure_model()  # LoRA parameters must exist to receive the weights
-        lora = {n for n, p in self.named_parameters() if p.requires_grad}
+        lora = self._adapter_names()
         missing = sorted(lora - set(checkpoint["state_dict"]))
         if missing:
             raise KeyError(f"checkpoint lacks {len(missing)} adapter weights of this model "
                            f"(e.g. {missing[0]}): was it trained with another backend or LoRA setting?")
         extra = checkpoint.get("pro_grpo", {})
         self.rollouts_done = int(extra.get("rollouts_done", 0))
-        if "generator" in extra:
-            self._generator_state = extra["generator"]
-            self._generator = None
+        self._loaded_global_step = int(checkpoint.get("global_step", 0))
+
+    # ---- held-out evaluation -------------------------------------------------------------------
+    def eval_scores(self, images: Tensor, prompts: Sequence[str]) -> dict[str, Tensor]:
+        """The weighted sum of the raw training rewards ("total"), then every training and
+        evaluation reward's raw score, each [B].
+
+        Raw, not normalised: an item's score must not depend on what else is evaluated with it.
+        """
+        scores = {r.name: r(images, prompts) for r in self.rewards.rewards}  # each [B]
+        total = sum(w * scores[n] for n, w in zip(self.rewards.names, self.rewards.weights))
+        scores = {EVAL_TOTAL: total, **scores}
+        scores.update({r.name: r(images, prompts) for r in self.eval_rewards})
+        return scores
+
+    def _eval_step(self, batch: dict[str, Any]) -> None:
+        self.configure_model()
+        images = sample_items(self.backend, batch["prompts"], batch["seeds"])  # [B, 3, H, W]
+        scores = self.eval_scores(images, batch["prompts"])  # columns in _finish_eval's order
+        cols = [batch["prompt_index"].to(self.device).float(), batch["image_index"].to(self.device).float()]
+        self._eval_rows.append(torch.stack(cols + [v.float().to(self.device) for v in scores.values()], 1))
+        first = batch["image_index"] == 0  # one image per prompt for the grid
+        self._eval_images.append(images[first.to(images.device)].cpu())
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self._eval_step(batch)
+
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self._eval_step(batch)
+
+    def on_validation_epoch_start(self) -> None:
+        self._eval_rows, self._eval_images = [], []
+
+    on_test_epoch_start = on_validation_epoch_start
+
+    def on_validation_epoch_end(self) -> None:
+        self._finish_eval("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._finish_eval("test")
+
+    def _finish_eval(self, stage: str) -> None:
+        """Gather every rank's items, log the means, write the table (rank 0)."""
+        names = [EVAL_TOTAL, *self.rewards.names, *(r.name for r in self.eval_rewards)]
+        local = (torch.cat(self._eval_rows) if self._eval_rows
+                 else torch.zeros(0, 2 + len(names), device=self.device))  # [n_r, 2 + S]
+        rows = gather_rows(local)  # [N, 2 + S], every rank
+        rows = rows[torch.argsort(rows[:, 1], stable=True)]  # by image, then stably by prompt:
+        rows = rows[torch.argsort(rows[:, 0], stable=True)]  # (prompt, image) order, whatever the sharding
+        images = self._eval_images
+        self._eval_rows, self._eval_images = [], []
+        if self.trainer.sanity_checking or rows.shape[0] == 0:
+            return
+        root = self.trainer.log_dir or self.trainer.default_root_dir  # a collective under DDP: every rank
+        means = rows[:, 2:].mean(0)  # [S]
+        self.log_dict({f"{stage}/{n}": means[i] for i, n in enumerate(names)}, on_step=False, on_epoch=True,
+                      batch_size=rows.shape[0])
+        if self.global_rank != 0:
+            return
+        dataloaders = self.trainer.val_dataloaders if stage == "val" else self.trainer.test_dataloaders
+        prompts = getattr(getattr(dataloaders, "dataset", None), "prompts", None)
+        self.write_eval_table(stage, rows, names, prompts, root)
+        logger = self.logger
+        if images and isinstance(logger, TensorBoardLogger):
+            shown = torch.cat(images)[:16]
+            logger.experiment.add_image(f"{stage}/images", image_grid(shown, nrow=min(8, len(shown))),
+                                        self.trained_steps())
+
+    def trained_steps(self) -> int:
+        """Optimizer steps behind the current weights (in validate/test: the checkpoint's)."""
+        if self.trainer.state.fn == "fit":
+            return self.trainer.global_step
+        return getattr(self, "_loaded_global_step", self.trainer.global_step)
+
+    def write_eval_table(self, stage: str, rows: Tensor, names: list[str],
+                         prompts: Sequence[str] | None, root: str) -> str:
+        """``<root>/eval/<stage>_step<N>.csv`` (one row per image) and ``.md`` (mean per prompt)."""
+        out_dir = os.path.join(root, "eval")
+        os.makedirs(out_dir, exist_ok=True)
+        step = self.trained_steps()
+        base = os.path.join(out_dir, f"{stage}_step{step:06d}")
+        data = rows.cpu().tolist()
+        text = (lambda i: prompts[i]) if prompts is not None else (lambda i: str(i))
+        with open(base + ".csv", "w", newline="", encoding="utf-8") as f:
+            w = csv.writer(f)
+            w.writerow(["prompt_index", "prompt", "image_index", *names])
+            for row in data:
+                w.writerow([int(row[0]), text(int(row[0])), int(row[1]), *(f"{v:.6g}" for v in row[2:])])
+        by_prompt: dict[int, list[list[float]]] = {}
+        for row in data:
+            by_prompt.setdefault(int(row[0]), []).append(row[2:])
+        lines = [f"# {stage} at step {step} ({len(data)} images, "
+                 f"{len(by_prompt)} prompts)", "", "| prompt | " + " | ".join(names) + " |",
+                 "|---|" + "---|" * len(names)]
+        for i, vals in sorted(by_prompt.items()):
+            col_means = [sum(c) / len(c) for c in zip(*vals)]
+            lines.append(f"| {text(i)} | " + " | ".join(f"{v:.4f}" for v in col_means) + " |")
+        overall = rows[:, 2:].mean(0).tolist()
+        lines.append("| **mean** | " + " | ".join(f"**{v:.4f}**" for v in overall) + " |")
+        with open(base + ".md", "w", encoding="utf-8") as f:
+            f.write("\n".join(lines) + "\n")
+        return base

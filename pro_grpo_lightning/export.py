@@ -1,0 +1,184 @@
+"""Hand the trained policy to diffusers: the LoRA in diffusers' format, or merged into a full pipeline.
+
+    export_lora(module_or_backend, "out/lora")              # pipe.load_lora_weights("out/lora")
+    export_lora(module_or_backend, "out/merged", merge=True) # Pipeline.from_pretrained("out/merged")
+
+The LoRA file is what the family's stock pipeline writes with ``save_lora_weights``
+(``pytorch_lora_weights.safetensors``, keys prefixed ``unet.`` / ``transformer.``, peft layout)
+with the adapter's config (rank, alpha, targets) as metadata, so ``load_lora_weights`` rebuilds the
+same scale alpha / rank. Merging loads a fresh copy of the base components (the backend's own
+loading code: the same folder, hub id or tiny seed), loads that file, fuses it and saves the
+pipeline, so the trained model in memory is never modified.
+
+Also: the ``ExportLoRA`` callback (exports at the end of fit; YAML ``trainer.callbacks``) and
+``python -m pro_grpo_lightning.export --config run.yaml --ckpt last.ckpt --out dir [--merge]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import os
+import tempfile
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.utilities import rank_zero_info
+
+from .backends.base import DiffusionBackend
+
+LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
+
+
+def _family(backend: DiffusionBackend) -> tuple[Any, str]:
+    """(stock pipeline class, name of the denoiser component) of a backend."""
+    from .backends.flux import FluxBackend
+    from .backends.sd3 import SD3Backend
+    from .backends.sd15 import SD15Backend
+
+    if isinstance(backend, SD15Backend):
+        from diffusers import StableDiffusionPipeline
+        return StableDiffusionPipeline, "unet"
+    if isinstance(backend, SD3Backend):
+        from diffusers import StableDiffusion3Pipeline
+        return StableDiffusion3Pipeline, "transformer"
+    if isinstance(backend, FluxBackend):
+        from diffusers import FluxPipeline
+        return FluxPipeline, "transformer"
+    raise TypeError(f"no diffusers pipeline is known for {type(backend).__name__}: "
+                    f"export supports SD1.x, SD3 and FLUX backends")
+
+
+def fresh_pipeline(backend: DiffusionBackend) -> Any:
+    """The stock pipeline on a fresh copy of the backend's frozen base components (no adapter)."""
+    pipeline_cls, _ = _family(backend)
+    if hasattr(backend, "load_components"):  # SD1.x
+        comps = dict(backend.load_components())
+        return pipeline_cls(**comps, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    comps = dict(backend._load_components())  # flow families: diffusers' component names
+    if pipeline_cls.__name__ == "StableDiffusion3Pipeline":
+        comps.setdefault("text_encoder_3", None)  # drop_t5
+        comps.setdefault("tokenizer_3", None)
+    return pipeline_cls(**comps)
+
+
+def _backend_of(module_or_backend: Any) -> DiffusionBackend:
+    backend = getattr(module_or_backend, "backend", module_or_backend)
+    if not isinstance(backend, DiffusionBackend):
+        raise TypeError(f"expected a ProGRPOModule or a DiffusionBackend, got {type(module_or_backend).__name__}")
+    return backend
+
+
+def save_lora(backend: DiffusionBackend, path: str) -> str:
+    """Write the adapter as the family's pipeline would (``save_lora_weights``); returns ``path``."""
+    from peft.utils import get_peft_model_state_dict
+
+    pipeline_cls, name = _family(backend)
+    net = backend.denoiser()
+    adapter = next(iter(net.peft_config))  # the policy's one adapter ("default")
+    layers = {k: v.detach().float().cpu().contiguous()
+              for k, v in get_peft_model_state_dict(net, adapter_name=adapter).items()}
+    metadata = net.peft_config[adapter].to_dict()
+    os.makedirs(path, exist_ok=True)
+    pipeline_cls.save_lora_weights(path, **{f"{name}_lora_layers": layers,
+                                            f"{name}_lora_adapter_metadata": metadata},
+                                   weight_name=LORA_WEIGHT_NAME)
+    return path
+
+
+def export_lora(module_or_backend: Any, path: str, merge: bool = False) -> str:
+    """Export the trained LoRA of a ``ProGRPOModule`` (or a backend) to ``path``; returns ``path``.
+
+    merge=False: ``path`` holds ``pytorch_lora_weights.safetensors`` for ``pipe.load_lora_weights(path)``
+    on the matching stock pipeline (StableDiffusionPipeline / StableDiffusion3Pipeline / FluxPipeline).
+    merge=True: ``path`` is a complete diffusers pipeline folder with the LoRA fused into the
+    denoiser's weights (``Pipeline.from_pretrained(path)``; no peft needed to use it).
+    """
+    backend = _backend_of(module_or_backend)
+    backend.configure_model()
+    if not merge:
+        return save_lora(backend, path)
+    with tempfile.TemporaryDirectory() as tmp:
+        save_lora(backend, tmp)
+        pipe = fresh_pipeline(backend)
+        pipe.load_lora_weights(tmp, weight_name=LORA_WEIGHT_NAME)
+        pipe.fuse_lora()
+        pipe.unload_lora_weights()  # keeps the fused weights, drops the peft layers
+    pipe.save_pretrained(path)
+    return path
+
+
+class ExportLoRA(pl.Callback):
+    """Exports the policy's LoRA at the end of fit (rank 0).
+
+    Args:
+        dirpath: where to write; default ``<log_dir>/lora`` (``<log_dir>/merged`` when merging).
+        merge: also write a full pipeline folder with the LoRA fused (``<dirpath>/../merged`` by default).
+    """
+
+    def __init__(self, dirpath: str | None = None, merge: bool = False) -> None:
+        self.dirpath, self.merge = dirpath, merge
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        root = trainer.log_dir or trainer.default_root_dir  # a collective under DDP: before the rank test
+        if not trainer.is_global_zero:
+            return
+        lora_dir = self.dirpath or os.path.join(root, "lora")
+        export_lora(pl_module, lora_dir)
+        rank_zero_info(f"[ExportLoRA] LoRA in diffusers format: {lora_dir}")
+        if self.merge:
+            merged = os.path.join(os.path.dirname(os.path.abspath(lora_dir)), "merged")
+            export_lora(pl_module, merged, merge=True)
+            rank_zero_info(f"[ExportLoRA] merged pipeline: {merged}")
+
+
+def load_checkpoint_into(module: Any, ckpt: str) -> None:
+    """Put a training checkpoint's adapter weights into a freshly built module."""
+    module.configure_model()
+    state = torch.load(ckpt, map_location="cpu", weights_only=False)
+    module.on_load_checkpoint(state)  # checks that every adapter weight is there
+    module.load_state_dict(state["state_dict"], strict=False)
+
+
+#: ``Trainer.fit`` arguments that LightningCLI writes into a run's config.yaml (e.g. ckpt_path).
+_FIT_ARGUMENTS = set(inspect.signature(pl.Trainer.fit).parameters) - {"self", "model"}
+
+
+def main(argv: list[str] | None = None) -> str:
+    parser = argparse.ArgumentParser(
+        prog="python -m pro_grpo_lightning.export",
+        description="Export a Pro-GRPO checkpoint's LoRA in diffusers format (or merged into a pipeline).")
+    parser.add_argument("--config", required=True, action="append",
+                        help="the run's YAML (repeatable, as for fit; the log dir keeps a config.yaml)")
+    parser.add_argument("--ckpt", required=True, help="a checkpoint of that run (e.g. checkpoints/last.ckpt)")
+    parser.add_argument("--out", required=True, help="output folder")
+    parser.add_argument("--merge", action="store_true", help="write a full pipeline with the LoRA fused")
+    args = parser.parse_args(argv)
+
+    import yaml
+
+    from .cli import main as cli_main
+
+    with tempfile.TemporaryDirectory() as tmp:
+        cli_args = []
+        for i, path in enumerate(args.config):
+            with open(path, encoding="utf-8") as f:
+                cfg = yaml.safe_load(f) or {}
+            fit_only = set(cfg) & _FIT_ARGUMENTS  # a run's saved config.yaml has fit's own arguments
+            if fit_only:
+                for key in fit_only:
+                    cfg.pop(key)
+                path = os.path.join(tmp, f"config_{i}.yaml")
+                with open(path, "w", encoding="utf-8") as f:
+                    yaml.safe_dump(cfg, f)
+            cli_args += ["--config", path]
+        cli = cli_main(cli_args, run=False)
+    load_checkpoint_into(cli.model, args.ckpt)
+    out = export_lora(cli.model, args.out, merge=args.merge)
+    print(f"exported {'merged pipeline' if args.merge else 'LoRA'} to {out}")
+    return out
+
+
+if __name__ == "__main__":
+    main()

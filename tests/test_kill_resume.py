@@ -1,0 +1,117 @@
+"""A run killed with SIGKILL and resumed from its last checkpoint continues exactly as if never stopped.
+
+Exact because everything that decides the next rollout and update is in the checkpoint or is a
+function of it: the LoRA weights, AdamW's moments, the rollout counter (rollout k's noise is seeded
+from (seed, k)), and the data position (epoch and batches done; the epoch's order is seeded from
+(seed, epoch)). Lightning writes checkpoints through a file-system transaction, so a kill never
+leaves a truncated ``last.ckpt``.
+"""
+
+import csv
+import glob
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from pro_grpo_lightning.cli import main
+
+ROOT = Path(__file__).parent.parent
+ROLLOUTS = 5  # 12 prompts / 4 per rollout = 3 rollouts per epoch: the run crosses an epoch boundary
+MAX_STEPS = 2 * ROLLOUTS  # optimizer steps: 16 (trajectory, step) pairs / (4 per minibatch x 2 per step)
+
+OVERRIDE = """\
+trainer:
+  max_steps: {max_steps}
+  enable_progress_bar: false
+  enable_model_summary: false
+  logger:
+    class_path: lightning.pytorch.loggers.CSVLogger
+    init_args: {{save_dir: "{out}", name: run}}
+  callbacks:
+    - class_path: lightning.pytorch.callbacks.ModelCheckpoint
+      init_args: {{dirpath: "{out}/ckpt", save_last: true, every_n_train_steps: 1}}
+model:
+  backend:
+    class_path: pro_grpo_lightning.backends.sd15.TinySD15Backend
+    init_args: {{num_steps: 4, resolution: 32, guidance_scale: 3.0, seed: 0, lora: {{rank: 4, alpha: 4}}}}
+  schedule:
+    class_path: pro_grpo_lightning.schedules.ProGRPOSchedule
+    init_args: {{group_size: 4, checkpoints: [1], keep: [2], rule: ovf}}
+  reward_normalize: running
+  timestep_fraction: 0.5
+  train_batch_size: 4
+  minibatches_per_step: 2
+  sample_every_n_rollouts: 0
+data:
+  prompts: colors
+  prompts_per_step: 4
+"""
+
+
+def config(tmp_path: Path, name: str) -> list[str]:
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(OVERRIDE.format(out=(tmp_path / name).as_posix(), max_steps=MAX_STEPS))
+    return ["fit", "--config", str(ROOT / "configs/quickstart.yaml"), "--config", str(path)]
+
+
+def metrics_by_step(out: Path) -> dict[int, dict[str, str]]:
+    rows = {}
+    for path in sorted(glob.glob(str(out / "run" / "*" / "metrics.csv"))):
+        with open(path) as f:
+            for r in csv.DictReader(f):
+                if r.get("reward/mean"):
+                    rows[int(float(r["rollouts"]))] = r  # the resumed version overwrites the killed one
+    return rows
+
+
+@pytest.mark.slow
+def test_sigkill_then_resume_equals_the_uninterrupted_run(tmp_path):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1",
+           "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    log = open(tmp_path / "killed.log", "w")  # a file, not a pipe: a full pipe would stall the run
+    victim = subprocess.Popen([sys.executable, "-m", "pro_grpo_lightning", *config(tmp_path, "killed")],
+                              cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 300
+        while not glob.glob(str(tmp_path / "killed/ckpt/*step=4.ckpt")):  # after rollout 2
+            assert victim.poll() is None, (tmp_path / "killed.log").read_text()[-3000:]
+            assert time.monotonic() < deadline, "no checkpoint of step 4 appeared"
+            time.sleep(0.02)
+        victim.send_signal(signal.SIGKILL)
+        victim.wait(timeout=60)
+    finally:
+        victim.kill()
+        log.close()
+    assert victim.returncode == -signal.SIGKILL  # killed mid-training, not finished
+    main(config(tmp_path, "full"))  # the uninterrupted run, in this process
+
+    last = tmp_path / "killed/ckpt/last.ckpt"
+    state = torch.load(last, weights_only=False)  # complete, never truncated
+    k = state["pro_grpo"]["rollouts_done"]  # 1 if killed between the step file and last.ckpt
+    assert 1 <= k < ROLLOUTS and state["global_step"] == 2 * k
+    loader_state = {"epoch": (k - 1) // 3, "batches_done": (k - 1) % 3 + 1}
+    assert state["loops"]["fit_loop"]["state_dict"]["combined_loader"] == [loader_state]
+
+    main(config(tmp_path, "killed") + ["--ckpt_path", str(last)])  # the same command, resumed
+
+    full = torch.load(tmp_path / "full/ckpt/last.ckpt", weights_only=False)
+    resumed = torch.load(last, weights_only=False)
+    assert full["global_step"] == resumed["global_step"] == MAX_STEPS
+    assert full["state_dict"].keys() == resumed["state_dict"].keys()
+    for key, value in full["state_dict"].items():  # LoRA weights and running reward statistics
+        torch.testing.assert_close(resumed["state_dict"][key], value, rtol=0, atol=1e-7)
+    for a, b in zip(full["optimizer_states"][0]["state"].values(), resumed["optimizer_states"][0]["state"].values()):
+        torch.testing.assert_close(b["exp_avg_sq"], a["exp_avg_sq"], rtol=0, atol=1e-10)
+
+    # the rollouts after the resume are the uninterrupted run's: same prompts, noise and rewards
+    ref, got = metrics_by_step(tmp_path / "full"), metrics_by_step(tmp_path / "killed")
+    assert sorted(ref) == list(range(1, ROLLOUTS + 1)) and set(range(k + 1, ROLLOUTS + 1)) <= set(got)
+    for step in range(k + 1, ROLLOUTS + 1):
+        for key in ["reward/mean", "reward/brightness", "train/loss", "train/grad_norm"]:
+            assert float(got[step][key]) == pytest.approx(float(ref[step][key]), rel=1e-6, abs=1e-9), (step, key)
