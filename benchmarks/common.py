@@ -682,3 +682,24 @@ def update_chunks(pairs: int, batch: int) -> list[int]:
 def rollout_rows(bench: Bench, s: NamedSchedule) -> list[int]:
     """Trajectory rows of the physical batch at each of the T steps (P * live group size)."""
     return [len(bench.prompts) * g for g in s.schedule.group_sizes_per_step(bench.num_steps)]
+
+
+def run_entry_point(name: str, title: str, parser: argparse.ArgumentParser,
+                    run: Callable[..., dict[str, Any]], table: Callable[[dict[str, Any]], str],
+                    plot: Callable[[dict[str, Any], str, Path], None],
+                    argv: list[str] | None = None, bench: Bench | None = None) -> dict[str, Any]:
+    """The shared ``main`` of the timing entry points: parse, build (or reuse) the bench, run,
+    print the table, write JSON + markdown + PNG into ``--out``. Returns the JSON payload."""
+    args = parser.parse_args(argv)
+    log = logger()
+    bench = bench or build_bench(args)
+    out = out_dir(args, name)
+    result = run(bench, args, log)
+    tab = table(result)
+    print(tab)
+    payload = {"benchmark": name, "schema_version": SCHEMA_VERSION, "meta": meta(bench),
+               "settings": settings(bench), **result}
+    full_title = run_title(bench, title)
+    paths = write_outputs(out, name, payload, tab, None if args.no_plot else lambda p: plot(result, full_title, p))
+    log(f"wrote {paths}")
+    return payload

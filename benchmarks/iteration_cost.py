@@ -202,19 +202,7 @@ def plot(result: dict[str, Any], title: str, path: Path) -> None:
 
 
 def main(argv: list[str] | None = None, bench: C.Bench | None = None) -> dict[str, Any]:
-    args = parser().parse_args(argv)
-    log = C.logger()
-    bench = bench or C.build_bench(args)
-    out = C.out_dir(args, NAME)
-    result = run(bench, args, log)
-    tab = table(result)
-    print(tab)
-    payload = {"benchmark": NAME, "schema_version": C.SCHEMA_VERSION, "meta": C.meta(bench),
-               "settings": C.settings(bench), **result}
-    title = C.run_title(bench, "iteration cost")
-    paths = C.write_outputs(out, NAME, payload, tab, None if args.no_plot else lambda p: plot(result, title, p))
-    log(f"wrote {paths}")
-    return payload
+    return C.run_entry_point(NAME, "iteration cost", parser(), run, table, plot, argv, bench)
 
 
 if __name__ == "__main__":

@@ -19,8 +19,8 @@ import torch
 
 from pro_grpo_lightning.cli import main
 from pro_grpo_lightning.data import PromptDataModule, ResumableDataLoader, ResumableShuffleSampler
+from tests.cli_runs import CALLBACKS_WITH_EXPORT, ROOT, config_args
 
-ROOT = Path(__file__).parent.parent
 
 # Tiny SD1.5 at 32 px, 4 steps, groups of 4 pruned to 2 after step 1. SGD, not Adam: Adam's first
 # update is about lr * sign(g), which turns float rounding of near-zero gradient entries into
@@ -28,39 +28,21 @@ ROOT = Path(__file__).parent.parent
 OVERRIDE = """\
 trainer:
   max_steps: 2
-  enable_progress_bar: false
-  enable_model_summary: false
-  logger:
-    class_path: lightning.pytorch.loggers.CSVLogger
-    init_args: {{save_dir: "{out}", name: run}}
-  callbacks:
-    - class_path: lightning.pytorch.callbacks.ModelCheckpoint
-      init_args: {{dirpath: "{out}/ckpt", save_last: true, every_n_train_steps: 1}}
-    - class_path: pro_grpo_lightning.export.ExportLoRA
+""" + CALLBACKS_WITH_EXPORT + """\
 model:
-  backend:
-    class_path: pro_grpo_lightning.backends.sd15.TinySD15Backend
-    init_args: {{num_steps: 4, resolution: 32, guidance_scale: 3.0, seed: 0, lora: {{rank: 4, alpha: 4}}}}
-  schedule:
-    class_path: pro_grpo_lightning.schedules.ProGRPOSchedule
-    init_args: {{group_size: 4, checkpoints: [1], keep: [2], rule: ovf}}
   optimizer:
     class_path: torch.optim.SGD
     init_args: {{lr: 1.0}}
   reward_normalize: batch
   train_batch_size: 8
-  sample_every_n_rollouts: 0
 data:
   val_prompts: [a cat, a dog, a horse]  # 3 items on 2 ranks: shards of 2 and 1, gathered at the end
   eval_images_per_prompt: 1
 """
 
 
-def write_override(tmp_path: Path, name: str) -> Path:
-    out = tmp_path / name
-    path = tmp_path / f"{name}.yaml"
-    path.write_text(OVERRIDE.format(out=out.as_posix()))
-    return path
+def run_args(tmp_path: Path, name: str) -> list[str]:
+    return config_args(tmp_path, name, OVERRIDE, out=tmp_path / name)
 
 
 def run_metrics(out: Path) -> list[dict[str, str]]:
@@ -113,13 +95,12 @@ def test_two_gloo_ranks_equal_one_process_with_the_same_global_batch(tmp_path):
     log_file = tmp_path / "ddp.log"
     with open(log_file, "w") as log:  # a file, not a pipe: a full pipe would stall the ranks
         ddp = subprocess.Popen(
-            [sys.executable, "-m", "pro_grpo_lightning", "fit", "--config", "configs/quickstart.yaml",
-             "--config", str(write_override(tmp_path, "ddp")), "--data.prompts_per_step", "1",
+            [sys.executable, "-m", "pro_grpo_lightning", "fit", *run_args(tmp_path, "ddp"),
+             "--data.prompts_per_step", "1",
              "--trainer.strategy", "ddp", "--trainer.devices", "2", "--trainer.accelerator", "cpu"],
             cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
         try:  # the 1-process run in this process meanwhile
-            main(["fit", "--config", str(ROOT / "configs/quickstart.yaml"), "--config",
-                  str(write_override(tmp_path, "single")), "--data.prompts_per_step", "2"])
+            main(["fit", *run_args(tmp_path, "single"), "--data.prompts_per_step", "2"])
             ddp.wait(timeout=300)
         finally:
             ddp.kill()

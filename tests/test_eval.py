@@ -17,8 +17,8 @@ from pro_grpo_lightning.module import ProGRPOModule
 from pro_grpo_lightning.noise import sample_items
 from pro_grpo_lightning.rewards.image_stats import Brightness, Colorfulness
 from pro_grpo_lightning.schedules import ProGRPOSchedule
+from tests.cli_runs import config_args
 
-ROOT = Path(__file__).parent.parent
 VAL = ["a cat", "a red square", "a horse"]
 
 
@@ -95,25 +95,10 @@ def test_eval_rewards_must_not_shadow_training_rewards():
 OVERRIDE = """\
 trainer:
   max_steps: 2
-  enable_progress_bar: false
-  enable_model_summary: false
   num_sanity_val_steps: 0
-  logger:
-    class_path: lightning.pytorch.loggers.CSVLogger
-    init_args: {{save_dir: "{out}", name: run}}
-  callbacks:
-    - class_path: lightning.pytorch.callbacks.ModelCheckpoint
-      init_args: {{dirpath: "{out}/ckpt", save_last: true, every_n_train_steps: 1}}
 model:
-  backend:
-    class_path: pro_grpo_lightning.backends.sd15.TinySD15Backend
-    init_args: {{num_steps: 4, resolution: 32, guidance_scale: 3.0, seed: 0, lora: {{rank: 4, alpha: 4}}}}
-  schedule:
-    class_path: pro_grpo_lightning.schedules.ProGRPOSchedule
-    init_args: {{group_size: 4, checkpoints: [1], keep: [2], rule: ovf}}
   eval_rewards:
     - class_path: pro_grpo_lightning.rewards.image_stats.Colorfulness
-  sample_every_n_rollouts: 0
 data:
   prompts_per_step: 2
   val_prompts: [a cat, a horse]
@@ -124,9 +109,7 @@ data:
 
 
 def test_cli_validate_and_test_on_a_checkpoint(tmp_path):
-    cfg = tmp_path / "eval.yaml"
-    cfg.write_text(OVERRIDE.format(out=tmp_path.as_posix()))
-    base = ["--config", str(ROOT / "configs/quickstart.yaml"), "--config", str(cfg)]
+    base = config_args(tmp_path, "eval", OVERRIDE)
     main(["fit", *base])  # validates at the end: step 2
     ckpt = tmp_path / "ckpt" / "last.ckpt"
     main(["validate", *base, "--ckpt_path", str(ckpt)])

@@ -1,7 +1,6 @@
 """The trained LoRA loads into the stock diffusers pipelines and reproduces the policy's denoiser."""
 
 import glob
-from pathlib import Path
 
 import pytest
 import torch
@@ -13,8 +12,8 @@ from pro_grpo_lightning.backends.sd15 import SD15Backend, save_tiny_sd15_pipelin
 from pro_grpo_lightning.cli import main as cli_main
 from pro_grpo_lightning.export import LORA_WEIGHT_NAME, export_lora, fresh_pipeline
 from pro_grpo_lightning.export import main as export_main
+from tests.cli_runs import CALLBACKS_WITH_EXPORT, config_args
 
-ROOT = Path(__file__).parent.parent
 
 
 def train_like(backend) -> None:
@@ -91,26 +90,13 @@ def test_flow_lora_loads_into_its_stock_pipeline(family, tmp_path):
 OVERRIDE = """\
 trainer:
   max_steps: 1
-  enable_progress_bar: false
-  enable_model_summary: false
-  logger:
-    class_path: lightning.pytorch.loggers.CSVLogger
-    init_args: {{save_dir: "{out}", name: run}}
-  callbacks:
-    - class_path: lightning.pytorch.callbacks.ModelCheckpoint
-      init_args: {{dirpath: "{out}/ckpt", save_last: true, every_n_train_steps: 1}}
-    - class_path: pro_grpo_lightning.export.ExportLoRA
+""" + CALLBACKS_WITH_EXPORT + """\
 model:
   backend:
-    class_path: pro_grpo_lightning.backends.sd15.TinySD15Backend
-    init_args: {{num_steps: 4, resolution: 32, guidance_scale: 3.0, seed: 0, lora: {{rank: 4, alpha: 8}}}}
-  schedule:
-    class_path: pro_grpo_lightning.schedules.ProGRPOSchedule
-    init_args: {{group_size: 4, checkpoints: [1], keep: [2], rule: ovf}}
+    init_args: {{lora: {{rank: 4, alpha: 8}}}}
   optimizer:
     class_path: torch.optim.SGD
     init_args: {{lr: 5.0}}
-  sample_every_n_rollouts: 0
 data:
   prompts_per_step: 2
 """
@@ -119,9 +105,7 @@ data:
 def test_export_callback_and_script_from_a_checkpoint(tmp_path):
     from safetensors.torch import load_file
 
-    cfg = tmp_path / "run.yaml"
-    cfg.write_text(OVERRIDE.format(out=tmp_path.as_posix()))
-    base = ["--config", str(ROOT / "configs/quickstart.yaml"), "--config", str(cfg)]
+    base = config_args(tmp_path, "run", OVERRIDE)
     cli = cli_main(["fit", *base])
     (at_end,) = glob.glob(str(tmp_path / "run" / "*" / "lora" / LORA_WEIGHT_NAME))  # the callback's export
     (saved_config,) = glob.glob(str(tmp_path / "run" / "*" / "config.yaml"))  # what LightningCLI kept

@@ -20,34 +20,19 @@ import pytest
 import torch
 
 from pro_grpo_lightning.cli import main
+from tests.cli_runs import ROOT, config_args
 
-ROOT = Path(__file__).parent.parent
 ROLLOUTS = 5  # 12 prompts / 4 per rollout = 3 rollouts per epoch: the run crosses an epoch boundary
 MAX_STEPS = 2 * ROLLOUTS  # optimizer steps: 16 (trajectory, step) pairs / (4 per minibatch x 2 per step)
 
 OVERRIDE = """\
 trainer:
   max_steps: {max_steps}
-  enable_progress_bar: false
-  enable_model_summary: false
-  logger:
-    class_path: lightning.pytorch.loggers.CSVLogger
-    init_args: {{save_dir: "{out}", name: run}}
-  callbacks:
-    - class_path: lightning.pytorch.callbacks.ModelCheckpoint
-      init_args: {{dirpath: "{out}/ckpt", save_last: true, every_n_train_steps: 1}}
 model:
-  backend:
-    class_path: pro_grpo_lightning.backends.sd15.TinySD15Backend
-    init_args: {{num_steps: 4, resolution: 32, guidance_scale: 3.0, seed: 0, lora: {{rank: 4, alpha: 4}}}}
-  schedule:
-    class_path: pro_grpo_lightning.schedules.ProGRPOSchedule
-    init_args: {{group_size: 4, checkpoints: [1], keep: [2], rule: ovf}}
   reward_normalize: running
   timestep_fraction: 0.5
   train_batch_size: 4
   minibatches_per_step: 2
-  sample_every_n_rollouts: 0
 data:
   prompts: colors
   prompts_per_step: 4
@@ -55,9 +40,7 @@ data:
 
 
 def config(tmp_path: Path, name: str) -> list[str]:
-    path = tmp_path / f"{name}.yaml"
-    path.write_text(OVERRIDE.format(out=(tmp_path / name).as_posix(), max_steps=MAX_STEPS))
-    return ["fit", "--config", str(ROOT / "configs/quickstart.yaml"), "--config", str(path)]
+    return ["fit", *config_args(tmp_path, name, OVERRIDE, out=tmp_path / name, max_steps=MAX_STEPS)]
 
 
 def metrics_by_step(out: Path) -> dict[int, dict[str, str]]:

@@ -1,0 +1,50 @@
+"""Short CLI runs of the tiny SD1.5 model that several tests share (DDP, eval, export, resume).
+
+Each run layers three configs: ``configs/quickstart.yaml``, the shared base below (a tiny, fast
+model that logs to CSV and checkpoints every step into ``<out>``), and the test's own overrides.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+BASE = """\
+trainer:
+  enable_progress_bar: false
+  enable_model_summary: false
+  logger:
+    class_path: lightning.pytorch.loggers.CSVLogger
+    init_args: {{save_dir: "{out}", name: run}}
+  callbacks:
+    - class_path: lightning.pytorch.callbacks.ModelCheckpoint
+      init_args: {{dirpath: "{out}/ckpt", save_last: true, every_n_train_steps: 1}}
+model:
+  backend:
+    class_path: pro_grpo_lightning.backends.sd15.TinySD15Backend
+    init_args: {{num_steps: 4, resolution: 32, guidance_scale: 3.0, seed: 0, lora: {{rank: 4, alpha: 4}}}}
+  schedule:
+    class_path: pro_grpo_lightning.schedules.ProGRPOSchedule
+    init_args: {{group_size: 4, checkpoints: [1], keep: [2], rule: ovf}}
+  sample_every_n_rollouts: 0
+"""
+
+#: the checkpoint callback plus the LoRA export, for overrides that replace ``trainer.callbacks``
+CALLBACKS_WITH_EXPORT = """\
+  callbacks:
+    - class_path: lightning.pytorch.callbacks.ModelCheckpoint
+      init_args: {{dirpath: "{out}/ckpt", save_last: true, every_n_train_steps: 1}}
+    - class_path: pro_grpo_lightning.export.ExportLoRA
+"""
+
+
+def config_args(tmp_path: Path, name: str, override: str, out: Path | None = None, **fmt: object) -> list[str]:
+    """Write the base and the test's override (both ``str.format``-ed with ``out`` and ``fmt``) and
+    return the ``--config`` arguments for ``fit`` / ``validate`` / ``test``."""
+    out = out or tmp_path
+    values = {"out": out.as_posix(), **fmt}
+    base, extra = tmp_path / f"{name}.base.yaml", tmp_path / f"{name}.yaml"
+    base.write_text(BASE.format(**values))
+    extra.write_text(override.format(**values))
+    return ["--config", str(ROOT / "configs/quickstart.yaml"), "--config", str(base), "--config", str(extra)]
