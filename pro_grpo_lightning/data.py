@@ -13,6 +13,7 @@ noise seeds, sharded round-robin without padding.
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Sequence
 
 from collections.abc import Callable, Iterator
@@ -257,6 +258,9 @@ class PromptDataModule(pl.LightningDataModule):
             if fn is not None and str(getattr(fn, "value", fn)) == stage:
                 raise ValueError(f"`{stage}` needs held-out prompts: set data.{'val' if stage == 'validate' else 'test'}"
                                  f"_prompts (a set name, a text file or a list)")
+            # No held-out set during fit: an empty loader is how a datamodule says "no validation";
+            # Lightning's warning about it would only confuse.
+            warnings.filterwarnings("ignore", message="Total length of `list` across ranks is zero")
             return []
         rank, world_size = self._rank_world()
         items = EvalItems(prompts, self.eval_images_per_prompt, self.eval_seed)

@@ -17,6 +17,7 @@ Also: the ``ExportLoRA`` callback (exports at the end of fit; YAML ``trainer.cal
 from __future__ import annotations
 
 import argparse
+import contextlib
 import inspect
 import os
 import tempfile
@@ -24,6 +25,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.strategies import FSDPStrategy
 from lightning.pytorch.utilities import rank_zero_info
 
 from .backends.base import DiffusionBackend
@@ -122,15 +124,28 @@ class ExportLoRA(pl.Callback):
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         root = trainer.log_dir or trainer.default_root_dir  # a collective under DDP: before the rank test
-        if not trainer.is_global_zero:
-            return
-        lora_dir = self.dirpath or os.path.join(root, "lora")
-        export_lora(pl_module, lora_dir)
-        rank_zero_info(f"[ExportLoRA] LoRA in diffusers format: {lora_dir}")
-        if self.merge:
-            merged = os.path.join(os.path.dirname(os.path.abspath(lora_dir)), "merged")
-            export_lora(pl_module, merged, merge=True)
-            rank_zero_info(f"[ExportLoRA] merged pipeline: {merged}")
+        with full_parameters(trainer):  # a collective under FSDP: every rank enters it
+            if not trainer.is_global_zero:
+                return
+            lora_dir = self.dirpath or os.path.join(root, "lora")
+            export_lora(pl_module, lora_dir)
+            rank_zero_info(f"[ExportLoRA] LoRA in diffusers format: {lora_dir}")
+            if self.merge:
+                merged = os.path.join(os.path.dirname(os.path.abspath(lora_dir)), "merged")
+                export_lora(pl_module, merged, merge=True)
+                rank_zero_info(f"[ExportLoRA] merged pipeline: {merged}")
+
+
+def full_parameters(trainer: pl.Trainer) -> contextlib.AbstractContextManager:
+    """Whole (unsharded) parameters inside the block: ``summon_full_params`` under FSDP, else nothing.
+
+    Untested here (Lightning runs FSDP on CUDA only); read-only (``writeback=False``).
+    """
+    if isinstance(trainer.strategy, FSDPStrategy):
+        from torch.distributed.fsdp import FullyShardedDataParallel
+
+        return FullyShardedDataParallel.summon_full_params(trainer.strategy.model, writeback=False)
+    return contextlib.nullcontext()
 
 
 def load_checkpoint_into(module: Any, ckpt: str) -> None:

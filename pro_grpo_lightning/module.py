@@ -34,6 +34,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.strategies import FSDPStrategy
 from torch import Tensor
 
 from .backends.base import DiffusionBackend
@@ -199,12 +200,25 @@ class ProGRPOModule(pl.LightningModule):
         # is the single-process mean over the global batch.
         stats = grpo_update(self.backend, result, advantages.flatten(), self.settings, opt,
                             generator=local_gen, backward=self.manual_backward,
-                            after_step=sched.step if sched is not None else None)
+                            after_step=sched.step if sched is not None else None,
+                            clip_grad_norm=self.clip_grad_norm)
         update_time = time.perf_counter() - t0
         self.rollouts_done += 1
         self._log_rollout(result, advantages, stats, update_time)
         if self.sample_every_n_rollouts and (self.rollouts_done - 1) % self.sample_every_n_rollouts == 0:
             self._log_images(result)
+
+    def clip_grad_norm(self, params: list[Tensor], max_norm: float) -> Tensor:
+        """Clip the LoRA gradients to ``max_norm`` in place; return the pre-clip total norm.
+
+        Under FSDP each rank holds a shard of every gradient, so only the wrapped root module's
+        ``clip_grad_norm_`` computes the global norm (Lightning's FSDP precision plugin refuses
+        ``clip_gradients`` for that reason). Untested here: Lightning runs FSDP on CUDA only.
+        """
+        strategy = self.trainer.strategy if self._trainer is not None else None
+        if isinstance(strategy, FSDPStrategy):
+            return strategy.model.clip_grad_norm_(max_norm)
+        return torch.nn.utils.clip_grad_norm_(params, max_norm)
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         # Ask for a stop on the last rollout: Lightning then runs the validation loop once more

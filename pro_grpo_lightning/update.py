@@ -89,13 +89,18 @@ def grpo_update(backend: DiffusionBackend, rollout: RolloutResult, advantages: T
                 settings: UpdateSettings, optimizer: torch.optim.Optimizer, *,
                 generator: torch.Generator | None = None,
                 backward: Callable[[Tensor], None] | None = None,
-                after_step: Callable[[], None] | None = None) -> dict[str, float]:
+                after_step: Callable[[], None] | None = None,
+                clip_grad_norm: Callable[[list[Tensor], float], Tensor] | None = None) -> dict[str, float]:
     """Train the policy on one rollout. advantages: [N], one per surviving trajectory.
 
+    clip_grad_norm(params, max_norm) clips in place and returns the pre-clip total norm; default
+    ``torch.nn.utils.clip_grad_norm_``. A sharding strategy passes its own (under FSDP only the
+    root module's ``clip_grad_norm_`` sees every shard).
     Returns means of the per-minibatch statistics (loss, policy_loss, kl, clip_frac, approx_kl,
     ratio_mean) and of the pre-clip gradient norm over optimizer steps.
     """
     backward = backward or (lambda loss: loss.backward())
+    clip_grad_norm = clip_grad_norm or torch.nn.utils.clip_grad_norm_
     N = rollout.latents.shape[0]
     trainable = backend.trainable_steps().to(rollout.latents.device)  # [T] bool
     params = backend.trainable_parameters()
@@ -136,12 +141,13 @@ def grpo_update(backend: DiffusionBackend, rollout: RolloutResult, advantages: T
             for k, v in stats.items():
                 add(k, v)
             if (i + 1) % per_step == 0 or i + 1 == len(chunks):
-                grads = [p.grad for p in params if p.grad is not None]
-                norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])) \
-                    if grads else torch.zeros(())
                 if settings.max_grad_norm:
-                    torch.nn.utils.clip_grad_norm_(params, settings.max_grad_norm)
-                add("grad_norm", norm)
+                    norm = clip_grad_norm(params, settings.max_grad_norm)
+                else:
+                    grads = [p.grad for p in params if p.grad is not None]
+                    norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])) \
+                        if grads else torch.zeros(())
+                add("grad_norm", torch.as_tensor(norm))
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
                 if after_step is not None:

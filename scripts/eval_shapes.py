@@ -1,8 +1,8 @@
 #!/usr/bin/env python
 """Held-out exact reward of a shapes run: the base model, or the policy in a training checkpoint.
 
-    HF_HUB_OFFLINE=1 python scripts/eval_shapes.py --config configs/quickstart_shapes.yaml \
-        [--ckpt logs/quickstart_shapes/version_0/checkpoints/last.ckpt] [--samples 8] [--split heldout]
+    HF_HUB_OFFLINE=1 python scripts/eval_shapes.py --config configs/quickstart.yaml \
+        [--ckpt logs/quickstart/version_0/checkpoints/last.ckpt] [--samples 8] [--split heldout]
 
 Builds the model from the config (the backend the run used, at its T, CFG and SDE), loads the
 checkpoint's LoRA weights if given, samples ``--samples`` images per prompt of the split with the

@@ -1,6 +1,6 @@
 """Short CLI runs of the tiny SD1.5 model that several tests share (DDP, eval, export, resume).
 
-Each run layers three configs: ``configs/quickstart.yaml``, the shared base below (a tiny, fast
+Each run layers three configs: ``configs/tiny_sd15.yaml``, the shared base below (a tiny, fast
 model that logs to CSV and checkpoints every step into ``<out>``), and the test's own overrides.
 """
 
@@ -47,4 +47,4 @@ def config_args(tmp_path: Path, name: str, override: str, out: Path | None = Non
     base, extra = tmp_path / f"{name}.base.yaml", tmp_path / f"{name}.yaml"
     base.write_text(BASE.format(**values))
     extra.write_text(override.format(**values))
-    return ["--config", str(ROOT / "configs/quickstart.yaml"), "--config", str(base), "--config", str(extra)]
+    return ["--config", str(ROOT / "configs/tiny_sd15.yaml"), "--config", str(base), "--config", str(extra)]

@@ -59,7 +59,7 @@ def test_paper_sd14_configs_mirror_the_paper():
 
 
 def test_unknown_backend_is_a_clear_error(tmp_path, capsys):
-    quickstart = next(c for c in CONFIGS if c.name == "quickstart.yaml")  # names its backend
+    quickstart = next(c for c in CONFIGS if c.name == "tiny_sd15.yaml")  # names its backend
     cfg = quickstart.read_text().replace("pro_grpo_lightning.backends.sd15.TinySD15Backend",
                                          "pro_grpo_lightning.backends.nope.Missing")
     p = tmp_path / "bad.yaml"

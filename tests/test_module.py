@@ -110,9 +110,11 @@ def test_image_grid_layout():
 
 
 def test_cli_fit_quickstart_config_for_a_few_steps(tmp_path):
+    """The README's quickstart (the pretrained shapes model, exact reward), fewer prompts a rollout."""
     main(["fit", "--config", "configs/quickstart.yaml", "--trainer.max_steps", "2",
           "--trainer.logger.init_args.save_dir", str(tmp_path), "--trainer.enable_progress_bar", "false",
-          "--trainer.default_root_dir", str(tmp_path), "--model.sample_every_n_rollouts", "1"])
+          "--trainer.default_root_dir", str(tmp_path), "--model.sample_every_n_rollouts", "1",
+          "--data.prompts_per_step", "2"])
     events = glob.glob(str(tmp_path / "quickstart" / "*" / "events.out.tfevents.*"))
     assert events
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator

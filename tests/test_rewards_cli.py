@@ -1,4 +1,4 @@
-"""A YAML mixes a weightless reward with a (tiny) CLIP-score model, and the quickstart trains on it."""
+"""A YAML mixes a weightless reward with a (tiny) CLIP-score model, and the tiny SD1.5 run trains on it."""
 
 import glob
 
@@ -18,8 +18,8 @@ def tiny_clip_dir(tmp_path):
     return path
 
 
-def test_quickstart_with_weighted_clip_score_and_brightness(tmp_path, tiny_clip_dir):
-    cfg = yaml.safe_load(open("configs/quickstart.yaml"))
+def test_tiny_sd15_with_weighted_clip_score_and_brightness(tmp_path, tiny_clip_dir):
+    cfg = yaml.safe_load(open("configs/tiny_sd15.yaml"))
     cfg["model"]["rewards"] = [
         {"class_path": "pro_grpo_lightning.rewards.image_stats.Brightness", "init_args": {"weight": 1.0}},
         {"class_path": "pro_grpo_lightning.rewards.clip_score.ClipScore",
@@ -36,7 +36,7 @@ def test_quickstart_with_weighted_clip_score_and_brightness(tmp_path, tiny_clip_
     main(["fit", "--config", str(p), "--trainer.default_root_dir", str(tmp_path)])
 
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-    (events,) = glob.glob(str(tmp_path / "logs" / "quickstart" / "*" / "events.out.tfevents.*"))
+    (events,) = glob.glob(str(tmp_path / "logs" / "tiny_sd15" / "*" / "events.out.tfevents.*"))
     acc = EventAccumulator(events, size_guidance={"scalars": 0})
     acc.Reload()
     total = [e.value for e in acc.Scalars("reward/mean")]

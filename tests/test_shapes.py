@@ -21,9 +21,10 @@ ASSET = "pkg://pro_grpo_lightning/assets/tiny_shapes_sd3"
 OPPOSITE = {"left": "right", "right": "left", "top": "bottom", "bottom": "top"}
 
 
-@pytest.fixture(scope="module")
-def reward():
-    return ShapesReward()
+@pytest.fixture(scope="module", params=[0.0, 0.04], ids=["hard", "graded"])
+def reward(request):
+    """Every task-level property holds for the hard rule and for graded shape credit alike."""
+    return ShapesReward(shape_margin=request.param)
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -200,6 +201,32 @@ def test_extra_objects_of_another_colour_cost_colour_credit(reward):
     parts = reward.parts(both, [spec.prompt])
     assert 0 < parts["colour"].item() < 1
     assert parts["count"].item() == parts["shape"].item() == parts["position"].item() == 1.0
+
+
+def test_graded_shape_credit_ramps_across_the_square_threshold():
+    """A 10 x 10 red square in the left half with pixels cut from its corners: fill = area / 100."""
+    hard, graded = ShapesReward(), ShapesReward(shape_margin=0.04)
+    red = torch.tensor(COLOURS["red"]).view(3, 1, 1)
+    images, prompts = [], []
+    for cut in (0, 10, 12, 14, 16):  # pixels cut, as evenly as possible from the four corners
+        img = torch.zeros(3, 32, 32)
+        img[:, 11:21, 2:12] = red
+        corners = [(11, 2, 1, 1), (11, 11, 1, -1), (20, 2, -1, 1), (20, 11, -1, -1)]
+        for i in range(cut):  # walk along each corner's row, one pixel per corner in turn
+            y, x, dy, dx = corners[i % 4]
+            img[:, y, x + dx * (i // 4)] = 0
+        images.append(img)
+        prompts.append("one red square on the left")
+    images = torch.stack(images)
+    g, h = graded.parts(images, prompts), hard.parts(images, prompts)
+    # fill 1.0, 0.90, 0.88, 0.86, 0.80: square-ness ramps linearly over 0.86..0.94 (top stays ~1/2)
+    torch.testing.assert_close(g["shape"], torch.tensor([1.0, 0.5, 0.25, 0.0, 0.0]), atol=1e-6, rtol=0)
+    torch.testing.assert_close(h["shape"], torch.tensor([1.0, 0.0, 0.0, 0.0, 0.0]))
+    assert torch.equal(g["exact"], h["exact"])  # exact always uses the hard rule
+    circles = graded.parts(images, ["one red circle on the left"] * 5)["shape"]
+    torch.testing.assert_close(circles, 1 - g["shape"], atol=1e-6, rtol=0)  # the credit moves, not doubles
+    with pytest.raises(ValueError, match="shape_margin"):
+        ShapesReward(shape_margin=0.2)
 
 
 def test_reward_is_fast_and_validates(reward):

@@ -117,3 +117,20 @@ def test_optimizer_steps_follow_minibatches_per_step(setup):
 def test_bad_settings_are_rejected(kwargs):
     with pytest.raises(ValueError):
         UpdateSettings(**kwargs)
+
+
+def test_a_strategy_clip_replaces_torchs_and_reports_its_norm(setup):
+    """The module passes a strategy-aware clip (FSDP's root clip_grad_norm_): it is called once per
+    optimizer step with the parameters and max norm, and its pre-clip norm is what is logged."""
+    backend, res = setup
+    calls = []
+
+    def clip(params, max_norm):
+        calls.append((len(params), max_norm))
+        return torch.tensor(7.0)
+
+    opt = torch.optim.SGD(backend.trainable_parameters(), lr=0.1)
+    settings = UpdateSettings(train_batch_size=10, minibatches_per_step=1, max_grad_norm=0.5)
+    stats = grpo_update(backend, res, torch.randn(6), settings, opt, clip_grad_norm=clip)
+    assert calls == [(len(backend.trainable_parameters()), 0.5)] * 3  # 30 pairs / 10 a step
+    assert stats["grad_norm"] == 7.0

@@ -21,7 +21,12 @@ Parts, each in [0, 1] (the score is their weighted mean):
               extra objects cost, a few stray edge pixels do not (group-normalised advantages
               would otherwise turn a 0.99-vs-1 difference into a full-size signal)
     count:    1 / (1 + |objects found - count asked|), 0 when no object of the colour is found
-    shape:    share of the found objects with the asked shape
+    shape:    share of the found objects with the asked shape; with ``shape_margin`` m > 0 each
+              object's credit is graded near the two decision boundaries: its square-ness ramps
+              linearly over ``square_fill -+ m`` and its triangle-ness over ``triangle_top -+ m``
+              (drawn shapes lie outside both ramps, so ground truth still scores 1), so a square
+              that is getting sharper earns more before it crosses the threshold: RL sees a slope
+              where the hard rule gives a step. ``exact`` always uses the hard rule.
     position: share of the found objects whose centroid is in the asked half
 ``parts`` adds ``exact``: 1 where all four are 1 (the image is right), else 0.
 """
@@ -112,6 +117,8 @@ class ShapesReward(Reward):
         min_area: smallest object, as a fraction of the image's pixels (4 px at 32 px).
         square_fill: bounding-box fill above which a non-triangle is a square.
         triangle_top: ``top`` below which a blob is a triangle (see the module docstring).
+        shape_margin: half-width of the linear ramps that grade the shape credit around
+            ``square_fill`` and ``triangle_top`` (0: the hard rule).
         part_weights: weights of (colour, count, shape, position) in the score (normalised).
         weight, name: see ``Reward``.
     """
@@ -119,7 +126,7 @@ class ShapesReward(Reward):
     default_name = "shapes"
 
     def __init__(self, colour_threshold: float = 0.5, colour_purity: float = 0.9, min_area: float = 4 / 1024, square_fill: float = 0.9,
-                 triangle_top: float = 0.4, part_weights: Sequence[float] = (1.0, 1.0, 1.0, 1.0),
+                 triangle_top: float = 0.4, shape_margin: float = 0.0, part_weights: Sequence[float] = (1.0, 1.0, 1.0, 1.0),
                  weight: float = 1.0, name: str | None = None) -> None:
         super().__init__(weight=weight, name=name)
         if len(part_weights) != len(PART_NAMES) or min(part_weights) < 0 or sum(part_weights) <= 0:
@@ -129,7 +136,11 @@ class ShapesReward(Reward):
             raise ValueError(f"colour_threshold must be in (0, 1) (palette colours are 1 apart), got {colour_threshold}")
         if not 0 < colour_purity <= 1:
             raise ValueError(f"colour_purity must be in (0, 1], got {colour_purity}")
+        if not 0 <= shape_margin < 0.1:
+            raise ValueError(f"shape_margin must be in [0, 0.1) (drawn shapes must stay outside the ramps), "
+                             f"got {shape_margin}")
         self.colour_threshold = float(colour_threshold)
+        self.shape_margin = float(shape_margin)
         self.colour_purity = float(colour_purity)
         self.min_area = float(min_area)
         self.square_fill = float(square_fill)
@@ -178,7 +189,16 @@ class ShapesReward(Reward):
         top = st["top_area"] / st["area"].clamp(min=1)  # [B, HW]
         shape_id = torch.where(top < self.triangle_top, 2, torch.where(fill > self.square_fill, 1, 0))  # [B, HW]
         safe_found = found.clamp(min=1)
-        shape = ((shape_id == want_shape[:, None]) & is_obj).sum(1) / safe_found  # [B]
+        hard_shape = ((shape_id == want_shape[:, None]) & is_obj).sum(1) / safe_found  # [B]
+        if self.shape_margin > 0:
+            m = self.shape_margin
+            tri = ((self.triangle_top + m - top) / (2 * m)).clamp(0, 1)  # [B, HW] triangle-ness
+            sq = ((fill - self.square_fill + m) / (2 * m)).clamp(0, 1)  # [B, HW] square-ness
+            credit = torch.stack([(1 - tri) * (1 - sq), (1 - tri) * sq, tri], -1)  # [B, HW, 3] circle/square/triangle
+            wanted = credit.gather(-1, want_shape.view(B, 1, 1).expand(B, credit.shape[1], 1)).squeeze(-1)  # [B, HW]
+            shape = (wanted * is_obj).sum(1) / safe_found  # [B]
+        else:
+            shape = hard_shape
 
         left = torch.tensor([p == "left" for p in pos], device=dev)[:, None]  # [B, 1]
         right = torch.tensor([p == "right" for p in pos], device=dev)[:, None]
@@ -189,7 +209,8 @@ class ShapesReward(Reward):
 
         out = {"colour": colour, "count": count, "shape": shape.float(), "position": position.float()}
         out = {k: v.float() for k, v in out.items()}
-        out["exact"] = torch.stack([out[k] for k in PART_NAMES]).eq(1).all(0).float()  # [B]
+        hard = {**out, "shape": hard_shape.float()}
+        out["exact"] = torch.stack([hard[k] for k in PART_NAMES]).eq(1).all(0).float()  # [B]
         return out
 
     def score(self, images: Tensor, prompts: Sequence[str]) -> Tensor:
@@ -198,4 +219,5 @@ class ShapesReward(Reward):
         return stacked @ self.part_weights.to(stacked.device)  # [B]
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, colour_threshold={self.colour_threshold}, min_area={self.min_area}"
+        return (f"{super().extra_repr()}, colour_threshold={self.colour_threshold}, min_area={self.min_area}, "
+                f"shape_margin={self.shape_margin}")

@@ -31,15 +31,16 @@ def sample_backend(backend: DiffusionBackend, prompts: Sequence[str], seed: int 
 @torch.no_grad()
 def evaluate_shapes(backend: DiffusionBackend, split: str = "heldout", samples_per_prompt: int = 4,
                     seed: int = 0, batch_size: int = 72, reward: ShapesReward | None = None,
-                    ) -> dict[str, float]:
-    """Mean reward parts of ``samples_per_prompt`` samples of every prompt of ``split``.
+                    max_prompts: int | None = None) -> dict[str, float]:
+    """Mean reward parts of ``samples_per_prompt`` samples of every prompt of ``split`` (of its
+    first ``max_prompts`` only, when given: quick checks).
 
     Returns {"reward", "exact", "colour", "count", "shape", "position", "n"}. Batches are seeded
     ``seed + i``, so the numbers are a pure function of (policy, split, samples, seed, batch_size).
     """
     backend.configure_model()
     reward = reward or ShapesReward()
-    prompts = [p for p in shapes_prompts(split, seed=None) for _ in range(samples_per_prompt)]
+    prompts = [p for p in shapes_prompts(split, seed=None)[:max_prompts] for _ in range(samples_per_prompt)]
     parts: dict[str, list[Tensor]] = {}
     for i, start in enumerate(range(0, len(prompts), batch_size)):
         chunk = prompts[start:start + batch_size]
