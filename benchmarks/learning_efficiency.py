@@ -61,7 +61,7 @@ from . import common as C  # noqa: E402
 NAME = "learning_efficiency"
 REPO = C.ROOT.parent
 #: the shapes-task config, by its old and its new name (the first that exists is the default)
-CONFIG_CANDIDATES = ("configs/quickstart_shapes.yaml", "configs/quickstart.yaml")
+DEFAULT_CONFIG = "configs/quickstart.yaml"
 SHAPES_REWARD = "pro_grpo_lightning.rewards.shapes.ShapesReward"
 EVAL_SEED = 1000  # the held-out noise of every snapshot of every arm
 BOOTSTRAP_SAMPLES = 1000
@@ -396,14 +396,6 @@ def resolve_arms(texts: Sequence[str], T: int, allow_unequal_k: bool = False) ->
 
 
 # ---- config ----------------------------------------------------------------------------------------------
-def default_config() -> str:
-    """The shapes-task config shipped with the repository (``CONFIG_CANDIDATES``), relative to it."""
-    for c in CONFIG_CANDIDATES:
-        if (REPO / c).is_file():
-            return c
-    return CONFIG_CANDIDATES[0]
-
-
 def resolve_config(path: str) -> tuple[str, Path]:
     """(the name recorded in the settings: relative to the repository when inside it, the absolute path);
     a relative path is looked up from the working directory, then from the repository root."""
@@ -832,8 +824,7 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=f"python -m benchmarks.{NAME}", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--config", default=None,
-                   help=f"the shapes-task training config (default: the first of {', '.join(CONFIG_CANDIDATES)} "
-                        f"in the repository)")
+                   help=f"the shapes-task training config (default: {DEFAULT_CONFIG} in the repository)")
     p.add_argument("--preset", choices=PRESETS, default="main",
                    help="main: grpo / static OVF / pro at the config's sizes; gmax: Pro-GRPO G_max ablation; "
                         "checkpoints: early / middle / late checkpoints (each with grpo as the reference)")
@@ -874,7 +865,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         return run_one(json.loads(args.worker))
     args.sets = parse_sets([s for group in args.set for s in group])
     check_args(args)
-    args.config, config_path = resolve_config(args.config or default_config())
+    args.config, config_path = resolve_config(args.config or DEFAULT_CONFIG)
     T, base, _ = read_config(str(config_path), args.sets)
     specs = args.arms if args.arms else preset_arms(args.preset, T, base)
     arms = resolve_arms(specs, T, args.allow_unequal_k)

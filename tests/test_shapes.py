@@ -12,7 +12,7 @@ import torch
 
 from pro_grpo_lightning.backends.base import check_pretrained_source, resolve_pretrained_source
 from pro_grpo_lightning.backends.tokenizers import byte_level_clip_tokenizer, char_level_t5_tokenizer
-from pro_grpo_lightning.rewards.shapes import ShapesReward, component_stats, connected_components
+from pro_grpo_lightning.rewards.shapes import ShapesExact, ShapesReward, component_stats, connected_components
 from pro_grpo_lightning.tasks.shapes import (BACKGROUND, COLOURS, COUNTS, POSITIONS, SHAPES, ShapeSpec, all_specs,
                                              render_shapes, sample_shapes, shapes_prompts, split_specs,
                                              write_shapes_dataset)
@@ -223,6 +223,7 @@ def test_graded_shape_credit_ramps_across_the_square_threshold():
     torch.testing.assert_close(g["shape"], torch.tensor([1.0, 0.5, 0.25, 0.0, 0.0]), atol=1e-6, rtol=0)
     torch.testing.assert_close(h["shape"], torch.tensor([1.0, 0.0, 0.0, 0.0, 0.0]))
     assert torch.equal(g["exact"], h["exact"])  # exact always uses the hard rule
+    assert torch.equal(ShapesExact(shape_margin=0.04)(images, prompts), torch.tensor([1.0, 0, 0, 0, 0]))
     circles = graded.parts(images, ["one red circle on the left"] * 5)["shape"]
     torch.testing.assert_close(circles, 1 - g["shape"], atol=1e-6, rtol=0)  # the credit moves, not doubles
     with pytest.raises(ValueError, match="shape_margin"):

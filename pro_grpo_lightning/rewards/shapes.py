@@ -221,3 +221,17 @@ class ShapesReward(Reward):
     def extra_repr(self) -> str:
         return (f"{super().extra_repr()}, colour_threshold={self.colour_threshold}, min_area={self.min_area}, "
                 f"shape_margin={self.shape_margin}")
+
+
+class ShapesExact(ShapesReward):
+    """1 where the image is exactly right (all four parts), else 0: the task's strict measure.
+
+    Meant as an evaluation reward (``eval_rewards``: the held-out exact rate in TensorBoard and the
+    evaluation table); as a training reward it gives groups far less spread than the graded score.
+    Takes ``ShapesReward``'s arguments (``shape_margin`` has no effect: exact uses the hard rule).
+    """
+
+    default_name = "shapes_exact"
+
+    def score(self, images: Tensor, prompts: Sequence[str]) -> Tensor:
+        return self.parts(images, prompts)["exact"]  # [B]
