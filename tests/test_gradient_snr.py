@@ -42,7 +42,11 @@ def test_capture_sums_gradients_and_leaves_parameters():
 
 
 def test_tiny_run_through_the_quickstart_config(tmp_path):
-    res = main(["--rollouts", "2", "--prompts", "1", "--threads", "1", "--out", str(tmp_path)])
+    threads = torch.get_num_threads()
+    try:
+        res = main(["--rollouts", "2", "--prompts", "1", "--threads", "1", "--out", str(tmp_path)])
+    finally:  # the entry point sets the process's thread count: later tests must not inherit it
+        torch.set_num_threads(threads)
     assert res["rollouts"] == 2 and res["trajectories_per_rollout"] == 6  # 16 -> 10 -> 6 survivors
     assert -1 <= res["pairwise_cos_mean"] <= 1 and res["signal_share"] <= 1
     assert (tmp_path / "gradient_snr_config.json").exists()

@@ -55,7 +55,9 @@ def metrics_by_step(out: Path) -> dict[int, dict[str, str]]:
 
 @pytest.mark.slow
 def test_sigkill_then_resume_equals_the_uninterrupted_run(tmp_path):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1",
+    # The killed run's first rollouts run in a subprocess, the rest here: both with this process's
+    # thread count, since a CPU reduction's rounding depends on how many threads split it.
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": str(torch.get_num_threads()),
            "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     log = open(tmp_path / "killed.log", "w")  # a file, not a pipe: a full pipe would stall the run
     victim = subprocess.Popen([sys.executable, "-m", "pro_grpo_lightning", *config(tmp_path, "killed")],

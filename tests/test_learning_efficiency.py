@@ -228,7 +228,7 @@ def test_bad_options_fail_early(tmp_path):
         L.main(["--config", str(other), "--out", str(tmp_path / "o")])
     assert not (tmp_path / "o").exists()
     # the default config's T and schedule, read without a model
-    T, base, _ = L.read_config(str(L.REPO / L.default_config()), [("model.backend.init_args.num_steps", "12")])
+    T, base, _ = L.read_config(str(L.REPO / L.DEFAULT_CONFIG), [("model.backend.init_args.num_steps", "12")])
     assert T == 12 and base.sizes() == [16, 10, 6]
 
 

@@ -114,7 +114,7 @@ def test_cli_fit_quickstart_config_for_a_few_steps(tmp_path):
     main(["fit", "--config", "configs/quickstart.yaml", "--trainer.max_steps", "2",
           "--trainer.logger.init_args.save_dir", str(tmp_path), "--trainer.enable_progress_bar", "false",
           "--trainer.default_root_dir", str(tmp_path), "--model.sample_every_n_rollouts", "1",
-          "--data.prompts_per_step", "2"])
+          "--data.prompts_per_step", "2", "--data.eval_images_per_prompt", "1"])
     events = glob.glob(str(tmp_path / "quickstart" / "*" / "events.out.tfevents.*"))
     assert events
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -123,6 +123,10 @@ def test_cli_fit_quickstart_config_for_a_few_steps(tmp_path):
     assert "reward/mean" in acc.Tags()["scalars"]
     assert len(acc.Scalars("reward/mean")) == 2
     assert "samples/fixed_prompts" in acc.Tags()["images"]
+    # the held-out evaluation after the last rollout: graded reward and exact rate, 36 prompts
+    exact = acc.Scalars("val/shapes_exact")
+    assert len(exact) == 1 and 0.0 <= exact[0].value <= 1.0
+    assert 0.5 < acc.Scalars("val/shapes")[0].value <= 1.0
 
 
 def test_bad_module_options_fail_before_any_weights_load():
