@@ -71,15 +71,12 @@ def snr_statistics(grads: torch.Tensor) -> dict[str, float]:
 
 
 def build_module(config: str, prompts: int, reward: str) -> Any:
-    from lightning.pytorch.cli import LightningCLI
-
-    from pro_grpo_lightning.data import PromptDataModule
-    from pro_grpo_lightning.module import ProGRPOModule
+    from pro_grpo_lightning.cli import main as cli_main
 
     args = ["--config", config, f"--data.prompts_per_step={prompts}", "--trainer.logger=false"]
     if reward == "brightness":
         args.append('--model.rewards=[{"class_path": "pro_grpo_lightning.rewards.image_stats.Brightness"}]')
-    cli = LightningCLI(ProGRPOModule, PromptDataModule, run=False, save_config_callback=None, args=args)
+    cli = cli_main(args, run=False, save_config=False)
     cli.model.configure_model()
     return cli.model, cli.datamodule
 

@@ -567,15 +567,12 @@ def run_one(task: dict[str, Any]) -> dict[str, Any]:
     import torch
 
     torch.set_num_threads(1)
-    from lightning.pytorch.cli import LightningCLI
-
-    from pro_grpo_lightning.data import PromptDataModule
-    from pro_grpo_lightning.module import ProGRPOModule
+    from pro_grpo_lightning.cli import main as cli_main
 
     s = task["settings"]
     t_build = time.perf_counter()
     load_start = os.getloadavg() if hasattr(os, "getloadavg") else None
-    cli = LightningCLI(ProGRPOModule, PromptDataModule, run=False, save_config_callback=None, args=cli_args(task))
+    cli = cli_main(cli_args(task), run=False, save_config=False)
     module, data, trainer = cli.model, cli.datamodule, cli.trainer
     want = C.parse_schedule(s["spec"]).schedule
     got = module.schedule

@@ -13,6 +13,10 @@ from .data import PromptDataModule
 from .module import ProGRPOModule
 
 
-def main(args: list[str] | None = None, run: bool = True) -> LightningCLI:
+def main(args: list[str] | None = None, run: bool = True, save_config: bool = True) -> LightningCLI:
+    """The CLI; ``run=False`` only builds the module, datamodule and trainer (scripts, benchmarks).
+    ``save_config=False`` keeps ``fit`` from writing the resolved config.yaml (runs without a logger)."""
+    if not save_config:
+        return LightningCLI(ProGRPOModule, PromptDataModule, args=args, run=run, save_config_callback=None)
     return LightningCLI(ProGRPOModule, PromptDataModule, args=args, run=run,
                         save_config_kwargs={"overwrite": True})

@@ -35,15 +35,11 @@ def main(argv=None) -> dict:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     torch.set_num_threads(args.threads)
 
-    from lightning.pytorch.cli import LightningCLI
-
-    from pro_grpo_lightning.data import PromptDataModule
-    from pro_grpo_lightning.module import ProGRPOModule
+    from pro_grpo_lightning.cli import main as cli_main
     from pro_grpo_lightning.tasks.shapes_eval import evaluate_shapes
 
-    cli = LightningCLI(ProGRPOModule, PromptDataModule, run=False, save_config_callback=None,
-                       args=["--config", args.config, "--data.prompts=[unused]", "--data.prompts_per_step=1",
-                             *args.overrides])
+    cli = cli_main(["--config", args.config, "--data.prompts=[unused]", "--data.prompts_per_step=1",
+                    *args.overrides], run=False, save_config=False)
     module = cli.model
     module.configure_model()
     if args.ckpt:

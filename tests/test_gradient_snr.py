@@ -41,12 +41,9 @@ def test_capture_sums_gradients_and_leaves_parameters():
     assert torch.equal(opt.flat(), torch.full((3,), 3.0)) and torch.equal(p.detach(), torch.ones(3))
 
 
-def test_tiny_run_through_the_quickstart_config(tmp_path):
-    threads = torch.get_num_threads()
-    try:
-        res = main(["--rollouts", "2", "--prompts", "1", "--threads", "1", "--out", str(tmp_path)])
-    finally:  # the entry point sets the process's thread count: later tests must not inherit it
-        torch.set_num_threads(threads)
+def test_tiny_run_through_the_quickstart_config(tmp_path, one_thread):
+    # one_thread restores the thread count after this file: the entry point sets it for the process
+    res = main(["--rollouts", "2", "--prompts", "1", "--threads", "1", "--out", str(tmp_path)])
     assert res["rollouts"] == 2 and res["trajectories_per_rollout"] == 6  # 16 -> 10 -> 6 survivors
     assert -1 <= res["pairwise_cos_mean"] <= 1 and res["signal_share"] <= 1
     assert (tmp_path / "gradient_snr_config.json").exists()

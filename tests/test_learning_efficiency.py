@@ -13,12 +13,7 @@ from benchmarks import learning_efficiency as L
 from pro_grpo_lightning.schedules import PlainGRPOSchedule, ProGRPOSchedule
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ---- statistics ---------------------------------------------------------------------------------------

@@ -28,14 +28,7 @@ def randomize_lora(backend, seed: int = 0, scale: float = 0.3) -> None:
             p.copy_(torch.randn(p.shape, generator=g) * scale)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The tiny model's ops are too small to share out: with other jobs on the CPUs, 2 threads
-    ran this file ~5x slower than 1."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -27,13 +27,7 @@ def reward(request):
     return ShapesReward(shape_margin=request.param)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Small tensor ops: on a shared, busy CPU a second thread only adds waiting."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ---- the task ---------------------------------------------------------------------------------
