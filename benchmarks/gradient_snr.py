@@ -26,6 +26,7 @@ import json
 import os
 import time
 from pathlib import Path
+from collections.abc import Sequence
 from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -70,10 +71,11 @@ def snr_statistics(grads: torch.Tensor) -> dict[str, float]:
             "n_half": noise2 / (3 * signal2) if signal2 > 0 else float("inf")}
 
 
-def build_module(config: str, prompts: int, reward: str) -> Any:
+def build_module(config: str, prompts: int, reward: str, sets: Sequence[str] = ()) -> Any:
     from pro_grpo_lightning.cli import main as cli_main
 
     args = ["--config", config, f"--data.prompts_per_step={prompts}", "--trainer.logger=false"]
+    args += [f"--{s.strip().lstrip('-')}" for s in sets]  # "model.x=1" -> "--model.x=1"
     if reward == "brightness":
         args.append('--model.rewards=[{"class_path": "pro_grpo_lightning.rewards.image_stats.Brightness"}]')
     cli = cli_main(args, run=False, save_config=False)
@@ -81,25 +83,30 @@ def build_module(config: str, prompts: int, reward: str) -> Any:
     return cli.model, cli.datamodule
 
 
-def measure(config: str, rollouts: int, prompts: int, reward: str, seed: int = 0) -> dict[str, Any]:
+def measure(config: str, rollouts: int, prompts: int, reward: str, seed: int = 0,
+            sets: Sequence[str] = ()) -> dict[str, Any]:
     from pro_grpo_lightning.objectives import group_advantages
     from pro_grpo_lightning.update import grpo_update
 
-    module, data = build_module(config, prompts, reward)
+    module, data = build_module(config, prompts, reward, sets)
     data.setup("fit")
     texts = list(data.prompts[:prompts])
     settings = dataclasses.replace(module.settings, max_grad_norm=None)
     params = module.backend.trainable_parameters()
-    grads, t0 = [], time.perf_counter()
+    grads, spreads, means, t0 = [], [], [], time.perf_counter()
     for r in range(rollouts):
         result = module.rollout.run(texts, torch.Generator().manual_seed(seed * 10_000 + r))
+        spreads.append(result.rewards.std(1, unbiased=False).mean().item())
+        means.append(result.rewards.mean().item())
         adv = group_advantages(result.rewards, std_mode=module.adv_std, eps=module.adv_eps, clip=module.adv_clip)
         capture = GradientCapture(params)
         grpo_update(module.backend, result, adv.flatten(), settings, capture,
                     generator=torch.Generator().manual_seed(seed * 10_000 + r))
         grads.append(capture.flat())
     out = snr_statistics(torch.stack(grads))
-    out.update(config=config, reward=reward, prompts=texts, trajectories_per_rollout=int(result.rewards.numel()),
+    out.update(config=config, reward=reward, sets=list(sets), within_group_reward_std=sum(spreads) / len(spreads),
+               reward_mean=sum(means) / len(means),
+               prompts=texts, trajectories_per_rollout=int(result.rewards.numel()),
                seconds=time.perf_counter() - t0)
     return out
 
@@ -111,20 +118,23 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--prompts", type=int, default=4, help="prompts per rollout (the same every rollout)")
     p.add_argument("--reward", choices=["config", "brightness"], default="config")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. model.shared_initial_noise=true (repeatable)")
+    p.add_argument("--tag", default="", help="suffix of the output file name")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", default=str(ROOT / "benchmarks/results/gradient_snr"))
     args = p.parse_args(argv)
     if args.rollouts < 2:
         p.error("--rollouts must be >= 2")
     torch.set_num_threads(args.threads)
-    res = measure(args.config, args.rollouts, args.prompts, args.reward, args.seed)
+    res = measure(args.config, args.rollouts, args.prompts, args.reward, args.seed, args.set)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    path = out / f"gradient_snr_{args.reward}.json"
+    path = out / f"gradient_snr_{args.reward}{'_' + args.tag if args.tag else ''}.json"
     path.write_text(json.dumps(res, indent=1) + "\n")
     print(f"{args.reward}: {res['rollouts']} rollouts x {res['trajectories_per_rollout']} trajectories; "
           f"pairwise cos {res['pairwise_cos_mean']:.3f} +- {res['pairwise_cos_sd']:.3f}; signal share "
-          f"{res['signal_share']:.4f}; rollouts to average for cos 0.5: {res['n_half']:.0f}  -> {path}")
+          f"{res['signal_share']:.4f}; reward mean {res['reward_mean']:.3f}, within-group std {res['within_group_reward_std']:.3f}; rollouts to average for cos 0.5: {res['n_half']:.0f}  -> {path}")
     return res
 
 

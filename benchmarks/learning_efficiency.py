@@ -335,13 +335,15 @@ def base_pro(base: Any, T: int) -> Any:
     return ProGRPOSchedule(g, C.scale_checkpoints([4, 6], 10, T), [mid, K])
 
 
-PRESETS = ("main", "gmax", "checkpoints")
+PRESETS = ("main", "gmax", "checkpoints", "paper")
 
 
 def preset_arms(preset: str, T: int, base: Any) -> list[str]:
     """Arm specs of a preset, from T and the config's schedule ``base`` (K = its final size).
 
     main: grpo (plain:K), static OVF (static:G_max>K) and the config's Pro-GRPO schedule.
+    paper: main plus plain GRPO at 2K (``grpo<2K>``): the paper's own comparison trains Pro-GRPO's
+        K = 12 against Flow-GRPO's G = 24, so its final group sizes differ (unequal K is allowed).
     gmax: Pro-GRPO with G_max in {K + #checkpoints, 2K, config's G_max, 4K}, same checkpoints and K
         (intermediate sizes rescaled by ``rescale_keep``); plus grpo. K = 6: {8, 12, 16, 24}.
     checkpoints: the config's sizes with the checkpoints early / middle / late: the paper's SD-v1.4
@@ -353,8 +355,10 @@ def preset_arms(preset: str, T: int, base: Any) -> list[str]:
     pro = base_pro(base, T)
     K, G, m = pro.final_size, pro.group_size, len(pro.checkpoints)
     arms = [f"grpo=plain:{K}"]
-    if preset == "main":
+    if preset in ("main", "paper"):
         arms += [f"static=static:{G}>{K}", f"pro={spec_of(pro)}"]
+        if preset == "paper":
+            arms.append(f"grpo{2 * K}=plain:{2 * K}")
     elif preset == "gmax":
         for g in sorted({K + m, 2 * K, G, 4 * K}):
             keep = rescale_keep(pro.sizes(), g)
@@ -823,7 +827,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--config", default=None,
                    help=f"the shapes-task training config (default: {DEFAULT_CONFIG} in the repository)")
     p.add_argument("--preset", choices=PRESETS, default="main",
-                   help="main: grpo / static OVF / pro at the config's sizes; gmax: Pro-GRPO G_max ablation; "
+                   help="main: grpo / static OVF / pro at the config's sizes; paper: main plus plain GRPO at "
+                        "2K (the paper's comparison); gmax: Pro-GRPO G_max ablation; "
                         "checkpoints: early / middle / late checkpoints (each with grpo as the reference)")
     p.add_argument("--arms", nargs="+", default=None,
                    help="'[name=]plain:G' | 'static:G>K' | 'pro:G>k1@c1>k2@c2[/rule]'; replaces the preset")
@@ -865,7 +870,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args.config, config_path = resolve_config(args.config or DEFAULT_CONFIG)
     T, base, _ = read_config(str(config_path), args.sets)
     specs = args.arms if args.arms else preset_arms(args.preset, T, base)
-    arms = resolve_arms(specs, T, args.allow_unequal_k)
+    arms = resolve_arms(specs, T, args.allow_unequal_k or (not args.arms and args.preset == "paper"))
     log = C.logger()
     print(f"arms ({'--arms' if args.arms else 'preset ' + args.preset}, T = {T}, reference = {C.reference(arms).name}):")
     for a in arms:

@@ -149,11 +149,21 @@ def full_parameters(trainer: pl.Trainer) -> contextlib.AbstractContextManager:
 
 
 def load_checkpoint_into(module: Any, ckpt: str) -> None:
-    """Put a training checkpoint's adapter weights into a freshly built module."""
+    """Put a training checkpoint's adapter weights into a freshly built module.
+
+    Refuses a checkpoint of another model both ways: one that lacks an adapter weight of this
+    module (``on_load_checkpoint``), and one with weights this module does not have (other LoRA
+    targets or another backend). Reward-normalisation statistics (``rewards.*``) this module has
+    no reward for are ignored: they do not change the policy.
+    """
     module.configure_model()
     state = torch.load(ckpt, map_location="cpu", weights_only=False)
     module.on_load_checkpoint(state)  # checks that every adapter weight is there
-    module.load_state_dict(state["state_dict"], strict=False)
+    result = module.load_state_dict(state["state_dict"], strict=False)
+    foreign = [k for k in result.unexpected_keys if not k.startswith("rewards.")]
+    if foreign:
+        raise KeyError(f"{ckpt} has {len(foreign)} weights this model lacks (e.g. {foreign[0]}): was it "
+                       f"trained with another backend or LoRA setting?")
 
 
 #: ``Trainer.fit`` arguments that LightningCLI writes into a run's config.yaml (e.g. ckpt_path).

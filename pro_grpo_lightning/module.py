@@ -27,6 +27,7 @@ import csv
 import math
 import os
 import time
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -45,6 +46,10 @@ from .rewards.base import Reward
 from .rollout import ExpandPruneRollout, RolloutResult, proxy_reward_correlation
 from .schedules import GroupSchedule
 from .update import UpdateSettings, grpo_update
+
+# With manual optimisation Lightning warns that a step-interval checkpoint holds the weights after
+# the optimizer step: that is the state we mean to save (it matches the saved rollout counter).
+warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization")
 
 DEFAULT_SAMPLE_PROMPTS = ["a cat", "a red square", "a horse", "a blue triangle"]
 EVAL_TOTAL = "total"  # evaluation column: the weighted sum of the raw training rewards
@@ -85,6 +90,8 @@ class ProGRPOModule(pl.LightningModule):
             how often the proxy picks what the true reward would (0: never; costs a full rollout).
         preview_scale: resize factor of x0 latents before the pruning previews' decode (< 1 is
             cheaper; watch ``pruning/proxy_true_corr_*``).
+        shared_initial_noise: all trajectories of a prompt's group start from one initial latent,
+            so they differ only by the SDE step noise the gradient credits (``rollout.py``).
         sample_every_n_rollouts: log an image grid of ``sample_prompts`` every N rollouts (0: never).
         sample_prompts: the fixed prompts of that grid.
         sample_seed: the fixed seed of that grid (same noise every time: changes are the policy's).
@@ -101,6 +108,7 @@ class ProGRPOModule(pl.LightningModule):
                  kl_beta: float = 0.0, kl_type: str = "exact", max_grad_norm: float = 1.0,
                  adv_clip: float = 5.0, adv_std: str = "group", adv_eps: float = 1e-4,
                  seed: int = 0, audit_every_n_rollouts: int = 0, preview_scale: float = 1.0,
+                 shared_initial_noise: bool = False,
                  sample_every_n_rollouts: int = 0, sample_prompts: list[str] | None = None,
                  sample_seed: int = 1234, eval_rewards: list[Reward] | None = None) -> None:
         super().__init__()
@@ -117,6 +125,7 @@ class ProGRPOModule(pl.LightningModule):
         if not 0.0 < preview_scale <= 1.0:
             raise ValueError(f"preview_scale must be in (0, 1], got {preview_scale}")
         self.preview_scale = preview_scale
+        self.shared_initial_noise = shared_initial_noise
         self.backend = backend
         self.rewards = RankSyncedRewardSet(rewards, normalize=reward_normalize)
         self.eval_rewards = torch.nn.ModuleList(eval_rewards or [])
@@ -152,7 +161,8 @@ class ProGRPOModule(pl.LightningModule):
         if self.rollout is None:
             # The rollout samples through a view whose noise is this rank's slice of a global draw.
             self.rollout = ExpandPruneRollout(RankSlicedNoise(self.backend), self.rewards, self.schedule,
-                                              preview_scale=self.preview_scale)
+                                              preview_scale=self.preview_scale,
+                                              shared_initial_noise=self.shared_initial_noise)
 
     def configure_optimizers(self) -> Any:
         params = self.backend.trainable_parameters()
@@ -372,16 +382,27 @@ class ProGRPOModule(pl.LightningModule):
         rows = rows[torch.argsort(rows[:, 0], stable=True)]  # (prompt, image) order, whatever the sharding
         images = self._eval_images
         self._eval_rows, self._eval_images = [], []
-        if self.trainer.sanity_checking or rows.shape[0] == 0:
+        dataloaders = self.trainer.val_dataloaders if stage == "val" else self.trainer.test_dataloaders
+        dataset = getattr(dataloaders, "dataset", None)
+        # A sanity check over the *whole* held-out set (``num_sanity_val_steps: -1``) is the
+        # evaluation of the starting policy: log it, so curves start at the baseline. A partial
+        # one (Lightning's default, 2 batches) is not a score of anything: dropped.
+        starting_point = (self.trainer.sanity_checking and dataset is not None
+                          and rows.shape[0] == len(dataset) > 0)
+        if rows.shape[0] == 0 or (self.trainer.sanity_checking and not starting_point):
             return
         root = self.trainer.log_dir or self.trainer.default_root_dir  # a collective under DDP: every rank
         means = rows[:, 2:].mean(0)  # [S]
-        self.log_dict({f"{stage}/{n}": means[i] for i, n in enumerate(names)}, on_step=False, on_epoch=True,
-                      batch_size=rows.shape[0])
+        metrics = {f"{stage}/{n}": means[i] for i, n in enumerate(names)}
+        if starting_point:  # Lightning discards self.log during the sanity check: to the loggers directly
+            if self.global_rank == 0:
+                for logger in self.loggers:
+                    logger.log_metrics({k: float(v) for k, v in metrics.items()}, step=self.trained_steps())
+        else:
+            self.log_dict(metrics, on_step=False, on_epoch=True, batch_size=rows.shape[0])
         if self.global_rank != 0:
             return
-        dataloaders = self.trainer.val_dataloaders if stage == "val" else self.trainer.test_dataloaders
-        prompts = getattr(getattr(dataloaders, "dataset", None), "prompts", None)
+        prompts = getattr(dataset, "prompts", None)
         self.write_eval_table(stage, rows, names, prompts, root)
         logger = self.logger
         if images and isinstance(logger, TensorBoardLogger):

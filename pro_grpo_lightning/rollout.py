@@ -112,10 +112,16 @@ class ExpandPruneRollout:
             The VAE decoder is convolutional, so 0.5 decodes a half-resolution preview at about a
             quarter of the decoder's cost; reward models resize to 224 px anyway. It trades proxy
             quality for speed: watch ``pruning/proxy_true_corr_*`` when lowering it.
+        shared_initial_noise: every trajectory of a prompt's group starts from the *same* initial
+            latent, so the group differs only by the SDE step noise, which is what the policy
+            gradient credits (DanceGRPO, Xue et al. 2025, arXiv:2505.07818, shares the
+            initialisation noise within a group). With independent starts (Flow-GRPO's default)
+            part of the within-group reward spread comes from x_T, which no action caused, and
+            that part is noise in the gradient.
     """
 
     def __init__(self, backend: DiffusionBackend, rewards: RewardSet, schedule: GroupSchedule,
-                 preview_scale: float = 1.0) -> None:
+                 preview_scale: float = 1.0, shared_initial_noise: bool = False) -> None:
         schedule.validate_steps(backend.num_steps)
         if not 0.0 < preview_scale <= 1.0:
             raise ValueError(f"preview_scale must be in (0, 1], got {preview_scale}")
@@ -123,6 +129,7 @@ class ExpandPruneRollout:
         self.rewards = rewards
         self.schedule = schedule
         self.preview_scale = preview_scale
+        self.shared_initial_noise = shared_initial_noise
 
     def preview_images(self, x0: Tensor) -> Tensor:
         """Decode x0 previews [B, *latent] -> images [B, 3, H', W'] (smaller when preview_scale < 1)."""
@@ -145,7 +152,10 @@ class ExpandPruneRollout:
         # selected; without audit the physical batch is pruned so ``live`` is always arange.
         prompt_of = torch.arange(P, device=device).repeat_interleave(G)  # [P*G]
         row_cond = select_rows(cond, prompt_of)  # {k: [P*G, ...]}
-        x = backend.initial_latents(P * G, generator)  # [P*G, *latent]
+        if self.shared_initial_noise:  # one start per prompt, repeated over its group
+            x = backend.initial_latents(P, generator).repeat_interleave(G, dim=0)  # [P*G, *latent]
+        else:
+            x = backend.initial_latents(P * G, generator)  # [P*G, *latent]
         live = torch.arange(P * G, device=device)  # [P*G_live]
         group_live = G
 

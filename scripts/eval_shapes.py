@@ -36,6 +36,7 @@ def main(argv=None) -> dict:
     torch.set_num_threads(args.threads)
 
     from pro_grpo_lightning.cli import main as cli_main
+    from pro_grpo_lightning.export import load_checkpoint_into
     from pro_grpo_lightning.tasks.shapes_eval import evaluate_shapes
 
     cli = cli_main(["--config", args.config, "--data.prompts=[unused]", "--data.prompts_per_step=1",
@@ -43,12 +44,7 @@ def main(argv=None) -> dict:
     module = cli.model
     module.configure_model()
     if args.ckpt:
-        state = torch.load(args.ckpt, map_location="cpu", weights_only=False)["state_dict"]
-        result = module.load_state_dict(state, strict=False)  # the adapter (+ reward statistics)
-        trainable = {n for n, p in module.named_parameters() if p.requires_grad}
-        if result.unexpected_keys or trainable & set(result.missing_keys):
-            raise KeyError(f"{args.ckpt} does not match the config's model: unexpected "
-                           f"{result.unexpected_keys[:3]}, missing {sorted(trainable & set(result.missing_keys))[:3]}")
+        load_checkpoint_into(module, args.ckpt)  # the adapter; refuses another model's checkpoint
     module.backend.eval()
     result = evaluate_shapes(module.backend, args.split, samples_per_prompt=args.samples, seed=args.seed)
     result.update(config=args.config, ckpt=args.ckpt, split=args.split, samples_per_prompt=args.samples)

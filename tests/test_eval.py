@@ -32,13 +32,13 @@ def tiny_module(**kw) -> ProGRPOModule:
     return ProGRPOModule(**args)
 
 
-def fit(tmp_path, name, val_prompts=None, max_steps=3, eval_batch_size=4):
+def fit(tmp_path, name, val_prompts=None, max_steps=3, eval_batch_size=4, sanity=0):
     pl.seed_everything(0)
     module = tiny_module()
     trainer = pl.Trainer(accelerator="cpu", max_steps=max_steps, logger=CSVLogger(tmp_path, name=name),
                          log_every_n_steps=1, enable_progress_bar=False, enable_model_summary=False,
                          enable_checkpointing=False, val_check_interval=2, check_val_every_n_epoch=None,
-                         num_sanity_val_steps=0)
+                         num_sanity_val_steps=sanity)
     data = PromptDataModule(prompts="colors", prompts_per_step=2, val_prompts=val_prompts,
                             eval_images_per_prompt=2, eval_seed=7, eval_batch_size=eval_batch_size)
     trainer.fit(module, data)
@@ -85,6 +85,32 @@ def test_evaluation_every_n_and_at_the_end_with_fixed_noise_and_no_effect_on_tra
     assert "val/colorfulness" in logged[-1]
     md = (eval_dir / "val_step000003.md").read_text()
     assert "| a horse |" in md and "**mean**" in md
+
+
+def logged_val(trainer) -> list[dict[str, str]]:
+    with open(Path(trainer.log_dir) / "metrics.csv") as f:
+        return [r for r in csv.DictReader(f) if r.get("val/total")]
+
+
+def test_a_full_sanity_check_is_logged_as_the_starting_point(tmp_path):
+    module, trainer = fit(tmp_path, "start", val_prompts=VAL, sanity=-1)
+    logged = logged_val(trainer)
+    assert [int(r["step"]) for r in logged] == [0, 1, 2]  # the start, then as without it
+    start = read_table(Path(trainer.log_dir) / "eval" / "val_step000000.csv")
+    assert len(start) == 6
+    # the starting policy's scores: a fresh module (zero-initialised LoRA B) samples the same images
+    fresh = tiny_module()
+    fresh.configure_model()
+    items = EvalItems(VAL, 2, eval_seed=7)
+    images = sample_items(fresh.backend, [items[k]["prompt"] for k in range(6)], [items[k]["seed"] for k in range(6)])
+    bright = Brightness()(images, [items[k]["prompt"] for k in range(6)])
+    assert float(logged[0]["val/brightness"]) == pytest.approx(float(bright.mean()), rel=1e-5)
+    for k, row in enumerate(start):
+        assert float(row["brightness"]) == pytest.approx(float(bright[k]), rel=1e-5)
+    # a partial sanity check (1 batch of 4 of the 6 items) scores nothing: not logged, no table
+    _, partial = fit(tmp_path, "partial", val_prompts=VAL, sanity=1)
+    assert [int(r["step"]) for r in logged_val(partial)] == [1, 2]
+    assert not (Path(partial.log_dir) / "eval" / "val_step000000.csv").exists()
 
 
 def test_eval_rewards_must_not_shadow_training_rewards():

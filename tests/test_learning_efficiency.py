@@ -170,6 +170,11 @@ QUICKSTART = ProGRPOSchedule(16, [4, 6], [10, 6])  # the shapes config's schedul
 
 def test_presets_shrink_to_the_same_k():
     assert L.preset_arms("main", 10, QUICKSTART) == ["grpo=plain:6", "static=static:16>6", "pro=pro:16>10@4>6@6"]
+    paper = L.preset_arms("paper", 10, QUICKSTART)
+    assert paper == ["grpo=plain:6", "static=static:16>6", "pro=pro:16>10@4>6@6", "grpo12=plain:12"]
+    with pytest.raises(ValueError, match="same final group size"):
+        L.resolve_arms(paper, 10)  # K = 6 and 12: only with allow_unequal_k (the preset sets it)
+    assert [a.schedule.final_size for a in L.resolve_arms(paper, 10, allow_unequal_k=True)] == [6, 6, 6, 12]
     gmax = L.resolve_arms(L.preset_arms("gmax", 10, QUICKSTART), 10)
     assert [a.name for a in gmax] == ["grpo", "gmax8", "gmax12", "gmax16", "gmax24"]
     ck = L.resolve_arms(L.preset_arms("checkpoints", 10, QUICKSTART), 10)

@@ -100,6 +100,19 @@ def test_checkpoint_from_another_model_is_refused(tmp_path):
                                                                   target_modules=["to_q", "to_k", "to_v", "to_out.0", "ff.net.2"])))
     with pytest.raises(KeyError, match="adapter weights"):
         fit(wider, tmp_path, max_steps=2, ckpt_path=ckpt, name="b")
+    # outside a Trainer (export, scripts/eval_shapes.py): refused both ways, accepted when it matches
+    from pro_grpo_lightning.export import load_checkpoint_into
+    with pytest.raises(KeyError, match="weights this model lacks"):
+        load_checkpoint_into(other, ckpt)  # fewer targets: the checkpoint has more
+    with pytest.raises(KeyError, match="adapter weights"):
+        load_checkpoint_into(wider, ckpt)
+    same = tiny_module()
+    load_checkpoint_into(same, ckpt)
+    saved = torch.load(ckpt, map_location="cpu", weights_only=False)["state_dict"]
+    adapter = {n: p for n, p in same.named_parameters() if p.requires_grad}
+    assert adapter and set(adapter) <= set(saved)
+    for n, p in adapter.items():
+        torch.testing.assert_close(p.detach(), saved[n])
 
 
 def test_image_grid_layout():
@@ -123,10 +136,11 @@ def test_cli_fit_quickstart_config_for_a_few_steps(tmp_path):
     assert "reward/mean" in acc.Tags()["scalars"]
     assert len(acc.Scalars("reward/mean")) == 2
     assert "samples/fixed_prompts" in acc.Tags()["images"]
-    # the held-out evaluation after the last rollout: graded reward and exact rate, 36 prompts
+    # the held-out evaluation before training (the config's full sanity check) and after the last
+    # rollout: graded reward and exact rate, 36 prompts
     exact = acc.Scalars("val/shapes_exact")
-    assert len(exact) == 1 and 0.0 <= exact[0].value <= 1.0
-    assert 0.5 < acc.Scalars("val/shapes")[0].value <= 1.0
+    assert [e.step for e in exact] == [0, 1] and all(0.0 <= e.value <= 1.0 for e in exact)
+    assert all(0.5 < v.value <= 1.0 for v in acc.Scalars("val/shapes"))
 
 
 def test_bad_module_options_fail_before_any_weights_load():

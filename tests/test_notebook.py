@@ -18,6 +18,6 @@ def test_quickstart_notebook_executes(tmp_path, monkeypatch):
     NotebookClient(nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}).execute()
     out = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []))
     assert "rollouts: 2" in out
-    assert "held-out exact " in out and "(4 samples, same noise)" in out
+    assert "held-out exact " in out and "(8 samples, same noise)" in out  # 2 prompts x 4 images
     assert (tmp_path / "logs" / "notebook_csv").exists()
     assert list((tmp_path / "logs" / "notebook_csv").glob("*/reward_curve.png"))

@@ -127,14 +127,27 @@ class DiffusionBackend(nn.Module, abc.ABC):
         lora: the adapter trained as the policy.
         dtype: dtype of the frozen weights and the denoiser forward; step math is always float32.
         negative_prompt: the unconditional prompt for CFG.
+        sde_window: ``[start, end)``, 0-based steps that sample stochastically and are trained;
+            every other step is the deterministic ODE step of the same sampler (no exploration,
+            no log-prob, never trained). None: all steps are stochastic. Flow-GRPO's "Fast"
+            variant and MixGRPO (Li et al. 2025, arXiv:2507.21802) train such a window: fewer
+            steps to train, and the within-group spread comes only from the window's noise, so
+            the credit for it lands on fewer actions. Pro-GRPO's checkpoints may sit anywhere.
     """
 
     def __init__(self, num_steps: int = 20, guidance_scale: float = 5.0, resolution: int = 512,
                  lora: LoraSettings | None = None, dtype: str = "float32",
-                 negative_prompt: str = "") -> None:
+                 negative_prompt: str = "", sde_window: Sequence[int] | None = None) -> None:
         super().__init__()
         if num_steps < 1:
             raise ValueError(f"num_steps must be >= 1, got {num_steps}")
+        if sde_window is not None:
+            window = [int(v) for v in sde_window]
+            if len(window) != 2 or not 0 <= window[0] < window[1] <= num_steps:
+                raise ValueError(f"sde_window must be [start, end) with 0 <= start < end <= num_steps "
+                                 f"({num_steps}), got {list(sde_window)}")
+            sde_window = tuple(window)
+        self.sde_window: tuple[int, int] | None = sde_window
         if resolution < 8:
             raise ValueError(f"resolution must be >= 8 pixels, got {resolution}")
         self.num_steps = num_steps
@@ -185,6 +198,25 @@ class DiffusionBackend(nn.Module, abc.ABC):
     def trainable_steps(self) -> Tensor:
         """[T] bool: steps whose log-prob is well defined for training (e.g. not a zero-std step)."""
 
+    def window_steps(self) -> Tensor:
+        """[T] bool on the CPU: steps inside ``sde_window`` (all True without one)."""
+        inside = torch.ones(self.num_steps, dtype=torch.bool)  # [T]
+        if self.sde_window is not None:
+            start, end = self.sde_window
+            inside[:start] = False
+            inside[end:] = False
+        return inside
+
+    def _window_rows(self, step_index: Tensor) -> Tensor | None:
+        """[B] bool: rows whose step is inside the window (None without a window: all are)."""
+        if self.sde_window is None:
+            return None
+        cache = self.__dict__.setdefault("_window_cache", {})
+        dev = step_index.device
+        if dev not in cache:  # one host-to-device copy per device, then pure indexing (no sync)
+            cache[dev] = self.window_steps().to(dev)
+        return cache[dev][step_index]  # [B]
+
     # ---- policy / reference ----------------------------------------------------------------
     @abc.abstractmethod
     def denoiser(self) -> nn.Module:
@@ -221,4 +253,6 @@ class DiffusionBackend(nn.Module, abc.ABC):
         return int(self.initial_latents(1).numel())
 
     def extra_repr(self) -> str:
-        return f"num_steps={self.num_steps}, guidance_scale={self.guidance_scale}, resolution={self.resolution}"
+        window = f", sde_window={list(self.sde_window)}" if self.sde_window is not None else ""
+        return (f"num_steps={self.num_steps}, guidance_scale={self.guidance_scale}, "
+                f"resolution={self.resolution}{window}")

@@ -23,7 +23,7 @@ from collections.abc import Iterator, Sequence
 import torch
 from torch import Tensor, nn
 
-from ..steps import StepOutput
+from ..steps import StepOutput, select_steps
 from ..steps.flow import FLOW_STEP_KINDS, flow_grpo_kl_std, flow_sde_step, flow_step_std
 from .base import (Conditioning, DiffusionBackend, LoraSettings, check_pretrained_source,
                    resolve_pretrained_source)
@@ -94,9 +94,10 @@ class FlowMatchingBackend(DiffusionBackend):
                  resolution: int,
                  lora: LoraSettings | None, dtype: str, negative_prompt: str, noise_level: float,
                  sde_kind: str, max_sequence_length: int, gradient_checkpointing: bool,
-                 offload_text_encoders: bool, vae_decode_chunk: int | None) -> None:
+                 offload_text_encoders: bool, vae_decode_chunk: int | None,
+                 sde_window: Sequence[int] | None = None) -> None:
         super().__init__(num_steps=num_steps, guidance_scale=guidance_scale, resolution=resolution,
-                         lora=lora, dtype=dtype, negative_prompt=negative_prompt)
+                         lora=lora, dtype=dtype, negative_prompt=negative_prompt, sde_window=sde_window)
         if sde_kind not in FLOW_STEP_KINDS:
             raise ValueError(f"sde_kind={sde_kind!r}: choose one of {FLOW_STEP_KINDS}")
         if noise_level < 0 or (sde_kind == "cps" and noise_level > 1):
@@ -254,9 +255,13 @@ class FlowMatchingBackend(DiffusionBackend):
         sigma, sigma_next = sigmas[idx], sigmas[idx + 1]  # [B], [B]
         latents = latents.to(device)
         v = self._velocity(latents, sigma, cond)  # [B, *latent_shape] float32
+        given = None if next_latents is None else next_latents.to(device)
         out = flow_sde_step(v, latents, sigma, sigma_next, noise_level=self.noise_level,
-                            kind=self.sde_kind, generator=generator,
-                            next_latents=None if next_latents is None else next_latents.to(device))
+                            kind=self.sde_kind, generator=generator, next_latents=given)
+        inside = self._window_rows(idx)  # [B] bool, or None (no window)
+        if inside is not None:  # outside the SDE window: the deterministic Euler step
+            ode = flow_sde_step(v, latents, sigma, sigma_next, kind="ode", next_latents=given)
+            out = select_steps(inside, out, ode)
         out.model_output = v
         return out
 
@@ -270,11 +275,12 @@ class FlowMatchingBackend(DiffusionBackend):
         return hit[1]
 
     def trainable_steps(self) -> Tensor:
-        """[T] bool: stochastic steps except the last (sigma_next = 0), as Flow-GRPO trains."""
+        """[T] bool: stochastic steps except the last (sigma_next = 0), as Flow-GRPO trains, and
+        inside ``sde_window`` when there is one."""
         self._require_configured()
         std = flow_step_std(self.sigmas[:-1], self.sigmas[1:], self.noise_level, self.sde_kind)  # [T]
         not_last = torch.arange(self.num_steps) < self.num_steps - 1  # [T]
-        return (std > 0) & not_last  # [T]
+        return (std > 0) & not_last & self.window_steps()  # [T]
 
     def kl_std(self, step_index: Tensor) -> Tensor:
         """[B] float32: the std Flow-GRPO's KL divides by at each row's step (``objectives.flow_grpo_kl``).

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..steps import StepOutput
+from ..steps import StepOutput, select_steps
 from ..steps.ddim import ddim_step, ddim_tables, draw_noise
 from .base import (Conditioning, DiffusionBackend, LoraSettings, check_pretrained_source,
                    resolve_pretrained_source)
@@ -53,6 +53,8 @@ class SD15Backend(DiffusionBackend):
         revision: hub revision of ``pretrained``.
         vae_decode_chunk: decode at most this many latents per VAE call (memory); None: all.
         gradient_checkpointing: recompute UNet activations in the backward pass.
+        sde_window: ``[start, end)`` steps sampled with ``eta``; the others are DDIM with eta 0
+            (see ``DiffusionBackend``).
 
     The scheduler config's ``clip_sample``/``thresholding`` are ignored: x0 is never clipped
     (SD's own configs have clipping off).
@@ -61,9 +63,10 @@ class SD15Backend(DiffusionBackend):
     def __init__(self, pretrained: str, num_steps: int = 50, guidance_scale: float = 5.0,
                  resolution: int = 512, eta: float = 1.0, lora: LoraSettings | None = None,
                  dtype: str = "float32", negative_prompt: str = "", revision: str | None = None,
-                 vae_decode_chunk: int | None = None, gradient_checkpointing: bool = False) -> None:
+                 vae_decode_chunk: int | None = None, gradient_checkpointing: bool = False,
+                 sde_window: list[int] | None = None) -> None:
         super().__init__(num_steps=num_steps, guidance_scale=guidance_scale, resolution=resolution,
-                         lora=lora, dtype=dtype, negative_prompt=negative_prompt)
+                         lora=lora, dtype=dtype, negative_prompt=negative_prompt, sde_window=sde_window)
         if eta < 0:
             raise ValueError(f"eta must be >= 0, got {eta}")
         if resolution % 8:
@@ -201,11 +204,15 @@ class SD15Backend(DiffusionBackend):
         device = latents.device
         step_index = step_index.to(device=device, dtype=torch.long)  # [B]
         model_output = self.guided_output(latents, step_index, cond)  # [B, C, h, w] float32
-        out = ddim_step(model_output, latents,
-                        self._table("alpha_prod_t", device)[step_index],  # [B]
-                        self._table("alpha_prod_prev", device)[step_index],  # [B]
-                        eta=self.eta, generator=generator, next_latents=next_latents,
-                        prediction_type=self.prediction_type)
+        alpha_t = self._table("alpha_prod_t", device)[step_index]  # [B]
+        alpha_prev = self._table("alpha_prod_prev", device)[step_index]  # [B]
+        out = ddim_step(model_output, latents, alpha_t, alpha_prev, eta=self.eta, generator=generator,
+                        next_latents=next_latents, prediction_type=self.prediction_type)
+        inside = self._window_rows(step_index)  # [B] bool, or None (no window)
+        if inside is not None:  # outside the SDE window: deterministic DDIM (eta 0)
+            ode = ddim_step(model_output, latents, alpha_t, alpha_prev, eta=0.0, next_latents=next_latents,
+                            prediction_type=self.prediction_type)
+            out = select_steps(inside, out, ode)
         out.model_output = model_output
         return out
 
@@ -223,7 +230,7 @@ class SD15Backend(DiffusionBackend):
     # ---- schedule / policy -------------------------------------------------------------------
     def trainable_steps(self) -> Tensor:
         std = self._table("std", torch.device("cpu"))  # [T]
-        return (std > 0) & std.log().isfinite()  # [T] bool
+        return (std > 0) & std.log().isfinite() & self.window_steps()  # [T] bool
 
     def timesteps(self) -> Tensor:
         """The UNet timestep of each step index: [T] long."""
@@ -312,11 +319,11 @@ class TinySD15Backend(SD15Backend):
     def __init__(self, num_steps: int = 4, guidance_scale: float = 3.0, resolution: int = 64,
                  eta: float = 1.0, lora: LoraSettings | None = None, dtype: str = "float32",
                  negative_prompt: str = "", seed: int = 0, vae_decode_chunk: int | None = None,
-                 gradient_checkpointing: bool = False) -> None:
+                 gradient_checkpointing: bool = False, sde_window: list[int] | None = None) -> None:
         super().__init__(TINY_SD15_SOURCE, num_steps=num_steps, guidance_scale=guidance_scale,
                          resolution=resolution, eta=eta, lora=lora, dtype=dtype,
                          negative_prompt=negative_prompt, vae_decode_chunk=vae_decode_chunk,
-                         gradient_checkpointing=gradient_checkpointing)
+                         gradient_checkpointing=gradient_checkpointing, sde_window=sde_window)
         self.seed = seed
 
     def _check_source(self, pretrained: str) -> None:

@@ -44,3 +44,17 @@ def gaussian_log_prob(x: Tensor, mean: Tensor, std: Tensor) -> Tensor:
     std_b = std.reshape(-1, *([1] * (x.ndim - 1)))  # [B, 1, ...]
     lp = -((x - mean) ** 2) / (2 * std_b**2) - std_b.log() - 0.5 * math.log(2 * math.pi)  # [B, ...]
     return lp.flatten(1).mean(1)  # [B]
+
+
+def select_steps(use_first: Tensor, first: StepOutput, second: StepOutput) -> StepOutput:
+    """Row-wise choice between two ``StepOutput`` of the same batch: row b from ``first`` where
+    ``use_first[b]`` ([B] bool), else from ``second`` (an SDE window: stochastic rows inside it,
+    deterministic ODE rows outside). ``model_output`` is left to the caller (both share it)."""
+    import torch
+
+    def pick(a: Tensor, b: Tensor) -> Tensor:
+        return torch.where(use_first.reshape(-1, *([1] * (a.ndim - 1))), a, b)
+
+    return StepOutput(next_latents=pick(first.next_latents, second.next_latents),
+                      log_prob=pick(first.log_prob, second.log_prob), mean=pick(first.mean, second.mean),
+                      std=pick(first.std, second.std), x0=pick(first.x0, second.x0))

@@ -1,0 +1,48 @@
+"""Statistics behind docs/evidence.md, from a learning-efficiency output folder's run files.
+
+    python -m benchmarks.evidence_stats DIR BUDGET_S
+
+Per arm and measure (reward, exact, shape, count): the final held-out value and its gain over the
+run's own start (t intervals over seeds); Welch intervals of the differences between arms
+(including the paper-style pair pro - grpo12 when both exist); and the gain pooled over all arms
+(does RL move the model at all?). Uses the benchmark's own ``final_value`` / ``mean_ci`` /
+``welch_interval``.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import sys
+
+from . import learning_efficiency as L
+
+PAIRS = (("pro", "grpo"), ("pro", "grpo12"), ("static", "grpo"), ("pro", "static"), ("grpo12", "grpo"))
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 2:
+        raise SystemExit(__doc__)
+    folder, budget = argv[0], float(argv[1])
+    runs: dict[str, list[dict]] = {}
+    for f in sorted(glob.glob(f"{folder}/runs/*.json") or glob.glob(f"{folder}/run_files/*.json")):
+        with open(f) as fh:
+            r = json.load(fh)
+        runs.setdefault(r["settings"]["arm"], []).append(r)
+    for key in ("reward", "exact", "shape", "count"):
+        print(f"--- {key}")
+        final = {a: [L.final_value(r, budget, key) for r in rs] for a, rs in runs.items()}
+        start = {a: [r["curve"][0][key] for r in rs] for a, rs in runs.items()}
+        for a in final:
+            gain = [f - s for f, s in zip(final[a], start[a])]
+            print(a, "start", round(start[a][0], 4), "final", L.mean_ci(final[a]), "gain", L.mean_ci(gain))
+        for a, b in PAIRS:
+            if a in final and b in final:
+                print(f"{a} - {b}:", L.welch_interval(final[a], final[b]))
+        pooled = [f - s for a in final for f, s in zip(final[a], start[a])]
+        print("all arms gain", L.mean_ci(pooled))
+
+
+if __name__ == "__main__":
+    main()
