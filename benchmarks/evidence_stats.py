@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> None:
         for a in final:
             gain = [f - s for f, s in zip(final[a], start[a])]
             print(a, "start", round(start[a][0], 4), "final", L.mean_ci(final[a]), "gain", L.mean_ci(gain))
-        pairs = [(a, "grpo") for a in final if a != "grpo"] + [p for p in PAIRS if p[1] != "grpo"]
+        pairs = [(a, "grpo") for a in final if a != "grpo"] + list(PAIRS)
         for a, b in pairs:
             if a in final and b in final:
                 print(f"{a} - {b}:", L.welch_interval(final[a], final[b]))

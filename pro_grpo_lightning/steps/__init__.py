@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import torch
 from torch import Tensor
 
 
@@ -50,7 +51,6 @@ def select_steps(use_first: Tensor, first: StepOutput, second: StepOutput) -> St
     """Row-wise choice between two ``StepOutput`` of the same batch: row b from ``first`` where
     ``use_first[b]`` ([B] bool), else from ``second`` (an SDE window: stochastic rows inside it,
     deterministic ODE rows outside). ``model_output`` is left to the caller (both share it)."""
-    import torch
 
     def pick(a: Tensor, b: Tensor) -> Tensor:
         return torch.where(use_first.reshape(-1, *([1] * (a.ndim - 1))), a, b)
