@@ -21,11 +21,10 @@ import torch
 import torch.nn.functional as F
 
 from pro_grpo_lightning.backends.tokenizers import byte_level_clip_tokenizer
+from pro_grpo_lightning.loading import load_state_dict_file, save_state_dict_file
 from pro_grpo_lightning.rewards.aesthetic import LaionAesthetic
 from pro_grpo_lightning.rewards.clip_common import (OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, RewardMLP, _features,
-                                                    center_crop, clip_preprocess, load_state_dict_file,
-                                                    resize_shortest_side, save_state_dict_file, tiny_bert_tokenizer,
-                                                    tiny_blip_config, tiny_clip_model)
+                                                    center_crop, clip_preprocess, resize_shortest_side)
 from pro_grpo_lightning.rewards.clip_score import ClipScore
 from pro_grpo_lightning.rewards.hps import (HPSv21, convert_hps_checkpoint, open_clip_to_transformers_clip,
                                             transformers_clip_to_open_clip)
@@ -34,6 +33,7 @@ from pro_grpo_lightning.rewards.image_reward import (IMAGE_REWARD_MEAN, IMAGE_RE
                                                      image_reward_checkpoint_to_transformers,
                                                      transformers_to_image_reward_checkpoint)
 from pro_grpo_lightning.rewards.pickscore import PickScore
+from tests.tiny_models import tiny_bert_tokenizer, tiny_blip_config, tiny_clip_model
 
 PROMPTS = ["a photo of a cat", "an astronaut riding a horse on the moon, " * 6]  # the second overflows 77 tokens
 MEAN = torch.tensor(OPENAI_CLIP_MEAN).view(1, 3, 1, 1)
