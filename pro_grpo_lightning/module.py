@@ -15,10 +15,10 @@ rank's slice of a global draw, so W ranks x P prompts sample what one process wi
 samples; gradients are averaged by the strategy in ``manual_backward``; reward statistics and
 logged metrics are reduced across ranks (``distributed.py``).
 
-Held-out evaluation (``validation_step`` / ``test_step``): every (prompt, image) item of the
-datamodule's held-out set is sampled from the policy with its own fixed noise, scored by the
-training rewards and ``eval_rewards``, logged as ``val/*`` / ``test/*`` and written as a table
-(CSV + markdown) under ``<log_dir>/eval/``.
+Held-out evaluation (``validation_step`` / ``test_step``, the steps in ``evaluation.py``): every
+(prompt, image) item of the datamodule's held-out set is sampled from the policy with its own
+fixed noise, scored by the training rewards and ``eval_rewards``, logged as ``val/*`` / ``test/*``
+and written as a table (CSV + markdown) under ``<log_dir>/eval/``.
 """
 
 from __future__ import annotations
