@@ -59,7 +59,7 @@ import math
 import torch
 from torch import Tensor
 
-from . import StepOutput, gaussian_log_prob
+from . import StepOutput, gaussian_transition
 
 FLOW_STEP_KINDS = ("flow_grpo", "dance", "cps", "ode")
 
@@ -174,17 +174,6 @@ def flow_sde_step(velocity: Tensor, latents: Tensor, sigma: Tensor | float, sigm
     else:  # "ode"
         mean = x + col(dt) * v  # [B, ...]
 
-    if next_latents is None:
-        if noise is None:
-            gen_device = generator.device if generator is not None else x.device
-            noise = torch.randn(x.shape, generator=generator, device=gen_device,
-                                dtype=torch.float32).to(x.device)  # [B, ...]
-        next_x = mean + col(std) * noise.float()  # [B, ...]
-    else:
-        next_x = next_latents.float()  # [B, ...]
-
-    stochastic = std > 0  # [B]
-    safe_std = torch.where(stochastic, std, torch.ones_like(std))  # [B]
-    log_prob = gaussian_log_prob(next_x.detach(), mean, safe_std)  # [B]
-    log_prob = torch.where(stochastic, log_prob, torch.zeros_like(log_prob))  # [B]
+    next_x, log_prob = gaussian_transition(mean, std, noise=noise, next_latents=next_latents,
+                                           generator=generator)  # [B, ...], [B]
     return StepOutput(next_latents=next_x, log_prob=log_prob, mean=mean, std=std, x0=x0)
