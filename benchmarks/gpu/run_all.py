@@ -38,8 +38,9 @@ PLAN: dict[str, dict[str, Any]] = {
 SMOKE = dict(steps=4, group_scale=0.25, train_batch_size=4, timestep_fraction=0.5, floor_grid="1,4",
              train_grid="1,2", floor_repeats=1, rollout_repeats=1, iteration_repeats=1)
 
-#: Denoiser forward ms per *physical* sample on one H200 (bf16, 512 px, random weights, eager),
-#: from the project's offline notes (OFFLINE.md); forward+backward at batch 8: SD1.5 11.8, SD3.5-M 22.9 (FLUX: ~3x forward, a guess).
+#: Denoiser forward ms per *physical* sample on one H200 (bf16, 512 px, random weights, eager), measured
+#: on the project's device machine before this plan; forward+backward at batch 8: SD1.5 11.8, SD3.5-M 22.9
+#: (FLUX: ~3x forward, a guess).
 H200_FWD_MS = {"sd15": {1: 33.0, 4: 6.8, 8: 6.1, 16: 3.1, 24: 3.0, 48: 2.9},
                "sd3": {1: 53.3, 4: 12.3, 8: 10.2, 16: 9.4, 24: 9.2, 48: 9.1},
                "flux": {1: 71.1, 4: 53.8, 8: 52.8, 16: 52.1, 24: 51.7, 48: 51.7}}
