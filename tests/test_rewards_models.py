@@ -13,7 +13,7 @@ import json
 import os
 import sys
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for the hub (docs/OFFLINE.md)
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for the hub (without it a hub call can hang for minutes)
 
 import numpy as np
 import pytest
