@@ -32,7 +32,9 @@ Step kinds (``kind``):
                         = (1 - sigma_next) x0_hat + sigma_next cos(a pi / 2) x1_hat,
                  so next = (1 - sigma_next) x0_hat + sigma_next * (cos * x1_hat + sin * noise)
                  keeps the noise coefficient exactly sigma_next (a unit-variance mix of x1_hat
-                 and fresh noise). With a = 0 it reduces to Euler.
+                 and fresh noise). With a = 0 it reduces to Euler. log_prob is the true Gaussian
+                 log-density; Flow-GRPO's CPS uses -mean((x - mu)^2), whose log-ratio is ours
+                 times 2 s^2, so its clip range does not carry over.
     "ode"        Deterministic Euler, std 0 (for ODE windows and evaluation).
 
 With noise_level a = 0 every kind is the deterministic Euler step of the scheduler.
