@@ -85,7 +85,7 @@ def preset_arms(preset: str, T: int, base: Any) -> list[str]:
     gmax: Pro-GRPO with G_max in {K + #checkpoints, 2K, config's G_max, 4K}, same checkpoints and K
         (intermediate sizes rescaled by ``rescale_keep``); plus grpo. K = 6: {8, 12, 16, 24}.
     checkpoints: the config's sizes with the checkpoints early / middle / late: the paper's SD-v1.4
-        ablation (10, 20), (20, 30), (30, 40) of T = 50, scaled to T (``common.scale_checkpoints``);
+        ablation (10, 20), (20, 30), (30, 40) of T = 50, scaled to T (``schedules.scale_checkpoints``);
         T = 10: (2, 4), (4, 6), (6, 8). Plus grpo.
     """
     if preset not in PRESETS:
