@@ -13,8 +13,8 @@ of every storage an op creates and subtracts them when Python frees the storage:
 sum is the extra memory the call needs on top of what existed before (weights, stored rollout).
 
 Checked against measurement (``tests/test_plan.py``): on the CPU the same calls on real weights,
-measured by the allocator's own events (``torch.profiler`` memory events), peak within 1% of the
-plan for the tiny models and the ``mini`` architectures. On a GPU the plan is an estimate of
+measured by the allocator's own events (``torch.profiler`` memory events), peak within 2% of the
+plan (+ 16 KiB) for the tiny models and the ``mini`` architectures. On a GPU the plan is an estimate of
 ``torch.cuda.max_memory_allocated``: allocations are rounded to the CUDA caching allocator's 512 B
 blocks, and ``RUNTIME_OVERHEAD`` (CUDA context, cuBLAS workspace, allocator fragmentation) is
 added before comparing with ``--gpu-memory``. What is not modelled: Lightning's ``bf16-mixed``
@@ -293,6 +293,30 @@ def reward_architecture(reward: Any) -> nn.Module:
         return CLIPModel(cfg).eval()
 
 
+def to_fake(module: nn.Module, fake_mode: Any) -> None:
+    """Every parameter and buffer of ``module`` replaced by a fake CPU tensor of its shape and dtype.
+
+    Unlike ``Module.to_empty`` this keeps tied weights tied (T5's shared embedding): one fake
+    tensor per original tensor, set on every module that holds it.
+    """
+    memo: dict[int, tuple[Tensor, Tensor]] = {}  # id -> (original, fake); the original kept alive
+
+    def fake(t: Tensor, param: bool) -> Tensor:
+        if id(t) not in memo:
+            with fake_mode:
+                new = torch.empty_like(t, device="cpu")
+            memo[id(t)] = (t, nn.Parameter(new, requires_grad=t.requires_grad) if param else new)
+        return memo[id(t)][1]
+
+    for mod in module.modules():
+        for name, p in list(mod._parameters.items()):
+            if p is not None:
+                mod._parameters[name] = fake(p, True)
+        for name, b in list(mod._buffers.items()):
+            if b is not None:
+                mod._buffers[name] = fake(b, False)
+
+
 def fake_backend(backend: Any, fake_mode: Any) -> None:
     """``configure_model()`` with every network on the meta device, then all tensors fake (CPU)."""
     pretrained = str(getattr(backend, "pretrained", ""))
@@ -304,8 +328,7 @@ def fake_backend(backend: Any, fake_mode: Any) -> None:
                                       f"folder, not in pro_grpo_lightning/architectures.py)")
     setattr(backend, _loader_name(backend), planned_components(backend))
     backend.configure_model()
-    with fake_mode:
-        backend.to_empty(device="cpu")
+    to_fake(backend, fake_mode)
     if hasattr(backend, "_text_encoders_on"):  # the plan counts offloading itself: never move modules
         backend._text_encoders_on = lambda device: contextlib.nullcontext()
 
@@ -319,8 +342,7 @@ def fake_reward(reward: Any, fake_mode: Any) -> None:
         reward._load = lambda: (net, byte_level_clip_tokenizer())
         reward.to("meta")
     reward.configure_model()
-    with fake_mode:
-        reward.to_empty(device="cpu")
+    to_fake(reward, fake_mode)
 
 
 # ---- the plan ------------------------------------------------------------------------------------------
@@ -402,6 +424,7 @@ class Planner:
             offload_text_encoders=bool(getattr(b, "offload_text_encoders", False)),
             vae_decode_chunk=getattr(b, "vae_decode_chunk", None), drop_t5=bool(getattr(b, "drop_t5", False)))
         self.weights = self._weights()
+        self._cond: dict[int, dict[str, Tensor]] = {}
         with self.fake_mode, torch.no_grad():
             self.cond1 = b.encode_prompts(["a photo of a cat"])  # {k: [1, ...]}
             self.latent_bytes = b.initial_latents(1).numel() * 4  # float32 latents
@@ -439,11 +462,81 @@ class Planner:
             self._cache[key] = tracker.peak
         return self._cache[key]
 
-    def _rows(self, n: int) -> tuple[Tensor, dict[str, Tensor]]:
-        b = self.backend
-        x = b.initial_latents(n)  # [n, *latent]
-        cond = {k: v.expand(n, *v.shape[1:]).clone() for k, v in self.cond1.items()}  # [n, ...]
+    def _rows(self, n: int, backend: Any) -> tuple[Tensor, dict[str, Tensor]]:
+        if id(backend) not in self._cond:
+            with torch.no_grad():
+                self._cond[id(backend)] = backend.encode_prompts(["a photo of a cat"])  # {k: [1, ...]}
+        cond1 = self._cond[id(backend)]
+        x = backend.initial_latents(n)  # [n, *latent]
+        cond = {k: v.expand(n, *v.shape[1:]).clone() for k, v in cond1.items()}  # [n, ...]
         return x, cond
+
+    def denoise_call(self, rows: int, backend: Any = None) -> Callable[[], Any]:
+        """One sampling call ``backend.step`` on ``rows`` samples (run it without grad)."""
+        backend = backend or self.backend
+        x, cond = self._rows(rows, backend)
+        idx = torch.zeros(rows, dtype=torch.long, device=x.device)
+        return lambda: backend.step(x, idx, cond)
+
+    def encode_call(self, prompts: int, backend: Any = None) -> Callable[[], Any]:
+        backend = backend or self.backend
+        texts = ["a photo of a cat"] * prompts
+        return lambda: backend.encode_prompts(texts)
+
+    def score_call(self, rows: int, chunk: int | None, preview_scale: float = 1.0, backend: Any = None,
+                   rewards: Sequence[Any] | None = None) -> Callable[[], Any]:
+        """Decode ``rows`` latents (``chunk`` per VAE call) and score the images with every reward."""
+        backend = backend or self.backend
+        rewards = self.rewards if rewards is None else rewards
+        x = backend.initial_latents(rows)
+        texts = ["a photo of a cat"] * rows
+
+        def run():
+            z = x
+            if preview_scale < 1.0 and z.ndim == 4:  # as ExpandPruneRollout.preview_images
+                z = torch.nn.functional.interpolate(z, scale_factor=preview_scale, mode="bilinear", antialias=True)
+            backend.vae_decode_chunk = chunk
+            images = backend.decode(z)
+            for r in rewards:
+                r(images, texts)
+        return run
+
+    def update_call(self, batch: int, checkpointing: bool, backend: Any = None) -> Callable[[], Any]:
+        """One update minibatch as ``update.grpo_update`` runs it: policy forward with grad, the
+        reference forward when ``kl_beta > 0``, the PPO loss, backward (gradients dropped after)."""
+        from .objectives import flow_grpo_kl, gaussian_kl, output_kl, ppo_clip_loss
+
+        backend = backend or self.backend
+        s = self.module.settings
+        net = backend.denoiser()
+        x, cond = self._rows(batch, backend)
+        x_next = backend.initial_latents(batch)
+        st = torch.full((batch,), min(1, self.T - 1), dtype=torch.long, device=x.device)
+        old = torch.zeros(batch, device=x.device)
+        adv = torch.ones(batch, device=x.device)
+
+        def run():
+            if checkpointing:  # set here, not when the call is built: builders may run ahead
+                net.enable_gradient_checkpointing()
+            else:
+                net.disable_gradient_checkpointing()
+            net.train()
+            out = backend.step(x, st, cond, next_latents=x_next)
+            loss, _ = ppo_clip_loss(out.log_prob, old, adv, s.clip_range)
+            if s.kl_beta > 0:
+                with torch.no_grad(), backend.reference():
+                    ref = backend.step(x, st, cond, next_latents=x_next)
+                if s.kl_type == "exact":
+                    kl = gaussian_kl(out.mean, ref.mean, out.std)
+                elif s.kl_type == "flow_grpo":
+                    kl = flow_grpo_kl(out.mean, ref.mean, backend.kl_std(st))
+                else:
+                    kl = output_kl(out.model_output, ref.model_output)
+                loss = loss + s.kl_beta * kl.mean()
+            loss.backward()
+            for p in backend.trainable_parameters():  # gradients are counted with the resident part
+                p.grad = None
+        return run
 
     def _linear(self, measure: Callable[[int], int], rows: int) -> int:
         """``measure`` at ``rows`` from its values at 1 and 2 rows: every activation of a denoiser
@@ -458,77 +551,22 @@ class Planner:
         return self._linear(self.denoise_traced, rows)
 
     def update(self, batch: int, checkpointing: bool) -> int:
-        """Transient of one update minibatch of ``batch`` pairs (see ``update_traced``)."""
+        """Transient of one update minibatch of ``batch`` pairs (see ``update_call``)."""
         return self._linear(lambda b: self.update_traced(b, checkpointing), batch)
 
     def denoise_traced(self, rows: int) -> int:
-        def make():
-            x, cond = self._rows(rows)
-            idx = torch.zeros(rows, dtype=torch.long)
-            return lambda: self.backend.step(x, idx, cond)
-        return self._trace(("denoise", rows), make)
+        return self._trace(("denoise", rows), lambda: self.denoise_call(rows))
 
     def encode(self, prompts: int) -> int:
-        def make():
-            texts = ["a photo of a cat"] * prompts
-            return lambda: self.backend.encode_prompts(texts)
-        return self._trace(("encode", prompts), make)
+        return self._trace(("encode", prompts), lambda: self.encode_call(prompts))
 
     def score(self, rows: int, chunk: int | None, preview_scale: float = 1.0) -> int:
         """Transient of decoding ``rows`` latents (``chunk`` per VAE call) and scoring the images."""
-        def make():
-            x = self.backend.initial_latents(rows)
-            texts = ["a photo of a cat"] * rows
-
-            def run():
-                z = x
-                if preview_scale < 1.0 and z.ndim == 4:
-                    z = torch.nn.functional.interpolate(z, scale_factor=preview_scale, mode="bilinear",
-                                                        antialias=True)
-                self.backend.vae_decode_chunk = chunk
-                images = self.backend.decode(z)
-                for r in self.rewards:
-                    r(images, texts)
-            return run
-        return self._trace(("score", rows, chunk, preview_scale), make)
+        return self._trace(("score", rows, chunk, preview_scale), lambda: self.score_call(rows, chunk, preview_scale))
 
     def update_traced(self, batch: int, checkpointing: bool) -> int:
-        """Transient of one update minibatch: policy forward + (reference forward) + backward."""
-        from .objectives import flow_grpo_kl, gaussian_kl, output_kl, ppo_clip_loss
-
-        s = self.module.settings
-        net = self.backend.denoiser()
-
-        def make():
-            if checkpointing:
-                net.enable_gradient_checkpointing()
-            else:
-                net.disable_gradient_checkpointing()
-            net.train()
-            x, cond = self._rows(batch)
-            x_next = self.backend.initial_latents(batch)
-            st = torch.full((batch,), min(1, self.T - 1), dtype=torch.long)
-            old = torch.zeros(batch)
-            adv = torch.ones(batch)
-
-            def run():
-                out = self.backend.step(x, st, cond, next_latents=x_next)
-                loss, _ = ppo_clip_loss(out.log_prob, old, adv, s.clip_range)
-                if s.kl_beta > 0:
-                    with torch.no_grad(), self.backend.reference():
-                        ref = self.backend.step(x, st, cond, next_latents=x_next)
-                    if s.kl_type == "exact":
-                        kl = gaussian_kl(out.mean, ref.mean, out.std)
-                    elif s.kl_type == "flow_grpo":
-                        kl = flow_grpo_kl(out.mean, ref.mean, self.backend.kl_std(st))
-                    else:
-                        kl = output_kl(out.model_output, ref.model_output)
-                    loss = loss + s.kl_beta * kl.mean()
-                loss.backward()
-                for p in self.backend.trainable_parameters():  # grads are counted as resident
-                    p.grad = None
-            return run
-        return self._trace(("update", batch, checkpointing), make, grad=True)
+        return self._trace(("update", batch, checkpointing), lambda: self.update_call(batch, checkpointing),
+                           grad=True)
 
     # ---- assembling ----------------------------------------------------------------------------
     def resident(self, st: Settings, offloaded: bool = True) -> int:
