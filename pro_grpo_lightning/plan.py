@@ -290,7 +290,7 @@ def reward_architecture(reward: Any) -> nn.Module:
         raise UnknownArchitecture(f"{type(reward).__name__}.pretrained={pretrained!r}: unknown architecture "
                                   f"(not a local folder with config.json, not in architectures.py)")
     with torch.device("meta"):
-        return CLIPModel(cfg).eval()
+        return CLIPModel(cfg).to(reward.weight_dtype).eval()  # as from_pretrained(dtype=...) loads it
 
 
 def to_fake(module: nn.Module, fake_mode: Any) -> None:

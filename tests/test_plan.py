@@ -50,6 +50,18 @@ def _close(planned: int, measured: int) -> bool:
     return abs(planned - measured) <= TOL * measured + SLACK
 
 
+_PLANNERS: dict = {}
+
+
+def _planner(size, family, kl):
+    """One fake-tensor planner per case for the whole file (building one traces the text encoders)."""
+    key = (size, family, kl)
+    if key not in _PLANNERS:
+        make = _tiny if size == "tiny" else _mini
+        _PLANNERS[key] = plan.Planner(_module(make(family), kl_beta=kl), prompts_per_step=2, target="cpu")
+    return _PLANNERS[key]
+
+
 CASES = [("tiny", "sd15"), ("tiny", "sd3"), ("tiny", "flux"), ("mini", "sd15"), ("mini", "sd3"), ("mini", "flux")]
 
 
@@ -57,7 +69,7 @@ CASES = [("tiny", "sd15"), ("tiny", "sd3"), ("tiny", "flux"), ("mini", "sd15"), 
 def test_plan_matches_cpu_allocator(size, family, one_thread):
     make = _tiny if size == "tiny" else _mini
     kl = 0.01 if family == "sd3" else 0.0  # one case with the reference forward in the update
-    planner = plan.Planner(_module(make(family), kl_beta=kl), prompts_per_step=2, target="cpu")
+    planner = _planner(size, family, kl)
     real_module = _module(make(family), kl_beta=kl)
     real = real_module.backend
     real.configure_model()
@@ -92,7 +104,7 @@ def test_plan_matches_cpu_allocator(size, family, one_thread):
 
 
 def test_gradient_checkpointing_and_chunks_lower_the_plan(one_thread):
-    planner = plan.Planner(_module(_tiny("sd15")), prompts_per_step=2, target="cpu")
+    planner = _planner("tiny", "sd15", 0.0)
     st = planner.settings
     assert planner.update(6, True) < planner.update(6, False)
     chunked = plan.Settings(**{**vars(st), "sample_batch_size": 3})
