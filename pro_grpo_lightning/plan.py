@@ -236,7 +236,11 @@ def _with_tokenizers(backend: Any, comps: dict[str, Any]) -> dict[str, Any]:
         tok_name = "tokenizer" + name[len("text_encoder"):]
         is_t5 = type(net).__name__.startswith("T5")
         length = getattr(backend, "max_sequence_length", 77)
-        comps[tok_name] = char_level_t5_tokenizer(model_max_length=length) if is_t5 else byte_level_clip_tokenizer()
+        if is_t5:
+            comps[tok_name] = char_level_t5_tokenizer(model_max_length=length)
+        else:  # CLIP pads to its context (77; a small local model may have fewer positions)
+            positions = getattr(net.config, "max_position_embeddings", 77)
+            comps[tok_name] = byte_level_clip_tokenizer(model_max_length=min(77, positions))
     return comps
 
 
@@ -388,14 +392,17 @@ class Planner:
         module: a ``ProGRPOModule`` built from a config (nothing loaded yet; it is configured here
             on fake tensors and is of no further use for training).
         prompts_per_step: P, prompts per rollout on one device.
+        sample_batch_size: rows per denoiser call in the rollout (None: all live rows).
+        prompt: a prompt of the run's task (task rewards may parse it).
         target: "cuda" (round allocations to CUDA blocks) or "cpu" (exact bytes).
     """
 
     def __init__(self, module: Any, prompts_per_step: int, target: str = "cuda",
-                 sample_batch_size: int | None = None) -> None:
+                 sample_batch_size: int | None = None, prompt: str = "a photo of a cat") -> None:
         from torch._subclasses.fake_tensor import FakeTensorMode
 
         self.module = module
+        self.prompt = prompt  # every row's prompt (text is padded to fixed lengths: any prompt of the task)
         self.backend = module.backend
         self.block = CUDA_BLOCK if target == "cuda" else 1
         self.fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
@@ -410,7 +417,7 @@ class Planner:
                 self.notes.append(str(err))
                 continue
             self.reward_bytes[f"reward {r.name}"] = _module_bytes(r)
-            if r in list(module.rewards.rewards):
+            if r in list(module.rewards.rewards) and self._traceable(r):
                 self.rewards.append(r)
         b = self.backend
         self.schedule = module.schedule
@@ -426,12 +433,25 @@ class Planner:
         self.weights = self._weights()
         self._cond: dict[int, dict[str, Tensor]] = {}
         with self.fake_mode, torch.no_grad():
-            self.cond1 = b.encode_prompts(["a photo of a cat"])  # {k: [1, ...]}
+            self.cond1 = b.encode_prompts([self.prompt])  # {k: [1, ...]}
             self.latent_bytes = b.initial_latents(1).numel() * 4  # float32 latents
             side = b.resolution
         self.cond_row_bytes = sum(v[0].numel() * v.element_size() for v in self.cond1.values())
         self.image_bytes = 3 * side * side * 4  # float32 images in [0, 1]
         self._cache: dict[tuple, int] = {}
+
+    def _traceable(self, reward: Any) -> bool:
+        """Whether ``reward`` scores fake images (a reward whose control flow reads pixel values,
+        e.g. a loop until convergence, cannot): otherwise its activations are left out, with a note."""
+        side = self.backend.resolution
+        try:
+            with self.fake_mode, torch.no_grad():
+                reward(torch.zeros(1, 3, side, side), [self.prompt])
+        except Exception as err:  # noqa: BLE001 - fake tensors refuse data-dependent ops in many ways
+            self.notes.append(f"reward {reward.name}: activations not estimated (its scoring reads pixel "
+                              f"values: {type(err).__name__}); its weights are counted")
+            return False
+        return True
 
     # ---- weights -------------------------------------------------------------------------------
     def _weights(self) -> dict[str, int]:
@@ -465,7 +485,7 @@ class Planner:
     def _rows(self, n: int, backend: Any) -> tuple[Tensor, dict[str, Tensor]]:
         if id(backend) not in self._cond:
             with torch.no_grad():
-                self._cond[id(backend)] = backend.encode_prompts(["a photo of a cat"])  # {k: [1, ...]}
+                self._cond[id(backend)] = backend.encode_prompts([self.prompt])  # {k: [1, ...]}
         cond1 = self._cond[id(backend)]
         x = backend.initial_latents(n)  # [n, *latent]
         cond = {k: v.expand(n, *v.shape[1:]).clone() for k, v in cond1.items()}  # [n, ...]
@@ -480,7 +500,7 @@ class Planner:
 
     def encode_call(self, prompts: int, backend: Any = None) -> Callable[[], Any]:
         backend = backend or self.backend
-        texts = ["a photo of a cat"] * prompts
+        texts = [self.prompt] * prompts
         return lambda: backend.encode_prompts(texts)
 
     def score_call(self, rows: int, chunk: int | None, preview_scale: float = 1.0, backend: Any = None,
@@ -489,7 +509,7 @@ class Planner:
         backend = backend or self.backend
         rewards = self.rewards if rewards is None else rewards
         x = backend.initial_latents(rows)
-        texts = ["a photo of a cat"] * rows
+        texts = [self.prompt] * rows
 
         def run():
             z = x
@@ -748,7 +768,9 @@ def report(config: str, gpu_memory: int | None = None, overrides: Sequence[str] 
     """The plan of ``config`` as a dict (what ``--json`` prints)."""
     module, datamodule = build_run(config, overrides)
     sbs = sample_batch_size if sample_batch_size is not None else getattr(module, "sample_batch_size", None)
-    planner = Planner(module, datamodule.prompts_per_step, target=target, sample_batch_size=sbs)
+    first = datamodule.prompts[0]
+    prompt = first if isinstance(first, str) else str(getattr(first, "prompt", first))
+    planner = Planner(module, datamodule.prompts_per_step, target=target, sample_batch_size=sbs, prompt=prompt)
     st = planner.settings
     phases = planner.plan(st)
     other = dataclasses.replace(st, gradient_checkpointing=not st.gradient_checkpointing)
