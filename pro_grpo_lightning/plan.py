@@ -40,7 +40,6 @@ import argparse
 import contextlib
 import dataclasses
 import json
-import math
 import os
 import sys
 import weakref
@@ -683,7 +682,8 @@ class Planner:
         if not st.gradient_checkpointing:
             options.append(("gradient_checkpointing", "model.backend.init_args.gradient_checkpointing: true",
                             {"gradient_checkpointing": True}, False))
-        if hasattr(self.backend, "offload_text_encoders") and not st.offload_text_encoders and self.text_encoder_names():
+        offloadable = hasattr(self.backend, "offload_text_encoders") and self.text_encoder_names()
+        if offloadable and not st.offload_text_encoders:
             options.append(("offload_text_encoders", "model.backend.init_args.offload_text_encoders: true",
                             {"offload_text_encoders": True}, False))
         if st.vae_decode_chunk is None or st.vae_decode_chunk > 4:
