@@ -14,7 +14,8 @@ sum is the extra memory the call needs on top of what existed before (weights, s
 
 Checked against measurement (``tests/test_plan.py``): on the CPU the same calls on real weights,
 measured by the allocator's own events (``torch.profiler`` memory events), peak within 2% of the
-plan (+ 16 KiB) for the tiny models and the ``mini`` architectures. On a GPU the plan is an estimate of
+plan (+ 16 KiB) for the tiny models and the ``mini`` architectures. On a GPU the plan is an
+estimate of
 ``torch.cuda.max_memory_allocated``: allocations are rounded to the CUDA caching allocator's 512 B
 blocks, and ``RUNTIME_OVERHEAD`` (CUDA context, cuBLAS workspace, allocator fragmentation) is
 added before comparing with ``--gpu-memory``. What is not modelled: Lightning's ``bf16-mixed``
@@ -32,6 +33,14 @@ Phases (each: resident weights + what lives through the phase + the call's trans
     update minibatch       the stored rollout + LoRA gradients + forward and backward of
                            ``train_batch_size`` (trajectory, step) pairs (+ the reference forward
                            when ``kl_beta > 0``), with and without gradient checkpointing
+
+Denoiser calls and update minibatches are traced at 1 and 2 rows and extrapolated linearly
+(``Planner._linear``: every activation is [batch, ...]), so every chunk size a lever tries is free.
+Rows per denoiser call come from ``--sample-batch-size``, else the module's ``sample_batch_size``
+attribute when it has one, else all live rows. A reward whose scoring branches on pixel values
+cannot run on fake tensors: its activations are left out, with a note in the output.
+Levers (``Planner.levers`` / ``advice``): each lever alone, then the ones to pull in order until
+the peak fits, those that leave the results unchanged first.
 """
 
 from __future__ import annotations
