@@ -1,6 +1,11 @@
 import sys
 
-from .cli import main
+if sys.argv[1:2] == ["plan"]:  # the memory plan: no Trainer, no weights (plan.py)
+    from .plan import main as plan_main
+
+    sys.exit(plan_main(sys.argv[2:]))
+
+from .cli import main  # noqa: E402
 
 try:
     main()

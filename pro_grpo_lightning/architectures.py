@@ -1,0 +1,106 @@
+"""Architecture numbers of the full-size models the shipped configs name, for planning without weights.
+
+``python -m pro_grpo_lightning plan`` builds every component on the ``meta`` device from these
+numbers (no hub, no files) when a config names a hub id; a local ``pretrained`` folder is read
+from its own ``config.json`` files instead. Each entry is the ``config.json`` of one component of
+the hub repository (only the fields that size the network; the rest keep the library defaults):
+
+    SD1.4 / SD1.5   UNet 859.5 M, VAE 83.7 M, CLIP-L text 123.1 M
+    SD3.5-Medium    MMDiT-X 2.24 B, VAE 83.8 M, CLIP-L 123.7 M, CLIP-G 694.7 M, T5-XXL encoder 4.76 B
+    FLUX.1-dev      transformer 11.9 B, VAE 83.8 M, CLIP-L 123.1 M, T5-XXL encoder 4.76 B
+    rewards         PickScore / HPSv2.1 (CLIP ViT-H/14, 986 M), CLIP ViT-L/14 (428 M)
+
+The parameter counts above are checked against these tables in ``tests/test_plan.py``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+# ---- denoisers and VAEs (diffusers classes) ---------------------------------------------------------
+SD15_UNET: dict[str, Any] = dict(
+    sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
+    block_out_channels=(320, 640, 1280, 1280), norm_num_groups=32, cross_attention_dim=768,
+    attention_head_dim=8, act_fn="silu", flip_sin_to_cos=True, freq_shift=0, downsample_padding=1,
+    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"))
+SD15_VAE: dict[str, Any] = dict(
+    in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2, norm_num_groups=32,
+    block_out_channels=(128, 256, 512, 512), sample_size=512, scaling_factor=0.18215,
+    down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4)
+SD35M_TRANSFORMER: dict[str, Any] = dict(
+    sample_size=128, patch_size=2, in_channels=16, out_channels=16, num_layers=24, attention_head_dim=64,
+    num_attention_heads=24, joint_attention_dim=4096, caption_projection_dim=1536, pooled_projection_dim=2048,
+    pos_embed_max_size=384, qk_norm="rms_norm", dual_attention_layers=tuple(range(13)))
+SD3_VAE: dict[str, Any] = dict(
+    in_channels=3, out_channels=3, latent_channels=16, layers_per_block=2, norm_num_groups=32,
+    block_out_channels=(128, 256, 512, 512), sample_size=1024, scaling_factor=1.5305, shift_factor=0.0609,
+    use_quant_conv=False, use_post_quant_conv=False,
+    down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4)
+FLUX_DEV_TRANSFORMER: dict[str, Any] = dict(
+    patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
+    num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True,
+    axes_dims_rope=(16, 56, 56))
+FLUX_VAE: dict[str, Any] = dict(SD3_VAE, scaling_factor=0.3611, shift_factor=0.1159)
+
+# ---- schedulers -------------------------------------------------------------------------------------
+SD3_SCHEDULER: dict[str, Any] = dict(shift=3.0)
+FLUX_SCHEDULER: dict[str, Any] = dict(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+                                      base_image_seq_len=256, max_image_seq_len=4096)
+
+# ---- text encoders (transformers configs) -----------------------------------------------------------
+CLIP_L_TEXT: dict[str, Any] = dict(vocab_size=49408, hidden_size=768, intermediate_size=3072,
+                                   num_hidden_layers=12, num_attention_heads=12, max_position_embeddings=77,
+                                   hidden_act="quick_gelu", projection_dim=768)
+CLIP_G_TEXT: dict[str, Any] = dict(vocab_size=49408, hidden_size=1280, intermediate_size=5120,
+                                   num_hidden_layers=32, num_attention_heads=20, max_position_embeddings=77,
+                                   hidden_act="gelu", projection_dim=1280)
+T5_XXL: dict[str, Any] = dict(vocab_size=32128, d_model=4096, d_kv=64, d_ff=10240, num_layers=24,
+                              num_heads=64, feed_forward_proj="gated-gelu", relative_attention_num_buckets=32,
+                              dropout_rate=0.0, is_encoder_decoder=False)
+
+# ---- reward models (transformers CLIPConfig parts) --------------------------------------------------
+CLIP_H_REWARD: dict[str, Any] = dict(
+    text=dict(vocab_size=49408, hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
+              num_attention_heads=16, max_position_embeddings=77, hidden_act="gelu"),
+    vision=dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=16,
+                image_size=224, patch_size=14, hidden_act="gelu"),
+    projection_dim=1024)
+CLIP_L_REWARD: dict[str, Any] = dict(
+    text=dict(CLIP_L_TEXT),
+    vision=dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+                image_size=224, patch_size=14, hidden_act="quick_gelu"),
+    projection_dim=768)
+
+#: Pipelines by hub id: component name -> (class name, config). The class names are diffusers'
+#: (denoiser, VAE, scheduler) or transformers' (text encoders).
+_SD1 = {"unet": ("UNet2DConditionModel", SD15_UNET), "vae": ("AutoencoderKL", SD15_VAE),
+        "text_encoder": ("CLIPTextModel", CLIP_L_TEXT), "scheduler": ("DDIMScheduler", None)}
+PIPELINES: dict[str, dict[str, tuple[str, dict[str, Any] | None]]] = {
+    "CompVis/stable-diffusion-v1-4": _SD1,
+    "runwayml/stable-diffusion-v1-5": _SD1,
+    "stable-diffusion-v1-5/stable-diffusion-v1-5": _SD1,
+    "stabilityai/stable-diffusion-3.5-medium": {
+        "transformer": ("SD3Transformer2DModel", SD35M_TRANSFORMER), "vae": ("AutoencoderKL", SD3_VAE),
+        "text_encoder": ("CLIPTextModelWithProjection", CLIP_L_TEXT),
+        "text_encoder_2": ("CLIPTextModelWithProjection", CLIP_G_TEXT),
+        "text_encoder_3": ("T5EncoderModel", T5_XXL),
+        "scheduler": ("FlowMatchEulerDiscreteScheduler", SD3_SCHEDULER)},
+    "black-forest-labs/FLUX.1-dev": {
+        "transformer": ("FluxTransformer2DModel", FLUX_DEV_TRANSFORMER), "vae": ("AutoencoderKL", FLUX_VAE),
+        "text_encoder": ("CLIPTextModel", CLIP_L_TEXT), "text_encoder_2": ("T5EncoderModel", T5_XXL),
+        "scheduler": ("FlowMatchEulerDiscreteScheduler", FLUX_SCHEDULER)},
+    "black-forest-labs/FLUX.1-schnell": {
+        "transformer": ("FluxTransformer2DModel", dict(FLUX_DEV_TRANSFORMER, guidance_embeds=False)),
+        "vae": ("AutoencoderKL", FLUX_VAE),
+        "text_encoder": ("CLIPTextModel", CLIP_L_TEXT), "text_encoder_2": ("T5EncoderModel", T5_XXL),
+        "scheduler": ("FlowMatchEulerDiscreteScheduler", dict(FLUX_SCHEDULER, use_dynamic_shifting=False))},
+}
+
+#: Reward models by hub id (``pretrained`` of the reward): CLIPConfig parts.
+REWARD_MODELS: dict[str, dict[str, Any]] = {
+    "yuvalkirstain/PickScore_v1": CLIP_H_REWARD,
+    "xswu/HPSv2": CLIP_H_REWARD,  # HPSv2.1: open_clip ViT-H-14 (the same numbers)
+    "laion/CLIP-ViT-H-14-laion2B-s32B-b79K": CLIP_H_REWARD,
+    "openai/clip-vit-large-patch14": CLIP_L_REWARD,
+}

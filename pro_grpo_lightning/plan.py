@@ -1,0 +1,873 @@
+"""A memory plan: will this config fit on this GPU, and if not, what to change first.
+
+``python -m pro_grpo_lightning plan --config configs/X.yaml [--gpu-memory 24GB] [--json]``
+
+No GPU and no weights are needed. The run is built from its YAML as ``fit`` builds it; every
+network (denoiser, VAE, text encoders, reward models) is built on the ``meta`` device, from the
+code that builds it (tiny models), from a local folder's ``config.json`` files, or from the
+architecture numbers of ``architectures.py`` (hub ids), then turned into fake tensors
+(``torch._subclasses.fake_tensor.FakeTensorMode``): shapes, dtypes and devices without storage.
+The library's own code then runs on them (``backend.step``, ``backend.decode``, the rewards, one
+update minibatch with its backward), and ``LiveBytes``, a ``TorchDispatchMode``, adds up the bytes
+of every storage an op creates and subtracts them when Python frees the storage: the peak of that
+sum is the extra memory the call needs on top of what existed before (weights, stored rollout).
+
+Checked against measurement (``tests/test_plan.py``): on the CPU the same calls on real weights,
+measured by the allocator's own events (``torch.profiler`` memory events), peak within 2% of the
+plan (+ 16 KiB) for the tiny models and the ``mini`` architectures. On a GPU the plan is an
+estimate of
+``torch.cuda.max_memory_allocated``: allocations are rounded to the CUDA caching allocator's 512 B
+blocks, and ``RUNTIME_OVERHEAD`` (CUDA context, cuBLAS workspace, allocator fragmentation) is
+added before comparing with ``--gpu-memory``. What is not modelled: Lightning's ``bf16-mixed``
+autocast copies (the frozen weights are already bf16; only the small LoRA weights are cast), the
+attention kernel's own workspace on GPU (the plan traces PyTorch's CPU flash-attention path,
+which like the GPU flash / memory-efficient kernels never materialises the attention matrix).
+
+Phases (each: resident weights + what lives through the phase + the call's transient peak):
+    encode prompts         text encoders on the device (offloaded ones too, while they encode)
+    rollout denoiser call  the stored trajectory so far + one denoiser call on ``sample_batch_size``
+                           rows (CFG doubles the network batch inside the call)
+    rollout previews       x0 previews decoded (``vae_decode_chunk`` per VAE call) and scored
+    rollout final          final images decoded and scored, survivors' trajectories gathered
+    audit rollout          the same with the whole group alive (``audit_every_n_rollouts``)
+    update minibatch       the stored rollout + LoRA gradients + forward and backward of
+                           ``train_batch_size`` (trajectory, step) pairs (+ the reference forward
+                           when ``kl_beta > 0``), with and without gradient checkpointing
+
+Denoiser calls and update minibatches are traced at 1 and 2 rows and extrapolated linearly
+(``Planner._linear``: every activation is [batch, ...]), so every chunk size a lever tries is free.
+Rows per denoiser call come from ``--sample-batch-size``, else the module's ``sample_batch_size``
+attribute when it has one, else all live rows. A reward whose scoring branches on pixel values
+cannot run on fake tensors: its activations are left out, with a note in the output.
+Levers (``Planner.levers`` / ``advice``): each lever alone, then the ones to pull in order until
+the peak fits, those that leave the results unchanged first.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import json
+import os
+import sys
+import weakref
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+from torch.utils.weak import WeakIdKeyDictionary
+
+GiB = 1024 ** 3
+MiB = 1024 ** 2
+#: CUDA caching allocator granularity (c10/cuda/CUDACachingAllocator.cpp ``kMinBlockSize``).
+CUDA_BLOCK = 512
+#: Added to the allocator peak before comparing with the GPU's memory: CUDA context (~0.3-0.6 GiB),
+#: cuBLAS / attention workspaces, caching-allocator fragmentation. An assumption, not a measurement.
+RUNTIME_OVERHEAD = int(1.5 * GiB)
+
+
+class UnknownArchitecture(ValueError):
+    """A ``pretrained`` that is neither built in code, a local folder, nor in ``architectures.py``."""
+
+
+# ---- the tracker -----------------------------------------------------------------------------------
+class LiveBytes(TorchDispatchMode):
+    """Bytes of the storages created inside the mode that are still alive; ``peak`` is their maximum.
+
+    Storages that existed before (weights, inputs) are not counted, nor are views and in-place
+    results of them (an output sharing an input's storage allocates nothing). ``block`` rounds each
+    allocation up (512 for the CUDA caching allocator, 1 for the CPU allocator).
+    """
+
+    def __init__(self, block: int = 1) -> None:
+        super().__init__()
+        self.block = block
+        self.current = 0
+        self.peak = 0
+        self._seen: WeakIdKeyDictionary = WeakIdKeyDictionary()
+
+    def _freed(self, nbytes: int, _ref: Any) -> None:
+        self.current -= nbytes
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
+        out = func(*args, **(kwargs or {}))
+        inputs = {id(t.untyped_storage()) for t in tree_flatten((args, kwargs))[0] if isinstance(t, Tensor)}
+        for t in tree_flatten(out)[0]:
+            if not isinstance(t, Tensor):
+                continue
+            st = t.untyped_storage()
+            if id(st) in inputs or st in self._seen:
+                continue
+            n = st.nbytes()
+            n = -(-n // self.block) * self.block if n else 0
+            self._seen[st] = weakref.ref(st, lambda r, n=n: self._freed(n, r))
+            self.current += n
+        self.peak = max(self.peak, self.current)
+        return out
+
+
+def measured_peak_bytes(fn: Callable[[], Any], device: torch.device | str = "cpu") -> int:
+    """The allocator's peak during ``fn()`` above what was allocated before it, on real tensors.
+
+    CUDA: ``torch.cuda.max_memory_allocated``. CPU: the CPU allocator's events recorded by
+    ``torch.profiler`` (``profile_memory=True``), summed in time order.
+    """
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        base = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        fn()
+        torch.cuda.synchronize(device)
+        return torch.cuda.max_memory_allocated(device) - base
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
+                    if e.name() == "[memory]")
+    current = peak = 0
+    for _, n in events:
+        current += n
+        peak = max(peak, current)
+    return peak
+
+
+# ---- building without weights ------------------------------------------------------------------------
+@contextlib.contextmanager
+def no_source_checks() -> Iterator[None]:
+    """Let backends and rewards be constructed for a hub id that is not downloaded (planning only)."""
+    saved = []
+    for name, mod in list(sys.modules.items()):
+        if not name.startswith("pro_grpo_lightning") or mod is None:
+            continue
+        for attr in ("check_pretrained_source", "check_source"):
+            if callable(getattr(mod, attr, None)):
+                saved.append((mod, attr, getattr(mod, attr)))
+                setattr(mod, attr, lambda *a, **k: None)
+    try:
+        yield
+    finally:
+        for mod, attr, fn in saved:
+            setattr(mod, attr, fn)
+
+
+def build_run(config: str, overrides: Sequence[str] = ()) -> tuple[Any, Any]:
+    """(module, datamodule) of ``fit --config config``, nothing loaded (backends load lazily)."""
+    from . import backends, rewards  # noqa: F401  (import every module whose checks we relax)
+    from .cli import main
+
+    argv = sys.argv
+    sys.argv = argv[:1]  # LightningCLI reads only ``args`` here (and warns when sys.argv has more)
+    try:
+        with no_source_checks():
+            cli = main(["--config", config, *overrides], run=False, save_config=False)
+    finally:
+        sys.argv = argv
+    return cli.model, cli.datamodule
+
+
+def _transformers_model(cls_name: str, cfg: dict[str, Any]) -> nn.Module:
+    import transformers
+
+    cls = getattr(transformers, cls_name)
+    return cls(cls.config_class(**cfg))
+
+
+def _diffusers_model(cls_name: str, cfg: dict[str, Any]) -> Any:
+    import diffusers
+
+    return getattr(diffusers, cls_name)(**cfg)
+
+
+def _table_components(backend: Any, pretrained: str) -> dict[str, Any]:
+    """Components of a hub pipeline from ``architectures.PIPELINES`` (modules on the current device)."""
+    from .architectures import PIPELINES
+    from .backends.sd15 import SD15_SCHEDULER_CONFIG
+
+    spec = PIPELINES[pretrained]
+    comps: dict[str, Any] = {}
+    for name, (cls_name, cfg) in spec.items():
+        if name == "scheduler":
+            continue
+        if name == "text_encoder_3" and getattr(backend, "drop_t5", False):
+            continue
+        if cls_name.startswith(("CLIP", "T5")):
+            comps[name] = _transformers_model(cls_name, cfg).eval()
+        else:
+            comps[name] = _diffusers_model(cls_name, cfg)
+    cls_name, cfg = spec["scheduler"]
+    with torch.device("cpu"):
+        comps["scheduler"] = _diffusers_model(cls_name, cfg if cfg is not None else SD15_SCHEDULER_CONFIG)
+    return comps
+
+
+def _folder_components(backend: Any, folder: str) -> dict[str, Any]:
+    """Components of a local diffusers folder from its ``model_index.json`` and config files only."""
+    import diffusers
+    import transformers
+
+    with open(os.path.join(folder, "model_index.json"), encoding="utf-8") as f:
+        index = json.load(f)
+    comps: dict[str, Any] = {}
+    for name, entry in index.items():
+        if name.startswith("_") or not isinstance(entry, list) or entry[0] is None or name.startswith("tokenizer"):
+            continue
+        library, cls_name = entry
+        if name == "text_encoder_3" and getattr(backend, "drop_t5", False):
+            continue
+        sub = os.path.join(folder, name)
+        if library == "transformers":
+            cls = getattr(transformers, cls_name)
+            comps[name] = cls(cls.config_class.from_pretrained(sub)).eval()
+        elif name == "scheduler":
+            with torch.device("cpu"):
+                cls = getattr(diffusers, cls_name)
+                comps[name] = cls.from_config(cls.load_config(sub))
+        else:
+            cls = getattr(diffusers, cls_name)
+            comps[name] = cls.from_config(cls.load_config(sub))
+    return comps
+
+
+def _with_tokenizers(backend: Any, comps: dict[str, Any]) -> dict[str, Any]:
+    """Shape-equivalent offline tokenizers (padding to the same lengths; ids are never read)."""
+    from .backends.tokenizers import byte_level_clip_tokenizer, char_level_t5_tokenizer
+
+    for name, net in list(comps.items()):
+        if not name.startswith("text_encoder"):
+            continue
+        tok_name = "tokenizer" + name[len("text_encoder"):]
+        is_t5 = type(net).__name__.startswith("T5")
+        length = getattr(backend, "max_sequence_length", 77)
+        if is_t5:
+            comps[tok_name] = char_level_t5_tokenizer(model_max_length=length)
+        else:  # CLIP pads to its context (77; a small local model may have fewer positions)
+            positions = getattr(net.config, "max_position_embeddings", 77)
+            comps[tok_name] = byte_level_clip_tokenizer(model_max_length=min(77, positions))
+    return comps
+
+
+def _loader_name(backend: Any) -> str:
+    return "_load_components" if callable(getattr(type(backend), "_load_components", None)) else "load_components"
+
+
+def planned_components(backend: Any) -> Callable[[], dict[str, Any]]:
+    """A component loader for ``backend`` that builds every network on the meta device."""
+    pretrained = str(getattr(backend, "pretrained", ""))
+    own = getattr(backend, _loader_name(backend))
+
+    def load() -> dict[str, Any]:
+        if pretrained.startswith("<"):  # built in code (tiny / random-weight models)
+            if hasattr(backend, "build_device"):
+                backend.build_device = "meta"
+            with torch.device("meta"):
+                comps = own()
+            sched = comps["scheduler"]
+            with torch.device("cpu"):  # schedulers hold real tables: rebuild them from their config
+                comps["scheduler"] = type(sched).from_config(sched.config)
+            return comps
+        with torch.device("meta"):
+            if os.path.isdir(pretrained):
+                comps = _folder_components(backend, pretrained)
+            else:
+                comps = _table_components(backend, pretrained)
+        return _with_tokenizers(backend, comps)
+
+    return load
+
+
+def reward_architecture(reward: Any) -> nn.Module:
+    """The network of a pretrained reward on the meta device (table, or a local folder's config)."""
+    from transformers import CLIPConfig, CLIPModel
+
+    from .architectures import REWARD_MODELS
+
+    pretrained = str(reward.pretrained)
+    if type(reward).__name__ == "ImageReward":
+        raise UnknownArchitecture(f"{type(reward).__name__}: the plan has no BLIP architecture table; "
+                                  f"its weights and activations are not counted")
+    if os.path.isdir(pretrained) and os.path.isfile(os.path.join(pretrained, "config.json")):
+        cfg = CLIPConfig.from_pretrained(pretrained)
+    elif pretrained in REWARD_MODELS:
+        spec = REWARD_MODELS[pretrained]
+        cfg = CLIPConfig(text_config=dict(spec["text"], projection_dim=spec["projection_dim"]),
+                         vision_config=dict(spec["vision"], projection_dim=spec["projection_dim"]),
+                         projection_dim=spec["projection_dim"])
+    else:
+        raise UnknownArchitecture(f"{type(reward).__name__}.pretrained={pretrained!r}: unknown architecture "
+                                  f"(not a local folder with config.json, not in architectures.py)")
+    with torch.device("meta"):
+        return CLIPModel(cfg).to(reward.weight_dtype).eval()  # as from_pretrained(dtype=...) loads it
+
+
+def to_fake(module: nn.Module, fake_mode: Any) -> None:
+    """Every parameter and buffer of ``module`` replaced by a fake CPU tensor of its shape and dtype.
+
+    Unlike ``Module.to_empty`` this keeps tied weights tied (T5's shared embedding): one fake
+    tensor per original tensor, set on every module that holds it.
+    """
+    memo: dict[int, tuple[Tensor, Tensor]] = {}  # id -> (original, fake); the original kept alive
+
+    def fake(t: Tensor, param: bool) -> Tensor:
+        if id(t) not in memo:
+            with fake_mode:
+                new = torch.empty_like(t, device="cpu")
+            memo[id(t)] = (t, nn.Parameter(new, requires_grad=t.requires_grad) if param else new)
+        return memo[id(t)][1]
+
+    for mod in module.modules():
+        for name, p in list(mod._parameters.items()):
+            if p is not None:
+                mod._parameters[name] = fake(p, True)
+        for name, b in list(mod._buffers.items()):
+            if b is not None:
+                mod._buffers[name] = fake(b, False)
+
+
+def fake_backend(backend: Any, fake_mode: Any) -> None:
+    """``configure_model()`` with every network on the meta device, then all tensors fake (CPU)."""
+    pretrained = str(getattr(backend, "pretrained", ""))
+    if not pretrained.startswith("<") and not os.path.isdir(pretrained):
+        from .architectures import PIPELINES
+
+        if pretrained not in PIPELINES:
+            raise UnknownArchitecture(f"backend pretrained={pretrained!r}: unknown architecture (not a local "
+                                      f"folder, not in pro_grpo_lightning/architectures.py)")
+    setattr(backend, _loader_name(backend), planned_components(backend))
+    backend.configure_model()
+    to_fake(backend, fake_mode)
+    if hasattr(backend, "_text_encoders_on"):  # the plan counts offloading itself: never move modules
+        backend._text_encoders_on = lambda device: contextlib.nullcontext()
+
+
+def fake_reward(reward: Any, fake_mode: Any) -> None:
+    """A reward configured with a meta network (pretrained ones) or its own (the rest), then faked."""
+    from .backends.tokenizers import byte_level_clip_tokenizer
+
+    if hasattr(reward, "_load"):
+        net = reward_architecture(reward)
+        reward._load = lambda: (net, byte_level_clip_tokenizer())
+        reward.to("meta")
+    reward.configure_model()
+    to_fake(reward, fake_mode)
+
+
+# ---- the plan ------------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class Settings:
+    """The levers: what the plan is computed for."""
+
+    prompts_per_step: int
+    sample_batch_size: int | None  # rows per denoiser call (None: all live rows at once)
+    train_batch_size: int
+    gradient_checkpointing: bool
+    offload_text_encoders: bool
+    vae_decode_chunk: int | None
+    drop_t5: bool
+    weight_bytes_scale: float = 1.0  # 0.5: frozen weights fp32 -> bf16 (the "dtype" lever)
+
+
+@dataclasses.dataclass
+class Phase:
+    name: str
+    resident: int
+    persistent: int
+    transient: int
+
+    @property
+    def peak(self) -> int:
+        return self.resident + self.persistent + self.transient
+
+
+@dataclasses.dataclass
+class Lever:
+    name: str
+    change: str
+    peak: int
+    saving: int
+    changes_results: bool
+
+
+class Planner:
+    """Measures the phases of one run on fake tensors; ``plan(settings)`` assembles them.
+
+    Args:
+        module: a ``ProGRPOModule`` built from a config (nothing loaded yet; it is configured here
+            on fake tensors and is of no further use for training).
+        prompts_per_step: P, prompts per rollout on one device.
+        sample_batch_size: rows per denoiser call in the rollout (None: all live rows).
+        prompt: a prompt of the run's task (task rewards may parse it).
+        target: "cuda" (round allocations to CUDA blocks) or "cpu" (exact bytes).
+    """
+
+    def __init__(self, module: Any, prompts_per_step: int, target: str = "cuda",
+                 sample_batch_size: int | None = None, prompt: str = "a photo of a cat") -> None:
+        from torch._subclasses.fake_tensor import FakeTensorMode
+
+        self.module = module
+        self.prompt = prompt  # every row's prompt (text is padded to fixed lengths: any prompt of the task)
+        self.backend = module.backend
+        self.block = CUDA_BLOCK if target == "cuda" else 1
+        self.fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
+        self.notes: list[str] = []
+        fake_backend(self.backend, self.fake_mode)
+        self.rewards: list[Any] = []
+        self.reward_bytes: dict[str, int] = {}
+        for r in [*module.rewards.rewards, *module.eval_rewards]:
+            try:
+                fake_reward(r, self.fake_mode)
+            except UnknownArchitecture as err:
+                self.notes.append(str(err))
+                continue
+            self.reward_bytes[f"reward {r.name}"] = _module_bytes(r)
+            if r in list(module.rewards.rewards) and self._traceable(r):
+                self.rewards.append(r)
+        b = self.backend
+        self.schedule = module.schedule
+        self.T = b.num_steps
+        self.G = self.schedule.group_size
+        self.K = self.schedule.final_size
+        self.settings = Settings(
+            prompts_per_step=prompts_per_step, sample_batch_size=sample_batch_size,
+            train_batch_size=module.settings.train_batch_size,
+            gradient_checkpointing=bool(getattr(b, "gradient_checkpointing", False)),
+            offload_text_encoders=bool(getattr(b, "offload_text_encoders", False)),
+            vae_decode_chunk=getattr(b, "vae_decode_chunk", None), drop_t5=bool(getattr(b, "drop_t5", False)))
+        self.weights = self._weights()
+        self._cond: dict[int, dict[str, Tensor]] = {}
+        with self.fake_mode, torch.no_grad():
+            self.cond1 = b.encode_prompts([self.prompt])  # {k: [1, ...]}
+            self.latent_bytes = b.initial_latents(1).numel() * 4  # float32 latents
+            side = b.resolution
+        self.cond_row_bytes = sum(v[0].numel() * v.element_size() for v in self.cond1.values())
+        self.image_bytes = 3 * side * side * 4  # float32 images in [0, 1]
+        self._cache: dict[tuple, int] = {}
+
+    def _traceable(self, reward: Any) -> bool:
+        """Whether ``reward`` scores fake images (a reward whose control flow reads pixel values,
+        e.g. a loop until convergence, cannot): otherwise its activations are left out, with a note."""
+        side = self.backend.resolution
+        try:
+            with self.fake_mode, torch.no_grad():
+                reward(torch.zeros(1, 3, side, side), [self.prompt])
+        except Exception as err:  # noqa: BLE001 - fake tensors refuse data-dependent ops in many ways
+            self.notes.append(f"reward {reward.name}: activations not estimated (its scoring reads pixel "
+                              f"values: {type(err).__name__}); its weights are counted")
+            return False
+        return True
+
+    # ---- weights -------------------------------------------------------------------------------
+    def _weights(self) -> dict[str, int]:
+        """Bytes by component: frozen networks in their dtype, the LoRA adapter (fp32)."""
+        out: dict[str, int] = {}
+        lora = 0
+        for name, child in self.backend.named_children():
+            frozen = sum(_nbytes(p) for p in child.parameters() if not p.requires_grad)
+            frozen += sum(_nbytes(t) for t in child.buffers())
+            lora += sum(_nbytes(p) for p in child.parameters() if p.requires_grad)
+            if frozen:
+                out[name] = frozen
+        out["LoRA adapter (fp32)"] = lora
+        out["AdamW state (2 x fp32 per LoRA weight)"] = 2 * lora
+        return out
+
+    def text_encoder_names(self) -> list[str]:
+        return [n for n in self.weights if n.startswith("text_encoder")]
+
+    # ---- measured calls (cached) -------------------------------------------------------------
+    def _trace(self, key: tuple, make: Callable[[], Callable[[], Any]], grad: bool = False) -> int:
+        if key not in self._cache:
+            with self.fake_mode:
+                fn = make()  # inputs: created before tracking (counted as persistent, not transient)
+                tracker = LiveBytes(self.block)
+                with torch.set_grad_enabled(grad), tracker:
+                    fn()
+            self._cache[key] = tracker.peak
+        return self._cache[key]
+
+    def _rows(self, n: int, backend: Any) -> tuple[Tensor, dict[str, Tensor]]:
+        if id(backend) not in self._cond:
+            with torch.no_grad():
+                self._cond[id(backend)] = backend.encode_prompts([self.prompt])  # {k: [1, ...]}
+        cond1 = self._cond[id(backend)]
+        x = backend.initial_latents(n)  # [n, *latent]
+        cond = {k: v.expand(n, *v.shape[1:]).clone() for k, v in cond1.items()}  # [n, ...]
+        return x, cond
+
+    def denoise_call(self, rows: int, backend: Any = None) -> Callable[[], Any]:
+        """One sampling call ``backend.step`` on ``rows`` samples (run it without grad)."""
+        backend = backend or self.backend
+        x, cond = self._rows(rows, backend)
+        idx = torch.zeros(rows, dtype=torch.long, device=x.device)
+        return lambda: backend.step(x, idx, cond)
+
+    def encode_call(self, prompts: int, backend: Any = None) -> Callable[[], Any]:
+        backend = backend or self.backend
+        texts = [self.prompt] * prompts
+        return lambda: backend.encode_prompts(texts)
+
+    def score_call(self, rows: int, chunk: int | None, preview_scale: float = 1.0, backend: Any = None,
+                   rewards: Sequence[Any] | None = None) -> Callable[[], Any]:
+        """Decode ``rows`` latents (``chunk`` per VAE call) and score the images with every reward."""
+        backend = backend or self.backend
+        rewards = self.rewards if rewards is None else rewards
+        x = backend.initial_latents(rows)
+        texts = [self.prompt] * rows
+
+        def run():
+            z = x
+            if preview_scale < 1.0 and z.ndim == 4:  # as ExpandPruneRollout.preview_images
+                z = torch.nn.functional.interpolate(z, scale_factor=preview_scale, mode="bilinear", antialias=True)
+            backend.vae_decode_chunk = chunk
+            images = backend.decode(z)
+            for r in rewards:
+                r(images, texts)
+        return run
+
+    def update_call(self, batch: int, checkpointing: bool, backend: Any = None) -> Callable[[], Any]:
+        """One update minibatch as ``update.grpo_update`` runs it: policy forward with grad, the
+        reference forward when ``kl_beta > 0``, the PPO loss, backward (gradients dropped after)."""
+        from .objectives import flow_grpo_kl, gaussian_kl, output_kl, ppo_clip_loss
+
+        backend = backend or self.backend
+        s = self.module.settings
+        net = backend.denoiser()
+        x, cond = self._rows(batch, backend)
+        x_next = backend.initial_latents(batch)
+        st = torch.full((batch,), min(1, self.T - 1), dtype=torch.long, device=x.device)
+        old = torch.zeros(batch, device=x.device)
+        adv = torch.ones(batch, device=x.device)
+
+        def run():
+            if checkpointing:  # set here, not when the call is built: builders may run ahead
+                net.enable_gradient_checkpointing()
+            else:
+                net.disable_gradient_checkpointing()
+            net.train()
+            out = backend.step(x, st, cond, next_latents=x_next)
+            loss, _ = ppo_clip_loss(out.log_prob, old, adv, s.clip_range)
+            if s.kl_beta > 0:
+                with torch.no_grad(), backend.reference():
+                    ref = backend.step(x, st, cond, next_latents=x_next)
+                if s.kl_type == "exact":
+                    kl = gaussian_kl(out.mean, ref.mean, out.std)
+                elif s.kl_type == "flow_grpo":
+                    kl = flow_grpo_kl(out.mean, ref.mean, backend.kl_std(st))
+                else:
+                    kl = output_kl(out.model_output, ref.model_output)
+                loss = loss + s.kl_beta * kl.mean()
+            loss.backward()
+            for p in backend.trainable_parameters():  # gradients are counted with the resident part
+                p.grad = None
+        return run
+
+    def _linear(self, measure: Callable[[int], int], rows: int) -> int:
+        """``measure`` at ``rows`` from its values at 1 and 2 rows: every activation of a denoiser
+        call is [batch, ...] (CFG concatenates along the batch), so its peak is a + b * rows
+        (checked against direct traces and measurements in tests/test_plan.py). Two traces then
+        serve every chunk size the levers try."""
+        one, two = measure(1), measure(2)
+        return one + (two - one) * (rows - 1)
+
+    def denoise(self, rows: int) -> int:
+        """Transient of one sampling call ``backend.step`` on ``rows`` samples (no grad)."""
+        return self._linear(self.denoise_traced, rows)
+
+    def update(self, batch: int, checkpointing: bool) -> int:
+        """Transient of one update minibatch of ``batch`` pairs (see ``update_call``)."""
+        return self._linear(lambda b: self.update_traced(b, checkpointing), batch)
+
+    def denoise_traced(self, rows: int) -> int:
+        return self._trace(("denoise", rows), lambda: self.denoise_call(rows))
+
+    def encode(self, prompts: int) -> int:
+        return self._trace(("encode", prompts), lambda: self.encode_call(prompts))
+
+    def score(self, rows: int, chunk: int | None, preview_scale: float = 1.0) -> int:
+        """Transient of decoding ``rows`` latents (``chunk`` per VAE call) and scoring the images."""
+        return self._trace(("score", rows, chunk, preview_scale), lambda: self.score_call(rows, chunk, preview_scale))
+
+    def update_traced(self, batch: int, checkpointing: bool) -> int:
+        return self._trace(("update", batch, checkpointing), lambda: self.update_call(batch, checkpointing),
+                           grad=True)
+
+    # ---- assembling ----------------------------------------------------------------------------
+    def resident(self, st: Settings, offloaded: bool = True) -> int:
+        """Bytes on the device for the whole run: frozen weights, LoRA, its AdamW state, rewards."""
+        total = 0
+        for name, n in self.weights.items():
+            if name.startswith("text_encoder"):
+                if name == "text_encoder_3" and st.drop_t5:
+                    continue
+                if st.offload_text_encoders and offloaded:
+                    continue
+            if name.startswith(("LoRA", "AdamW")):
+                total += n
+            else:
+                total += int(n * st.weight_bytes_scale)
+        return total + sum(int(n * st.weight_bytes_scale) for n in self.reward_bytes.values())
+
+    def live_rows(self, P: int, audit: bool) -> list[int]:
+        """Live rows at each of the T denoiser calls."""
+        if audit:
+            return [P * self.G] * self.T
+        return [P * g for g in self.schedule.group_sizes_per_step(self.T)]
+
+    def rollout_phases(self, st: Settings, audit: bool) -> list[Phase]:
+        P, T, L = st.prompts_per_step, self.T, self.latent_bytes
+        rows = self.live_rows(P, audit)
+        res = self.resident(st)
+        tag = "audit rollout" if audit else "rollout"
+        phases: list[Phase] = []
+        history = rows[0] * L  # x_T of every row
+        keep_at = dict(zip(self.schedule.checkpoints, self.schedule.keep))
+        best: Phase | None = None
+        for t in range(T):
+            chunk = rows[t] if st.sample_batch_size is None else min(st.sample_batch_size, rows[t])
+            persistent = history + rows[t] * self.cond_row_bytes
+            ph = Phase(f"{tag}: denoiser call, {chunk} of {rows[t]} rows", res, persistent, self.denoise(chunk))
+            if best is None or ph.peak > best.peak:
+                best = ph
+            history += rows[t] * (L + 4)  # x_{t+1} [B, *latent] float32 and log-prob [B]
+            if t in keep_at and self.schedule.rule not in ("none", "random"):
+                scale = self.module.preview_scale
+                phases.append(Phase(f"{tag}: previews after step {t}, {rows[t]} rows", res,
+                                    history + rows[t] * (self.cond_row_bytes + L),  # + the step's x0
+                                    self.score(rows[t], st.vae_decode_chunk, scale)))
+        phases.insert(0, best)
+        final = rows[-1]
+        survivors = P * self.K
+        result = survivors * ((T + 1) * L + 4 * T + self.image_bytes)
+        phases.append(Phase(f"{tag}: final decode + reward, {final} rows", res,
+                            history + final * self.cond_row_bytes, self.score(final, st.vae_decode_chunk)))
+        phases.append(Phase(f"{tag}: gather survivors ({survivors} trajectories)", res,
+                            history + final * self.image_bytes, result))
+        return phases
+
+    def update_phase(self, st: Settings) -> Phase:
+        P, T, L = st.prompts_per_step, self.T, self.latent_bytes
+        N = P * self.K
+        result = N * ((T + 1) * L + 4 * T + self.image_bytes) + P * self.cond_row_bytes
+        lora = self.weights["LoRA adapter (fp32)"]
+        b = st.train_batch_size
+        ckpt = "with" if st.gradient_checkpointing else "without"
+        return Phase(f"update: minibatch of {b}, {ckpt} gradient checkpointing", self.resident(st),
+                     result + lora, self.update(b, st.gradient_checkpointing))
+
+    def plan(self, st: Settings | None = None) -> list[Phase]:
+        st = st or self.settings
+        res_no_offload = self.resident(st, offloaded=False)
+        phases = [Phase(f"encode {st.prompts_per_step} prompts", res_no_offload, 0,
+                        self.encode(st.prompts_per_step))]
+        phases += self.rollout_phases(st, audit=False)
+        if self.module.audit_every_n_rollouts > 0 and self.G != self.K:
+            phases += self.rollout_phases(st, audit=True)
+        phases.append(self.update_phase(st))
+        return phases
+
+    def peak(self, st: Settings | None = None) -> int:
+        return max(p.peak for p in self.plan(st))
+
+    # ---- levers --------------------------------------------------------------------------------
+    def levers(self, st: Settings | None = None) -> list[Lever]:
+        """Each lever alone, from ``st``: the new peak and the saving, largest saving first."""
+        st = st or self.settings
+        base = self.peak(st)
+        rows0 = st.prompts_per_step * self.G
+        current = rows0 if st.sample_batch_size is None else min(st.sample_batch_size, rows0)
+        options: list[tuple[str, str, dict[str, Any], bool]] = []
+        smaller = self.G if current > self.G else max(1, current // 2)
+        if smaller < current:
+            options.append(("sample_batch_size", f"model.sample_batch_size: {smaller} (rows per denoiser call)",
+                            {"sample_batch_size": smaller}, False))
+        if st.train_batch_size > 1:
+            tb = max(1, st.train_batch_size // 4)
+            options.append(("train_batch_size", f"model.train_batch_size: {tb}", {"train_batch_size": tb}, False))
+        if not st.gradient_checkpointing:
+            options.append(("gradient_checkpointing", "model.backend.init_args.gradient_checkpointing: true",
+                            {"gradient_checkpointing": True}, False))
+        offloadable = hasattr(self.backend, "offload_text_encoders") and self.text_encoder_names()
+        if offloadable and not st.offload_text_encoders:
+            options.append(("offload_text_encoders", "model.backend.init_args.offload_text_encoders: true",
+                            {"offload_text_encoders": True}, False))
+        if st.vae_decode_chunk is None or st.vae_decode_chunk > 4:
+            options.append(("vae_decode_chunk", "model.backend.init_args.vae_decode_chunk: 4",
+                            {"vae_decode_chunk": 4}, False))
+        if "text_encoder_3" in self.weights and not st.drop_t5:
+            options.append(("drop_t5", "model.backend.init_args.drop_t5: true (T5 tokens become zeros: "
+                            "changes the model's conditioning)", {"drop_t5": True}, True))
+        if st.prompts_per_step > 1:
+            options.append(("prompts_per_step", "data.prompts_per_step: 1 (fewer groups per rollout)",
+                            {"prompts_per_step": 1}, True))
+        if self.backend.weight_dtype == torch.float32 and st.weight_bytes_scale == 1.0:
+            options.append(("dtype", "model.backend.init_args.dtype: bfloat16 (weights only; activations not "
+                            "re-measured)", {"weight_bytes_scale": 0.5}, True))
+        out = []
+        for name, change, kw, changes in options:
+            peak = self.peak(dataclasses.replace(st, **kw))
+            out.append(Lever(name, change, peak, base - peak, changes))
+        return sorted(out, key=lambda lv: -lv.saving)
+
+    def advice(self, budget: int) -> list[Lever]:
+        """Levers to pull in order until the peak fits ``budget`` (bytes, overhead excluded):
+        result-neutral levers first, each time the one saving most; [] when it already fits."""
+        st = self.settings
+        chosen: list[Lever] = []
+        while self.peak(st) > budget:
+            used = {lv.name for lv in chosen}  # each lever once
+            levers = [lv for lv in self.levers(st) if lv.saving > 0 and lv.name not in used]
+            if not levers:
+                break
+            neutral = [lv for lv in levers if not lv.changes_results]
+            pick = (neutral or levers)[0]
+            chosen.append(pick)
+            st = dataclasses.replace(st, **_lever_kwargs(pick, st, self))
+        return chosen
+
+
+def _lever_kwargs(lever: Lever, st: Settings, planner: Planner) -> dict[str, Any]:
+    rows0 = st.prompts_per_step * planner.G
+    current = rows0 if st.sample_batch_size is None else min(st.sample_batch_size, rows0)
+    return {"sample_batch_size": {"sample_batch_size": planner.G if current > planner.G else max(1, current // 2)},
+            "train_batch_size": {"train_batch_size": max(1, st.train_batch_size // 4)},
+            "gradient_checkpointing": {"gradient_checkpointing": True},
+            "offload_text_encoders": {"offload_text_encoders": True},
+            "vae_decode_chunk": {"vae_decode_chunk": 4},
+            "drop_t5": {"drop_t5": True},
+            "prompts_per_step": {"prompts_per_step": 1},
+            "dtype": {"weight_bytes_scale": 0.5}}[lever.name]
+
+
+def _nbytes(t: Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+def _module_bytes(m: nn.Module) -> int:
+    return sum(_nbytes(p) for p in m.parameters()) + sum(_nbytes(b) for b in m.buffers())
+
+
+# ---- the command -----------------------------------------------------------------------------------
+def parse_memory(text: str) -> int:
+    """"24GB", "24 GiB", "40g", "81559MiB" -> bytes. GB and GiB both mean 2**30 (GPU cards are sold
+    in GiB-sized memories: a "24 GB" card has 24 GiB)."""
+    s = text.strip().lower().replace(" ", "")
+    for suffix, mult in (("gib", GiB), ("gb", GiB), ("g", GiB), ("mib", MiB), ("mb", MiB), ("m", MiB)):
+        if s.endswith(suffix):
+            try:
+                return int(float(s[: -len(suffix)]) * mult)
+            except ValueError:
+                break
+    raise ValueError(f"--gpu-memory: cannot read {text!r}; write e.g. 24GB, 40GiB or 81559MiB")
+
+
+_UNIT = {"GiB": GiB, "MiB": MiB}
+
+
+def _fmt(n: int, unit: str) -> str:
+    return f"{n / _UNIT[unit]:7.2f}"
+
+
+def report(config: str, gpu_memory: int | None = None, overrides: Sequence[str] = (),
+           sample_batch_size: int | None = None, target: str = "cuda") -> dict[str, Any]:
+    """The plan of ``config`` as a dict (what ``--json`` prints)."""
+    module, datamodule = build_run(config, overrides)
+    sbs = sample_batch_size if sample_batch_size is not None else getattr(module, "sample_batch_size", None)
+    first = datamodule.prompts[0]
+    prompt = first if isinstance(first, str) else str(getattr(first, "prompt", first))
+    planner = Planner(module, datamodule.prompts_per_step, target=target, sample_batch_size=sbs, prompt=prompt)
+    st = planner.settings
+    phases = planner.plan(st)
+    other = dataclasses.replace(st, gradient_checkpointing=not st.gradient_checkpointing)
+    peak = max(p.peak for p in phases)
+    out: dict[str, Any] = {
+        "config": config, "target": target, "settings": dataclasses.asdict(st),
+        "weights": {**planner.weights, **planner.reward_bytes},
+        "resident": planner.resident(st),
+        "phases": [dict(dataclasses.asdict(p), peak=p.peak) for p in phases],
+        "update_other_checkpointing": dict(dataclasses.asdict(planner.update_phase(other)),
+                                           peak=planner.update_phase(other).peak),
+        "peak": peak, "overhead": RUNTIME_OVERHEAD if target == "cuda" else 0,
+        "levers": [dataclasses.asdict(lv) for lv in planner.levers(st)],
+        "notes": planner.notes,
+    }
+    if gpu_memory is not None:
+        budget = gpu_memory - out["overhead"]
+        out["gpu_memory"] = gpu_memory
+        out["fits"] = peak <= budget
+        out["advice"] = [dataclasses.asdict(lv) for lv in planner.advice(budget)]
+    return out
+
+
+def format_report(r: dict[str, Any]) -> str:
+    unit = "GiB" if r["peak"] >= GiB else "MiB"
+
+    def _gib(n: int) -> str:
+        return _fmt(n, unit)
+
+    lines = [f"Memory plan for {r['config']} (estimates in {unit}; {r['target']} allocator peak, no weights loaded)",
+             ""]
+    st = r["settings"]
+    rows = "all live rows" if st["sample_batch_size"] is None else str(st["sample_batch_size"])
+    lines.append(f"settings: prompts_per_step {st['prompts_per_step']}, rows per denoiser call {rows}, "
+                 f"train_batch_size {st['train_batch_size']}, gradient_checkpointing "
+                 f"{st['gradient_checkpointing']}, offload_text_encoders {st['offload_text_encoders']}, "
+                 f"vae_decode_chunk {st['vae_decode_chunk']}")
+    lines += ["", f"weights by component{unit:>35}"]
+    offloaded = st["offload_text_encoders"]
+    for name, n in r["weights"].items():
+        where = " (offloaded to CPU)" if offloaded and name.startswith("text_encoder") else ""
+        lines.append(f"  {name + where:<48}{_gib(n)}")
+    lines.append(f"  {'resident on the device':<48}{_gib(r['resident'])}")
+    lines += ["", f"{'phase':<64}{'resident':>9}{'stored':>9}{'call':>9}{'peak':>9}"]
+    for p in r["phases"]:
+        lines.append(f"  {p['name']:<62}{_gib(p['resident'])}  {_gib(p['persistent'])}  "
+                     f"{_gib(p['transient'])}  {_gib(p['peak'])}")
+    o = r["update_other_checkpointing"]
+    lines.append(f"  ({o['name']}: peak {_gib(o['peak']).strip()})")
+    lines += ["", f"peak: {_gib(r['peak']).strip()} {unit}" + (
+        f" + {r['overhead'] / GiB:.1f} GiB runtime overhead (CUDA context, workspaces, fragmentation)"
+        if r["overhead"] else "")]
+    if "gpu_memory" in r:
+        total = r["peak"] + r["overhead"]
+        verdict = "fits" if r["fits"] else "does NOT fit"
+        lines.append(f"{total / GiB:.2f} GiB on a {r['gpu_memory'] / GiB:.0f} GiB GPU: {verdict}")
+        if r["advice"]:
+            lines.append("pull, in this order:")
+            for lv in r["advice"]:
+                lines.append(f"  {lv['change']}  -> peak {_gib(lv['peak']).strip()} {unit} "
+                             f"(saves {_gib(lv['saving']).strip()})")
+        elif not r["fits"]:
+            lines.append("no lever brings it under the GPU's memory: use a larger GPU or shard (FSDP)")
+    lines += ["", "each lever alone (saving on the peak):"]
+    for lv in r["levers"]:
+        flag = "  [changes results]" if lv["changes_results"] else ""
+        lines.append(f"  {lv['change']:<78}{_gib(lv['saving'])} {unit}{flag}")
+    for note in r["notes"]:
+        lines.append(f"note: {note}")
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m pro_grpo_lightning plan",
+        description="Expected peak GPU memory of a config, per phase, without a GPU or weights; "
+                    "extra arguments (e.g. --model.train_batch_size 2) override the config as in `fit`.")
+    parser.add_argument("--config", required=True, help="the run's YAML, as given to `fit`")
+    parser.add_argument("--gpu-memory", default=None, help="e.g. 24GB: say whether it fits and what to change")
+    parser.add_argument("--sample-batch-size", type=int, default=None,
+                        help="rows per denoiser call in the rollout (default: the config's, else all rows)")
+    parser.add_argument("--json", action="store_true", help="print the plan as JSON")
+    args, overrides = parser.parse_known_args(argv)
+    gpu = parse_memory(args.gpu_memory) if args.gpu_memory else None
+    try:
+        r = report(args.config, gpu, overrides, args.sample_batch_size)
+    except UnknownArchitecture as err:
+        print(f"plan: {err}", file=sys.stderr)
+        return 2
+    print(json.dumps(r, indent=1) if args.json else format_report(r))
+    return 0
