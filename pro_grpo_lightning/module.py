@@ -24,6 +24,7 @@ training rewards and ``eval_rewards``, logged as ``val/*`` / ``test/*`` and writ
 from __future__ import annotations
 
 import csv
+import json
 import math
 import os
 import time
@@ -39,6 +40,7 @@ from lightning.pytorch.strategies import FSDPStrategy
 from torch import Tensor
 
 from .backends.base import DiffusionBackend
+from .data import PromptBatch
 from .distributed import RankSyncedRewardSet, gather_rows, reduce_metrics
 from .noise import LOCAL_STREAM, NOISE_STREAM, RankSlicedNoise, mix_seed, sample_items, seeded_generator
 from .objectives import group_advantages
@@ -152,6 +154,13 @@ class ProGRPOModule(pl.LightningModule):
         self._eval_images: list[Tensor] = []
 
     # ---- setup ---------------------------------------------------------------------------------
+    def setup(self, stage: str) -> None:
+        """Check every prompt set against the rewards (``Reward.validate_prompts``) before any
+        weights load: a prompt a reward cannot score fails here, in one line."""
+        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        if datamodule is not None and hasattr(datamodule, "validate_prompts"):
+            datamodule.validate_prompts([*self.rewards.rewards, *self.eval_rewards])
+
     def configure_model(self) -> None:
         """Load weights (idempotent): Lightning calls this before restoring a checkpoint."""
         self.backend.configure_model()
@@ -185,14 +194,14 @@ class ProGRPOModule(pl.LightningModule):
         return noise, local
 
     # ---- the algorithm -------------------------------------------------------------------------
-    def training_step(self, batch: Sequence[str], batch_idx: int) -> None:
+    def training_step(self, batch: PromptBatch | Sequence[str], batch_idx: int) -> None:
         self.configure_model()
-        prompts = list(batch)
+        prompts, metadata = (batch.prompts, batch.metadata) if isinstance(batch, PromptBatch) else (list(batch), None)
         audit = self.audit_every_n_rollouts > 0 and self.rollouts_done % self.audit_every_n_rollouts == 0
         noise_gen, local_gen = self.rollout_generators(self.rollouts_done)
         self.rollout.backend.set(noise_gen, self.global_rank, self.trainer.world_size)
         try:
-            result = self.rollout.run(prompts, local_gen, audit=audit)
+            result = self.rollout.run(prompts, local_gen, audit=audit, metadata=metadata)
         finally:  # a direct rollout.run() outside training draws from its own generator again
             self.rollout.backend.set(None, 0, 1)
 
@@ -334,22 +343,23 @@ class ProGRPOModule(pl.LightningModule):
         self._loaded_global_step = int(checkpoint.get("global_step", 0))
 
     # ---- held-out evaluation -------------------------------------------------------------------
-    def eval_scores(self, images: Tensor, prompts: Sequence[str]) -> dict[str, Tensor]:
+    def eval_scores(self, images: Tensor, prompts: Sequence[str],
+                    metadata: Sequence[dict] | None = None) -> dict[str, Tensor]:
         """The weighted sum of the raw training rewards ("total"), then every training and
         evaluation reward's raw score, each [B].
 
         Raw, not normalised: an item's score must not depend on what else is evaluated with it.
         """
-        scores = {r.name: r(images, prompts) for r in self.rewards.rewards}  # each [B]
+        scores = {r.name: r(images, prompts, metadata) for r in self.rewards.rewards}  # each [B]
         total = sum(w * scores[n] for n, w in zip(self.rewards.names, self.rewards.weights))
         scores = {EVAL_TOTAL: total, **scores}
-        scores.update({r.name: r(images, prompts) for r in self.eval_rewards})
+        scores.update({r.name: r(images, prompts, metadata) for r in self.eval_rewards})
         return scores
 
     def _eval_step(self, batch: dict[str, Any]) -> None:
         self.configure_model()
         images = sample_items(self.backend, batch["prompts"], batch["seeds"])  # [B, 3, H, W]
-        scores = self.eval_scores(images, batch["prompts"])  # columns in _finish_eval's order
+        scores = self.eval_scores(images, batch["prompts"], batch.get("metadata"))  # columns in _finish_eval's order
         cols = [batch["prompt_index"].to(self.device).float(), batch["image_index"].to(self.device).float()]
         self._eval_rows.append(torch.stack(cols + [v.float().to(self.device) for v in scores.values()], 1))
         first = batch["image_index"] == 0  # one image per prompt for the grid
@@ -403,7 +413,7 @@ class ProGRPOModule(pl.LightningModule):
         if self.global_rank != 0:
             return
         prompts = getattr(dataset, "prompts", None)
-        self.write_eval_table(stage, rows, names, prompts, root)
+        self.write_eval_table(stage, rows, names, prompts, root, getattr(dataset, "metadata", None))
         logger = self.logger
         if images and isinstance(logger, TensorBoardLogger):
             shown = torch.cat(images)[:16]
@@ -417,8 +427,10 @@ class ProGRPOModule(pl.LightningModule):
         return getattr(self, "_loaded_global_step", self.trainer.global_step)
 
     def write_eval_table(self, stage: str, rows: Tensor, names: list[str],
-                         prompts: Sequence[str] | None, root: str) -> str:
-        """``<root>/eval/<stage>_step<N>.csv`` (one row per image) and ``.md`` (mean per prompt)."""
+                         prompts: Sequence[str] | None, root: str,
+                         metadata: Sequence[dict] | None = None) -> str:
+        """``<root>/eval/<stage>_step<N>.csv`` (one row per image; a ``metadata`` JSON column when
+        the prompt set has metadata) and ``.md`` (mean per prompt)."""
         out_dir = os.path.join(root, "eval")
         os.makedirs(out_dir, exist_ok=True)
         step = self.trained_steps()
@@ -427,9 +439,12 @@ class ProGRPOModule(pl.LightningModule):
         text = (lambda i: prompts[i]) if prompts is not None else (lambda i: str(i))
         with open(base + ".csv", "w", newline="", encoding="utf-8") as f:
             w = csv.writer(f)
-            w.writerow(["prompt_index", "prompt", "image_index", *names])
+            meta = ([] if metadata is None else ["metadata"])
+            w.writerow(["prompt_index", "prompt", *meta, "image_index", *names])
             for row in data:
-                w.writerow([int(row[0]), text(int(row[0])), int(row[1]), *(f"{v:.6g}" for v in row[2:])])
+                i = int(row[0])
+                meta = [] if metadata is None else [json.dumps(metadata[i], sort_keys=True)]
+                w.writerow([i, text(i), *meta, int(row[1]), *(f"{v:.6g}" for v in row[2:])])
         by_prompt: dict[int, list[list[float]]] = {}
         for row in data:
             by_prompt.setdefault(int(row[0]), []).append(row[2:])

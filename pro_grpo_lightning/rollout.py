@@ -66,6 +66,8 @@ class RolloutResult:
     num_previews:  x0 previews decoded and scored
     timings:       seconds spent in "denoise", "preview" (decode + reward) and "final"
     audit:         {"overlap": fraction of survivors the true reward would also have kept, ...}
+    metadata:      P metadata dicts, one per prompt (None when the prompt set has none); a
+                   trajectory's is ``metadata[prompt_index[n]]``
     """
 
     prompts: list[str]
@@ -82,6 +84,7 @@ class RolloutResult:
     num_previews: int
     timings: dict[str, float] = field(default_factory=dict)
     audit: dict[str, Tensor] = field(default_factory=dict)
+    metadata: list[dict] | None = None
 
     @property
     def num_prompts(self) -> int:
@@ -140,11 +143,23 @@ class ExpandPruneRollout:
 
     @torch.no_grad()
     def run(self, prompts: Sequence[str], generator: torch.Generator | None = None, *,
-            audit: bool = False) -> RolloutResult:
+            audit: bool = False, metadata: Sequence[dict] | None = None) -> RolloutResult:
+        """Roll out P prompts; ``metadata`` (None or one dict per prompt) reaches every reward
+        call with each row's prompt's dict."""
         backend, sched = self.backend, self.schedule
         device = backend.device
         prompts = list(prompts)
         P, G, T = len(prompts), sched.group_size, backend.num_steps
+        if metadata is not None:
+            metadata = list(metadata)
+            if len(metadata) != P:
+                raise ValueError(f"{P} prompts but {len(metadata)} metadata entries")
+
+        def rows_of(rows: Tensor) -> tuple[list[str], list[dict] | None]:
+            """Each row's prompt and metadata, by its prompt index (one host copy per reward call)."""
+            idx = rows.tolist()
+            return [prompts[i] for i in idx], None if metadata is None else [metadata[i] for i in idx]
+
         timings = {"denoise": 0.0, "preview": 0.0, "final": 0.0}
 
         cond = backend.encode_prompts(prompts)  # {k: [P, ...]}
@@ -187,8 +202,8 @@ class ExpandPruneRollout:
             if sched.rule not in ("none", "random"):  # these rules ignore scores: skip the preview
                 x0 = out.x0.index_select(0, live)  # [P*G_live, *latent]
                 images = self.preview_images(x0)  # [P*G_live, 3, H, W]
-                texts = [prompts[i] for i in prompt_of.index_select(0, live).tolist()]
-                total, _ = self.rewards(images, texts)  # [P*G_live]
+                texts, meta = rows_of(prompt_of.index_select(0, live))
+                total, _ = self.rewards(images, texts, meta)  # [P*G_live]
                 scores = total.view(P, group_live)  # [P, G_live]
                 previews += images.shape[0]
             kept = select_indices(scores, k_next, sched.rule, group_size=group_live, num_groups=P,
@@ -211,8 +226,8 @@ class ExpandPruneRollout:
         t0 = time.perf_counter()
         scored_rows = torch.arange(x.shape[0], device=device) if audit else live
         images = backend.decode(x.index_select(0, scored_rows))  # [R, 3, H, W]
-        texts = [prompts[i] for i in prompt_of.index_select(0, scored_rows).tolist()]
-        total, comps = self.rewards(images, texts, update_stats=True)  # [R]
+        texts, meta = rows_of(prompt_of.index_select(0, scored_rows))
+        total, comps = self.rewards(images, texts, meta, update_stats=True)  # [R]
         audit_stats: dict[str, Tensor] = {}
         if audit:
             # rows are all P*G trajectories; ``live`` the proxy-selected survivors
@@ -260,7 +275,7 @@ class ExpandPruneRollout:
             rewards=rewards,  # [P, K]
             components={k: v.view(P, group_live) for k, v in comps.items()},
             images=images, checkpoints=checkpoints, nfe=nfe, nfe_full=P * G * T,
-            num_previews=previews, timings=timings, audit=audit_stats)
+            num_previews=previews, timings=timings, audit=audit_stats, metadata=metadata)
 
     @staticmethod
     def _fill_survivor_positions(checkpoints: list[Checkpoint], P: int, K: int) -> None:

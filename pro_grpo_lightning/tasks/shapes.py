@@ -99,6 +99,21 @@ class ShapeSpec:
         return cls(_WORD_COUNTS[m["count"].lower()], m["colour"].lower(), m["shape"].lower(),
                    m["position"].lower())
 
+    def metadata(self) -> dict[str, int | str]:
+        """The prompt-set metadata of this spec (what a prompt item carries to the reward)."""
+        return {"count": self.count, "colour": self.colour, "shape": self.shape, "position": self.position}
+
+    @classmethod
+    def from_item(cls, prompt: str, metadata: dict | None = None) -> ShapeSpec:
+        """The spec of a prompt item: from its metadata when it has the four fields, else parsed."""
+        if metadata and all(k in metadata for k in ("count", "colour", "shape", "position")):
+            try:
+                return cls(int(metadata["count"]), str(metadata["colour"]), str(metadata["shape"]),
+                           str(metadata["position"]))
+            except ValueError as err:
+                raise ValueError(f"prompt {prompt!r}: metadata {metadata}: {err}") from None
+        return cls.parse(prompt)
+
 
 def all_specs() -> list[ShapeSpec]:
     """The 144 specs in canonical order (count, colour, shape, position)."""
