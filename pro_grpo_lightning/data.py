@@ -17,6 +17,7 @@ noise seeds, sharded round-robin without padding.
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
 import warnings
@@ -127,7 +128,7 @@ def _read_prompt_file(path: str) -> list[tuple[str, Metadata]]:
             raise ValueError(f"{path}: expected a JSON list of prompts or objects, got {type(data).__name__}")
         return [_item(obj, f"{path}: item {i}") for i, obj in enumerate(data)]
     # .csv: every value is a string (CSV has no types); empty cells are left out of the metadata
-    rows = csv.DictReader(text.splitlines())
+    rows = csv.DictReader(io.StringIO(text))  # quoted cells may span lines
     if rows.fieldnames is None or "prompt" not in rows.fieldnames:
         raise ValueError(f"{path}: expected a header with a 'prompt' column, got {rows.fieldnames}")
     return [(r["prompt"].strip(), {k: v for k, v in r.items() if k != "prompt" and k is not None and v not in ("", None)})
