@@ -119,6 +119,16 @@ def test_server_down_is_retried_then_one_line(caplog):
         RemoteReward(url, retries=0).configure_model()  # a wrong URL fails before the first rollout
 
 
+def test_a_server_that_never_answers_times_out_and_is_retried(caplog):
+    with socket.socket() as silent:  # listens (the kernel accepts the connection) but never answers
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        url = f"http://127.0.0.1:{silent.getsockname()[1]}"
+        with caplog.at_level(logging.WARNING), pytest.raises(RemoteRewardError, match="after 2 attempt"):
+            RemoteReward(url, timeout=0.2, retries=1, backoff=0.01)(torch.zeros(1, 3, 4, 4), ["a"])
+    assert len(caplog.records) == 1 and "timed out" in caplog.records[0].getMessage()
+
+
 def test_wrong_count_and_refusals_are_one_line_errors(caplog):
     with reward_server("tests.remote_rewards.WrongCount") as (url, _):
         with pytest.raises(RemoteRewardError, match=r"/score returned 3 scores for 2 images$"):
