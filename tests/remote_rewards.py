@@ -15,33 +15,22 @@ from torch import Tensor
 from pro_grpo_lightning.rewards.base import Reward
 
 
-class MetadataValue(Reward):
-    """Score = the metadata's ``value`` (NaN without one): shows which metadata reached ``score``."""
+class Scripted(Reward):
+    """Score = the metadata's ``value`` (NaN without one), so a test sees which metadata reached
+    ``score``; metadata ``{"misbehave": "extra_score"}`` returns one score too many, ``"refuse"``
+    raises a ValueError (the server answers 400). One served reward for every wire test."""
 
-    default_name = "metadata_value"
+    default_name = "scripted"
 
     def score(self, images: Tensor, prompts: Sequence[str], metadata=None) -> Tensor:
+        B = images.shape[0]
         if metadata is None:
-            return torch.full((images.shape[0],), float("nan"))
-        return torch.tensor([float(m.get("value", float("nan"))) for m in metadata])  # [B]
-
-
-class WrongCount(Reward):
-    """A broken scorer: one score too many."""
-
-    default_name = "wrong_count"
-
-    def score(self, images: Tensor, prompts: Sequence[str]) -> Tensor:
-        return torch.zeros(images.shape[0] + 1)
-
-
-class Refuses(Reward):
-    """A scorer that refuses every batch (a ValueError: the server answers 400)."""
-
-    default_name = "refuses"
-
-    def score(self, images: Tensor, prompts: Sequence[str]) -> Tensor:
-        raise ValueError("this scorer refuses every batch")
+            return torch.full((B,), float("nan"))
+        misbehave = {m.get("misbehave") for m in metadata}
+        if "refuse" in misbehave:
+            raise ValueError("this scorer refuses the batch")
+        scores = torch.tensor([float(m.get("value", float("nan"))) for m in metadata])  # [B]
+        return torch.cat([scores, scores[:1]]) if "extra_score" in misbehave else scores
 
 
 class ExpectsMetadata(Reward):

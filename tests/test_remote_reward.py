@@ -98,13 +98,18 @@ def test_remote_scores_equal_in_process(brightness_url):
                        Brightness()(rounded, prompts))
 
 
-def test_metadata_and_non_finite_scores_cross_the_wire():
-    with reward_server("tests.remote_rewards.MetadataValue") as (url, _):
-        remote = RemoteReward(url, batch_size=2)
-        images = torch.zeros(3, 3, 4, 4)
-        scores = remote(images, ["a", "b", "c"], [{"value": 1.5}, {"value": float("inf")}, {}])
-        assert scores[0] == 1.5 and torch.isnan(scores[1:]).all()  # inf and missing: non-finite -> NaN
-        assert torch.isnan(remote(images, ["a", "b", "c"])).all()  # no metadata at all
+@pytest.fixture(scope="module")
+def scripted_url():
+    with reward_server("tests.remote_rewards.Scripted") as (url, _):
+        yield url
+
+
+def test_metadata_and_non_finite_scores_cross_the_wire(scripted_url):
+    remote = RemoteReward(scripted_url, batch_size=2)
+    images = torch.zeros(3, 3, 4, 4)
+    scores = remote(images, ["a", "b", "c"], [{"value": 1.5}, {"value": float("inf")}, {}])
+    assert scores[0] == 1.5 and torch.isnan(scores[1:]).all()  # inf and missing: non-finite -> NaN
+    assert torch.isnan(remote(images, ["a", "b", "c"])).all()  # no metadata at all
 
 
 def test_server_down_is_retried_then_one_line(caplog):
@@ -129,14 +134,16 @@ def test_a_server_that_never_answers_times_out_and_is_retried(caplog):
     assert len(caplog.records) == 1 and "timed out" in caplog.records[0].getMessage()
 
 
-def test_wrong_count_and_refusals_are_one_line_errors(caplog):
-    with reward_server("tests.remote_rewards.WrongCount") as (url, _):
-        with pytest.raises(RemoteRewardError, match=r"/score returned 3 scores for 2 images$"):
-            RemoteReward(url)(torch.zeros(2, 3, 4, 4), ["a", "b"])
-    with reward_server("tests.remote_rewards.Refuses") as (url, _), caplog.at_level(logging.WARNING):
-        with pytest.raises(RemoteRewardError, match="HTTP 400: this scorer refuses every batch$"):
-            RemoteReward(url, retries=3, backoff=10)(torch.zeros(2, 3, 4, 4), ["a", "b"])
+def test_wrong_count_and_refusals_are_one_line_errors(scripted_url, caplog):
+    images = torch.zeros(2, 3, 4, 4)
+    with pytest.raises(RemoteRewardError, match=r"/score returned 3 scores for 2 images$"):
+        RemoteReward(scripted_url)(images, ["a", "b"], [{"value": 1}, {"misbehave": "extra_score"}])
+    with caplog.at_level(logging.WARNING):
+        with pytest.raises(RemoteRewardError, match="HTTP 400: this scorer refuses the batch$"):
+            RemoteReward(scripted_url, retries=3, backoff=10)(images, ["a", "b"], [{}, {"misbehave": "refuse"}])
         assert not caplog.records  # the server answered: no retry (backoff=10 would have shown)
+    # the server keeps serving after both
+    assert RemoteReward(scripted_url)(images, ["a", "b"], [{"value": 2}, {"value": 3}]).tolist() == [2, 3]
 
 
 def test_bad_arguments_fail_in_one_line():
