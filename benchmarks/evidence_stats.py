@@ -5,8 +5,10 @@
 Per arm and measure (reward, exact, shape, count): the final held-out value and its gain over the
 run's own start (t intervals over seeds); Welch intervals of every arm against grpo, and of the
 paper-style pair pro - grpo12 and pro - static when both exist; and the gain pooled over all arms
-(does RL move the model at all?). Uses the benchmark's own ``final_value`` / ``mean_ci`` /
-``welch_interval``.
+(does RL move the model at all?). Uses the benchmark's own ``final_value``
+(``benchmarks.learning_report``) and ``mean_ci`` / ``welch_interval`` (``benchmarks.stats``).
+Reads ``DIR/runs/*.json`` (a benchmark's output) or ``DIR/run_files/*.json`` (the copies under
+``docs/results``).
 """
 
 from __future__ import annotations
@@ -15,7 +17,8 @@ import glob
 import json
 import sys
 
-from . import learning_efficiency as L
+from .learning_report import final_value
+from .stats import mean_ci, welch_interval
 
 PAIRS = (("pro", "grpo12"), ("pro", "static"))  # besides every arm against grpo
 
@@ -32,17 +35,17 @@ def main(argv: list[str] | None = None) -> None:
         runs.setdefault(r["settings"]["arm"], []).append(r)
     for key in ("reward", "exact", "shape", "count"):
         print(f"--- {key}")
-        final = {a: [L.final_value(r, budget, key) for r in rs] for a, rs in runs.items()}
+        final = {a: [final_value(r, budget, key) for r in rs] for a, rs in runs.items()}
         start = {a: [r["curve"][0][key] for r in rs] for a, rs in runs.items()}
         for a in final:
             gain = [f - s for f, s in zip(final[a], start[a])]
-            print(a, "start", round(start[a][0], 4), "final", L.mean_ci(final[a]), "gain", L.mean_ci(gain))
+            print(a, "start", round(start[a][0], 4), "final", mean_ci(final[a]), "gain", mean_ci(gain))
         pairs = [(a, "grpo") for a in final if a != "grpo"] + list(PAIRS)
         for a, b in pairs:
             if a in final and b in final:
-                print(f"{a} - {b}:", L.welch_interval(final[a], final[b]))
+                print(f"{a} - {b}:", welch_interval(final[a], final[b]))
         pooled = [f - s for a in final for f, s in zip(final[a], start[a])]
-        print("all arms gain", L.mean_ci(pooled))
+        print("all arms gain", mean_ci(pooled))
 
 
 if __name__ == "__main__":

@@ -19,7 +19,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from . import common as C
+from .harness import Bench, add_update_args, base_parser, rollout_rows, run_entry_point, update_chunks
+from .measure import FlopModel, denoiser_forward, denoiser_train_step, interleaved, median, timed, trainable_step_indices
+from .report import markdown_table, new_figure, save_figure
 
 NAME = "floor"
 DEFAULT_GRID = "1,2,4,8,16,24,32,48"
@@ -27,23 +29,23 @@ DEFAULT_TRAIN_GRID = "1,2,4,8"
 
 
 def parser():
-    p = C.base_parser(NAME, __doc__.split("\n\n")[0])
+    p = base_parser(NAME, __doc__.split("\n\n")[0])
     p.add_argument("--batch-sizes", default=DEFAULT_GRID,
                    help="trajectory rows to time the forward at (the schedules' own sizes are added)")
     p.add_argument("--train-batch-sizes", default=DEFAULT_TRAIN_GRID,
                    help="pairs per minibatch to time forward+backward at (the update's sizes are added)")
-    C.add_update_args(p)
+    add_update_args(p)
     p.set_defaults(repeats=5)
     return p
 
 
-def schedule_floors(bench: C.Bench, fwd: dict[int, float], train: dict[int, float], model: C.FlopModel,
+def schedule_floors(bench: Bench, fwd: dict[int, float], train: dict[int, float], model: FlopModel,
                     train_batch: int) -> list[dict[str, Any]]:
     out = []
     for s in bench.schedules:
-        rows = C.rollout_rows(bench, s)
+        rows = rollout_rows(bench, s)
         pairs = model.pairs(s.schedule, len(bench.prompts))
-        chunks = C.update_chunks(pairs, train_batch)
+        chunks = update_chunks(pairs, train_batch)
         out.append({"name": s.name, "rows_per_step": rows, "nfe": sum(rows),
                     "rollout_floor_s": sum(fwd[r] for r in rows),
                     "update_pairs": pairs, "update_chunks": chunks,
@@ -51,26 +53,26 @@ def schedule_floors(bench: C.Bench, fwd: dict[int, float], train: dict[int, floa
     return out
 
 
-def run(bench: C.Bench, args, log=print) -> dict[str, Any]:
+def run(bench: Bench, args, log=print) -> dict[str, Any]:
     sizes = sorted({int(x) for x in args.batch_sizes.split(",") if x}
-                   | {r for s in bench.schedules for r in C.rollout_rows(bench, s)})
-    model = C.FlopModel(train_cost=0.0, trainable_steps=len(C.trainable_step_indices(bench)),
+                   | {r for s in bench.schedules for r in rollout_rows(bench, s)})
+    model = FlopModel(train_cost=0.0, trainable_steps=len(trainable_step_indices(bench)),
                         timestep_fraction=args.timestep_fraction, inner_epochs=args.inner_epochs)
     update_sizes = {c for s in bench.schedules
-                    for c in C.update_chunks(model.pairs(s.schedule, len(bench.prompts)), args.train_batch_size)}
+                    for c in update_chunks(model.pairs(s.schedule, len(bench.prompts)), args.train_batch_size)}
     train_sizes = sorted({int(x) for x in args.train_batch_sizes.split(",") if x} | update_sizes)
 
     tasks: dict[str, Any] = {}
     for B in sizes:
-        fn = C.denoiser_forward(bench, B)
-        tasks[f"fwd@{B}"] = (lambda fn=fn: {"s": C.timed(fn, bench.device)[0]})
+        fn = denoiser_forward(bench, B)
+        tasks[f"fwd@{B}"] = (lambda fn=fn: {"s": timed(fn, bench.device)[0]})
     for B in train_sizes:
-        fn = C.denoiser_train_step(bench, B)
-        tasks[f"train@{B}"] = (lambda fn=fn: {"s": C.timed(fn, bench.device)[0]})
+        fn = denoiser_train_step(bench, B)
+        tasks[f"train@{B}"] = (lambda fn=fn: {"s": timed(fn, bench.device)[0]})
     log(f"floor: timing forward at {sizes} rows and forward+backward at {train_sizes} pairs")
-    recs = C.interleaved(tasks, args.repeats, args.warmup, log)
-    fwd = {B: C.median([r["s"] for r in recs[f"fwd@{B}"]]) for B in sizes}
-    train = {B: C.median([r["s"] for r in recs[f"train@{B}"]]) for B in train_sizes}
+    recs = interleaved(tasks, args.repeats, args.warmup, log)
+    fwd = {B: median([r["s"] for r in recs[f"fwd@{B}"]]) for B in sizes}
+    train = {B: median([r["s"] for r in recs[f"train@{B}"]]) for B in train_sizes}
     cfg = bench.cfg_factor
     result = {
         "forward": [{"rows": B, "physical_rows": B * cfg, "median_s": fwd[B], "per_sample_ms": 1e3 * fwd[B] / B,
@@ -89,11 +91,11 @@ def table(result: dict[str, Any]) -> str:
     fwd = {r["rows"]: r for r in result["forward"]}
     train = {r["rows"]: r for r in result["train"]}
     rows = sorted(set(fwd) | set(train))
-    t1 = C.markdown_table(
+    t1 = markdown_table(
         ["rows (trajectories)", "forward ms/sample", "forward+backward ms/sample", "fwd+bwd / fwd"],
         [[B, fwd[B]["per_sample_ms"] if B in fwd else "", train[B]["per_sample_ms"] if B in train else "",
           train[B]["per_sample_ms"] / fwd[B]["per_sample_ms"] if B in fwd and B in train else ""] for B in rows])
-    t2 = C.markdown_table(
+    t2 = markdown_table(
         ["schedule", "rows per step", "denoiser calls", "rollout floor s", "update pairs", "update floor s"],
         [[s["name"], _compress(s["rows_per_step"]), s["nfe"], s["rollout_floor_s"], s["update_pairs"],
           s["update_floor_s"] if s["update_floor_s"] is not None else "n/a"] for s in result["schedules"]])
@@ -113,7 +115,7 @@ def _compress(rows: list[int]) -> str:
 
 
 def plot(result: dict[str, Any], title: str, path: Path) -> None:
-    plt, fig, (a1, a2) = C.new_figure(2)
+    plt, fig, (a1, a2) = new_figure(2)
     for key, label, marker in (("forward", "forward (no grad)", "o"), ("train", "forward + backward", "s")):
         xs = [r["rows"] for r in result[key]]
         a1.plot(xs, [r["per_sample_ms"] for r in result[key]], marker=marker, label=label)
@@ -132,11 +134,11 @@ def plot(result: dict[str, Any], title: str, path: Path) -> None:
     a2.set_title("each schedule's floor at its own batch sizes", fontsize=9)
     a2.tick_params(axis="x", labelrotation=20, labelsize=8)
     a2.legend(fontsize=8)
-    C.save_figure(plt, fig, path, title)
+    save_figure(plt, fig, path, title)
 
 
-def main(argv: list[str] | None = None, bench: C.Bench | None = None) -> dict[str, Any]:
-    return C.run_entry_point(NAME, "denoiser floor", parser(), run, table, plot, argv, bench)
+def main(argv: list[str] | None = None, bench: Bench | None = None) -> dict[str, Any]:
+    return run_entry_point(NAME, "denoiser floor", parser(), run, table, plot, argv, bench)
 
 
 if __name__ == "__main__":

@@ -24,12 +24,14 @@ from typing import Any
 
 import torch
 
-from . import common as C
+from .measure import FlopModel, count_flops
+from .report import ROOT, SCHEMA_VERSION, json_safe, markdown_table, new_figure, save_figure
 from .models import PICKSCORE_CLIP, arch
+from .schedules import paper_schedules
 
 
 def _count(fn) -> int:
-    return C.count_flops(fn)
+    return count_flops(fn)
 
 
 def unit_flops_full(family: str, resolution: int = 512) -> dict[str, float]:
@@ -88,9 +90,9 @@ def schedule_flops(family: str, T: int, units: dict[str, float], group_scale: fl
     c = units["train_pair"] / F
     n_train = T if family == "sd15" else T - 1
     image = (units["vae_decode"] + units["reward"]) / F
-    model = C.FlopModel(train_cost=c, trainable_steps=n_train)
+    model = FlopModel(train_cost=c, trainable_steps=n_train)
     out = []
-    for s in C.paper_schedules(family, T, group_scale):
+    for s in paper_schedules(family, T, group_scale):
         sched = s.schedule
         sizes = sched.group_sizes_per_step(T)
         previews = sum(sizes[ck] for ck in sched.checkpoints)
@@ -118,9 +120,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--out", default=None)
     p.add_argument("--no-plot", action="store_true")
     args = p.parse_args(argv)
-    out = Path(args.out) if args.out else C.ROOT / "results" / "flops"
+    out = Path(args.out) if args.out else ROOT / "results" / "flops"
     out.mkdir(parents=True, exist_ok=True)
-    result: dict[str, Any] = {"benchmark": "flops", "schema_version": C.SCHEMA_VERSION, "resolution": args.resolution,
+    result: dict[str, Any] = {"benchmark": "flops", "schema_version": SCHEMA_VERSION, "resolution": args.resolution,
                               "backends": {}}
     rows_units, rows_sched = [], []
     for family in ("sd15", "sd3", "flux"):
@@ -140,9 +142,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                                    f"{r['units']['previews']:.1f}", f"{100 * r['preview_share_of_rollout']:.1f}%",
                                    f"{r['flop_ratio']:.3f}", f"{r['all_ratio']:.3f}"])
         result["backends"][family] = {"unit_flops": units, "schedules": per_T}
-    t1 = C.markdown_table(["model", "denoiser params", "TFLOP per row", "rows per call (CFG)", "F: TFLOP per call",
+    t1 = markdown_table(["model", "denoiser params", "TFLOP per row", "rows per call (CFG)", "F: TFLOP per call",
                            "c = fwd+bwd / fwd", "VAE decode TFLOP", "PickScore TFLOP", "preview / F"], rows_units)
-    t2 = C.markdown_table(["model", "T", "schedule", "spec", "calls (F)", "previews", "previews (F)",
+    t2 = markdown_table(["model", "T", "schedule", "spec", "calls (F)", "previews", "previews (F)",
                            "previews / rollout", "FLOPs / plain (model)", "FLOPs / plain (incl. decodes, rewards)"],
                           rows_sched)
     tab = t1 + "\n\n" + t2
@@ -150,7 +152,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     (out / "flops.md").write_text(tab + "\n")
     files = {"json": str(out / "flops.json"), "table": str(out / "flops.md")}
     if not args.no_plot:
-        plt, fig, axes = C.new_figure(3, width=13, height=4.0)
+        plt, fig, axes = new_figure(3, width=13, height=4.0)
         for ax, family in zip(axes, ("sd15", "sd3", "flux")):
             T = str((args.steps_sd15 if family == "sd15" else args.steps_flow)[0])
             sched = result["backends"][family]["schedules"][T]
@@ -165,10 +167,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             ax.tick_params(axis="x", labelrotation=25, labelsize=7)
             ax.set_ylabel("FLOPs in denoiser calls (F)", fontsize=8)
         axes[0].legend(fontsize=7)
-        C.save_figure(plt, fig, out / "flops.png", f"full-size FLOPs per prompt and iteration ({args.resolution} px, counted on the meta device)")
+        save_figure(plt, fig, out / "flops.png", f"full-size FLOPs per prompt and iteration ({args.resolution} px, counted on the meta device)")
         files["png"] = str(out / "flops.png")
     result["files"] = files
-    (out / "flops.json").write_text(json.dumps(C._clean(result), indent=1) + "\n")
+    (out / "flops.json").write_text(json.dumps(json_safe(result), indent=1) + "\n")
     return result
 
 

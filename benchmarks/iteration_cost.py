@@ -28,37 +28,42 @@ from pro_grpo_lightning.objectives import group_advantages
 from pro_grpo_lightning.rollout import ExpandPruneRollout
 from pro_grpo_lightning.update import UpdateSettings, grpo_update
 
-from . import common as C
+from .harness import (Bench, add_update_args, base_parser, restored_lora, rollout_rows, run_entry_point,
+                      update_chunks)
+from .measure import (FlopModel, PeakMemory, decoded_images, denoiser_forward, denoiser_train_step, interleaved,
+                      median, mem_str, paired_ratios, timed, trainable_step_indices, unit_flops)
+from .report import markdown_table, new_figure, save_figure
+from .schedules import NamedSchedule, reference
 
 NAME = "iteration_cost"
 
 
 def parser():
-    p = C.base_parser(NAME, __doc__.split("\n\n")[0])
-    C.add_update_args(p)
+    p = base_parser(NAME, __doc__.split("\n\n")[0])
+    add_update_args(p)
     p.add_argument("--lr", type=float, default=1e-5)
     return p
 
 
-def iteration_task(bench: C.Bench, s: C.NamedSchedule, upd: UpdateSettings, opt: torch.optim.Optimizer,
+def iteration_task(bench: Bench, s: NamedSchedule, upd: UpdateSettings, opt: torch.optim.Optimizer,
                    seed: int, track_cuda_memory: bool):
     roll = ExpandPruneRollout(bench.backend, bench.rewards, s.schedule)
 
     def one() -> tuple[float, float, Any, dict[str, float]]:
-        t_roll, res = C.timed(lambda: roll.run(bench.prompts, bench.generator(seed)), bench.device)
+        t_roll, res = timed(lambda: roll.run(bench.prompts, bench.generator(seed)), bench.device)
         adv = group_advantages(res.rewards).flatten()  # [N]
-        t_upd, stats = C.timed(lambda: grpo_update(bench.backend, res, adv, upd, opt,
+        t_upd, stats = timed(lambda: grpo_update(bench.backend, res, adv, upd, opt,
                                                    generator=bench.generator(seed + 1)), bench.device)
         return t_roll, t_upd, res, stats
 
     def run() -> dict[str, Any]:
-        mem = C.PeakMemory(bench.device, cpu_sampling=False) if track_cuda_memory else None
-        with C.restored_lora(bench.backend):
+        mem = PeakMemory(bench.device, cpu_sampling=False) if track_cuda_memory else None
+        with restored_lora(bench.backend):
             if mem is not None:
                 with mem:
-                    wall, (t_roll, t_upd, res, _) = C.timed(one, bench.device)
+                    wall, (t_roll, t_upd, res, _) = timed(one, bench.device)
             else:
-                wall, (t_roll, t_upd, res, _) = C.timed(one, bench.device)
+                wall, (t_roll, t_upd, res, _) = timed(one, bench.device)
         rec = {"wall": wall, "rollout": t_roll, "update": t_upd, "preview": res.timings["preview"],
                "nfe": res.nfe, "num_previews": res.num_previews, "trained": int(res.latents.shape[0])}
         if mem is not None:
@@ -67,14 +72,14 @@ def iteration_task(bench: C.Bench, s: C.NamedSchedule, upd: UpdateSettings, opt:
     return run
 
 
-def run(bench: C.Bench, args, log=print) -> dict[str, Any]:
-    ref = C.reference(bench.schedules)
+def run(bench: Bench, args, log=print) -> dict[str, Any]:
+    ref = reference(bench.schedules)
     P, T = len(bench.prompts), bench.num_steps
-    n_trainable = len(C.trainable_step_indices(bench))
-    units = C.unit_flops(bench)
+    n_trainable = len(trainable_step_indices(bench))
+    units = unit_flops(bench)
     counted_c = units["train_pair"] / units["denoiser_forward"]
     c = counted_c if args.train_cost == "counted" else float(args.train_cost)
-    model = C.FlopModel(train_cost=c, trainable_steps=n_trainable, timestep_fraction=args.timestep_fraction,
+    model = FlopModel(train_cost=c, trainable_steps=n_trainable, timestep_fraction=args.timestep_fraction,
                         inner_epochs=args.inner_epochs)
     upd = UpdateSettings(inner_epochs=args.inner_epochs, timestep_fraction=args.timestep_fraction,
                          train_batch_size=args.train_batch_size)
@@ -82,41 +87,41 @@ def run(bench: C.Bench, args, log=print) -> dict[str, Any]:
     cuda = bench.device.type == "cuda"
 
     tasks: dict[str, Any] = {s.name: iteration_task(bench, s, upd, opt, args.seed, cuda) for s in bench.schedules}
-    rows_needed = sorted({r for s in bench.schedules for r in C.rollout_rows(bench, s)})
+    rows_needed = sorted({r for s in bench.schedules for r in rollout_rows(bench, s)})
     chunks = {s.name: [ch for _ in range(args.inner_epochs)
-                       for ch in C.update_chunks(model.pairs(s.schedule, P) // args.inner_epochs, args.train_batch_size)]
+                       for ch in update_chunks(model.pairs(s.schedule, P) // args.inner_epochs, args.train_batch_size)]
               for s in bench.schedules}
     train_needed = sorted({ch for v in chunks.values() for ch in v})
     for B in rows_needed:
-        fn = C.denoiser_forward(bench, B)
-        tasks[f"fwd@{B}"] = (lambda fn=fn: {"s": C.timed(fn, bench.device)[0]})
+        fn = denoiser_forward(bench, B)
+        tasks[f"fwd@{B}"] = (lambda fn=fn: {"s": timed(fn, bench.device)[0]})
     for B in train_needed:
-        fn = C.denoiser_train_step(bench, B)
-        tasks[f"train@{B}"] = (lambda fn=fn: {"s": C.timed(fn, bench.device)[0]})
+        fn = denoiser_train_step(bench, B)
+        tasks[f"train@{B}"] = (lambda fn=fn: {"s": timed(fn, bench.device)[0]})
     log(f"iteration_cost: {len(bench.schedules)} schedules, floors at {rows_needed} rows / {train_needed} pairs, "
         f"c = {c:.3f} (counted {counted_c:.3f}), {args.warmup} warm-up + {args.repeats} rounds")
-    recs = C.interleaved(tasks, args.repeats, args.warmup, log)
+    recs = interleaved(tasks, args.repeats, args.warmup, log)
 
     for s in bench.schedules:
-        rows = C.rollout_rows(bench, s)
+        rows = rollout_rows(bench, s)
         for r, rec in enumerate(recs[s.name]):
             rec["rollout_floor"] = sum(recs[f"fwd@{B}"][r]["s"] for B in rows)
             rec["update_floor"] = sum(recs[f"train@{B}"][r]["s"] for B in chunks[s.name])
             rec["floor"] = rec["rollout_floor"] + rec["update_floor"]
     sched_recs = {s.name: recs[s.name] for s in bench.schedules}
-    wall_ratio = C.paired_ratios(sched_recs, "wall", ref.name)
-    floor_ratio = C.paired_ratios(sched_recs, "floor", ref.name)
+    wall_ratio = paired_ratios(sched_recs, "wall", ref.name)
+    floor_ratio = paired_ratios(sched_recs, "floor", ref.name)
     flops_ref = model.total(ref.schedule, P, T)
     image_units = (units["vae_decode"] + units["reward"]) / units["denoiser_forward"]  # one decoded+scored image
-    flops_ref_all = flops_ref + image_units * sum(C.decoded_images(ref.schedule, P, T))
+    flops_ref_all = flops_ref + image_units * sum(decoded_images(ref.schedule, P, T))
 
     results = []
     for s in bench.schedules:
         rr = recs[s.name]
-        m = lambda k: C.median([x[k] for x in rr])  # noqa: E731
+        m = lambda k: median([x[k] for x in rr])  # noqa: E731
         flops = model.total(s.schedule, P, T)
         flop_ratio = flops / flops_ref
-        flops_all = flops + image_units * sum(C.decoded_images(s.schedule, P, T))
+        flops_all = flops + image_units * sum(decoded_images(s.schedule, P, T))
         flop_ratio_all = flops_all / flops_ref_all
         wr = wall_ratio[s.name]["median"]
         peaks = [x["memory"] for x in rr if "memory" in x]
@@ -133,7 +138,7 @@ def run(bench: C.Bench, args, log=print) -> dict[str, Any]:
             "saving_gap_points_all": 100 * (flop_ratio_all - wr),
             "wall_s": m("wall"), "rollout_s": m("rollout"), "update_s": m("update"), "preview_s": m("preview"),
             "floor_s": m("floor"), "rollout_floor_s": m("rollout_floor"), "update_floor_s": m("update_floor"),
-            "wall_over_floor": C.median([x["wall"] / x["floor"] for x in rr]),
+            "wall_over_floor": median([x["wall"] / x["floor"] for x in rr]),
             "memory": max(peaks, key=lambda q: q["peak_bytes"]) if peaks else {"method": "n/a", "peak_bytes": None,
                                                                               "delta_bytes": None},
             "rounds": [{k: v for k, v in x.items() if k != "memory"} for x in rr],
@@ -160,7 +165,7 @@ def evaluate(results: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def table(result: dict[str, Any]) -> str:
-    return C.markdown_table(
+    return markdown_table(
         ["schedule", "sizes", "trained", "calls", "FLOPs / plain", "wall / plain", "floor / plain",
          "saving: FLOPs", "saving: wall", "gap (pts)", "FLOPs incl. decodes / plain", "gap to that (pts)",
          "rollout s", "update s", "iteration s", "floor s", "peak memory"],
@@ -168,11 +173,11 @@ def table(result: dict[str, Any]) -> str:
           r["floor_ratio"]["median"], f"{100 * r['flop_saving']:.1f}%", f"{100 * r['wall_saving']:.1f}%",
           f"{r['saving_gap_points']:+.1f}", r["flop_ratio_all"], f"{r['saving_gap_points_all']:+.1f}",
           r["rollout_s"], r["update_s"], r["wall_s"], r["floor_s"],
-          C.mem_str(r["memory"])] for r in result["results"]])
+          mem_str(r["memory"])] for r in result["results"]])
 
 
 def plot(result: dict[str, Any], title: str, path: Path) -> None:
-    plt, fig, (a1, a2) = C.new_figure(2)
+    plt, fig, (a1, a2) = new_figure(2)
     res = result["results"]
     names = [r["name"] for r in res]
     a1.bar(names, [r["rollout_s"] for r in res], label="rollout (incl. previews, rewards)")
@@ -198,11 +203,11 @@ def plot(result: dict[str, Any], title: str, path: Path) -> None:
     a2.set_ylabel(f"relative to {result['reference']}")
     a2.set_title("iteration cost relative to plain GRPO", fontsize=9)
     a2.legend(fontsize=7)
-    C.save_figure(plt, fig, path, title)
+    save_figure(plt, fig, path, title)
 
 
-def main(argv: list[str] | None = None, bench: C.Bench | None = None) -> dict[str, Any]:
-    return C.run_entry_point(NAME, "iteration cost", parser(), run, table, plot, argv, bench)
+def main(argv: list[str] | None = None, bench: Bench | None = None) -> dict[str, Any]:
+    return run_entry_point(NAME, "iteration cost", parser(), run, table, plot, argv, bench)
 
 
 if __name__ == "__main__":

@@ -210,7 +210,7 @@ class RandomSD3Backend(_RandomInit, SD3Backend):
         super().__init__("<random-sd3.5m>", drop_t5=True, **kwargs)
         self._setup_random(size, build_device, seed)
 
-    def _load_components(self) -> dict[str, object]:
+    def load_components(self) -> dict[str, object]:
         from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
 
         a = arch("sd3", self.size)
@@ -235,7 +235,7 @@ class RandomFluxBackend(_RandomInit, FluxBackend):
         super().__init__("<random-flux-dev>", **kwargs)
         self._setup_random(size, build_device, seed)
 
-    def _load_components(self) -> dict[str, object]:
+    def load_components(self) -> dict[str, object]:
         from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
         from transformers import T5Config, T5EncoderModel
 

@@ -20,25 +20,29 @@ from typing import Any
 
 from pro_grpo_lightning.rollout import ExpandPruneRollout
 
-from . import common as C
+from .harness import Bench, base_parser, rollout_rows, run_entry_point
+from .measure import (PeakMemory, decoded_images, denoiser_forward, interleaved, median, mem_str, paired_ratios,
+                      timed, unit_flops)
+from .report import markdown_table, new_figure, save_figure
+from .schedules import NamedSchedule, reference
 
 NAME = "rollout_cost"
 
 
 def parser():
-    p = C.base_parser(NAME, __doc__.split("\n\n")[0])
+    p = base_parser(NAME, __doc__.split("\n\n")[0])
     p.add_argument("--no-memory-pass", action="store_true",
                    help="CPU: skip the extra untimed run per schedule that samples RSS")
     return p
 
 
-def rollout_task(bench: C.Bench, s: C.NamedSchedule, seed: int, track_cuda_memory: bool):
+def rollout_task(bench: Bench, s: NamedSchedule, seed: int, track_cuda_memory: bool):
     roll = ExpandPruneRollout(bench.backend, bench.rewards, s.schedule)
 
     def run() -> dict[str, Any]:
-        mem = C.PeakMemory(bench.device, cpu_sampling=False) if track_cuda_memory else None
+        mem = PeakMemory(bench.device, cpu_sampling=False) if track_cuda_memory else None
         with mem if mem is not None else _null():
-            wall, res = C.timed(lambda: roll.run(bench.prompts, bench.generator(seed)), bench.device)
+            wall, res = timed(lambda: roll.run(bench.prompts, bench.generator(seed)), bench.device)
         t = res.timings
         rec = {"wall": wall, "denoise": t["denoise"], "preview": t["preview"], "final": t["final"],
                "other": wall - t["denoise"] - t["preview"] - t["final"], "nfe": res.nfe,
@@ -57,28 +61,28 @@ class _null:
         return None
 
 
-def run(bench: C.Bench, args, log=print) -> dict[str, Any]:
-    ref = C.reference(bench.schedules)
+def run(bench: Bench, args, log=print) -> dict[str, Any]:
+    ref = reference(bench.schedules)
     cuda = bench.device.type == "cuda"
     tasks: dict[str, Any] = {s.name: rollout_task(bench, s, args.seed, cuda) for s in bench.schedules}
-    rows_needed = sorted({r for s in bench.schedules for r in C.rollout_rows(bench, s)})
+    rows_needed = sorted({r for s in bench.schedules for r in rollout_rows(bench, s)})
     for B in rows_needed:
-        fn = C.denoiser_forward(bench, B)
-        tasks[f"fwd@{B}"] = (lambda fn=fn: {"s": C.timed(fn, bench.device)[0]})
+        fn = denoiser_forward(bench, B)
+        tasks[f"fwd@{B}"] = (lambda fn=fn: {"s": timed(fn, bench.device)[0]})
     log(f"rollout_cost: {len(bench.schedules)} schedules + denoiser floor at {rows_needed} rows, "
         f"{args.warmup} warm-up + {args.repeats} rounds")
-    recs = C.interleaved(tasks, args.repeats, args.warmup, log)
+    recs = interleaved(tasks, args.repeats, args.warmup, log)
 
     # per round: each schedule's floor from that round's forward timings
     for s in bench.schedules:
-        rows = C.rollout_rows(bench, s)
+        rows = rollout_rows(bench, s)
         for r, rec in enumerate(recs[s.name]):
             rec["floor"] = sum(recs[f"fwd@{B}"][r]["s"] for B in rows)
             rec["denoise_over_floor"] = rec["denoise"] / rec["floor"]
             rec["wall_over_floor"] = rec["wall"] / rec["floor"]
             rec["preview_frac"] = rec["preview"] / rec["wall"]
-    wall_ratio = C.paired_ratios({s.name: recs[s.name] for s in bench.schedules}, "wall", ref.name)
-    floor_ratio = C.paired_ratios({s.name: recs[s.name] for s in bench.schedules}, "floor", ref.name)
+    wall_ratio = paired_ratios({s.name: recs[s.name] for s in bench.schedules}, "wall", ref.name)
+    floor_ratio = paired_ratios({s.name: recs[s.name] for s in bench.schedules}, "floor", ref.name)
 
     memory: dict[str, Any] = {}
     if cuda:
@@ -89,19 +93,19 @@ def run(bench: C.Bench, args, log=print) -> dict[str, Any]:
         log("memory pass (CPU, sampled RSS, untimed)")
         for s in bench.schedules:
             roll = ExpandPruneRollout(bench.backend, bench.rewards, s.schedule)
-            with C.PeakMemory(bench.device) as mem:
+            with PeakMemory(bench.device) as mem:
                 roll.run(bench.prompts, bench.generator(args.seed))
             memory[s.name] = mem.result
     else:
         memory = {s.name: {"method": "n/a", "peak_bytes": None, "delta_bytes": None} for s in bench.schedules}
 
     P, T = len(bench.prompts), bench.num_steps
-    units = C.unit_flops(bench)
+    units = unit_flops(bench)
     image_units = (units["vae_decode"] + units["reward"]) / units["denoiser_forward"]
     results = []
     for s in bench.schedules:
         rr = recs[s.name]
-        m = lambda k: C.median([x[k] for x in rr])  # noqa: E731
+        m = lambda k: median([x[k] for x in rr])  # noqa: E731
         results.append({
             "name": s.name, "spec": s.spec, "kind": s.kind, "describe": s.describe(T),
             "nfe": rr[0]["nfe"], "nfe_expected": P * s.schedule.nfe_per_prompt(T),
@@ -117,16 +121,16 @@ def run(bench: C.Bench, args, log=print) -> dict[str, Any]:
             "memory": memory.get(s.name),
             "rounds": [{k: v for k, v in x.items() if k != "memory"} for x in rr],
         })
-    fwd = {B: C.median([x["s"] for x in recs[f"fwd@{B}"]]) for B in rows_needed}
+    fwd = {B: median([x["s"] for x in recs[f"fwd@{B}"]]) for B in rows_needed}
     targets = evaluate(results)
     return {"reference": ref.name, "results": results, "unit_flops": units, "image_units": image_units,
             "forward_s": [{"rows": B, "median_s": fwd[B], "per_sample_ms": 1e3 * fwd[B] / B} for B in rows_needed],
             "targets": targets}
 
 
-def _preview_flop_add(s: C.NamedSchedule, P: int, T: int, image_units: float) -> float:
+def _preview_flop_add(s: NamedSchedule, P: int, T: int, image_units: float) -> float:
     """Counted FLOPs of the previews over the rest of the rollout (denoiser calls + final images)."""
-    previews, finals = C.decoded_images(s.schedule, P, T)
+    previews, finals = decoded_images(s.schedule, P, T)
     return previews * image_units / (P * s.schedule.nfe_per_prompt(T) + finals * image_units)
 
 
@@ -144,7 +148,7 @@ def evaluate(results: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def table(result: dict[str, Any]) -> str:
-    return C.markdown_table(
+    return markdown_table(
         ["schedule", "sizes", "denoiser calls", "calls / plain", "wall s", "wall / plain", "denoise s",
          "floor s", "denoise / floor", "previews s (n)", "previews add", "previews add (FLOPs)", "final s",
          "other s", "peak memory"],
@@ -152,11 +156,11 @@ def table(result: dict[str, Any]) -> str:
           r["denoise_s"], r["floor_s"], r["denoise_over_floor"],
           f"{r['preview_s']:.3g} ({r['num_previews']})",
           f"{100 * r['preview_add']:.1f}%" if r["num_previews"] else "-",
-          f"{100 * r['preview_flop_add']:.1f}%" if r["num_previews"] else "-", r["final_s"], r["other_s"], C.mem_str(r["memory"] or {})] for r in result["results"]])
+          f"{100 * r['preview_flop_add']:.1f}%" if r["num_previews"] else "-", r["final_s"], r["other_s"], mem_str(r["memory"] or {})] for r in result["results"]])
 
 
 def plot(result: dict[str, Any], title: str, path: Path) -> None:
-    plt, fig, (a1, a2) = C.new_figure(2)
+    plt, fig, (a1, a2) = new_figure(2)
     res = result["results"]
     names = [r["name"] for r in res]
     bottom = [0.0] * len(res)
@@ -181,11 +185,11 @@ def plot(result: dict[str, Any], title: str, path: Path) -> None:
     a2.set_ylabel(f"relative to {result['reference']}")
     a2.set_title("rollout cost relative to plain GRPO", fontsize=9)
     a2.legend(fontsize=7)
-    C.save_figure(plt, fig, path, title)
+    save_figure(plt, fig, path, title)
 
 
-def main(argv: list[str] | None = None, bench: C.Bench | None = None) -> dict[str, Any]:
-    return C.run_entry_point(NAME, "rollout cost", parser(), run, table, plot, argv, bench)
+def main(argv: list[str] | None = None, bench: Bench | None = None) -> dict[str, Any]:
+    return run_entry_point(NAME, "rollout cost", parser(), run, table, plot, argv, bench)
 
 
 if __name__ == "__main__":

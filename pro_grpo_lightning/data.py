@@ -11,7 +11,7 @@ traffic). Under DDP the sampler shards each epoch's permutation itself: global b
 prompts see exactly the batches of one process with W * P prompts (in rank order). It subclasses
 ``DistributedSampler`` so Lightning never wraps or replaces it, whatever ``use_distributed_sampler``
 says. Held-out prompts (``val_prompts`` / ``test_prompts``) become (prompt, image) items with fixed
-noise seeds, sharded round-robin without padding.
+noise seeds, sharded round-robin without padding (``evaluation.eval_loader``).
 """
 
 from __future__ import annotations
@@ -29,6 +29,9 @@ import lightning.pytorch as pl
 import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+from .evaluation import eval_loader
+from .noise import mix_seed
 
 #: Built-in prompt sets, so a run needs no data file.
 PROMPT_SETS: dict[str, list[str]] = {
@@ -184,7 +187,7 @@ def validate_prompt_set(rewards: Sequence[Any], prompts: Sequence[str],
 class ResumableShuffleSampler(DistributedSampler):
     """A fresh permutation per epoch from (seed, epoch), sharded by batch, with a one-shot skip.
 
-    Epoch e's order is ``randperm(num_items)`` from (seed, e). With ``batch_size`` P and
+    Epoch e's order is ``randperm(num_items)`` from ``mix_seed(seed, e)``. With ``batch_size`` P and
     ``num_replicas`` W, global batch b is ``order[b*P*W : (b+1)*P*W]`` and this rank yields its
     slice ``[rank*P : (rank+1)*P]`` of each; incomplete global batches are dropped, so every rank
     yields the same number of batches. ``skip`` items are dropped from the next iteration only
@@ -218,66 +221,12 @@ class ResumableShuffleSampler(DistributedSampler):
                 f"ResumableShuffleSampler was built for {self.num_replicas} rank(s) but the process group "
                 f"has {dist.get_world_size()}: build it in train_dataloader() from trainer.world_size "
                 f"and trainer.global_rank (PromptDataModule does)")
-        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        gen = torch.Generator().manual_seed(mix_seed(self.seed, self.epoch))
         order = torch.randperm(self.num_items, generator=gen)  # [N]
         P, W = self.batch_size, self.num_replicas
         mine = order[: self.num_batches * P * W].view(self.num_batches, W, P)[:, self.rank]  # [nb, P]
         skip, self.skip = self.skip, 0
         return iter(mine.flatten().tolist()[skip:])
-
-
-class ShardedSequentialSampler(DistributedSampler):
-    """Items rank, rank + W, rank + 2W, ... in order: no shuffling, no padding, no duplicates.
-
-    Ranks may get one item more or less; evaluation gathers its per-item rows at the end, so
-    nothing per batch needs the ranks in lockstep.
-    """
-
-    def __init__(self, num_items: int, num_replicas: int = 1, rank: int = 0) -> None:
-        super().__init__(range(num_items), num_replicas=num_replicas, rank=rank, shuffle=False)
-        self.num_items = num_items
-        self.num_samples = len(range(rank, num_items, num_replicas))
-
-    def __len__(self) -> int:
-        return self.num_samples
-
-    def __iter__(self) -> Iterator[int]:
-        return iter(range(self.rank, self.num_items, self.num_replicas))
-
-
-class EvalItems(Dataset):
-    """(prompt, image) pairs of a held-out set; each carries its own noise seed.
-
-    Item (i, j) is image j of prompt i, seeded ``mix_seed(eval_seed, i, j)``: its image depends on
-    nothing else (batch size, rank count, training RNG).
-    """
-
-    def __init__(self, prompts: Sequence[str], images_per_prompt: int, eval_seed: int,
-                 metadata: Sequence[Metadata] | None = None) -> None:
-        from .noise import mix_seed
-
-        self.prompts = list(prompts)
-        self.metadata = None if metadata is None else list(metadata)
-        self.images_per_prompt = images_per_prompt
-        self.seeds = [[mix_seed(eval_seed, i, j) for j in range(images_per_prompt)]
-                      for i in range(len(self.prompts))]
-
-    def __len__(self) -> int:
-        return len(self.prompts) * self.images_per_prompt
-
-    def __getitem__(self, k: int) -> dict[str, Any]:
-        i, j = divmod(k, self.images_per_prompt)
-        return {"prompt": self.prompts[i], "prompt_index": i, "image_index": j, "seed": self.seeds[i][j],
-                "metadata": None if self.metadata is None else self.metadata[i]}
-
-
-def _collate_eval(items: list[dict[str, Any]]) -> dict[str, Any]:
-    metadata = [it["metadata"] for it in items]
-    return {"prompts": [it["prompt"] for it in items],
-            "metadata": None if all(m is None for m in metadata) else metadata,
-            "prompt_index": torch.tensor([it["prompt_index"] for it in items], dtype=torch.long),
-            "image_index": torch.tensor([it["image_index"] for it in items], dtype=torch.long),
-            "seeds": [it["seed"] for it in items]}
 
 
 class ResumableDataLoader(DataLoader):
@@ -385,10 +334,9 @@ class PromptDataModule(pl.LightningDataModule):
             warnings.filterwarnings("ignore", message="Total length of `list` across ranks is zero")
             return []
         rank, world_size = self._rank_world()
-        items = EvalItems(prompts, self.eval_images_per_prompt, self.eval_seed, metadata)
-        return DataLoader(items, batch_size=self.eval_batch_size, collate_fn=_collate_eval,
-                          sampler=ShardedSequentialSampler(len(items), world_size, rank),
-                          num_workers=self.num_workers)
+        return eval_loader(prompts, self.eval_images_per_prompt, self.eval_seed, self.eval_batch_size,
+                           rank=rank, world_size=world_size, num_workers=self.num_workers,
+                           metadata=metadata)
 
     def val_dataloader(self) -> DataLoader | list:
         return self._eval_loader(self.val_prompts, self.val_metadata, "validate")

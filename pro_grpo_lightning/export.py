@@ -35,34 +35,20 @@ LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 
 def _family(backend: DiffusionBackend) -> tuple[Any, str]:
     """(stock pipeline class, name of the denoiser component) of a backend."""
-    from .backends.flux import FluxBackend
-    from .backends.sd3 import SD3Backend
-    from .backends.sd15 import SD15Backend
+    name = getattr(backend, "pipeline_class", "")
+    if not name:
+        raise TypeError(f"no diffusers pipeline is known for {type(backend).__name__}: "
+                        f"export supports SD1.x, SD3 and FLUX backends")
+    import diffusers
 
-    if isinstance(backend, SD15Backend):
-        from diffusers import StableDiffusionPipeline
-        return StableDiffusionPipeline, "unet"
-    if isinstance(backend, SD3Backend):
-        from diffusers import StableDiffusion3Pipeline
-        return StableDiffusion3Pipeline, "transformer"
-    if isinstance(backend, FluxBackend):
-        from diffusers import FluxPipeline
-        return FluxPipeline, "transformer"
-    raise TypeError(f"no diffusers pipeline is known for {type(backend).__name__}: "
-                    f"export supports SD1.x, SD3 and FLUX backends")
+    return getattr(diffusers, name), backend.denoiser_component
 
 
 def fresh_pipeline(backend: DiffusionBackend) -> Any:
     """The stock pipeline on a fresh copy of the backend's frozen base components (no adapter)."""
     pipeline_cls, _ = _family(backend)
-    if hasattr(backend, "load_components"):  # SD1.x
-        comps = dict(backend.load_components())
-        return pipeline_cls(**comps, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-    comps = dict(backend._load_components())  # flow families: diffusers' component names
-    if pipeline_cls.__name__ == "StableDiffusion3Pipeline":
-        comps.setdefault("text_encoder_3", None)  # drop_t5
-        comps.setdefault("tokenizer_3", None)
-    return pipeline_cls(**comps)
+    comps = dict(backend.load_components())  # diffusers' component names
+    return pipeline_cls(**{**backend.pipeline_defaults, **comps})
 
 
 def _backend_of(module_or_backend: Any) -> DiffusionBackend:

@@ -15,18 +15,15 @@ rank's slice of a global draw, so W ranks x P prompts sample what one process wi
 samples; gradients are averaged by the strategy in ``manual_backward``; reward statistics and
 logged metrics are reduced across ranks (``distributed.py``).
 
-Held-out evaluation (``validation_step`` / ``test_step``): every (prompt, image) item of the
-datamodule's held-out set is sampled from the policy with its own fixed noise, scored by the
-training rewards and ``eval_rewards``, logged as ``val/*`` / ``test/*`` and written as a table
-(CSV + markdown) under ``<log_dir>/eval/``.
+Held-out evaluation (``validation_step`` / ``test_step``, the steps in ``evaluation.py``): every
+(prompt, image) item of the datamodule's held-out set is sampled from the policy with its own
+fixed noise, scored by the training rewards and ``eval_rewards``, logged as ``val/*`` / ``test/*``
+and written as a table (CSV + markdown) under ``<log_dir>/eval/``.
 """
 
 from __future__ import annotations
 
-import csv
-import json
 import math
-import os
 import time
 import warnings
 from collections.abc import Sequence
@@ -41,8 +38,10 @@ from torch import Tensor
 
 from .backends.base import DiffusionBackend
 from .data import PromptBatch
-from .distributed import RankSyncedRewardSet, gather_rows, reduce_metrics
-from .noise import LOCAL_STREAM, NOISE_STREAM, RankSlicedNoise, mix_seed, sample_items, seeded_generator
+from .distributed import RankSyncedRewardSet, reduce_metrics
+from .evaluation import (eval_columns, eval_scores, gather_items, item_rows, sample_items,
+                         write_eval_table)
+from .noise import LOCAL_STREAM, NOISE_STREAM, mix_seed, seeded_generator
 from .objectives import group_advantages
 from .rewards.base import Reward
 from .rollout import ExpandPruneRollout, RolloutResult, proxy_reward_correlation
@@ -54,7 +53,6 @@ from .update import UpdateSettings, grpo_update
 warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization")
 
 DEFAULT_SAMPLE_PROMPTS = ["a cat", "a red square", "a horse", "a blue triangle"]
-EVAL_TOTAL = "total"  # evaluation column: the weighted sum of the raw training rewards
 
 
 def image_grid(images: Tensor, nrow: int) -> Tensor:
@@ -131,10 +129,7 @@ class ProGRPOModule(pl.LightningModule):
         self.backend = backend
         self.rewards = RankSyncedRewardSet(rewards, normalize=reward_normalize)
         self.eval_rewards = torch.nn.ModuleList(eval_rewards or [])
-        clash = sorted((set(self.rewards.names) | {EVAL_TOTAL}) & {r.name for r in self.eval_rewards})
-        if EVAL_TOTAL in self.rewards.names or clash:
-            raise ValueError(f"eval_rewards {clash} share a name with a training reward (or the column "
-                             f"{EVAL_TOTAL!r}): give them another `name`")
+        self.eval_names = eval_columns(self.rewards, self.eval_rewards)  # refuses clashing names
         self.schedule = schedule
         self.optimizer_factory = optimizer
         self.lr_scheduler_factory = lr_scheduler
@@ -168,8 +163,7 @@ class ProGRPOModule(pl.LightningModule):
         for reward in self.eval_rewards:
             reward.configure_model()
         if self.rollout is None:
-            # The rollout samples through a view whose noise is this rank's slice of a global draw.
-            self.rollout = ExpandPruneRollout(RankSlicedNoise(self.backend), self.rewards, self.schedule,
+            self.rollout = ExpandPruneRollout(self.backend, self.rewards, self.schedule,
                                               preview_scale=self.preview_scale,
                                               shared_initial_noise=self.shared_initial_noise)
 
@@ -199,11 +193,10 @@ class ProGRPOModule(pl.LightningModule):
         prompts, metadata = (batch.prompts, batch.metadata) if isinstance(batch, PromptBatch) else (list(batch), None)
         audit = self.audit_every_n_rollouts > 0 and self.rollouts_done % self.audit_every_n_rollouts == 0
         noise_gen, local_gen = self.rollout_generators(self.rollouts_done)
-        self.rollout.backend.set(noise_gen, self.global_rank, self.trainer.world_size)
-        try:
-            result = self.rollout.run(prompts, local_gen, audit=audit, metadata=metadata)
-        finally:  # a direct rollout.run() outside training draws from its own generator again
-            self.rollout.backend.set(None, 0, 1)
+        # The noise is this rank's slice of a draw for the global batch (noise.py).
+        result = self.rollout.run(prompts, local_gen, audit=audit, metadata=metadata,
+                                  noise_generator=noise_gen,
+                                  rank=self.global_rank, world_size=self.trainer.world_size)
 
         global_std = None
         if self.adv_std == "global" and self.trainer.world_size > 1:
@@ -342,34 +335,20 @@ class ProGRPOModule(pl.LightningModule):
         self.rollouts_done = int(extra.get("rollouts_done", 0))
         self._loaded_global_step = int(checkpoint.get("global_step", 0))
 
-    # ---- held-out evaluation -------------------------------------------------------------------
-    def eval_scores(self, images: Tensor, prompts: Sequence[str],
-                    metadata: Sequence[dict] | None = None) -> dict[str, Tensor]:
-        """The weighted sum of the raw training rewards ("total"), then every training and
-        evaluation reward's raw score, each [B].
-
-        Raw, not normalised: an item's score must not depend on what else is evaluated with it.
-        """
-        scores = {r.name: r(images, prompts, metadata) for r in self.rewards.rewards}  # each [B]
-        total = sum(w * scores[n] for n, w in zip(self.rewards.names, self.rewards.weights))
-        scores = {EVAL_TOTAL: total, **scores}
-        scores.update({r.name: r(images, prompts, metadata) for r in self.eval_rewards})
-        return scores
-
-    def _eval_step(self, batch: dict[str, Any]) -> None:
-        self.configure_model()
-        images = sample_items(self.backend, batch["prompts"], batch["seeds"])  # [B, 3, H, W]
-        scores = self.eval_scores(images, batch["prompts"], batch.get("metadata"))  # columns in _finish_eval's order
-        cols = [batch["prompt_index"].to(self.device).float(), batch["image_index"].to(self.device).float()]
-        self._eval_rows.append(torch.stack(cols + [v.float().to(self.device) for v in scores.values()], 1))
-        first = batch["image_index"] == 0  # one image per prompt for the grid
-        self._eval_images.append(images[first.to(images.device)].cpu())
-
+    # ---- held-out evaluation (evaluation.py) ------------------------------------------------------
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         self._eval_step(batch)
 
     def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         self._eval_step(batch)
+
+    def _eval_step(self, batch: dict[str, Any]) -> None:
+        self.configure_model()
+        images = sample_items(self.backend, batch["prompts"], batch["seeds"])  # [B, 3, H, W]
+        scores = eval_scores(self.rewards, self.eval_rewards, images, batch["prompts"], batch.get("metadata"))
+        self._eval_rows.append(item_rows(batch, scores, self.device))  # [B, 2 + S]
+        first = batch["image_index"] == 0  # one image per prompt for the grid
+        self._eval_images.append(images[first.to(images.device)].cpu())
 
     def on_validation_epoch_start(self) -> None:
         self._eval_rows, self._eval_images = [], []
@@ -384,12 +363,8 @@ class ProGRPOModule(pl.LightningModule):
 
     def _finish_eval(self, stage: str) -> None:
         """Gather every rank's items, log the means, write the table (rank 0)."""
-        names = [EVAL_TOTAL, *self.rewards.names, *(r.name for r in self.eval_rewards)]
-        local = (torch.cat(self._eval_rows) if self._eval_rows
-                 else torch.zeros(0, 2 + len(names), device=self.device))  # [n_r, 2 + S]
-        rows = gather_rows(local)  # [N, 2 + S], every rank
-        rows = rows[torch.argsort(rows[:, 1], stable=True)]  # by image, then stably by prompt:
-        rows = rows[torch.argsort(rows[:, 0], stable=True)]  # (prompt, image) order, whatever the sharding
+        names = self.eval_names
+        rows = gather_items(self._eval_rows, len(names), self.device)  # [N, 2 + S], every rank
         images = self._eval_images
         self._eval_rows, self._eval_images = [], []
         dataloaders = self.trainer.val_dataloaders if stage == "val" else self.trainer.test_dataloaders
@@ -412,8 +387,8 @@ class ProGRPOModule(pl.LightningModule):
             self.log_dict(metrics, on_step=False, on_epoch=True, batch_size=rows.shape[0])
         if self.global_rank != 0:
             return
-        prompts = getattr(dataset, "prompts", None)
-        self.write_eval_table(stage, rows, names, prompts, root, getattr(dataset, "metadata", None))
+        write_eval_table(stage, self.trained_steps(), rows, names, getattr(dataset, "prompts", None), root,
+                         getattr(dataset, "metadata", None))
         logger = self.logger
         if images and isinstance(logger, TensorBoardLogger):
             shown = torch.cat(images)[:16]
@@ -425,37 +400,3 @@ class ProGRPOModule(pl.LightningModule):
         if self.trainer.state.fn == "fit":
             return self.trainer.global_step
         return getattr(self, "_loaded_global_step", self.trainer.global_step)
-
-    def write_eval_table(self, stage: str, rows: Tensor, names: list[str],
-                         prompts: Sequence[str] | None, root: str,
-                         metadata: Sequence[dict] | None = None) -> str:
-        """``<root>/eval/<stage>_step<N>.csv`` (one row per image; a ``metadata`` JSON column when
-        the prompt set has metadata) and ``.md`` (mean per prompt)."""
-        out_dir = os.path.join(root, "eval")
-        os.makedirs(out_dir, exist_ok=True)
-        step = self.trained_steps()
-        base = os.path.join(out_dir, f"{stage}_step{step:06d}")
-        data = rows.cpu().tolist()
-        text = (lambda i: prompts[i]) if prompts is not None else (lambda i: str(i))
-        with open(base + ".csv", "w", newline="", encoding="utf-8") as f:
-            w = csv.writer(f)
-            meta = ([] if metadata is None else ["metadata"])
-            w.writerow(["prompt_index", "prompt", *meta, "image_index", *names])
-            for row in data:
-                i = int(row[0])
-                meta = [] if metadata is None else [json.dumps(metadata[i], sort_keys=True)]
-                w.writerow([i, text(i), *meta, int(row[1]), *(f"{v:.6g}" for v in row[2:])])
-        by_prompt: dict[int, list[list[float]]] = {}
-        for row in data:
-            by_prompt.setdefault(int(row[0]), []).append(row[2:])
-        lines = [f"# {stage} at step {step} ({len(data)} images, "
-                 f"{len(by_prompt)} prompts)", "", "| prompt | " + " | ".join(names) + " |",
-                 "|---|" + "---|" * len(names)]
-        for i, vals in sorted(by_prompt.items()):
-            col_means = [sum(c) / len(c) for c in zip(*vals)]
-            lines.append(f"| {text(i)} | " + " | ".join(f"{v:.4f}" for v in col_means) + " |")
-        overall = rows[:, 2:].mean(0).tolist()
-        lines.append("| **mean** | " + " | ".join(f"**{v:.4f}**" for v in overall) + " |")
-        with open(base + ".md", "w", encoding="utf-8") as f:
-            f.write("\n".join(lines) + "\n")
-        return base

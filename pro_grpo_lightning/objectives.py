@@ -26,7 +26,7 @@ def group_advantages(rewards: Tensor, *, std_mode: str = "group", eps: float = 1
     rewards: [P, G]. Returns [P, G], float32 (float64 if rewards are float64).
 
     std_mode:
-        "group":  std of each group (DanceGRPO).
+        "group":  std of each group (as DanceGRPO, which uses the unbiased std + 1e-8).
         "global": one std over the whole batch (Flow-GRPO's ``global_std``); the mean is still
                   the group's. Pass ``global_std`` (a scalar tensor) to use a std computed
                   elsewhere, e.g. over all DDP ranks; it is only accepted with "global".

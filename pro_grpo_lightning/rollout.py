@@ -29,6 +29,7 @@ from .backends.base import Conditioning, DiffusionBackend, select_rows
 from .rewards.combine import RewardSet
 from .schedules import GroupSchedule
 from .selection import flat_indices, select_indices
+from .steps import draw_noise
 
 
 @dataclass
@@ -143,9 +144,25 @@ class ExpandPruneRollout:
 
     @torch.no_grad()
     def run(self, prompts: Sequence[str], generator: torch.Generator | None = None, *,
-            audit: bool = False, metadata: Sequence[dict] | None = None) -> RolloutResult:
-        """Roll out P prompts; ``metadata`` (None or one dict per prompt) reaches every reward
-        call with each row's prompt's dict."""
+            audit: bool = False, metadata: Sequence[dict] | None = None,
+            noise_generator: torch.Generator | None = None, rank: int = 0,
+            world_size: int = 1) -> RolloutResult:
+        """Roll out ``prompts`` (this rank's P prompts of a global batch of ``world_size`` x P).
+
+        Args:
+            generator: the "random" selection rule's draws; also the noise's when
+                ``noise_generator`` is None.
+            audit: keep the whole expanded group alive (see the module docstring).
+            metadata: None or one dict per prompt; every reward call gets each row's prompt's dict.
+            noise_generator: draws the sampling noise (initial latents and every step's noise).
+                Under DDP it is seeded alike on every rank: each draw covers the global batch,
+                [world_size * rows, *latent], and this rank keeps rows ``rank * rows ..
+                (rank + 1) * rows - 1``, so W ranks sample exactly what one process with all
+                W x P prompts samples (``noise.py``).
+            rank, world_size: this process's place in the global batch.
+        """
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} outside world size {world_size}")
         backend, sched = self.backend, self.schedule
         device = backend.device
         prompts = list(prompts)
@@ -161,16 +178,20 @@ class ExpandPruneRollout:
             return [prompts[i] for i in idx], None if metadata is None else [metadata[i] for i in idx]
 
         timings = {"denoise": 0.0, "preview": 0.0, "final": 0.0}
+        noise_gen = generator if noise_generator is None else noise_generator
+
+        def mine(full: Tensor, rows: int) -> Tensor:  # this rank's rows of a global draw
+            return full[rank * rows:(rank + 1) * rows]  # [rows, ...]
 
         cond = backend.encode_prompts(prompts)  # {k: [P, ...]}
         # Rows of the physical batch, group-major. ``live`` indexes the physical rows that are still
         # selected; without audit the physical batch is pruned so ``live`` is always arange.
         prompt_of = torch.arange(P, device=device).repeat_interleave(G)  # [P*G]
         row_cond = select_rows(cond, prompt_of)  # {k: [P*G, ...]}
-        if self.shared_initial_noise:  # one start per prompt, repeated over its group
-            x = backend.initial_latents(P, generator).repeat_interleave(G, dim=0)  # [P*G, *latent]
-        else:
-            x = backend.initial_latents(P * G, generator)  # [P*G, *latent]
+        starts = P if self.shared_initial_noise else P * G  # shared: one start per prompt
+        x = mine(backend.initial_latents(starts * world_size, noise_gen), starts)  # [starts, *latent]
+        if self.shared_initial_noise:
+            x = x.repeat_interleave(G, dim=0)  # [P*G, *latent]
         live = torch.arange(P * G, device=device)  # [P*G_live]
         group_live = G
 
@@ -184,8 +205,10 @@ class ExpandPruneRollout:
 
         for t in range(T):
             t0 = time.perf_counter()
-            step_index = torch.full((x.shape[0],), t, device=device, dtype=torch.long)  # [B]
-            out = backend.step(x, step_index, row_cond, generator=generator)
+            B = x.shape[0]
+            step_index = torch.full((B,), t, device=device, dtype=torch.long)  # [B]
+            noise = mine(draw_noise((B * world_size, *x.shape[1:]), x.device, noise_gen), B)  # [B, *latent]
+            out = backend.step(x, step_index, row_cond, noise=noise)
             nfe += x.shape[0]
             x = out.next_latents  # [B, *latent]
             lat_hist.append(x)

@@ -2,12 +2,14 @@
 """Held-out exact reward of a shapes run: the base model, or the policy in a training checkpoint.
 
     HF_HUB_OFFLINE=1 python scripts/eval_shapes.py --config configs/quickstart.yaml \
-        [--ckpt logs/quickstart/version_0/checkpoints/last.ckpt] [--samples 8] [--split heldout]
+        [--ckpt logs/quickstart/version_0/checkpoints/last.ckpt] [--samples 8] [--split heldout] \
+        [-- --model.backend.init_args.guidance_scale=4.5]
 
 Builds the model from the config (the backend the run used, at its T, CFG and SDE), loads the
 checkpoint's LoRA weights if given, samples ``--samples`` images per prompt of the split with the
-backend's own stochastic sampler (fixed seeds: the base model and any checkpoint see the same
-noise) and prints the mean reward parts as JSON.
+backend's own stochastic sampler (fixed per-image seeds, ``tasks.shapes_eval.evaluate_shapes``:
+the base model and any checkpoint see the same noise) and prints the mean reward parts as JSON.
+Config overrides go after ``--``.
 """
 
 from __future__ import annotations

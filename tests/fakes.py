@@ -67,13 +67,16 @@ class AffineBackend(DiffusionBackend):
         return 2 * self.stds()[step_index]
 
     def step(self, latents: Tensor, step_index: Tensor, cond: Conditioning, *,
-             generator: torch.Generator | None = None, next_latents: Tensor | None = None) -> StepOutput:
+             noise: Tensor | None = None, next_latents: Tensor | None = None,
+             generator: torch.Generator | None = None) -> StepOutput:
         self.call_sizes.append(latents.shape[0])
         out = self.net(latents) + cond["emb"]  # [B, 2]
         mean = 0.9 * latents + 0.1 * out
         std = self.stds()[step_index]  # [B]
         if next_latents is None:
-            next_latents = mean + std[:, None] * torch.randn(mean.shape, generator=generator)
+            if noise is None:
+                noise = torch.randn(mean.shape, generator=generator)
+            next_latents = mean + std[:, None] * noise
         return StepOutput(next_latents, gaussian_log_prob(next_latents, mean, std), mean, std,
                           latents + out, out)
 

@@ -6,10 +6,12 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks import common as C
 from benchmarks import floor, flops, iteration_cost, rollout_cost
 from benchmarks.gpu import run_all
+from benchmarks.measure import FlopModel
 from benchmarks.models import REAL_PARAMS, count_params_on_meta
+from benchmarks.report import SCHEMA_VERSION
+from benchmarks.schedules import paper_schedules, parse_schedule
 
 # Tiny SD3-architecture model, T = 4, the SD3.5-M paper schedules with every group size / 4.
 TOY = ["--backend", "sd3", "--steps", "4", "--group-scale", "0.25", "--repeats", "1", "--warmup", "0",
@@ -21,7 +23,7 @@ TOY_SPECS = {"plain": "plain:6", "static-ovf": "static:12>3", "pro-standard": "p
 
 def load(out: Path, name: str) -> dict:
     data = json.loads((out / f"{name}.json").read_text())
-    assert data["benchmark"] == name and data["schema_version"] == C.SCHEMA_VERSION
+    assert data["benchmark"] == name and data["schema_version"] == SCHEMA_VERSION
     for key in ("meta", "settings", "files"):
         assert key in data
     png = out / f"{name}.png"
@@ -31,36 +33,36 @@ def load(out: Path, name: str) -> dict:
 
 
 def test_paper_schedules_and_scaling():
-    specs = {s.name: s.spec for s in C.paper_schedules("sd3", 10)}
+    specs = {s.name: s.spec for s in paper_schedules("sd3", 10)}
     assert specs == {"plain": "plain:24", "static-ovf": "static:48>12", "pro-standard": "pro:48>24@5>12@7",
                      "pro-flash": "pro:24>16@5>12@7", "pro-early": "pro:48>12@2"}
-    specs = {s.name: s.spec for s in C.paper_schedules("sd15", 50)}
+    specs = {s.name: s.spec for s in paper_schedules("sd15", 50)}
     assert specs["pro-paper"] == "pro:48>32@30>8@40" and specs["plain"] == "plain:16"
-    assert {s.name: s.spec for s in C.paper_schedules("sd15", 20)}["pro-paper"] == "pro:48>32@12>8@16"
-    assert {s.name: s.spec for s in C.paper_schedules("flux", 10, 0.5)}["pro-standard"] == "pro:24>12@5>6@7"
-    assert {s.name: s.spec for s in C.paper_schedules("sd3", 4, 0.25)} == TOY_SPECS
-    s = C.parse_schedule("mine=pro:32>16@3>8@6/topk")
+    assert {s.name: s.spec for s in paper_schedules("sd15", 20)}["pro-paper"] == "pro:48>32@12>8@16"
+    assert {s.name: s.spec for s in paper_schedules("flux", 10, 0.5)}["pro-standard"] == "pro:24>12@5>6@7"
+    assert {s.name: s.spec for s in paper_schedules("sd3", 4, 0.25)} == TOY_SPECS
+    s = parse_schedule("mine=pro:32>16@3>8@6/topk")
     assert (s.name, s.schedule.group_size, s.schedule.checkpoints, s.schedule.keep, s.schedule.rule) == \
         ("mine", 32, [3, 6], [16, 8], "topk")
     with pytest.raises(ValueError, match="bad schedule"):
-        C.parse_schedule("pro:8>8@1")
+        parse_schedule("pro:8>8@1")
 
 
 def test_flop_model_matches_hand_computation():
     # SD3.5-M setting: T = 10, 9 trainable steps (not the last), every step trained, c = 2.
-    model = C.FlopModel(train_cost=2.0, trainable_steps=9, timestep_fraction=1.0)
-    plain = C.parse_schedule("plain:24").schedule
+    model = FlopModel(train_cost=2.0, trainable_steps=9, timestep_fraction=1.0)
+    plain = parse_schedule("plain:24").schedule
     # plain GRPO: 24 x 10 denoiser calls + 2 x 24 trajectories x 9 steps = 240 + 432
     assert model.total(plain, 1, 10) == 672
     # Pro-GRPO 48 -> 24 -> 12 at [5, 7]: 48 x 6 + 24 x 2 + 12 x 2 = 360 calls, + 2 x 12 x 9 = 216
-    pro = C.parse_schedule("pro:48>24@5>12@7").schedule
+    pro = parse_schedule("pro:48>24@5>12@7").schedule
     assert model.rollout(pro, 1, 10) == 360 and model.total(pro, 1, 10) == 576
     assert math.isclose(model.total(pro, 1, 10) / model.total(plain, 1, 10), 576 / 672)  # 6/7: 14.3 % saved
     # Flash 24 -> 16 -> 12: 24 x 6 + 16 x 2 + 12 x 2 = 200, + 216; static 48 -> 12: 480 + 216
-    assert model.total(C.parse_schedule("pro:24>16@5>12@7").schedule, 1, 10) == 416
-    assert model.total(C.parse_schedule("static:48>12").schedule, 1, 10) == 696
+    assert model.total(parse_schedule("pro:24>16@5>12@7").schedule, 1, 10) == 416
+    assert model.total(parse_schedule("static:48>12").schedule, 1, 10) == 696
     # timestep_fraction 0.5 of 9 steps trains ceil(4.5) = 5; P scales everything
-    half = C.FlopModel(train_cost=2.0, trainable_steps=9, timestep_fraction=0.5)
+    half = FlopModel(train_cost=2.0, trainable_steps=9, timestep_fraction=0.5)
     assert half.total(pro, 3, 10) == 3 * (360 + 2 * 12 * 5)
 
 
@@ -72,7 +74,7 @@ def test_floor_toy(tmp_path):
     assert {1, 2, 3, 4, 6, 12} <= set(fwd)  # the grid plus every batch size the schedules run
     by_name = {s["name"]: s for s in data["settings"]["schedules"]}
     for s in data["schedules"]:
-        sched = C.parse_schedule(by_name[s["name"]]["spec"]).schedule
+        sched = parse_schedule(by_name[s["name"]]["spec"]).schedule
         assert s["nfe"] == sched.nfe_per_prompt(4) == sum(s["rows_per_step"])
         assert s["rollout_floor_s"] == pytest.approx(sum(fwd[r] for r in s["rows_per_step"]))
         assert s["update_floor_s"] == pytest.approx(sum(train[c] for c in s["update_chunks"]))
@@ -87,7 +89,7 @@ def test_rollout_cost_toy(tmp_path):
     assert set(res) == set(TOY_SPECS)
     P = 2
     for name, spec in TOY_SPECS.items():
-        r, sched = res[name], C.parse_schedule(spec).schedule
+        r, sched = res[name], parse_schedule(spec).schedule
         assert r["spec"] == spec
         assert r["nfe"] == r["nfe_expected"] == sched.nfe_per_prompt(4) * P
         sizes = sched.group_sizes_per_step(4)
@@ -121,9 +123,9 @@ def test_iteration_cost_toy(tmp_path):
         r = res[name]
         assert r["flops_units"]["total"] == total
         assert r["flop_ratio"] == pytest.approx(total / 60)
-        assert r["nfe"] == r["nfe_expected"] == C.parse_schedule(TOY_SPECS[name]).schedule.nfe_per_prompt(4)
-        assert r["update_pairs"] == C.parse_schedule(TOY_SPECS[name]).schedule.final_size * 3
-        assert r["trained_trajectories"] == C.parse_schedule(TOY_SPECS[name]).schedule.final_size
+        assert r["nfe"] == r["nfe_expected"] == parse_schedule(TOY_SPECS[name]).schedule.nfe_per_prompt(4)
+        assert r["update_pairs"] == parse_schedule(TOY_SPECS[name]).schedule.final_size * 3
+        assert r["trained_trajectories"] == parse_schedule(TOY_SPECS[name]).schedule.final_size
         assert r["saving_gap_points"] == pytest.approx(100 * (r["wall_saving"] - r["flop_saving"]))
     assert set(data["unit_flops"]) == {"denoiser_forward", "train_pair", "vae_decode", "reward"}
     assert set(data["targets"]["wall_saving_at_least_flop_saving_minus_5pts"]["value"]) == \

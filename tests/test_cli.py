@@ -58,6 +58,16 @@ def test_paper_sd14_configs_mirror_the_paper():
     assert plain.schedule.class_path.endswith("PlainGRPOSchedule") and plain.schedule.init_args.group_size == 16
 
 
+def test_flow_grpo_baseline_mirrors_flow_grpos_pickscore_config():
+    # Flow-GRPO's config/grpo.py::pickscore_sd3 (github.com/yifan123/flow_grpo): 10 steps, CFG 4.5,
+    # 512 px, 24 images per prompt, noise level 0.7, beta 0.01, clip 1e-4, global_std = True
+    m = parse(next(c for c in CONFIGS if c.name == "sd35m_pickscore_flow_grpo.yaml")).config.model
+    b = m.backend.init_args
+    assert (b.num_steps, b.guidance_scale, b.resolution, b.noise_level, b.sde_kind) == (10, 4.5, 512, 0.7, "flow_grpo")
+    assert m.schedule.class_path.endswith("PlainGRPOSchedule") and m.schedule.init_args.group_size == 24
+    assert (m.adv_std, m.adv_clip, m.kl_beta, m.kl_type, m.clip_range) == ("global", 5.0, 0.01, "flow_grpo", 1e-4)
+
+
 def test_unknown_backend_is_a_clear_error(tmp_path, capsys):
     quickstart = next(c for c in CONFIGS if c.name == "tiny_sd15.yaml")  # names its backend
     cfg = quickstart.read_text().replace("pro_grpo_lightning.backends.sd15.TinySD15Backend",

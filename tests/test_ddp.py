@@ -145,28 +145,43 @@ def test_two_gloo_ranks_equal_one_process_with_the_same_global_batch(tmp_path):
     assert len(exported) == sum("lora_" in k for k in lora_two) and all(k.startswith("unet.") for k in exported)
 
 
-def test_step_with_given_noise_is_the_backends_own_sampling_step():
+@pytest.mark.parametrize("window", [None, [1, 3]])
+def test_step_with_given_noise_is_the_backends_own_sampling_step(window):
+    from pro_grpo_lightning.backends.flux import TinyFluxBackend
     from pro_grpo_lightning.backends.sd3 import TinySD3Backend
     from pro_grpo_lightning.backends.sd15 import TinySD15Backend
-    from pro_grpo_lightning.noise import step_with_noise
-    from pro_grpo_lightning.steps.ddim import draw_noise
+    from pro_grpo_lightning.steps import draw_noise
 
-    for backend in (TinySD15Backend(num_steps=4, resolution=32), TinySD3Backend(num_steps=4, resolution=32)):
+    for backend in (TinySD15Backend(num_steps=4, resolution=32, sde_window=window),
+                    TinySD3Backend(num_steps=4, resolution=32, sde_window=window),
+                    TinyFluxBackend(num_steps=4, resolution=32, sde_window=window)):
         backend.configure_model()
         cond = backend.encode_prompts(["a cat", "a dog", "a fox"])
         x = backend.initial_latents(3, torch.Generator().manual_seed(0))
         idx = torch.tensor([0, 1, 3])  # mixed steps, including the last
+        z = draw_noise(x.shape, x.device, torch.Generator().manual_seed(5))  # [3, *latent]
         with torch.no_grad():
             drawn = backend.step(x, idx, cond, generator=torch.Generator().manual_seed(5))
-            given = step_with_noise(backend, x, idx, cond, draw_noise(x.shape, x.device, torch.Generator().manual_seed(5)))
+            given = backend.step(x, idx, cond, noise=z)
+            other = backend.step(x, idx, cond, noise=torch.randn_like(z))
+            rescored = backend.step(x, idx, cond, next_latents=given.next_latents)
         torch.testing.assert_close(given.next_latents, drawn.next_latents, rtol=0, atol=0)
         torch.testing.assert_close(given.log_prob, drawn.log_prob, rtol=0, atol=0)
+        torch.testing.assert_close(rescored.log_prob, given.log_prob, rtol=0, atol=0)
+        # the noise is used as z of next = mean + std z (rows with std 0 ignore it)
+        std = given.std.view(-1, *[1] * (z.ndim - 1))
+        torch.testing.assert_close(given.next_latents, given.mean + std * z, rtol=0, atol=1e-6)
+        moved = (given.std > 0).tolist()
+        assert [not torch.equal(a, b) for a, b in zip(given.next_latents, other.next_latents)] == moved
+        assert any(moved)
+        with pytest.raises(ValueError, match="not both"):
+            backend.step(x, idx, cond, noise=z, next_latents=given.next_latents)
 
 
 def test_rank_slices_of_one_rollout_are_the_single_process_rollout():
     """2 'ranks' x 1 prompt sample exactly the groups of 1 process x 2 prompts (no processes needed)."""
     from pro_grpo_lightning.backends.sd15 import TinySD15Backend
-    from pro_grpo_lightning.noise import RankSlicedNoise, mix_seed
+    from pro_grpo_lightning.noise import mix_seed
     from pro_grpo_lightning.rewards.combine import RewardSet
     from pro_grpo_lightning.rewards.image_stats import Brightness
     from pro_grpo_lightning.rollout import ExpandPruneRollout
@@ -174,13 +189,14 @@ def test_rank_slices_of_one_rollout_are_the_single_process_rollout():
 
     backend = TinySD15Backend(num_steps=4, resolution=32)
     backend.configure_model()
-    view = RankSlicedNoise(backend)
-    rollout = ExpandPruneRollout(view, RewardSet([Brightness()]), ProGRPOSchedule(group_size=4, checkpoints=[1], keep=[2]))
+    rollout = ExpandPruneRollout(backend, RewardSet([Brightness()]),
+                                 ProGRPOSchedule(group_size=4, checkpoints=[1], keep=[2]))
     prompts = ["a cat", "a dog"]
 
     def run(prompts, rank, world):
-        view.set(torch.Generator().manual_seed(mix_seed(0, 7, 0)), rank, world)
-        return rollout.run(prompts, torch.Generator().manual_seed(1))
+        return rollout.run(prompts, torch.Generator().manual_seed(1),
+                           noise_generator=torch.Generator().manual_seed(mix_seed(0, 7, 0)), rank=rank,
+                           world_size=world)
 
     whole = run(prompts, 0, 1)
     parts = [run(prompts[r:r + 1], r, 2) for r in range(2)]

@@ -12,9 +12,9 @@ from lightning.pytorch.loggers import CSVLogger
 from pro_grpo_lightning.backends.base import LoraSettings
 from pro_grpo_lightning.backends.sd15 import TinySD15Backend
 from pro_grpo_lightning.cli import main
-from pro_grpo_lightning.data import EvalItems, PromptDataModule
+from pro_grpo_lightning.data import PromptDataModule
+from pro_grpo_lightning.evaluation import EvalItems, sample_items
 from pro_grpo_lightning.module import ProGRPOModule
-from pro_grpo_lightning.noise import sample_items
 from pro_grpo_lightning.rewards.image_stats import Brightness, Colorfulness
 from pro_grpo_lightning.schedules import ProGRPOSchedule
 from tests.cli_runs import config_args

@@ -142,7 +142,7 @@ def test_dummy_tokenizer_is_refused(family, tmp_path):
     dummy = CLIPTokenizer(vocab={"a</w>": 0, "<|startoftext|>": 1, "<|endoftext|>": 2}, merges=[])
     dummy.save_pretrained(os.path.join(path, "tokenizer"))
     backend = real_cls(pretrained=path, num_steps=2, resolution=64, max_sequence_length=32)
-    with pytest.raises(RuntimeError, match="tokenizer"):
+    with pytest.raises(ValueError, match="tokenizer"):
         backend.configure_model()
 
 

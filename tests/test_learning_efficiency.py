@@ -1,24 +1,39 @@
-"""benchmarks.learning_efficiency: the statistics by hand, the presets, the budget recorder with a fake
-clock, and one tiny end-to-end run through the entry point. Never a time."""
+"""benchmarks.learning_efficiency: the statistics against hand computations (closed forms, a quadrature,
+the printed t table) and against the stored results the hand-written statistics produced, the
+presets, the budget recorder with a fake clock, and one tiny end-to-end run. Never a time."""
 
 import json
 import math
+import re
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
 
-from benchmarks import common as C
+from benchmarks import evidence_stats
+from benchmarks import learning_arms as A
 from benchmarks import learning_efficiency as L
+from benchmarks import learning_report as R
+from benchmarks import learning_runs as W
+from benchmarks import stats as S
+from benchmarks.schedules import parse_schedule, reference
 from pro_grpo_lightning.schedules import PlainGRPOSchedule, ProGRPOSchedule
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
+RESULTS = Path(__file__).resolve().parent.parent / "docs" / "results" / "learning_efficiency"
+
+#: Two-sided 95 % Student-t quantiles t_{0.975, df}, df = 1..30, as printed (4 decimals) in the standard
+#: table (NIST/SEMATECH e-Handbook of Statistical Methods, section 1.3.6.7.2).
+T975_TABLE = (12.7062, 4.3027, 3.1824, 2.7764, 2.5706, 2.4469, 2.3646, 2.3060, 2.2622, 2.2281,
+              2.2010, 2.1788, 2.1604, 2.1448, 2.1314, 2.1199, 2.1098, 2.1009, 2.0930, 2.0860,
+              2.0796, 2.0739, 2.0687, 2.0639, 2.0595, 2.0555, 2.0518, 2.0484, 2.0452, 2.0423)
 
 
 # ---- statistics ---------------------------------------------------------------------------------------
 def _t_cdf_by_quadrature(t: float, df: float, n: int = 20000) -> float:
-    """P(T <= t), t > 0, by Simpson's rule on the t density: independent of the incomplete beta."""
+    """P(T <= t), t > 0, by Simpson's rule on the t density: independent of scipy."""
     c = math.exp(math.lgamma((df + 1) / 2) - math.lgamma(df / 2)) / math.sqrt(df * math.pi)
     pdf = lambda x: c * (1 + x * x / df) ** (-(df + 1) / 2)  # noqa: E731
     h = t / n
@@ -26,88 +41,126 @@ def _t_cdf_by_quadrature(t: float, df: float, n: int = 20000) -> float:
     return 0.5 + s * h / 3
 
 
-def test_t_quantiles_match_the_table_and_the_density():
-    for df, q in enumerate(L.T975, start=1):
-        assert L.t975(df) == q
-        assert L.t_quantile(0.975, df) == pytest.approx(q, abs=1e-4)
-    # Welch's fractional df: the computed quantile really has 97.5 % below it
-    q = L.t975(50 / 17)
-    assert L.T975[2] < q < L.T975[1]
+def test_t_quantiles_match_closed_forms_the_table_and_the_density():
+    # closed forms: df = 1 is Cauchy, t = tan(pi (p - 1/2)); df = 2 has F(t) = 1/2 + t / (2 sqrt(t^2 + 2)),
+    # so F = 0.975 gives t^2 = 2 * 0.95^2 / (1 - 0.95^2)
+    assert S.t975(1) == pytest.approx(math.tan(0.475 * math.pi), rel=1e-12)
+    assert S.t975(2) == pytest.approx(math.sqrt(2 * 0.95 ** 2 / (1 - 0.95 ** 2)), rel=1e-12)
+    for df, q in enumerate(T975_TABLE, start=1):  # the printed table, to its rounding
+        assert S.t975(df) == pytest.approx(q, abs=5e-5)
+    # Welch's fractional df: the quantile really has 97.5 % below it
+    q = S.t975(50 / 17)
+    assert T975_TABLE[2] < q < T975_TABLE[1]
     assert _t_cdf_by_quadrature(q, 50 / 17) == pytest.approx(0.975, abs=1e-6)
-    assert L.t975(1e6) == pytest.approx(1.959964, abs=1e-5)  # the normal quantile
-    with pytest.raises(ValueError):
-        L.t_quantile(0.3, 4)
+    assert S.t975(1e6) == pytest.approx(1.959964, abs=1e-5)  # the normal quantile
+    with pytest.raises(ValueError, match="df > 0"):
+        S.t975(0)
 
 
 def test_mean_and_t_interval_of_three_seeds():
-    s = L.mean_ci([0.2, 0.4, 0.6])
-    # mean 0.4, sd 0.2, se 0.2 / sqrt(3) = 0.115470, t(0.975, 2) = 4.3027 -> half width 0.496834
+    s = S.mean_ci([0.2, 0.4, 0.6])
+    # mean 0.4, sd 0.2, se 0.2 / sqrt(3) = 0.1154701, t(0.975, 2) = sqrt(2 * 0.9025 / 0.0975) = 4.3026527
+    # -> half width 0.4968276
     assert s["mean"] == pytest.approx(0.4) and s["sd"] == pytest.approx(0.2) and s["n"] == 3
-    assert s["lo"] == pytest.approx(0.4 - 0.496834, abs=1e-6)
-    assert s["hi"] == pytest.approx(0.4 + 0.496834, abs=1e-6)
-    one = L.mean_ci([0.7])
+    assert s["lo"] == pytest.approx(0.4 - 0.4968276, abs=1e-7)
+    assert s["hi"] == pytest.approx(0.4 + 0.4968276, abs=1e-7)
+    one = S.mean_ci([0.7])
     assert one["mean"] == 0.7 and one["lo"] is None and one["hi"] is None
-    assert L.mean_ci([])["mean"] is None
+    assert S.mean_ci([])["mean"] is None
 
 
 def test_step_function_resampling_onto_a_grid():
     pts = [(0.0, 0.5), (60.0, 0.6), (130.0, 0.7)]
     grid = [0, 30, 60, 90, 120, 150]
-    assert L.resample(pts, grid) == [0.5, 0.5, 0.6, 0.6, 0.6, 0.7]
-    assert L.step_value(pts, -1) is None
-    assert L.step_value([(0, 0.1), (5, 0.2), (5, 0.3)], 5) == 0.3  # the last of equal x
-    assert L.resample(pts, grid, until=100) == [0.5, 0.5, 0.6, 0.6, None, None]
+    assert S.resample(pts, grid) == [0.5, 0.5, 0.6, 0.6, 0.6, 0.7]
+    assert S.step_value(pts, -1) is None
+    assert S.step_value([(0, 0.1), (5, 0.2), (5, 0.3)], 5) == 0.3  # the last of equal x
+    assert S.resample(pts, grid, until=100) == [0.5, 0.5, 0.6, 0.6, None, None]
     # mean over three seeds on the grid, with the t-interval of each column
     curves = [[(0, 0.2), (50, 0.4)], [(0, 0.4), (70, 0.6)], [(0, 0.6), (40, 0.5)]]
-    m = L.mean_curve(curves, [0, 45, 60, 100])
+    m = S.mean_curve(curves, [0, 45, 60, 100])
     # columns: (0.2, 0.4, 0.6), (0.2, 0.4, 0.5), (0.4, 0.4, 0.5), (0.4, 0.6, 0.5)
     assert m["mean"] == pytest.approx([0.4, 1.1 / 3, 1.3 / 3, 0.5])
-    assert m["hi"][0] == pytest.approx(0.4 + 0.496834, abs=1e-6) and m["n"] == [3, 3, 3, 3]
+    assert m["hi"][0] == pytest.approx(0.4 + 0.4968276, abs=1e-7) and m["n"] == [3, 3, 3, 3]
     # a seed without a value at a grid point (past its last rollout) leaves no mean there
-    r = L.mean_curve([[(0, 0.1), (2, 0.3)], [(0, 0.2), (4, 0.4)]], [0, 2, 4], until=[2, 4])
+    r = S.mean_curve([[(0, 0.1), (2, 0.3)], [(0, 0.2), (4, 0.4)]], [0, 2, 4], until=[2, 4])
     assert r["mean"][:2] == pytest.approx([0.15, 0.25]) and r["mean"][2] is None
 
 
 def test_time_to_target_reached_and_not_reached():
     curves = [[(0, 0.5), (60, 0.6), (120, 0.8)], [(0, 0.5), (70, 0.7), (110, 0.7)]]
     # seed-mean at the breakpoints: 0: 0.5, 60: 0.55, 70: 0.65, 110: 0.65, 120: 0.75
-    assert L.time_to_target(curves, 0.65, 140) == 70
-    assert L.speedup(140, 70) == 2.0
-    assert L.time_to_target(curves, 0.7, 140) == 120
-    assert L.time_to_target(curves, 0.7, 115) is None  # 120 is past the budget
-    assert L.time_to_target(curves, 0.9, 140) is None and L.speedup(140, None) is None
-    assert L.time_to_target(curves, 0.5, 140) == 0 and math.isinf(L.speedup(140, 0))
+    assert S.time_to_target(curves, 0.65, 140) == 70
+    assert S.speedup(140, 70) == 2.0
+    assert S.time_to_target(curves, 0.7, 140) == 120
+    assert S.time_to_target(curves, 0.7, 115) is None  # 120 is past the budget
+    assert S.time_to_target(curves, 0.9, 140) is None and S.speedup(140, None) is None
+    assert S.time_to_target(curves, 0.5, 140) == 0 and math.isinf(S.speedup(140, 0))
 
 
 def test_welch_interval_by_hand():
     # equal variances and sizes: df = 2n - 2 = 4, se = sqrt(1/3 + 1/3)
-    w = L.welch_interval([1.0, 2.0, 3.0], [4.0, 5.0, 6.0])
+    w = S.welch_interval([1.0, 2.0, 3.0], [4.0, 5.0, 6.0])
     assert w["diff"] == -3 and w["df"] == pytest.approx(4.0) and w["se"] == pytest.approx(math.sqrt(2 / 3))
     assert (w["lo"], w["hi"]) == (pytest.approx(-3 - 2.7764 * math.sqrt(2 / 3), abs=1e-4),
                                   pytest.approx(-3 + 2.7764 * math.sqrt(2 / 3), abs=1e-4))
     # unequal variances: var 1 and 4, se^2 = 1/3 + 4/3 = 5/3, df = (5/3)^2 / ((1/3)^2/2 + (4/3)^2/2) = 50/17
-    w = L.welch_interval([1.0, 2.0, 3.0], [2.0, 4.0, 6.0])
+    w = S.welch_interval([1.0, 2.0, 3.0], [2.0, 4.0, 6.0])
     assert w["diff"] == -2 and w["df"] == pytest.approx(50 / 17) and w["se"] == pytest.approx(math.sqrt(5 / 3))
-    assert w["hi"] - w["diff"] == pytest.approx(L.t975(50 / 17) * math.sqrt(5 / 3))
-    assert L.welch_interval([1.0], [2.0, 3.0])["lo"] is None
-    assert L.welch_interval([1.0, 1.0], [2.0, 2.0])["lo"] == -1.0  # no spread: a point
+    assert _t_cdf_by_quadrature((w["hi"] - w["diff"]) / math.sqrt(5 / 3), 50 / 17) == pytest.approx(0.975, abs=1e-6)
+    assert S.welch_interval([1.0], [2.0, 3.0])["lo"] is None
+    assert S.welch_interval([1.0, 1.0], [2.0, 2.0])["lo"] == -1.0  # no spread: a point
 
 
 def test_bootstrap_is_deterministic_and_counts_never_reached():
     # every seed the same: every resample gives target 0.6 reached at 50 s -> speed-up 200/50 = 4
-    same = L.bootstrap_speedup([0.6, 0.6, 0.6], [[(0, 0.5), (50, 0.6)]] * 3, budget=200)
+    same = S.bootstrap_speedup([0.6, 0.6, 0.6], [[(0, 0.5), (50, 0.6)]] * 3, budget=200)
     assert (same["lo"], same["hi"], same["never_frac"], same["samples"]) == (4.0, 4.0, 0.0, 1000)
     # c1 reaches 0.7 at 50, c2 never leaves 0.5, c3 reaches 0.7 at 100; target 0.6
     curves = [[(0, 0.5), (50, 0.7)], [(0, 0.5)], [(0, 0.5), (100, 0.7)]]
-    assert L.time_to_target(curves, 0.6, 200) == 100  # mean (0.7 + 0.5 + 0.7) / 3
-    a = L.bootstrap_speedup([0.6] * 3, curves, budget=200)
-    assert a == L.bootstrap_speedup([0.6] * 3, curves, budget=200)  # fixed generator seed
+    assert S.time_to_target(curves, 0.6, 200) == 100  # mean (0.7 + 0.5 + 0.7) / 3
+    a = S.bootstrap_speedup([0.6] * 3, curves, budget=200)
+    assert a == S.bootstrap_speedup([0.6] * 3, curves, budget=200)  # fixed generator seed
     # a resample never reaches 0.6 iff it holds c2 at least twice: P = 7/27 = 0.26
     assert 0.2 < a["never_frac"] < 0.32
     assert a["lo"] is None and a["lo_reached"] is False  # the 2.5 % bound falls on "never"
     assert a["hi"] == 4.0  # >= 2 copies of c1 reach at 50 s (P = 7/27 > 2.5 %)
-    b = L.bootstrap_speedup([0.6] * 3, curves, budget=200, seed=1)
+    b = S.bootstrap_speedup([0.6] * 3, curves, budget=200, seed=1)
     assert 0.2 < b["never_frac"] < 0.32
+
+
+def _numbers(text: str) -> list[float]:
+    return [float(x) for x in re.findall(r"-?\d+\.\d+(?:e-?\d+)?", text)]
+
+
+def test_stored_results_are_reproduced_by_the_scipy_statistics(capsys):
+    """docs/results/learning_efficiency/main holds the raw run files and what the earlier hand-written
+    statistics (incomplete-beta t quantiles, the 4-decimal t table) made of them: the aggregate JSON and
+    ``evidence_stats``' printout. scipy's statistics reproduce both from the raw files."""
+    stored = json.loads((RESULTS / "main" / "learning_efficiency.json").read_text())
+    runs: dict[str, list] = {}
+    for f in sorted((RESULTS / "main" / "run_files").glob("*.json")):
+        run = json.loads(f.read_text())
+        runs.setdefault(run["settings"]["arm"], []).append(run)
+    arms = [parse_schedule(f"{a['name']}={a['spec']}") for a in stored["settings"]["arms"]]
+    new = R.aggregate({a.name: runs[a.name] for a in arms}, arms, stored["settings"]["budget_s"], 10)
+    assert new["reference"] == stored["reference"] == "grpo" and new["target"] == pytest.approx(stored["target"])
+    for name, arm in stored["arms"].items():
+        for key in ("final_reward", "final_exact", "delta_vs_reference"):
+            for stat in ("mean", "diff", "lo", "hi", "df", "se", "sd"):
+                if arm[key].get(stat) is not None:  # the table rounded t to 4 decimals: relative 1e-5
+                    assert new["arms"][name][key][stat] == pytest.approx(arm[key][stat], rel=2e-5, abs=1e-9)
+        for stat in ("time_s", "speedup"):
+            assert new["arms"][name]["time_to_target"][stat] == pytest.approx(arm["time_to_target"][stat])
+        assert new["arms"][name]["time_to_target"]["bootstrap"] == arm["time_to_target"]["bootstrap"]
+        got = [v for v in new["arms"][name]["curve_wall"]["hi"] if v is not None]
+        want = [v for v in arm["curve_wall"]["hi"] if v is not None]
+        assert got == pytest.approx(want, rel=2e-5)
+    evidence_stats.main([str(RESULTS / "main"), "360"])
+    printed = _numbers(capsys.readouterr().out)
+    kept = _numbers((RESULTS / "main" / "extra_stats.txt").read_text())
+    assert len(printed) == len(kept) > 200
+    assert printed == pytest.approx(kept, abs=2e-6)
 
 
 # ---- the budget recorder ----------------------------------------------------------------------------------
@@ -123,7 +176,7 @@ class FakeClock:
 
 def _drive(readings, budget, every, max_rollouts=None):
     clock = FakeClock(readings)
-    rec = L.make_recorder(budget, every, max_rollouts, clock=clock)
+    rec = W.make_recorder(budget, every, max_rollouts, clock=clock)
     w = torch.nn.Parameter(torch.zeros(2))
     module = SimpleNamespace(rollouts_done=0, named_parameters=lambda: [("w", w)])
     trainer = SimpleNamespace(callback_metrics={"reward/mean": torch.tensor(0.25)},
@@ -169,20 +222,20 @@ QUICKSTART = ProGRPOSchedule(16, [4, 6], [10, 6])  # the shapes config's schedul
 
 
 def test_presets_shrink_to_the_same_k():
-    assert L.preset_arms("main", 10, QUICKSTART) == ["grpo=plain:6", "static=static:16>6", "pro=pro:16>10@4>6@6"]
-    paper = L.preset_arms("paper", 10, QUICKSTART)
+    assert A.preset_arms("main", 10, QUICKSTART) == ["grpo=plain:6", "static=static:16>6", "pro=pro:16>10@4>6@6"]
+    paper = A.preset_arms("paper", 10, QUICKSTART)
     assert paper == ["grpo=plain:6", "static=static:16>6", "pro=pro:16>10@4>6@6", "grpo12=plain:12"]
     with pytest.raises(ValueError, match="same final group size"):
-        L.resolve_arms(paper, 10)  # K = 6 and 12: only with allow_unequal_k (the preset sets it)
-    assert [a.schedule.final_size for a in L.resolve_arms(paper, 10, allow_unequal_k=True)] == [6, 6, 6, 12]
-    gmax = L.resolve_arms(L.preset_arms("gmax", 10, QUICKSTART), 10)
+        A.resolve_arms(paper, 10)  # K = 6 and 12: only with allow_unequal_k (the preset sets it)
+    assert [a.schedule.final_size for a in A.resolve_arms(paper, 10, allow_unequal_k=True)] == [6, 6, 6, 12]
+    gmax = A.resolve_arms(A.preset_arms("gmax", 10, QUICKSTART), 10)
     assert [a.name for a in gmax] == ["grpo", "gmax8", "gmax12", "gmax16", "gmax24"]
-    ck = L.resolve_arms(L.preset_arms("checkpoints", 10, QUICKSTART), 10)
+    ck = A.resolve_arms(A.preset_arms("checkpoints", 10, QUICKSTART), 10)
     # the paper's SD-v1.4 ablation (10, 20), (20, 30), (30, 40) of T = 50, scaled to T = 10
     assert [(a.name, a.schedule.checkpoints) for a in ck[1:]] == \
         [("ck-early", [2, 4]), ("ck-middle", [4, 6]), ("ck-late", [6, 8])]
     for arms in (gmax, ck):
-        assert arms[0].spec == "plain:6" and C.reference(arms).name == "grpo"
+        assert arms[0].spec == "plain:6" and reference(arms).name == "grpo"
         for a in arms[1:]:
             s = a.schedule
             assert isinstance(s, ProGRPOSchedule) and s.final_size == 6
@@ -193,12 +246,12 @@ def test_presets_shrink_to_the_same_k():
     assert gmax[3].spec == "pro:16>10@4>6@6"  # the config's own schedule is one of them
     assert {a.schedule.group_size for a in ck[1:]} == {16}
     # a config without pruning gets a Pro-GRPO schedule at its K
-    main = L.resolve_arms(L.preset_arms("main", 10, PlainGRPOSchedule(6)), 10)
+    main = A.resolve_arms(A.preset_arms("main", 10, PlainGRPOSchedule(6)), 10)
     assert main[2].schedule.final_size == 6 and main[2].schedule.checkpoints == [4, 6]
     with pytest.raises(ValueError, match="cannot shrink"):
-        L.rescale_keep([16, 10, 6], 7)
+        A.rescale_keep([16, 10, 6], 7)
     with pytest.raises(ValueError, match="unknown preset"):
-        L.preset_arms("fast", 10, QUICKSTART)
+        A.preset_arms("fast", 10, QUICKSTART)
 
 
 @pytest.mark.parametrize("arms, match", [
@@ -222,14 +275,14 @@ def test_bad_options_fail_early(tmp_path):
         L.main(["--set", "data.prompts_per_step", "--out", str(tmp_path / "o")])
     with pytest.raises(FileNotFoundError):
         L.main(["--config", str(tmp_path / "none.yaml"), "--out", str(tmp_path / "o")])
-    other = tmp_path / "not_shapes.yaml"
-    other.write_text("model:\n  backend:\n    class_path: x.Y\n    init_args: {num_steps: 4}\n  rewards: []\n")
-    with pytest.raises(ValueError, match="not a shapes-task config"):
-        L.main(["--config", str(other), "--out", str(tmp_path / "o")])
+    brightness = 'model.rewards=[{"class_path": "pro_grpo_lightning.rewards.image_stats.Brightness"}]'
+    with pytest.raises(ValueError, match=r"not a shapes-task config \(model.rewards is \['Brightness'\]"):
+        L.main(["--set", brightness, "--out", str(tmp_path / "o")])
     assert not (tmp_path / "o").exists()
-    # the default config's T and schedule, read without a model
-    T, base, _ = L.read_config(str(L.REPO / L.DEFAULT_CONFIG), [("model.backend.init_args.num_steps", "12")])
-    assert T == 12 and base.sizes() == [16, 10, 6]
+    # the default config's T and schedule, as the library's CLI builds them (with --set applied)
+    T, base = W.read_config(str(W.REPO / W.DEFAULT_CONFIG), [("model.backend.init_args.num_steps", "12")])
+    assert T == 12 and isinstance(base, ProGRPOSchedule) and base.sizes() == [16, 10, 6]
+    assert base.checkpoints == [4, 6]
 
 
 # ---- end to end -----------------------------------------------------------------------------------------------

@@ -7,7 +7,7 @@ import yaml
 
 from pro_grpo_lightning.backends.tokenizers import byte_level_clip_tokenizer
 from pro_grpo_lightning.cli import main
-from pro_grpo_lightning.rewards.clip_common import tiny_clip_model
+from tests.tiny_models import tiny_clip_model
 
 
 @pytest.fixture()

@@ -140,10 +140,9 @@ def test_preview_scale_decodes_smaller_previews_only():
         def initial_latents(self, batch_size, generator=None):
             return torch.randn(batch_size, 2, 4, 4, generator=generator)
 
-        def step(self, latents, step_index, cond, *, generator=None, next_latents=None):
+        def step(self, latents, step_index, cond, *, noise=None, next_latents=None, generator=None):
             flat = latents.flatten(2).mean(2)  # [B, 2]
-            out = super().step(flat, step_index, cond, generator=generator)
-            noise = torch.randn(latents.shape, generator=generator)
+            out = super().step(flat, step_index, cond, noise=None if noise is None else noise.flatten(2).mean(2))
             nxt = 0.9 * latents + 0.1 * noise if next_latents is None else next_latents
             return type(out)(nxt, out.log_prob, latents, out.std, latents, latents)
 

@@ -8,7 +8,6 @@ from pro_grpo_lightning.backends import TinySD3Backend
 from pro_grpo_lightning.backends.base import select_rows
 from pro_grpo_lightning.backends.flux import TinyFluxBackend
 from pro_grpo_lightning.backends.sd15 import TinySD15Backend
-from pro_grpo_lightning.noise import RankSlicedNoise
 from pro_grpo_lightning.rewards.combine import RewardSet
 from pro_grpo_lightning.rollout import ExpandPruneRollout
 from pro_grpo_lightning.schedules import ProGRPOSchedule
@@ -90,21 +89,21 @@ def test_shared_initial_noise_one_start_per_group_and_rank_independent():
     backend.configure_model()
     rewards = RewardSet([MeanPixel()])
 
-    def run(view, ps, shared):
-        return ExpandPruneRollout(view, rewards, sched, shared_initial_noise=shared).run(
-            ps, torch.Generator().manual_seed(5))
+    def run(ps, shared, rank=0, world_size=1):
+        return ExpandPruneRollout(backend, rewards, sched, shared_initial_noise=shared).run(
+            ps, torch.Generator().manual_seed(5), noise_generator=torch.Generator().manual_seed(3), rank=rank,
+            world_size=world_size)
 
-    res = run(RankSlicedNoise(backend, torch.Generator().manual_seed(3)), prompts, True)
+    res = run(prompts, True)
     starts = res.latents[:, 0].view(4, 2, -1)  # [P, K, 2]
     assert torch.equal(starts[:, 0], starts[:, 1])  # one start per group
     assert not torch.allclose(starts[0, 0], starts[1, 0])  # groups differ
     assert not torch.allclose(res.latents[0::2, -1], res.latents[1::2, -1])  # the SDE noise separates them
-    indep = run(RankSlicedNoise(backend, torch.Generator().manual_seed(3)), prompts, False)
+    indep = run(prompts, False)
     assert not torch.equal(indep.latents[0::2, 0], indep.latents[1::2, 0])
     # two ranks of 2 prompts start where one process of 4 does
     for rank in range(2):
-        view = RankSlicedNoise(backend, torch.Generator().manual_seed(3), rank=rank, world_size=2)
-        part = run(view, prompts[2 * rank:2 * rank + 2], True)
+        part = run(prompts[2 * rank:2 * rank + 2], True, rank, 2)
         torch.testing.assert_close(part.latents[:, 0], res.latents[4 * rank:4 * rank + 4, 0])
 
 

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from pro_grpo_lightning.backends.base import check_pretrained_source, resolve_pretrained_source
 from pro_grpo_lightning.backends.tokenizers import byte_level_clip_tokenizer, char_level_t5_tokenizer
+from pro_grpo_lightning.loading import check_pretrained_source, resolve_pretrained_source
 from pro_grpo_lightning.rewards.shapes import ShapesExact, ShapesReward, component_stats, connected_components
 from pro_grpo_lightning.tasks.shapes import (BACKGROUND, COLOURS, COUNTS, POSITIONS, SHAPES, ShapeSpec, all_specs,
                                              render_shapes, sample_shapes, shapes_prompts, split_specs,
@@ -271,7 +271,7 @@ def test_pkg_sources_resolve_to_the_installed_package(tmp_path):
 # ---- the shipped pretrained model ----------------------------------------------------------------
 def test_pretrained_asset_loads_through_sd3backend_and_generates(reward):
     from pro_grpo_lightning.backends.sd3 import SD3Backend
-    from pro_grpo_lightning.tasks.shapes_eval import sample_backend
+    from pro_grpo_lightning.evaluation import sample_items
 
     total = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(resolve_pretrained_source(ASSET))
                 for f in fs)
@@ -281,7 +281,7 @@ def test_pretrained_asset_loads_through_sd3backend_and_generates(reward):
     backend.configure_model()
     assert backend.latent_shape() == (4, 16, 16)  # 2x VAE, 4 channels
     prompts = shapes_prompts("heldout", 36, seed=None)
-    images = sample_backend(backend, prompts, seed=0)
+    images = sample_items(backend, prompts, seeds=range(len(prompts)))
     assert images.shape == (36, 3, 32, 32) and torch.isfinite(images).all()
     assert 0 <= images.min() and images.max() <= 1
     # it was pretrained to about half right: far above chance, far from perfect

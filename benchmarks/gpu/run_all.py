@@ -38,8 +38,9 @@ PLAN: dict[str, dict[str, Any]] = {
 SMOKE = dict(steps=4, group_scale=0.25, train_batch_size=4, timestep_fraction=0.5, floor_grid="1,4",
              train_grid="1,2", floor_repeats=1, rollout_repeats=1, iteration_repeats=1)
 
-#: Denoiser forward ms per *physical* sample on one H200 (bf16, 512 px, random weights, eager),
-#: from the project's offline notes (OFFLINE.md); forward+backward at batch 8: SD1.5 11.8, SD3.5-M 22.9 (FLUX: ~3x forward, a guess).
+#: Denoiser forward ms per *physical* sample on one H200 (bf16, 512 px, random weights, eager), measured
+#: on the project's device machine before this plan; forward+backward at batch 8: SD1.5 11.8, SD3.5-M 22.9
+#: (FLUX: ~3x forward, a guess).
 H200_FWD_MS = {"sd15": {1: 33.0, 4: 6.8, 8: 6.1, 16: 3.1, 24: 3.0, 48: 2.9},
                "sd3": {1: 53.3, 4: 12.3, 8: 10.2, 16: 9.4, 24: 9.2, 48: 9.1},
                "flux": {1: 71.1, 4: 53.8, 8: 52.8, 16: 52.1, 24: 51.7, 48: 51.7}}
@@ -80,11 +81,11 @@ def _per_sample(table: dict[int, float], rows: int) -> float:
 
 def estimate(backend: str, plan: dict[str, Any]) -> dict[str, float]:
     """Predicted seconds per stage on one H200 from the per-sample table (denoiser time + previews)."""
-    from .. import common as C
+    from ..schedules import paper_schedules
 
     fwd, cfg = H200_FWD_MS[backend], CFG[backend]
     step_s = lambda rows: rows * cfg * _per_sample(fwd, rows * cfg) / 1e3  # noqa: E731
-    scheds = C.paper_schedules(backend, plan["steps"], plan["group_scale"])
+    scheds = paper_schedules(backend, plan["steps"], plan["group_scale"])
     T = plan["steps"]
     roll = sum(step_s(g) for s in scheds for g in s.schedule.group_sizes_per_step(T))
     decodes = 0
@@ -111,14 +112,15 @@ def estimate(backend: str, plan: dict[str, Any]) -> dict[str, float]:
 def run_backend(backend: str, out: Path, smoke: bool, extra: list[str] | None = None) -> None:
     """Build ``backend`` once and run the three measurements into ``out/<name>/``.
     ``extra``: more arguments for every entry point (e.g. ``--schedule`` to trim a test run)."""
-    from .. import common as C
     from .. import floor, iteration_cost, rollout_cost
+    from ..harness import build_bench
+    from ..report import logger
 
     plan = SMOKE if smoke else PLAN[backend]
     argv = {k: v + list(extra or []) for k, v in entry_args(backend, plan, smoke).items()}
-    log = C.logger()
+    log = logger()
     args = floor.parser().parse_args(argv["floor"] + ["--out", str(out / "floor")])
-    bench = C.build_bench(args)
+    bench = build_bench(args)
     log(f"{backend}: built {type(bench.backend).__name__} in {bench.build_s:.1f}s on {bench.device}")
     # warm-up: one untimed iteration of the cheapest schedule (every kernel, decode, reward, update)
     from pro_grpo_lightning.update import UpdateSettings

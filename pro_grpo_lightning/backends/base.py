@@ -13,20 +13,28 @@ Shapes (B = any batch of samples, T = ``num_steps``):
 Build cheaply, load late: ``__init__`` validates and stores settings only (so parsing a YAML or
 ``--print_config`` never loads weights); ``configure_model()`` builds or loads the components
 (idempotent), adds the LoRA adapter and freezes everything else.
+
+``PipelineBackend`` is the template of the diffusers families (``sd15.py``, ``flow_base.py``):
+loading (``load_components`` with diffusers' component names), freezing, the LoRA adapter, CFG,
+the SDE window and the step itself live there once; a family supplies its components, its
+guided denoiser output and its transition (DDIM or a flow SDE step).
 """
 
 from __future__ import annotations
 
 import abc
 import contextlib
+import fnmatch
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
 
-from ..steps import StepOutput
+from ..loading import check_pretrained_source, check_tokenizer_vocab, parse_dtype, resolve_pretrained_source
+from ..steps import StepOutput, draw_noise, select_steps
 
 Conditioning = dict[str, Tensor]
 
@@ -50,70 +58,6 @@ class LoraSettings:
     def __post_init__(self) -> None:
         if self.rank < 1:
             raise ValueError(f"lora.rank must be >= 1, got {self.rank}")
-
-
-_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
-           "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
-
-
-def parse_dtype(name: str) -> torch.dtype:
-    try:
-        return _DTYPES[name]
-    except KeyError:
-        raise ValueError(f"unknown dtype {name!r}; choose one of {sorted(_DTYPES)}") from None
-
-
-#: ``pretrained`` values starting with this name a folder inside an installed Python package.
-PACKAGE_SCHEME = "pkg://"
-
-
-def resolve_pretrained_source(pretrained: str) -> str:
-    """``pkg://<package>/<folder>`` -> that folder's path inside the installed package; else unchanged.
-
-    So a config can point at weights shipped with a package (``pkg://pro_grpo_lightning/assets/
-    tiny_shapes_sd3``) wherever the package is installed and whatever the working directory.
-    """
-    if not pretrained.startswith(PACKAGE_SCHEME):
-        return pretrained
-    package, _, folder = pretrained[len(PACKAGE_SCHEME):].partition("/")
-    from importlib.resources import files
-
-    try:
-        root = files(package)
-    except ModuleNotFoundError:
-        raise FileNotFoundError(f"pretrained={pretrained!r}: no installed package {package!r}") from None
-    return str(root.joinpath(folder)) if folder else str(root)
-
-
-def check_pretrained_source(pretrained: str, what: str = "pretrained") -> None:
-    """Fail early, before any model loads, when weights cannot be found.
-
-    A local folder must exist (``pkg://`` sources are resolved first, see
-    ``resolve_pretrained_source``). Anything that is not an existing folder is taken as a hub id;
-    with ``HF_HUB_OFFLINE=1`` it must already be in the local hub cache.
-    """
-    if pretrained.startswith(PACKAGE_SCHEME):
-        path = resolve_pretrained_source(pretrained)
-        if not os.path.isdir(path):
-            raise FileNotFoundError(f"{what}={pretrained!r}: no such folder ({path})")
-        return
-    path = os.path.expanduser(pretrained)
-    if os.path.isdir(path):
-        return
-    looks_local = pretrained.startswith(("/", ".", "~")) or pretrained.count("/") > 1 or os.sep == "\\" and "\\" in pretrained
-    if looks_local:
-        raise FileNotFoundError(
-            f"{what}={pretrained!r}: no such folder. Point it at a local diffusers folder or a hub id.")
-    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
-        from huggingface_hub import snapshot_download
-
-        try:
-            snapshot_download(pretrained, local_files_only=True)
-        except Exception as err:  # noqa: BLE001 - any failure means "not available offline"
-            raise FileNotFoundError(
-                f"{what}={pretrained!r} is not a local folder and is not in the hub cache, and "
-                f"HF_HUB_OFFLINE=1 (this machine may be offline): download it first or give a "
-                f"local folder. ({type(err).__name__})") from None
 
 
 class DiffusionBackend(nn.Module, abc.ABC):
@@ -180,13 +124,16 @@ class DiffusionBackend(nn.Module, abc.ABC):
 
     @abc.abstractmethod
     def step(self, latents: Tensor, step_index: Tensor, cond: Conditioning, *,
-             generator: torch.Generator | None = None, next_latents: Tensor | None = None,
-             ) -> StepOutput:
+             noise: Tensor | None = None, next_latents: Tensor | None = None,
+             generator: torch.Generator | None = None) -> StepOutput:
         """One stochastic step from noise level ``step_index`` to ``step_index + 1``.
 
-        Runs the denoiser (with CFG) and the family's SDE step. With ``next_latents`` given, it
-        re-scores that stored transition (same mean/std/log-prob code path) instead of sampling.
-        Gradients flow to the LoRA parameters unless the caller disables them.
+        Runs the denoiser (with CFG) and the family's SDE step. ``noise`` [B, *latent] is the
+        standard-normal draw of the step, given by the caller (the rollout draws the global
+        batch's and passes this rank's rows); with ``next_latents`` given, it re-scores that
+        stored transition (same mean/std/log-prob code path) instead of sampling; with neither,
+        the noise is drawn from ``generator``. Gradients flow to the LoRA parameters unless the
+        caller disables them.
         """
 
     @abc.abstractmethod
@@ -248,11 +195,220 @@ class DiffusionBackend(nn.Module, abc.ABC):
             for n, v in state.items():
                 params[n].copy_(v)
 
-    def latent_numel(self) -> int:
-        """Elements per latent sample (for FLOP/memory estimates)."""
-        return int(self.initial_latents(1).numel())
-
     def extra_repr(self) -> str:
         window = f", sde_window={list(self.sde_window)}" if self.sde_window is not None else ""
         return (f"num_steps={self.num_steps}, guidance_scale={self.guidance_scale}, "
                 f"resolution={self.resolution}{window}")
+
+
+def expand_lora_targets(net: nn.Module, targets: Sequence[str]) -> list[str]:
+    """LoRA target names for peft; entries with ``*`` are globs over full module names.
+
+    A plain entry is matched by peft as a suffix of module names ("to_q" hits every attention).
+    A glob such as ``"single_transformer_blocks.*.proj_out"`` is expanded here to the exact
+    names, so a suffix shared with other layers (FLUX's final ``proj_out``) is not hit.
+    Raises when an entry matches no linear layer (a typo or a renamed diffusers module).
+    """
+    names = [n for n, m in net.named_modules() if isinstance(m, nn.Linear)]
+    out: list[str] = []
+    for t in targets:
+        if "*" in t:
+            hits = [n for n in names if fnmatch.fnmatchcase(n, t)]
+        else:
+            hits = [n for n in names if n == t or n.endswith("." + t)]
+            hits = [t] if hits else []
+        if not hits:
+            raise ValueError(f"LoRA target {t!r} matches no linear layer of {type(net).__name__}")
+        out += hits
+    return out
+
+
+#: Run a denoiser on latents [B, ...], per-row times [B] and conditioning rows -> output [B, ...].
+DenoiserCall = Callable[[Tensor, Tensor, Conditioning], Tensor]
+
+
+class PipelineBackend(DiffusionBackend):
+    """The template of a diffusers model family; see the module docstring.
+
+    A family sets the class attributes and implements ``load_components``, ``_setup`` (what it
+    keeps from the components: tokenizers, schedule tables), ``guided_output`` (via ``_guided``),
+    ``_transition`` (its step function), ``_negative_rows`` (CFG's negative prompt), plus the
+    text encoding, initial latents and decoding of ``DiffusionBackend``.
+
+    Args (beyond ``DiffusionBackend``'s):
+        pretrained: a local diffusers folder, a ``pkg://`` folder or a hub id; checked here
+            (``_check_source``, which the code-built tiny models override), loaded in
+            ``configure_model``.
+        revision: hub revision of ``pretrained``.
+        gradient_checkpointing: recompute the denoiser's activations in the backward pass.
+        vae_decode_chunk: decode at most this many latents per VAE call (memory); None: all.
+    """
+
+    #: Name of diffusers' stock pipeline class of the family (what ``export.py`` builds and whose
+    #: ``save_lora_weights`` format the LoRA export writes).
+    pipeline_class: ClassVar[str] = ""
+    #: The pipeline component that carries the adapter ("unet", "transformer").
+    denoiser_component: ClassVar[str] = ""
+    #: Components the stock pipeline takes that ``load_components`` does not give (export).
+    pipeline_defaults: ClassVar[dict[str, Any]] = {}
+    #: LoRA target names when ``lora.target_modules`` is None (peft suffixes, or globs: see
+    #: ``expand_lora_targets``).
+    default_lora_targets: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self, pretrained: str, *, revision: str | None = None, gradient_checkpointing: bool = False,
+                 vae_decode_chunk: int | None = None, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        if vae_decode_chunk is not None and vae_decode_chunk < 1:
+            raise ValueError(f"vae_decode_chunk must be >= 1 or None, got {vae_decode_chunk}")
+        self.pretrained = resolve_pretrained_source(pretrained)  # pkg://... -> a folder
+        self.revision = revision
+        self.gradient_checkpointing = gradient_checkpointing
+        self.vae_decode_chunk = vae_decode_chunk
+        self._check_source(pretrained)
+        self._configured = False
+
+    def _check_source(self, pretrained: str) -> None:
+        check_pretrained_source(pretrained)
+
+    # ---- what a family supplies ---------------------------------------------------------------
+    @abc.abstractmethod
+    def load_components(self) -> dict[str, Any]:
+        """Fresh pipeline components by diffusers' names (denoiser, vae, scheduler, text encoders,
+        tokenizers), in ``weight_dtype``, without an adapter. ``export.py`` builds the stock
+        pipeline from them too."""
+
+    def text_encoder_names(self) -> tuple[str, ...]:
+        """Names of the text encoder components present (frozen, kept in eval mode)."""
+        return ("text_encoder",)
+
+    def _setup(self, components: dict[str, Any]) -> None:
+        """Keep what the family needs from the loaded components (tokenizers, schedule tables)."""
+
+    @abc.abstractmethod
+    def guided_output(self, latents: Tensor, step_index: Tensor, cond: Conditioning) -> Tensor:
+        """The CFG-combined denoiser output (eps or velocity) [B, *latent] float32 at per-row steps."""
+
+    @abc.abstractmethod
+    def _transition(self, output: Tensor, latents: Tensor, step_index: Tensor, *, stochastic: bool,
+                    noise: Tensor | None, next_latents: Tensor | None) -> StepOutput:
+        """The family's step from the guided output; ``stochastic=False``: its deterministic ODE step."""
+
+    def _negative_rows(self, batch: int, device: torch.device) -> Conditioning:
+        """CFG's negative-prompt conditioning, ``batch`` rows on ``device``."""
+        raise NotImplementedError(f"{type(self).__name__} does not run classifier-free guidance")
+
+    def _uses_cfg(self) -> bool:
+        return self.guidance_scale > 1.0
+
+    # ---- lifecycle ---------------------------------------------------------------------------
+    def configure_model(self) -> None:
+        if self._configured:
+            return
+        comps = self.load_components()
+        net = comps[self.denoiser_component]
+        frozen = [comps["vae"], *(comps[n] for n in self.text_encoder_names())]
+        for m in (net, *frozen):
+            m.requires_grad_(False)
+            if any(p.dtype != self.weight_dtype for p in m.parameters()):  # loaded weights already match
+                m.to(dtype=self.weight_dtype)
+        for m in frozen:
+            m.eval()
+        # The denoiser first: ``device`` and the parameter order follow it.
+        setattr(self, self.denoiser_component, net)
+        self.vae = comps["vae"]
+        for name in self.text_encoder_names():
+            setattr(self, name, comps[name])
+        self.attach_lora(net)
+        self._setup(comps)
+        self._configured = True
+
+    def attach_lora(self, net: nn.Module) -> None:
+        """Add the policy adapter (``self.lora``) to ``net``, trained in float32 whatever the base dtype."""
+        from peft import LoraConfig
+
+        settings = self.lora
+        init = {"true": True, "default": True, "false": False}.get(str(settings.init).lower(), settings.init)
+        targets = expand_lora_targets(net, settings.target_modules or self.default_lora_targets)
+        net.add_adapter(LoraConfig(r=settings.rank, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
+                                   init_lora_weights=init, target_modules=targets))
+        for p in net.parameters():  # peft creates the adapter in the base dtype
+            if p.requires_grad:
+                p.data = p.data.float()
+        if self.gradient_checkpointing:
+            net.enable_gradient_checkpointing()
+
+    def _require_configured(self) -> None:
+        if not self._configured:
+            raise RuntimeError(f"{type(self).__name__}: call configure_model() first")
+
+    def _frozen_modules(self) -> list[nn.Module]:
+        return [self.vae] + [getattr(self, n) for n in self.text_encoder_names()]
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if self._configured:  # frozen parts never train (T5's dropout would change the embeddings)
+            for m in self._frozen_modules():
+                m.eval()
+        return self
+
+    @property
+    def device(self) -> torch.device:
+        if self._configured:
+            return next(self.denoiser().parameters()).device
+        return torch.device("cpu")
+
+    def denoiser(self) -> nn.Module:
+        self._require_configured()
+        return getattr(self, self.denoiser_component)
+
+    # ---- sampling -----------------------------------------------------------------------------
+    def _guided(self, run: DenoiserCall, latents: Tensor, times: Tensor, cond: Conditioning) -> Tensor:
+        """Classifier-free guidance around one denoiser call: [negative; positive] rows in one batch,
+        combined as uncond + scale * (cond - uncond). Without CFG: ``run`` on the rows as given."""
+        if not self._uses_cfg():
+            return run(latents, times, cond)
+        B, device = latents.shape[0], latents.device
+        neg = self._negative_rows(B, device)
+        both = {k: torch.cat([neg[k].to(device), v.to(device)]) for k, v in cond.items()}  # [2B, ...] each
+        out = run(torch.cat([latents, latents]), torch.cat([times, times]), both)  # [2B, *latent]
+        uncond, text = out.chunk(2)  # [B, *latent] each
+        return uncond + self.guidance_scale * (text - uncond)  # [B, *latent]
+
+    def step(self, latents: Tensor, step_index: Tensor, cond: Conditioning, *,
+             noise: Tensor | None = None, next_latents: Tensor | None = None,
+             generator: torch.Generator | None = None) -> StepOutput:
+        self._require_configured()
+        device = self.device
+        latents = latents.to(device)
+        idx = step_index.to(device=device, dtype=torch.long)  # [B]
+        if noise is None and next_latents is None:
+            noise = draw_noise(latents.shape, device, generator)  # [B, *latent]
+        if next_latents is not None:
+            next_latents = next_latents.to(device)
+        output = self.guided_output(latents, idx, cond)  # [B, *latent] float32
+        out = self._transition(output, latents, idx, stochastic=True, noise=noise, next_latents=next_latents)
+        inside = self._window_rows(idx)  # [B] bool, or None (no window)
+        if inside is not None:  # outside the SDE window: the sampler's deterministic step
+            ode = self._transition(output, latents, idx, stochastic=False, noise=noise, next_latents=next_latents)
+            out = select_steps(inside, out, ode)
+        out.model_output = output
+        return out
+
+    # ---- loading helpers ----------------------------------------------------------------------
+    def _load(self, cls: Any, subfolder: str, **kwargs: Any) -> Any:
+        """``cls.from_pretrained(pretrained, subfolder=...)`` with an error that names the path."""
+        try:
+            return cls.from_pretrained(self.pretrained, subfolder=subfolder, revision=self.revision, **kwargs)
+        except (OSError, ValueError) as err:
+            where = os.path.join(str(self.pretrained), subfolder)
+            raise FileNotFoundError(f"{type(self).__name__}: could not load {where!r} "
+                                    f"({type(err).__name__}: {err})") from err
+
+    def _load_tokenizer(self, cls: Any, subfolder: str, encoder_vocab_size: int) -> Any:
+        """A tokenizer from ``subfolder``, refused when it cannot fit its encoder (``check_tokenizer_vocab``)."""
+        tok = self._load(cls, subfolder)
+        check_tokenizer_vocab(tok, encoder_vocab_size, os.path.join(str(self.pretrained), subfolder))
+        return tok
+
+    def extra_repr(self) -> str:
+        return f"pretrained={self.pretrained!r}, " + super().extra_repr()

@@ -75,6 +75,7 @@ class FluxBackend(FlowMatchingBackend):
         revision: hub revision of ``pretrained``.
     """
 
+    pipeline_class = "FluxPipeline"
     default_lora_targets = FLUX_LORA_TARGETS
 
     def __init__(self, pretrained: str, num_steps: int = 16, guidance_scale: float = 3.5,
@@ -99,10 +100,10 @@ class FluxBackend(FlowMatchingBackend):
         return bool(self.transformer.config.guidance_embeds)
 
     # ---- components ------------------------------------------------------------------------
-    def _text_encoder_names(self) -> tuple[str, ...]:
+    def text_encoder_names(self) -> tuple[str, ...]:
         return ("text_encoder", "text_encoder_2")
 
-    def _load_components(self) -> dict[str, object]:
+    def load_components(self) -> dict[str, object]:
         from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
         from transformers import CLIPTextModel, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
 
@@ -168,8 +169,8 @@ def build_tiny_flux_components(resolution: int = 64, seed: int = 0,
                                guidance_embeds: bool = True) -> dict[str, object]:
     """Random-init FLUX-architecture components (~0.08 M-param transformer), built in code, seeded.
 
-    Size rules (OFFLINE.md): in_channels = 4 x 16 VAE channels = 64, rope axes (4, 6, 6) sum to the
-    head dim 16, pooled_projection_dim = CLIP hidden size (32), joint_attention_dim = T5 d_model
+    Size rules the architecture imposes: in_channels = 4 x 16 VAE channels = 64, rope axes (4, 6, 6)
+    sum to the head dim 16, pooled_projection_dim = CLIP hidden size (32), joint_attention_dim = T5 d_model
     (64). One double- and one single-stream block. ``guidance_embeds``: dev-like (True) or
     schnell-like (False). The scheduler has FLUX's dynamic-shift config.
     """
@@ -239,5 +240,5 @@ class TinyFluxBackend(FluxBackend):
     def _check_source(self, pretrained: str) -> None:
         pass  # built in code
 
-    def _load_components(self) -> dict[str, object]:
+    def load_components(self) -> dict[str, object]:
         return build_tiny_flux_components(self.resolution, self.seed, self.guidance_embeds)

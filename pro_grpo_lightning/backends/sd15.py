@@ -19,10 +19,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..steps import StepOutput, select_steps
-from ..steps.ddim import ddim_step, ddim_tables, draw_noise
-from .base import (Conditioning, DiffusionBackend, LoraSettings, check_pretrained_source,
-                   resolve_pretrained_source)
+from ..steps import StepOutput, draw_noise
+from ..steps.ddim import ddim_step, ddim_tables
+from .base import Conditioning, LoraSettings, PipelineBackend
 
 #: UNet attention projections that carry the adapter (self- and cross-attention).
 DEFAULT_LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
@@ -37,7 +36,7 @@ SD15_SCHEDULER_CONFIG: dict[str, Any] = dict(
 TINY_SD15_SOURCE = "<tiny-sd15>"
 
 
-class SD15Backend(DiffusionBackend):
+class SD15Backend(PipelineBackend):
     """SD1.x (and SD2.x, v-prediction) from a diffusers folder or hub id.
 
     Args:
@@ -60,25 +59,25 @@ class SD15Backend(DiffusionBackend):
     (SD's own configs have clipping off).
     """
 
+    pipeline_class = "StableDiffusionPipeline"
+    denoiser_component = "unet"
+    pipeline_defaults = {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
+    default_lora_targets = DEFAULT_LORA_TARGETS
+
     def __init__(self, pretrained: str, num_steps: int = 50, guidance_scale: float = 5.0,
                  resolution: int = 512, eta: float = 1.0, lora: LoraSettings | None = None,
                  dtype: str = "float32", negative_prompt: str = "", revision: str | None = None,
                  vae_decode_chunk: int | None = None, gradient_checkpointing: bool = False,
                  sde_window: list[int] | None = None) -> None:
-        super().__init__(num_steps=num_steps, guidance_scale=guidance_scale, resolution=resolution,
-                         lora=lora, dtype=dtype, negative_prompt=negative_prompt, sde_window=sde_window)
         if eta < 0:
             raise ValueError(f"eta must be >= 0, got {eta}")
         if resolution % 8:
             raise ValueError(f"resolution must be a multiple of 8 (the SD VAE factor), got {resolution}")
-        if vae_decode_chunk is not None and vae_decode_chunk < 1:
-            raise ValueError(f"vae_decode_chunk must be >= 1 or None, got {vae_decode_chunk}")
-        self.pretrained = resolve_pretrained_source(pretrained)  # pkg://... -> a folder
+        super().__init__(pretrained, revision=revision, gradient_checkpointing=gradient_checkpointing,
+                         vae_decode_chunk=vae_decode_chunk, num_steps=num_steps, guidance_scale=guidance_scale,
+                         resolution=resolution, lora=lora, dtype=dtype, negative_prompt=negative_prompt,
+                         sde_window=sde_window)
         self.eta = float(eta)
-        self.revision = revision
-        self.vae_decode_chunk = vae_decode_chunk
-        self.gradient_checkpointing = gradient_checkpointing
-        self._check_source(pretrained)
         # Filled by configure_model().
         self.unet: nn.Module | None = None
         self.vae: nn.Module | None = None
@@ -91,59 +90,31 @@ class SD15Backend(DiffusionBackend):
         self._tables: dict[str, Tensor] = {}  # float32 / long CPU tables, [T] each
         self._tables_on: dict[torch.device, dict[str, Tensor]] = {}
 
-    def _check_source(self, pretrained: str) -> None:
-        check_pretrained_source(pretrained)
-
     # ---- lifecycle -------------------------------------------------------------------------
     def load_components(self) -> dict[str, Any]:
         """unet, vae, text_encoder, tokenizer, scheduler from ``pretrained`` (tokenizer checked first)."""
         from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
         from transformers import CLIPTextModel, CLIPTokenizer
 
-        src, rev, dt = self.pretrained, self.revision, self.weight_dtype
-        tokenizer = CLIPTokenizer.from_pretrained(src, subfolder="tokenizer", revision=rev)
-        text_encoder = CLIPTextModel.from_pretrained(src, subfolder="text_encoder", revision=rev,
-                                                     dtype=dt)
-        check_tokenizer(tokenizer, text_encoder.config.vocab_size, src)
+        dt = self.weight_dtype
+        text_encoder = self._load(CLIPTextModel, "text_encoder", dtype=dt)
+        tokenizer = self._load_tokenizer(CLIPTokenizer, "tokenizer", text_encoder.config.vocab_size)
         return dict(
             tokenizer=tokenizer,
             text_encoder=text_encoder,
-            unet=UNet2DConditionModel.from_pretrained(src, subfolder="unet", revision=rev, torch_dtype=dt),
-            vae=AutoencoderKL.from_pretrained(src, subfolder="vae", revision=rev, torch_dtype=dt),
-            scheduler=DDIMScheduler.from_pretrained(src, subfolder="scheduler", revision=rev),
+            unet=self._load(UNet2DConditionModel, "unet", torch_dtype=dt),
+            vae=self._load(AutoencoderKL, "vae", torch_dtype=dt),
+            scheduler=self._load(DDIMScheduler, "scheduler"),
         )
 
-    def configure_model(self) -> None:
-        if self.unet is not None:
-            return
-        from peft import LoraConfig
-
-        parts = self.load_components()
-        unet, vae, text_encoder = parts["unet"], parts["vae"], parts["text_encoder"]
-        for net in (unet, vae, text_encoder):
-            net.requires_grad_(False)
-            if any(p.dtype != self.weight_dtype for p in net.parameters()):
-                net.to(dtype=self.weight_dtype)
-        self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
-        self.latent_channels = int(unet.config.in_channels)
+    def _setup(self, components: dict[str, Any]) -> None:
+        self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        self.latent_channels = int(self.unet.config.in_channels)
         if self.resolution % self.vae_scale_factor:
             raise ValueError(f"resolution {self.resolution} is not a multiple of the VAE factor "
                              f"{self.vae_scale_factor} of {self.pretrained!r}")
-
-        settings = self.lora
-        init = {"true": True, "default": True, "false": False}.get(str(settings.init).lower(), settings.init)
-        unet.add_adapter(LoraConfig(
-            r=settings.rank, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
-            init_lora_weights=init, target_modules=list(settings.target_modules or DEFAULT_LORA_TARGETS)))
-        for p in unet.parameters():  # peft creates the adapter in the base dtype; train it in fp32
-            if p.requires_grad:
-                p.data = p.data.float()
-        if self.gradient_checkpointing:
-            unet.enable_gradient_checkpointing()
-
-        self.unet, self.vae, self.text_encoder = unet, vae, text_encoder
-        self.tokenizer = parts["tokenizer"]
-        self._set_schedule(parts["scheduler"])
+        self.tokenizer = components["tokenizer"]
+        self._set_schedule(components["scheduler"])
         # CFG's unconditional embedding: computed once, moves with the module, never trained.
         neg = self._encode([self.negative_prompt])  # [1, L, D]
         self.register_buffer("negative_embeds", neg, persistent=False)
@@ -174,7 +145,7 @@ class SD15Backend(DiffusionBackend):
         return self.text_encoder(ids).last_hidden_state  # [B, L, D]
 
     def encode_prompts(self, prompts: Sequence[str]) -> Conditioning:
-        self._require_model()
+        self._require_configured()
         return {"prompt_embeds": self._encode(prompts)}  # [B, L, D]
 
     def initial_latents(self, batch_size: int, generator: torch.Generator | None = None) -> Tensor:
@@ -182,43 +153,33 @@ class SD15Backend(DiffusionBackend):
         shape = (batch_size, self.latent_channels, side, side)
         return draw_noise(shape, self.device, generator) * self.init_noise_sigma  # [B, C, h, w]
 
+    def _negative_rows(self, batch: int, device: torch.device) -> Conditioning:
+        return {"prompt_embeds": self.negative_embeds.to(device).expand(batch, -1, -1)}  # [B, L, D]
+
     def guided_output(self, latents: Tensor, step_index: Tensor, cond: Conditioning) -> Tensor:
         """The CFG-combined UNet output for rows at per-sample steps: [B, C, h, w] float32."""
-        unet = self._require_model()
-        device = latents.device
+        self._require_configured()
+        device, dt = latents.device, self.weight_dtype
         timesteps = self._table("timesteps", device)[step_index.to(device)]  # [B]
-        embeds = cond["prompt_embeds"].to(device=device, dtype=self.weight_dtype)  # [B, L, D]
-        x = latents.to(self.weight_dtype)  # [B, C, h, w]
-        if self.guidance_scale <= 1:
-            return unet(x, timesteps, encoder_hidden_states=embeds).sample.float()  # [B, C, h, w]
-        B = latents.shape[0]
-        neg = self.negative_embeds.to(device=device, dtype=self.weight_dtype).expand(B, -1, -1)  # [B, L, D]
-        out = unet(torch.cat([x, x]), torch.cat([timesteps, timesteps]),  # [2B, C, h, w]
-                   encoder_hidden_states=torch.cat([neg, embeds])).sample.float()
-        uncond, text = out.chunk(2)  # [B, C, h, w] each
-        return uncond + self.guidance_scale * (text - uncond)  # [B, C, h, w]
 
-    def step(self, latents: Tensor, step_index: Tensor, cond: Conditioning, *,
-             generator: torch.Generator | None = None, next_latents: Tensor | None = None,
-             ) -> StepOutput:
+        def run(x: Tensor, t: Tensor, c: Conditioning) -> Tensor:
+            embeds = c["prompt_embeds"].to(device=device, dtype=dt)  # [b, L, D]
+            return self.unet(x.to(dt), t, encoder_hidden_states=embeds).sample.float()  # [b, C, h, w]
+
+        return self._guided(run, latents, timesteps, cond)  # [B, C, h, w]
+
+    def _transition(self, output: Tensor, latents: Tensor, step_index: Tensor, *, stochastic: bool,
+                    noise: Tensor | None, next_latents: Tensor | None) -> StepOutput:
         device = latents.device
-        step_index = step_index.to(device=device, dtype=torch.long)  # [B]
-        model_output = self.guided_output(latents, step_index, cond)  # [B, C, h, w] float32
         alpha_t = self._table("alpha_prod_t", device)[step_index]  # [B]
         alpha_prev = self._table("alpha_prod_prev", device)[step_index]  # [B]
-        out = ddim_step(model_output, latents, alpha_t, alpha_prev, eta=self.eta, generator=generator,
-                        next_latents=next_latents, prediction_type=self.prediction_type)
-        inside = self._window_rows(step_index)  # [B] bool, or None (no window)
-        if inside is not None:  # outside the SDE window: deterministic DDIM (eta 0)
-            ode = ddim_step(model_output, latents, alpha_t, alpha_prev, eta=0.0, next_latents=next_latents,
-                            prediction_type=self.prediction_type)
-            out = select_steps(inside, out, ode)
-        out.model_output = model_output
-        return out
+        # outside the SDE window (stochastic=False): deterministic DDIM, eta 0
+        return ddim_step(output, latents, alpha_t, alpha_prev, eta=self.eta if stochastic else 0.0,
+                         noise=noise, next_latents=next_latents, prediction_type=self.prediction_type)
 
     @torch.no_grad()
     def decode(self, latents: Tensor) -> Tensor:
-        self._require_model()
+        self._require_configured()
         vae = self.vae
         z = latents.to(device=vae.device, dtype=self.weight_dtype) / vae.config.scaling_factor  # [B, C, h, w]
         if getattr(vae.config, "shift_factor", None):
@@ -236,31 +197,8 @@ class SD15Backend(DiffusionBackend):
         """The UNet timestep of each step index: [T] long."""
         return self._table("timesteps", torch.device("cpu")).clone()
 
-    def denoiser(self) -> nn.Module:
-        return self._require_model()
-
-    def _require_model(self) -> nn.Module:
-        if self.unet is None:
-            raise RuntimeError(f"{type(self).__name__}: call configure_model() first")
-        return self.unet
-
     def extra_repr(self) -> str:
-        return f"pretrained={self.pretrained!r}, eta={self.eta}, " + super().extra_repr()
-
-
-def check_tokenizer(tokenizer: Any, vocab_size: int, source: str) -> None:
-    """Guard against the silent dummy tokenizer (OFFLINE.md): its vocabulary must fit the encoder's.
-
-    ``CLIPTokenizer.from_pretrained(<hub id>)`` under ``HF_HUB_OFFLINE=1`` can return a tokenizer of
-    a few tokens without error; its ids would be valid but meaningless. A real one covers the text
-    encoder's embedding table (CLIP: 49,408 of 49,408).
-    """
-    n = len(tokenizer)
-    if not vocab_size // 2 <= n <= vocab_size:
-        raise RuntimeError(
-            f"tokenizer loaded from {source!r} (subfolder 'tokenizer') has {n} tokens but its text "
-            f"encoder has vocab_size {vocab_size}: the tokenizer files are missing or wrong (offline "
-            f"hub loads can silently return a dummy tokenizer). Check the folder or download the model.")
+        return f"eta={self.eta}, " + super().extra_repr()
 
 
 # ---- the tiny model ---------------------------------------------------------------------------

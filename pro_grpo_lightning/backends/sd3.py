@@ -53,6 +53,8 @@ class SD3Backend(FlowMatchingBackend):
             when ``text_encoder_3`` is None.
     """
 
+    pipeline_class = "StableDiffusion3Pipeline"
+    pipeline_defaults = {"text_encoder_3": None, "tokenizer_3": None}  # drop_t5: loaded without T5
     default_lora_targets = SD3_LORA_TARGETS
 
     def __init__(self, pretrained: str, num_steps: int = 10, guidance_scale: float = 4.5,
@@ -71,11 +73,11 @@ class SD3Backend(FlowMatchingBackend):
         self.drop_t5 = drop_t5
 
     # ---- components ------------------------------------------------------------------------
-    def _text_encoder_names(self) -> tuple[str, ...]:
+    def text_encoder_names(self) -> tuple[str, ...]:
         clips = ("text_encoder", "text_encoder_2")
         return clips if self.drop_t5 else (*clips, "text_encoder_3")
 
-    def _load_components(self) -> dict[str, object]:
+    def load_components(self) -> dict[str, object]:
         from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
         from transformers import CLIPTextModelWithProjection, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
 
@@ -137,32 +139,24 @@ class SD3Backend(FlowMatchingBackend):
     # ---- denoiser ----------------------------------------------------------------------------
     def _velocity(self, latents: Tensor, sigma: Tensor, cond: Conditioning) -> Tensor:
         device, dt = self.device, self.weight_dtype
-        batch = latents.shape[0]
-        x = latents.to(dt)  # [B, C, h, w]
-        t = sigma * self.scheduler.config.num_train_timesteps  # [B]  timestep = sigma * 1000
-        embeds = cond["prompt_embeds"].to(device, dt)  # [B, S, D]
-        pooled = cond["pooled_prompt_embeds"].to(device, dt)  # [B, P]
-        cfg = self._uses_cfg()
-        if cfg:
-            neg = self._negative_rows(batch, device)
-            x = torch.cat([x, x])  # [2B, C, h, w]
-            t = torch.cat([t, t])  # [2B]
-            embeds = torch.cat([neg["prompt_embeds"].to(dt), embeds])  # [2B, S, D]
-            pooled = torch.cat([neg["pooled_prompt_embeds"].to(dt), pooled])  # [2B, P]
-        out = self.transformer(hidden_states=x, timestep=t, encoder_hidden_states=embeds,
-                               pooled_projections=pooled, return_dict=False)[0].float()  # [(2)B, C, h, w]
-        if not cfg:
-            return out
-        v_uncond, v_cond = out.chunk(2)  # [B, C, h, w] each
-        return v_uncond + self.guidance_scale * (v_cond - v_uncond)  # [B, C, h, w]
+
+        def run(x: Tensor, s: Tensor, c: Conditioning) -> Tensor:  # rows: [negative; positive] with CFG
+            return self.transformer(
+                hidden_states=x.to(device, dt),  # [b, C, h, w]
+                timestep=s * self.scheduler.config.num_train_timesteps,  # [b]  timestep = sigma * 1000
+                encoder_hidden_states=c["prompt_embeds"].to(device, dt),  # [b, S, D]
+                pooled_projections=c["pooled_prompt_embeds"].to(device, dt),  # [b, P]
+                return_dict=False)[0].float()  # [b, C, h, w]
+
+        return self._guided(run, latents, sigma, cond)  # [B, C, h, w]
 
 
 # ---- tiny offline model --------------------------------------------------------------------------
 def build_tiny_sd3_components(resolution: int = 64, seed: int = 0) -> dict[str, object]:
     """Random-init SD3-architecture components (~0.3 M-param MMDiT), built in code, seeded.
 
-    Size rules (OFFLINE.md): T5 d_model = joint_attention_dim (64) >= sum of the CLIP hidden
-    sizes (16 + 32, zero-padded), pooled_projection_dim = sum of the CLIP projections (16 + 32).
+    Size rules the architecture imposes: T5 d_model = joint_attention_dim (64) >= sum of the CLIP
+    hidden sizes (16 + 32, zero-padded), pooled_projection_dim = sum of the CLIP projections (16 + 32).
     Two CLIPs of different widths exercise the padding. VAE: 8x down-sampling, 16 channels,
     SD3's shift and scaling factors, no quant convs (as SD3's VAE).
     """
@@ -235,7 +229,7 @@ class TinySD3Backend(SD3Backend):
     def _check_source(self, pretrained: str) -> None:
         pass  # built in code
 
-    def _load_components(self) -> dict[str, object]:
+    def load_components(self) -> dict[str, object]:
         comps = build_tiny_sd3_components(self.resolution, self.seed)
         if self.drop_t5:
             comps.pop("text_encoder_3"), comps.pop("tokenizer_3")

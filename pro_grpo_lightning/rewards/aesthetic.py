@@ -19,8 +19,8 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from .clip_common import (PretrainedReward, RewardMLP, _features, clip_preprocess, freeze,
-                          from_pretrained_checked, l2_normalize, load_state_dict_file, vision_image_size)
+from ..loading import from_pretrained_checked, load_state_dict_file
+from .clip_common import PretrainedReward, RewardMLP, _features, clip_preprocess, freeze, l2_normalize, vision_image_size
 
 
 def resolve_head_file(head_pretrained: str) -> str:

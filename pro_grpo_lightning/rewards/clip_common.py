@@ -1,4 +1,4 @@
-"""What the CLIP- and BLIP-based rewards share: batched preprocessing, loading, tiny test models.
+"""What the CLIP- and BLIP-based rewards share: batched preprocessing, model outputs, base classes.
 
 Preprocessing. Every model here was trained on images prepared by the same torchvision/PIL chain
 (OpenAI CLIP ``clip/clip.py::_transform``, open_clip ``transform.py::image_transform`` for eval,
@@ -17,9 +17,6 @@ tracks that device, so ``reward.to("cuda")`` before ``configure_model()`` works 
 
 from __future__ import annotations
 
-import importlib
-import os
-import string
 from collections.abc import Sequence
 from typing import Any
 
@@ -27,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..backends.base import check_pretrained_source, parse_dtype
+from ..loading import check_pretrained_source, check_source, from_pretrained_checked, load_tokenizer, parse_dtype
 from .base import Reward
 
 #: OpenAI CLIP's pixel statistics (openai/CLIP ``clip/clip.py::_transform``; the same numbers are
@@ -35,17 +32,6 @@ from .base import Reward
 #: configs of openai/clip-vit-large-patch14 and laion/CLIP-ViT-H-14-laion2B-s32B-b79K).
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-
-#: What to install for the optional reward dependencies.
-REWARDS_EXTRA = "pip install 'pro-grpo-lightning[rewards]'"
-
-
-def require(module: str, what: str) -> Any:
-    """Import an optional dependency, or fail with the pip extra that provides it."""
-    try:
-        return importlib.import_module(module)
-    except ImportError as err:
-        raise ImportError(f"{what} needs the optional package {module!r}; install it with {REWARDS_EXTRA}") from err
 
 
 # ---- preprocessing -----------------------------------------------------------------------------
@@ -168,131 +154,12 @@ class RewardMLP(nn.Module):
         return self.layers(x)
 
 
-# ---- files and sources -------------------------------------------------------------------------
-def check_source(pretrained: str, what: str) -> None:
-    """A weights file, a folder, or a hub id (cached when offline); else FileNotFoundError."""
-    if os.path.isfile(os.path.expanduser(pretrained)):
-        return
-    check_pretrained_source(pretrained, what=what)
-
-
-def resolve_file(pretrained: str, filename: str) -> str | None:
-    """Path of ``filename`` inside a local folder or hub repo ``pretrained``; None if absent there."""
-    path = os.path.expanduser(pretrained)
-    if os.path.isdir(path):
-        candidate = os.path.join(path, filename)
-        return candidate if os.path.isfile(candidate) else None
-    from huggingface_hub import hf_hub_download
-
-    try:
-        return hf_hub_download(pretrained, filename)
-    except Exception:  # noqa: BLE001 - missing file, missing repo or offline: "not there"
-        return None
-
-
-def load_state_dict_file(path: str) -> dict[str, Tensor]:
-    """A ``.safetensors`` file, or a torch pickle holding tensors (loaded with ``weights_only``)."""
-    path = os.path.expanduser(path)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"no such weights file: {path!r}")
-    if path.endswith(".safetensors"):
-        safetensors_torch = require("safetensors.torch", "loading .safetensors weights")
-        return safetensors_torch.load_file(path)
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001
-        raise ValueError(
-            f"{path!r} is not a plain tensor checkpoint (torch.load(weights_only=True) failed: {err}). If you "
-            f"trust the file, re-save its tensors once, e.g. torch.save(torch.load(path, weights_only=False)"
-            f"['state_dict'], new_path), or as .safetensors.") from err
-
-
-def save_state_dict_file(state: dict[str, Tensor], path: str) -> None:
-    """Write a state dict as ``.safetensors`` (by extension) or a torch pickle."""
-    state = {k: v.detach().contiguous().cpu() for k, v in state.items()}
-    if path.endswith(".safetensors"):
-        require("safetensors.torch", "writing .safetensors weights").save_file(state, path)
-    else:
-        torch.save(state, path)
-
-
-def load_tokenizer(source: str, vocab_size: int, what: str) -> Any:
-    """``AutoTokenizer`` from a folder or hub id, checked against the text model's vocabulary.
-
-    Why the check: offline, ``CLIPTokenizer.from_pretrained(<uncached hub id>)`` returns a dummy
-    tokenizer of 2 tokens without error (docs/OFFLINE.md). ``AutoTokenizer`` raises instead, and a
-    tokenizer whose size disagrees with the embedding table is refused here, naming the path.
-    """
-    check_pretrained_source(source, what=what)
-    from transformers import AutoTokenizer
-
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(source)
-    except (OSError, ValueError) as err:
-        raise FileNotFoundError(f"{what}={source!r}: no usable tokenizer there ({err})") from err
-    check_tokenizer_vocab(tokenizer, vocab_size, source, what)
-    return tokenizer
-
-
-def check_tokenizer_vocab(tokenizer: Any, vocab_size: int, source: str, what: str = "tokenizer") -> None:
-    """Refuse a tokenizer that cannot belong to a text model with ``vocab_size`` embeddings."""
-    n = len(tokenizer)
-    if n > vocab_size or n < vocab_size // 2:
-        raise ValueError(
-            f"{what}={source!r}: the tokenizer there has {n} tokens but the text model has "
-            f"{vocab_size} embeddings. Offline, transformers can return a dummy tokenizer for an "
-            f"uncached hub id; point {what} at the folder holding the model's real tokenizer.")
-
-
 def tokenize(tokenizer: Any, prompts: Sequence[str], max_length: int, device: torch.device,
              padding: str | bool = True) -> tuple[Tensor, Tensor]:
     """input_ids, attention_mask [B, L] (long) on ``device``, truncated to ``max_length``."""
     enc = tokenizer(list(prompts), padding=padding, truncation=True, max_length=max_length,
                     return_tensors="pt")
     return enc["input_ids"].to(device), enc["attention_mask"].to(device)
-
-
-def from_pretrained_checked(model_cls: Any, source: str, dtype: torch.dtype, what: str,
-                            allowed_missing: Sequence[str] = ()) -> nn.Module:
-    """``model_cls.from_pretrained`` that refuses silently random-initialised weights.
-
-    transformers fills missing weights with random values and only warns; a reward built on
-    that would train a policy against noise. Missing keys are an error unless they start with one
-    of ``allowed_missing`` (heads the reward never uses).
-    """
-    try:
-        model, info = model_cls.from_pretrained(source, dtype=dtype, output_loading_info=True)
-    except OSError as err:
-        raise FileNotFoundError(f"{what}={source!r}: cannot load {model_cls.__name__} ({err})") from err
-    missing = [k for k in info.get("missing_keys", ()) if not k.startswith(tuple(allowed_missing))]
-    mismatched = list(info.get("mismatched_keys", ()))
-    if missing or mismatched:
-        raise ValueError(f"{what}={source!r}: weights do not fit {model_cls.__name__}: "
-                         f"missing {sorted(missing)[:8]}, mismatched {mismatched[:8]}")
-    return model
-
-
-def build_with_state_dict(factory: Any, state: dict[str, Tensor], dtype: torch.dtype, what: str) -> nn.Module:
-    """``factory()`` built on the meta device, then given ``state`` (strict) without a random init.
-
-    A random init of a 1 B-parameter CLIP takes ~30 s on 2 CPU cores, only to be overwritten. The
-    non-persistent ``position_ids`` buffers (``arange``), which no checkpoint holds, are rebuilt.
-    """
-    with torch.device("meta"):
-        model = factory()
-    try:
-        model.load_state_dict(state, strict=True, assign=True)
-    except RuntimeError as err:
-        raise ValueError(f"{what}: the weights do not fit the architecture: {err}") from None
-    for name, buf in list(model.named_buffers()):
-        if not buf.is_meta:
-            continue
-        owner_name, _, leaf = name.rpartition(".")
-        if leaf != "position_ids":
-            raise RuntimeError(f"{what}: buffer {name!r} is not in the checkpoint and cannot be rebuilt")
-        owner = model.get_submodule(owner_name)
-        owner._buffers[leaf] = torch.arange(buf.shape[-1]).expand(buf.shape)
-    return model.to(dtype)
 
 
 def vision_image_size(model: nn.Module) -> int:
@@ -337,10 +204,6 @@ class PretrainedReward(Reward):
     @property
     def device(self) -> torch.device:
         return self._device_anchor.device
-
-    @property
-    def is_configured(self) -> bool:
-        return self.model is not None
 
     def configure_model(self) -> None:
         if self.model is not None:
@@ -411,47 +274,6 @@ class ClipRewardBase(PretrainedReward):
         return (self.encode_images(images) * self.encode_text(prompts)).sum(dim=-1)
 
 
-# ---- tiny models for tests and CPU demos -------------------------------------------------------
-def tiny_clip_config(projection_dim: int = 16, image_size: int = 32, patch_size: int = 8,
-                     hidden_act: str = "gelu") -> Any:
-    """A CLIPConfig with hidden 32, 2 layers, 2 heads, whose text side matches
-    ``byte_level_clip_tokenizer()`` (vocab 514, BOS 512, EOS = pad 513)."""
-    from transformers import CLIPConfig
-
-    text = dict(vocab_size=514, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                num_attention_heads=2, max_position_embeddings=77, hidden_act=hidden_act,
-                bos_token_id=512, eos_token_id=513, pad_token_id=513, projection_dim=projection_dim)
-    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                  image_size=image_size, patch_size=patch_size, hidden_act=hidden_act,
-                  projection_dim=projection_dim)
-    return CLIPConfig(text_config=text, vision_config=vision, projection_dim=projection_dim)
-
-
-def tiny_clip_model(seed: int = 0, **config_kwargs: Any) -> nn.Module:
-    """A random-init transformers CLIPModel of ``tiny_clip_config`` (eval mode)."""
-    from transformers import CLIPModel
-
-    torch.manual_seed(seed)
-    return CLIPModel(tiny_clip_config(**config_kwargs)).eval()
-
-
-def tiny_bert_tokenizer(with_blip_tokens: bool = True) -> Any:
-    """A BertTokenizer (lower case) over single characters and ``##`` continuations, no files.
-
-    With ``with_blip_tokens`` it gets BLIP's two extra specials as ImageReward's
-    ``init_tokenizer`` adds them: ``[DEC]`` as BOS, then ``[ENC]``.
-    """
-    from transformers import BertTokenizer
-
-    chars = string.ascii_lowercase + string.digits
-    tokens = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + list(chars + string.punctuation)
-    tokens += ["##" + c for c in chars]
-    tokenizer = BertTokenizer(vocab={t: i for i, t in enumerate(tokens)})
-    if with_blip_tokens:
-        add_blip_special_tokens(tokenizer)
-    return tokenizer
-
-
 def add_blip_special_tokens(tokenizer: Any) -> Any:
     """BLIP's ``init_tokenizer``: BERT's vocabulary + ``[DEC]`` (BOS) + ``[ENC]`` (30522 -> 30524)."""
     vocab = tokenizer.get_vocab()
@@ -460,19 +282,3 @@ def add_blip_special_tokens(tokenizer: Any) -> Any:
     if "[ENC]" not in vocab:
         tokenizer.add_special_tokens({"additional_special_tokens": ["[ENC]"]})
     return tokenizer
-
-
-def tiny_blip_config(vocab_size: int | None = None, image_size: int = 32, patch_size: int = 8) -> Any:
-    """A BlipConfig for ``BlipForImageTextRetrieval``: ViT hidden 64 (one 64-wide head, as BLIP's
-    ViTs use 64-wide heads), 2 layers; BERT text hidden 32, 2 layers, 2 heads, cross-attending to
-    the ViT. ``vocab_size`` defaults to ``len(tiny_bert_tokenizer())``."""
-    from transformers import BlipConfig
-
-    if vocab_size is None:
-        vocab_size = len(tiny_bert_tokenizer())
-    text = dict(vocab_size=vocab_size, hidden_size=32, encoder_hidden_size=64, intermediate_size=64,
-                num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=64,
-                bos_token_id=vocab_size - 2, sep_token_id=3, pad_token_id=0, eos_token_id=3)
-    vision = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=1,
-                  image_size=image_size, patch_size=patch_size, layer_norm_eps=1e-6)
-    return BlipConfig(text_config=text, vision_config=vision, image_text_hidden_size=16)

@@ -28,8 +28,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .clip_common import (ClipRewardBase, build_with_state_dict, from_pretrained_checked, load_state_dict_file,
-                          resolve_file)
+from ..loading import build_with_state_dict, from_pretrained_checked, load_state_dict_file, resolve_file
+from .clip_common import ClipRewardBase
 
 # ---- key mapping -------------------------------------------------------------------------------
 # open_clip name (``CLIP`` with a ``VisionTransformer`` and its own text tower, e.g. ViT-H-14)

@@ -38,9 +38,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .clip_common import (PretrainedReward, RewardMLP, add_blip_special_tokens, build_with_state_dict,
-                          check_tokenizer_vocab, clip_preprocess, freeze, from_pretrained_checked, load_state_dict_file,
-                          load_tokenizer, resolve_file, save_state_dict_file, tokenize, vision_image_size)
+from ..loading import (build_with_state_dict, check_pretrained_source, check_tokenizer_vocab, from_pretrained_checked,
+                       load_state_dict_file, load_tokenizer, resolve_file, save_state_dict_file)
+from .clip_common import (PretrainedReward, RewardMLP, add_blip_special_tokens, clip_preprocess, freeze, tokenize,
+                          vision_image_size)
 
 #: ``ImageReward.__init__``: reward statistics used to standardise the MLP output.
 IMAGE_REWARD_MEAN = 0.16717362830052426
@@ -273,8 +274,6 @@ class ImageReward(PretrainedReward):
     @staticmethod
     def _original_tokenizer(source: str, vocab_size: int) -> Any:
         """bert-base-uncased + BLIP's specials, checked against the text encoder's vocabulary."""
-        from ..backends.base import check_pretrained_source
-
         check_pretrained_source(source, what="ImageReward.processor_pretrained")
         from transformers import AutoTokenizer
 

@@ -37,18 +37,92 @@ Parts, each in [0, 1] (the score is their weighted mean):
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from ..tasks.shapes import BACKGROUND, COLOURS, SHAPES, ShapeSpec
 from .base import Reward
 
 PART_NAMES = ("colour", "count", "shape", "position")
 
+# ---- the prompt grammar (shared with ``tasks.shapes``, which renders it) --------------------------
+#: Object colours (RGB in [0, 1]); every two are >= 1 apart, and >= 1 from the background.
+COLOURS: dict[str, tuple[float, float, float]] = {
+    "red": (1.0, 0.0, 0.0),
+    "green": (0.0, 1.0, 0.0),
+    "blue": (0.0, 0.0, 1.0),
+    "yellow": (1.0, 1.0, 0.0),
+}
+BACKGROUND: tuple[float, float, float] = (0.0, 0.0, 0.0)
+SHAPES: tuple[str, ...] = ("circle", "square", "triangle")
+POSITIONS: tuple[str, ...] = ("left", "right", "top", "bottom")
+COUNTS: tuple[int, ...] = (1, 2, 3)
+COUNT_WORDS: dict[int, str] = {1: "one", 2: "two", 3: "three"}
+POSITION_PHRASES: dict[str, str] = {"left": "on the left", "right": "on the right",
+                                    "top": "at the top", "bottom": "at the bottom"}
 
+_WORD_COUNTS = {"a": 1, "an": 1, "one": 1, "two": 2, "three": 3}
+_PROMPT_RE = re.compile(
+    r"^\s*(?P<count>a|an|one|two|three)\s+(?P<colour>\w+)\s+(?P<shape>circle|square|triangle)s?\s+"
+    r"(?:on|at|in)\s+the\s+(?P<position>left|right|top|bottom)\s*\.?\s*$", re.IGNORECASE)
+
+
+@dataclass(frozen=True)
+class ShapeSpec:
+    """What one image shows (and its prompt says)."""
+
+    count: int
+    colour: str
+    shape: str
+    position: str
+
+    def __post_init__(self) -> None:
+        if self.count not in COUNTS:
+            raise ValueError(f"count must be one of {COUNTS}, got {self.count}")
+        if self.colour not in COLOURS:
+            raise ValueError(f"colour must be one of {sorted(COLOURS)}, got {self.colour!r}")
+        if self.shape not in SHAPES:
+            raise ValueError(f"shape must be one of {SHAPES}, got {self.shape!r}")
+        if self.position not in POSITIONS:
+            raise ValueError(f"position must be one of {POSITIONS}, got {self.position!r}")
+
+    @property
+    def prompt(self) -> str:
+        noun = self.shape + ("s" if self.count > 1 else "")
+        return f"{COUNT_WORDS[self.count]} {self.colour} {noun} {POSITION_PHRASES[self.position]}"
+
+    @classmethod
+    def parse(cls, prompt: str) -> ShapeSpec:
+        """Inverse of ``prompt``; also takes "a"/"an" for one, any case, a trailing full stop."""
+        m = _PROMPT_RE.match(prompt)
+        if m is None or m["colour"].lower() not in COLOURS:
+            raise ValueError(f"not a shapes prompt: {prompt!r} (expected e.g. 'two red circles on the left': "
+                             f"count one|two|three, colour {'|'.join(COLOURS)}, shape {'|'.join(SHAPES)}, "
+                             f"position {'|'.join(POSITIONS)})")
+        return cls(_WORD_COUNTS[m["count"].lower()], m["colour"].lower(), m["shape"].lower(),
+                   m["position"].lower())
+
+    def metadata(self) -> dict[str, int | str]:
+        """The prompt-set metadata of this spec (what a prompt item carries to the reward)."""
+        return {"count": self.count, "colour": self.colour, "shape": self.shape, "position": self.position}
+
+    @classmethod
+    def from_item(cls, prompt: str, metadata: dict | None = None) -> ShapeSpec:
+        """The spec of a prompt item: from its metadata when it has the four fields, else parsed."""
+        if metadata and all(k in metadata for k in ("count", "colour", "shape", "position")):
+            try:
+                return cls(int(metadata["count"]), str(metadata["colour"]), str(metadata["shape"]),
+                           str(metadata["position"]))
+            except ValueError as err:
+                raise ValueError(f"prompt {prompt!r}: metadata {metadata}: {err}") from None
+        return cls.parse(prompt)
+
+
+# ---- measuring images ----------------------------------------------------------------------------
 def connected_components(mask: Tensor) -> Tensor:
     """4-connected components of a batch of masks.
 

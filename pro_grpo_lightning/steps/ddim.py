@@ -22,7 +22,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from . import StepOutput, gaussian_log_prob
+from . import StepOutput, draw_noise, gaussian_transition
+
+__all__ = ["PREDICTION_TYPES", "ddim_std", "ddim_step", "ddim_tables", "draw_noise"]
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 
@@ -30,18 +32,6 @@ PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 def _per_sample(x: Tensor, ndim: int) -> Tensor:
     """[B] -> [B, 1, ..., 1] so a per-sample scalar broadcasts over a latent of ``ndim`` dims."""
     return x.reshape(-1, *([1] * (ndim - 1)))
-
-
-def draw_noise(shape: torch.Size | tuple[int, ...], device: torch.device,
-               generator: torch.Generator | None = None) -> Tensor:
-    """Standard normal float32 noise on ``device``, drawn on the generator's own device.
-
-    Drawing on the generator's device (then moving) keeps a CPU generator usable for CUDA latents
-    and makes the numbers independent of where the latents live.
-    """
-    gen_device = generator.device if generator is not None else device
-    z = torch.randn(shape, generator=generator, device=gen_device, dtype=torch.float32)
-    return z.to(device)
 
 
 def ddim_std(alpha_prod_t: Tensor, alpha_prod_prev: Tensor, eta: float) -> Tensor:
@@ -146,17 +136,6 @@ def ddim_step(
     direction = (1 - a_prev - std_b**2).clamp(min=0).sqrt() * eps  # [B, *latent]
     mean = a_prev.sqrt() * x0 + direction  # [B, *latent]
 
-    if next_latents is None:
-        if noise is None:
-            noise = draw_noise(x_t.shape, x_t.device, generator)  # [B, *latent]
-        next_latents = mean + std_b * noise.float()  # [B, *latent]
-    else:
-        next_latents = next_latents.float()  # [B, *latent]
-
-    # Zero-std rows: evaluate the density at a dummy std of 1 and overwrite with 0, so neither the
-    # value nor its gradient turns NaN (torch.where backpropagates through both branches).
-    positive = std > 0  # [B]
-    safe_std = torch.where(positive, std, torch.ones_like(std))  # [B]
-    log_prob = gaussian_log_prob(next_latents.detach(), mean, safe_std)  # [B]
-    log_prob = torch.where(positive, log_prob, torch.zeros_like(log_prob))  # [B]
+    next_latents, log_prob = gaussian_transition(mean, std, noise=noise, next_latents=next_latents,
+                                                 generator=generator)  # [B, *latent], [B]
     return StepOutput(next_latents=next_latents, log_prob=log_prob, mean=mean, std=std, x0=x0)

@@ -32,7 +32,9 @@ Step kinds (``kind``):
                         = (1 - sigma_next) x0_hat + sigma_next cos(a pi / 2) x1_hat,
                  so next = (1 - sigma_next) x0_hat + sigma_next * (cos * x1_hat + sin * noise)
                  keeps the noise coefficient exactly sigma_next (a unit-variance mix of x1_hat
-                 and fresh noise). With a = 0 it reduces to Euler.
+                 and fresh noise). With a = 0 it reduces to Euler. log_prob is the true Gaussian
+                 log-density; Flow-GRPO's CPS uses -mean((x - mu)^2), whose log-ratio is ours
+                 times 2 s^2, so its clip range does not carry over.
     "ode"        Deterministic Euler, std 0 (for ODE windows and evaluation).
 
 With noise_level a = 0 every kind is the deterministic Euler step of the scheduler.
@@ -59,7 +61,7 @@ import math
 import torch
 from torch import Tensor
 
-from . import StepOutput, gaussian_log_prob
+from . import StepOutput, gaussian_transition
 
 FLOW_STEP_KINDS = ("flow_grpo", "dance", "cps", "ode")
 
@@ -174,17 +176,6 @@ def flow_sde_step(velocity: Tensor, latents: Tensor, sigma: Tensor | float, sigm
     else:  # "ode"
         mean = x + col(dt) * v  # [B, ...]
 
-    if next_latents is None:
-        if noise is None:
-            gen_device = generator.device if generator is not None else x.device
-            noise = torch.randn(x.shape, generator=generator, device=gen_device,
-                                dtype=torch.float32).to(x.device)  # [B, ...]
-        next_x = mean + col(std) * noise.float()  # [B, ...]
-    else:
-        next_x = next_latents.float()  # [B, ...]
-
-    stochastic = std > 0  # [B]
-    safe_std = torch.where(stochastic, std, torch.ones_like(std))  # [B]
-    log_prob = gaussian_log_prob(next_x.detach(), mean, safe_std)  # [B]
-    log_prob = torch.where(stochastic, log_prob, torch.zeros_like(log_prob))  # [B]
+    next_x, log_prob = gaussian_transition(mean, std, noise=noise, next_latents=next_latents,
+                                           generator=generator)  # [B, ...], [B]
     return StepOutput(next_latents=next_x, log_prob=log_prob, mean=mean, std=std, x0=x0)

@@ -1,31 +1,20 @@
-"""Score a backend on the shapes task: sample with its own stochastic sampler, check exactly.
+"""Score a backend on the shapes task: sample held-out prompts with fixed noise, check exactly.
 
-Used by ``scripts/train_tiny_shapes.py`` (when to stop pretraining, the asset's README numbers)
-and by tests and benchmarks (how much a fine-tuned policy improved on held-out prompts).
+Used by ``scripts/train_tiny_shapes.py`` (when to stop pretraining, the asset's README numbers),
+``scripts/eval_shapes.py``, tests and benchmarks (how much a fine-tuned policy improved on
+held-out prompts). It samples through ``evaluation.sample_items``, the path validation uses, so
+its numbers and a run's ``val/*`` scores mean the same thing.
 """
 
 from __future__ import annotations
-
-from collections.abc import Sequence
 
 import torch
 from torch import Tensor
 
 from ..backends.base import DiffusionBackend
+from ..evaluation import EvalItems, collate_items, sample_items
 from ..rewards.shapes import ShapesReward
 from .shapes import shapes_prompts
-
-
-@torch.no_grad()
-def sample_backend(backend: DiffusionBackend, prompts: Sequence[str], seed: int = 0) -> Tensor:
-    """Images [B, 3, H, W] in [0, 1]: the backend's T stochastic steps (what a rollout samples)."""
-    gen = torch.Generator(device=backend.device).manual_seed(seed)
-    cond = backend.encode_prompts(list(prompts))
-    x = backend.initial_latents(len(prompts), gen)  # [B, *latent]
-    for t in range(backend.num_steps):
-        step = torch.full((x.shape[0],), t, dtype=torch.long, device=backend.device)  # [B]
-        x = backend.step(x, step, cond, generator=gen).next_latents
-    return backend.decode(x)  # [B, 3, H, W]
 
 
 @torch.no_grad()
@@ -35,20 +24,24 @@ def evaluate_shapes(backend: DiffusionBackend, split: str = "heldout", samples_p
     """Mean reward parts of ``samples_per_prompt`` samples of every prompt of ``split`` (of its
     first ``max_prompts`` only, when given: quick checks).
 
-    Returns {"reward", "exact", "colour", "count", "shape", "position", "n"}. Batches are seeded
-    ``seed + i``, so the numbers are a pure function of (policy, split, samples, seed, batch_size).
+    Returns {"reward", "exact", "colour", "count", "shape", "position", "n"}. Sample j of prompt i
+    is seeded ``mix_seed(seed, i, j)`` (``evaluation.EvalItems``), so the numbers are a pure
+    function of (policy, split, samples, seed); ``batch_size`` (images per sampling batch) only
+    sets the memory used.
     """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     backend.configure_model()
     reward = reward or ShapesReward()
-    prompts = [p for p in shapes_prompts(split, seed=None)[:max_prompts] for _ in range(samples_per_prompt)]
+    items = EvalItems(shapes_prompts(split, seed=None)[:max_prompts], samples_per_prompt, eval_seed=seed)
     parts: dict[str, list[Tensor]] = {}
-    for i, start in enumerate(range(0, len(prompts), batch_size)):
-        chunk = prompts[start:start + batch_size]
-        images = sample_backend(backend, chunk, seed=seed + i)
-        out = reward.parts(images, chunk)
-        out["reward"] = reward(images, chunk)
+    for start in range(0, len(items), batch_size):
+        batch = collate_items([items[k] for k in range(start, min(start + batch_size, len(items)))])
+        images = sample_items(backend, batch["prompts"], batch["seeds"])  # [b, 3, H, W]
+        out = reward.parts(images, batch["prompts"])
+        out["reward"] = reward(images, batch["prompts"])
         for k, v in out.items():
             parts.setdefault(k, []).append(v.cpu())
     result = {k: torch.cat(v).mean().item() for k, v in parts.items()}
-    result["n"] = len(prompts)
+    result["n"] = len(items)
     return result
