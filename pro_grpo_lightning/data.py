@@ -1,6 +1,10 @@
 """Prompts: the only data an online RL run needs.
 
-Each training batch is a list of ``prompts_per_step`` prompt strings; the module expands each
+A prompt set is a list of prompts, each with an optional metadata dict that travels with it to
+every reward (e.g. a GenEval item's objects, counts and colours). ``load_prompt_set`` reads the
+built-in sets and the file formats in ``PROMPT_FORMATS``; anything else is refused with one line.
+
+Each training batch is a ``PromptBatch`` of ``prompts_per_step`` prompts; the module expands each
 into a group, and a prompt's whole group stays on its rank (expand-and-prune needs no cross-rank
 traffic). Under DDP the sampler shards each epoch's permutation itself: global batch b is
 ``order[b * P * W : (b + 1) * P * W]`` and rank r takes its r-th slice of P, so W ranks with P
@@ -12,11 +16,13 @@ noise seeds, sharded round-robin without padding (``evaluation.eval_loader``).
 
 from __future__ import annotations
 
+import csv
+import io
+import json
 import os
 import warnings
-from collections.abc import Sequence
-
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import lightning.pytorch as pl
@@ -42,41 +48,140 @@ PROMPT_SETS: dict[str, list[str]] = {
 }
 
 
-class PromptDataset(Dataset):
-    def __init__(self, prompts: Sequence[str]) -> None:
-        self.prompts = list(prompts)
+#: Prompt files ``load_prompt_set`` reads, by extension.
+PROMPT_FORMATS = {
+    ".txt": "one prompt a line",
+    ".jsonl": "one JSON object a line with a 'prompt' field, the other fields its metadata "
+              "(Flow-GRPO's GenEval *_metadata.jsonl as is)",
+    ".json": "a list of prompt strings or of such objects",
+    ".csv": "a header with a 'prompt' column, the other columns metadata",
+}
+Metadata = dict[str, Any]
+
+
+@dataclass
+class PromptBatch:
+    """A training batch: P prompts and, when the prompt set has metadata, one dict per prompt."""
+
+    prompts: list[str]
+    metadata: list[Metadata] | None = None
 
     def __len__(self) -> int:
         return len(self.prompts)
 
-    def __getitem__(self, i: int) -> str:
-        return self.prompts[i]
+
+class PromptDataset(Dataset):
+    def __init__(self, prompts: Sequence[str], metadata: Sequence[Metadata] | None = None) -> None:
+        self.prompts = list(prompts)
+        self.metadata = None if metadata is None else list(metadata)
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+    def __getitem__(self, i: int) -> tuple[str, Metadata | None]:
+        return self.prompts[i], None if self.metadata is None else self.metadata[i]
 
 
-def _collate(batch: list[str]) -> list[str]:
-    return list(batch)
+def _collate(batch: list[tuple[str, Metadata | None]]) -> PromptBatch:
+    prompts = [p for p, _ in batch]
+    metadata = [m for _, m in batch]
+    return PromptBatch(prompts, None if all(m is None for m in metadata) else metadata)
 
 
-def load_prompts(prompts: Sequence[str] | str) -> list[str]:
-    """A list as given; a name from PROMPT_SETS; or a path to a text file (one prompt a line)."""
+def _item(obj: Any, where: str) -> tuple[str, Metadata]:
+    """One prompt item: a string, or an object with a string ``prompt`` (the rest is metadata)."""
+    if isinstance(obj, str):
+        return obj, {}
+    if not isinstance(obj, dict) or not isinstance(obj.get("prompt"), str):
+        got = f"keys {sorted(obj)}" if isinstance(obj, dict) else type(obj).__name__
+        raise ValueError(f"{where}: expected an object with a string 'prompt' field, got {got}")
+    meta = {k: v for k, v in obj.items() if k != "prompt"}
+    return obj["prompt"], meta
+
+
+def _read_prompt_file(path: str) -> list[tuple[str, Metadata]]:
+    ext = os.path.splitext(path)[1].lower()
+    if ext not in PROMPT_FORMATS:
+        accepted = "; ".join(f"{k} ({v})" for k, v in PROMPT_FORMATS.items())
+        raise ValueError(f"prompts file {path!r}: unsupported format {ext or '(no extension)'!r}; accepted: {accepted}")
+    try:
+        with open(path, encoding="utf-8", newline="" if ext == ".csv" else None) as f:
+            text = f.read()
+    except UnicodeDecodeError as err:
+        raise ValueError(f"prompts file {path!r} is not UTF-8 text ({err.reason} at byte {err.start})") from None
+    if ext == ".txt":
+        return [(line.strip(), {}) for line in text.splitlines() if line.strip()]
+    if ext == ".jsonl":
+        items = []
+        for n, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{path}:{n}: not valid JSON ({err.msg})") from None
+            items.append(_item(obj, f"{path}:{n}"))
+        return items
+    if ext == ".json":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path}: not valid JSON ({err.msg} at line {err.lineno})") from None
+        if not isinstance(data, list):
+            raise ValueError(f"{path}: expected a JSON list of prompts or objects, got {type(data).__name__}")
+        return [_item(obj, f"{path}: item {i}") for i, obj in enumerate(data)]
+    # .csv: every value is a string (CSV has no types); empty cells are left out of the metadata
+    rows = csv.DictReader(io.StringIO(text))  # quoted cells may span lines
+    if rows.fieldnames is None or "prompt" not in rows.fieldnames:
+        raise ValueError(f"{path}: expected a header with a 'prompt' column, got {rows.fieldnames}")
+    return [(r["prompt"].strip(), {k: v for k, v in r.items() if k != "prompt" and k is not None and v not in ("", None)})
+            for r in rows if (r["prompt"] or "").strip()]
+
+
+def load_prompt_set(prompts: Sequence[str | Metadata] | str) -> tuple[list[str], list[Metadata] | None]:
+    """(prompts, metadata or None): from a list (strings, or objects with a 'prompt' field), a
+    built-in set name, or a file in one of ``PROMPT_FORMATS``. Metadata is None when no item has any.
+
+    The built-in ``shapes`` sets carry each prompt's parsed attributes (count, colour, shape,
+    position), so the shapes reward reads them instead of parsing the text.
+    """
     if not isinstance(prompts, str):
-        out = [p for p in prompts]
+        items = [_item(p, f"prompts[{i}]") for i, p in enumerate(prompts)]
     elif prompts in ("shapes", "shapes_heldout"):  # the procedural task's train / held-out prompts
-        from .tasks.shapes import shapes_prompts
+        from .tasks.shapes import ShapeSpec, shapes_prompts
 
-        out = shapes_prompts("train" if prompts == "shapes" else "heldout", seed=None)
+        texts = shapes_prompts("train" if prompts == "shapes" else "heldout", seed=None)
+        items = [(t, ShapeSpec.parse(t).metadata()) for t in texts]
     elif prompts in PROMPT_SETS:
-        out = list(PROMPT_SETS[prompts])
+        items = [(p, {}) for p in PROMPT_SETS[prompts]]
     elif os.path.isfile(prompts):
-        with open(prompts, encoding="utf-8") as f:
-            out = [line.strip() for line in f if line.strip()]
+        items = _read_prompt_file(prompts)
     else:
         raise FileNotFoundError(f"prompts={prompts!r} is neither a built-in set "
                                 f"{sorted(PROMPT_SETS) + ['shapes', 'shapes_heldout']} "
-                                f"nor an existing text file")
-    if not out:
+                                f"nor an existing file ({', '.join(PROMPT_FORMATS)})")
+    if not items:
         raise ValueError(f"prompts={prompts!r} gives no prompts")
-    return out
+    texts = [p for p, _ in items]
+    metadata = [m for _, m in items]
+    return texts, (metadata if any(metadata) else None)
+
+
+def load_prompts(prompts: Sequence[str | Metadata] | str) -> list[str]:
+    """The prompt strings of ``load_prompt_set`` (without metadata)."""
+    return load_prompt_set(prompts)[0]
+
+
+def validate_prompt_set(rewards: Sequence[Any], prompts: Sequence[str],
+                        metadata: Sequence[Metadata] | None, what: str) -> None:
+    """Let each reward that declares ``validate_prompts`` refuse prompts it cannot score (one line)."""
+    for reward in rewards:
+        check = getattr(reward, "validate_prompts", None)
+        if check is not None:
+            try:
+                check(prompts, metadata)
+            except ValueError as err:
+                raise ValueError(f"{what}: {err}") from None
 
 
 class ResumableShuffleSampler(DistributedSampler):
@@ -150,7 +255,8 @@ class PromptDataModule(pl.LightningDataModule):
     """Shuffled training prompts, ``prompts_per_step`` per rollout and rank; held-out prompt sets.
 
     Args:
-        prompts: a built-in set name, a text file (one prompt per line) or a list.
+        prompts: a built-in set name, a prompt file (``PROMPT_FORMATS``: .txt, .jsonl, .json,
+            .csv) or a list of strings or of objects with a ``prompt`` field (the rest is metadata).
         prompts_per_step: P, prompts per rollout on each rank (each becomes a group); the global
             batch is P x the number of ranks.
         seed: shuffling seed (data order is part of a resumable run).
@@ -162,14 +268,15 @@ class PromptDataModule(pl.LightningDataModule):
         eval_batch_size: held-out images per sampling batch (per rank); does not change results.
     """
 
-    def __init__(self, prompts: list[str] | str = "animals", prompts_per_step: int = 2, seed: int = 0,
-                 num_workers: int = 0, val_prompts: list[str] | str | None = None,
-                 test_prompts: list[str] | str | None = None, eval_images_per_prompt: int = 2,
+    def __init__(self, prompts: list[str | dict[str, Any]] | str = "animals", prompts_per_step: int = 2,
+                 seed: int = 0, num_workers: int = 0,
+                 val_prompts: list[str | dict[str, Any]] | str | None = None,
+                 test_prompts: list[str | dict[str, Any]] | str | None = None, eval_images_per_prompt: int = 2,
                  eval_seed: int = 2024, eval_batch_size: int = 8) -> None:
         super().__init__()
         if prompts_per_step < 1:
             raise ValueError(f"prompts_per_step must be >= 1, got {prompts_per_step}")
-        self.prompts = load_prompts(prompts)
+        self.prompts, self.metadata = load_prompt_set(prompts)
         if prompts_per_step > len(self.prompts):
             raise ValueError(f"prompts_per_step={prompts_per_step} exceeds the {len(self.prompts)} prompts given")
         if eval_images_per_prompt < 1:
@@ -179,8 +286,8 @@ class PromptDataModule(pl.LightningDataModule):
         self.prompts_per_step = prompts_per_step
         self.seed = seed
         self.num_workers = num_workers
-        self.val_prompts = None if val_prompts is None else load_prompts(val_prompts)
-        self.test_prompts = None if test_prompts is None else load_prompts(test_prompts)
+        self.val_prompts, self.val_metadata = (None, None) if val_prompts is None else load_prompt_set(val_prompts)
+        self.test_prompts, self.test_metadata = (None, None) if test_prompts is None else load_prompt_set(test_prompts)
         self.eval_images_per_prompt = eval_images_per_prompt
         self.eval_seed = eval_seed
         self.eval_batch_size = eval_batch_size
@@ -201,11 +308,21 @@ class PromptDataModule(pl.LightningDataModule):
         rank, world_size = self._rank_world()
         sampler = ResumableShuffleSampler(len(self.prompts), self.seed, batch_size=self.prompts_per_step,
                                           num_replicas=world_size, rank=rank)
-        return ResumableDataLoader(PromptDataset(self.prompts), batch_size=self.prompts_per_step,
+        return ResumableDataLoader(PromptDataset(self.prompts, self.metadata), batch_size=self.prompts_per_step,
                                    sampler=sampler, drop_last=True, collate_fn=_collate,
                                    num_workers=self.num_workers, progress=self._progress)
 
-    def _eval_loader(self, prompts: list[str] | None, stage: str) -> DataLoader | list:
+    def validate_prompts(self, rewards: Sequence[Any]) -> None:
+        """Every prompt set through each reward's ``validate_prompts`` (the module calls this in
+        ``setup``, before any weights load)."""
+        for what, prompts, metadata in (("data.prompts", self.prompts, self.metadata),
+                                        ("data.val_prompts", self.val_prompts, self.val_metadata),
+                                        ("data.test_prompts", self.test_prompts, self.test_metadata)):
+            if prompts is not None:
+                validate_prompt_set(rewards, prompts, metadata, what)
+
+    def _eval_loader(self, prompts: list[str] | None, metadata: list[Metadata] | None,
+                     stage: str) -> DataLoader | list:
         if prompts is None:
             trainer = self.trainer
             fn = getattr(getattr(trainer, "state", None), "fn", None)
@@ -218,10 +335,11 @@ class PromptDataModule(pl.LightningDataModule):
             return []
         rank, world_size = self._rank_world()
         return eval_loader(prompts, self.eval_images_per_prompt, self.eval_seed, self.eval_batch_size,
-                           rank=rank, world_size=world_size, num_workers=self.num_workers)
+                           rank=rank, world_size=world_size, num_workers=self.num_workers,
+                           metadata=metadata)
 
     def val_dataloader(self) -> DataLoader | list:
-        return self._eval_loader(self.val_prompts, "validate")
+        return self._eval_loader(self.val_prompts, self.val_metadata, "validate")
 
     def test_dataloader(self) -> DataLoader | list:
-        return self._eval_loader(self.test_prompts, "test")
+        return self._eval_loader(self.test_prompts, self.test_metadata, "test")

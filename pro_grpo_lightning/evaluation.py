@@ -19,6 +19,7 @@ both sample through ``sample_items``, so "held-out score" means one thing everyw
 from __future__ import annotations
 
 import csv
+import json
 import os
 from collections.abc import Sequence
 from typing import Any
@@ -46,10 +47,12 @@ class EvalItems(Dataset):
     nothing else (batch size, rank count, training RNG).
     """
 
-    def __init__(self, prompts: Sequence[str], images_per_prompt: int, eval_seed: int) -> None:
+    def __init__(self, prompts: Sequence[str], images_per_prompt: int, eval_seed: int,
+                 metadata: Sequence[dict] | None = None) -> None:
         if images_per_prompt < 1:
             raise ValueError(f"images_per_prompt must be >= 1, got {images_per_prompt}")
         self.prompts = list(prompts)
+        self.metadata = None if metadata is None else list(metadata)
         self.images_per_prompt = images_per_prompt
         self.seeds = [[mix_seed(eval_seed, i, j) for j in range(images_per_prompt)]
                       for i in range(len(self.prompts))]
@@ -59,7 +62,8 @@ class EvalItems(Dataset):
 
     def __getitem__(self, k: int) -> dict[str, Any]:
         i, j = divmod(k, self.images_per_prompt)
-        return {"prompt": self.prompts[i], "prompt_index": i, "image_index": j, "seed": self.seeds[i][j]}
+        return {"prompt": self.prompts[i], "prompt_index": i, "image_index": j, "seed": self.seeds[i][j],
+                "metadata": None if self.metadata is None else self.metadata[i]}
 
 
 class ShardedSequentialSampler(DistributedSampler):
@@ -82,17 +86,21 @@ class ShardedSequentialSampler(DistributedSampler):
 
 
 def collate_items(items: list[dict[str, Any]]) -> dict[str, Any]:
-    """A batch of ``EvalItems``: prompts and seeds as lists, indices as [B] long tensors."""
+    """A batch of ``EvalItems``: prompts, metadata (None when the set has none) and seeds as lists,
+    indices as [B] long tensors."""
+    metadata = [it.get("metadata") for it in items]
     return {"prompts": [it["prompt"] for it in items],
+            "metadata": None if all(m is None for m in metadata) else metadata,
             "prompt_index": torch.tensor([it["prompt_index"] for it in items], dtype=torch.long),
             "image_index": torch.tensor([it["image_index"] for it in items], dtype=torch.long),
             "seeds": [it["seed"] for it in items]}
 
 
 def eval_loader(prompts: Sequence[str], images_per_prompt: int, eval_seed: int, batch_size: int,
-                rank: int = 0, world_size: int = 1, num_workers: int = 0) -> DataLoader:
-    """The held-out items of ``prompts``, this rank's share, ``batch_size`` per batch."""
-    items = EvalItems(prompts, images_per_prompt, eval_seed)
+                rank: int = 0, world_size: int = 1, num_workers: int = 0,
+                metadata: Sequence[dict] | None = None) -> DataLoader:
+    """The held-out items of ``prompts`` (and their ``metadata``), this rank's share, ``batch_size`` per batch."""
+    items = EvalItems(prompts, images_per_prompt, eval_seed, metadata)
     return DataLoader(items, batch_size=batch_size, collate_fn=collate_items,
                       sampler=ShardedSequentialSampler(len(items), world_size, rank), num_workers=num_workers)
 
@@ -130,16 +138,16 @@ def eval_columns(rewards: RewardSet, eval_rewards: Sequence[Reward] = ()) -> lis
 
 @torch.no_grad()
 def eval_scores(rewards: RewardSet, eval_rewards: Sequence[Reward], images: Tensor,
-                prompts: Sequence[str]) -> dict[str, Tensor]:
+                prompts: Sequence[str], metadata: Sequence[dict] | None = None) -> dict[str, Tensor]:
     """The weighted sum of the raw training rewards ("total"), then every training and
     evaluation reward's raw score, each [B] (the order of ``eval_columns``).
 
     Raw, not normalised: an item's score must not depend on what else is evaluated with it.
     """
-    scores = {r.name: r(images, prompts) for r in rewards.rewards}  # each [B]
+    scores = {r.name: r(images, prompts, metadata) for r in rewards.rewards}  # each [B]
     total = sum(w * scores[n] for n, w in zip(rewards.names, rewards.weights))
     scores = {EVAL_TOTAL: total, **scores}
-    scores.update({r.name: r(images, prompts) for r in eval_rewards})
+    scores.update({r.name: r(images, prompts, metadata) for r in eval_rewards})
     return scores
 
 
@@ -162,8 +170,9 @@ def gather_items(rows: Sequence[Tensor], num_scores: int, device: torch.device) 
 
 # ---- tables --------------------------------------------------------------------------------------
 def write_eval_table(stage: str, step: int, rows: Tensor, names: Sequence[str],
-                     prompts: Sequence[str] | None, root: str) -> str:
-    """``<root>/eval/<stage>_step<N>.csv`` (one row per image) and ``.md`` (mean per prompt).
+                     prompts: Sequence[str] | None, root: str, metadata: Sequence[dict] | None = None) -> str:
+    """``<root>/eval/<stage>_step<N>.csv`` (one row per image; a ``metadata`` JSON column when
+    the prompt set has metadata) and ``.md`` (mean per prompt).
 
     rows: [N, 2 + S] from ``gather_items``; names: the S score columns. Returns the path without
     extension.
@@ -175,9 +184,12 @@ def write_eval_table(stage: str, step: int, rows: Tensor, names: Sequence[str],
     text = (lambda i: prompts[i]) if prompts is not None else (lambda i: str(i))
     with open(base + ".csv", "w", newline="", encoding="utf-8") as f:
         w = csv.writer(f)
-        w.writerow(["prompt_index", "prompt", "image_index", *names])
+        meta = [] if metadata is None else ["metadata"]
+        w.writerow(["prompt_index", "prompt", *meta, "image_index", *names])
         for row in data:
-            w.writerow([int(row[0]), text(int(row[0])), int(row[1]), *(f"{v:.6g}" for v in row[2:])])
+            i = int(row[0])
+            meta = [] if metadata is None else [json.dumps(metadata[i], sort_keys=True)]
+            w.writerow([i, text(i), *meta, int(row[1]), *(f"{v:.6g}" for v in row[2:])])
     by_prompt: dict[int, list[list[float]]] = {}
     for row in data:
         by_prompt.setdefault(int(row[0]), []).append(row[2:])

@@ -37,6 +37,7 @@ from lightning.pytorch.strategies import FSDPStrategy
 from torch import Tensor
 
 from .backends.base import DiffusionBackend
+from .data import PromptBatch
 from .distributed import RankSyncedRewardSet, reduce_metrics
 from .evaluation import (eval_columns, eval_scores, gather_items, item_rows, sample_items,
                          write_eval_table)
@@ -148,6 +149,13 @@ class ProGRPOModule(pl.LightningModule):
         self._eval_images: list[Tensor] = []
 
     # ---- setup ---------------------------------------------------------------------------------
+    def setup(self, stage: str) -> None:
+        """Check every prompt set against the rewards (``Reward.validate_prompts``) before any
+        weights load: a prompt a reward cannot score fails here, in one line."""
+        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        if datamodule is not None and hasattr(datamodule, "validate_prompts"):
+            datamodule.validate_prompts([*self.rewards.rewards, *self.eval_rewards])
+
     def configure_model(self) -> None:
         """Load weights (idempotent): Lightning calls this before restoring a checkpoint."""
         self.backend.configure_model()
@@ -180,13 +188,14 @@ class ProGRPOModule(pl.LightningModule):
         return noise, local
 
     # ---- the algorithm -------------------------------------------------------------------------
-    def training_step(self, batch: Sequence[str], batch_idx: int) -> None:
+    def training_step(self, batch: PromptBatch | Sequence[str], batch_idx: int) -> None:
         self.configure_model()
-        prompts = list(batch)
+        prompts, metadata = (batch.prompts, batch.metadata) if isinstance(batch, PromptBatch) else (list(batch), None)
         audit = self.audit_every_n_rollouts > 0 and self.rollouts_done % self.audit_every_n_rollouts == 0
         noise_gen, local_gen = self.rollout_generators(self.rollouts_done)
         # The noise is this rank's slice of a draw for the global batch (noise.py).
-        result = self.rollout.run(prompts, local_gen, audit=audit, noise_generator=noise_gen,
+        result = self.rollout.run(prompts, local_gen, audit=audit, metadata=metadata,
+                                  noise_generator=noise_gen,
                                   rank=self.global_rank, world_size=self.trainer.world_size)
 
         global_std = None
@@ -336,7 +345,7 @@ class ProGRPOModule(pl.LightningModule):
     def _eval_step(self, batch: dict[str, Any]) -> None:
         self.configure_model()
         images = sample_items(self.backend, batch["prompts"], batch["seeds"])  # [B, 3, H, W]
-        scores = eval_scores(self.rewards, self.eval_rewards, images, batch["prompts"])
+        scores = eval_scores(self.rewards, self.eval_rewards, images, batch["prompts"], batch.get("metadata"))
         self._eval_rows.append(item_rows(batch, scores, self.device))  # [B, 2 + S]
         first = batch["image_index"] == 0  # one image per prompt for the grid
         self._eval_images.append(images[first.to(images.device)].cpu())
@@ -378,7 +387,8 @@ class ProGRPOModule(pl.LightningModule):
             self.log_dict(metrics, on_step=False, on_epoch=True, batch_size=rows.shape[0])
         if self.global_rank != 0:
             return
-        write_eval_table(stage, self.trained_steps(), rows, names, getattr(dataset, "prompts", None), root)
+        write_eval_table(stage, self.trained_steps(), rows, names, getattr(dataset, "prompts", None), root,
+                         getattr(dataset, "metadata", None))
         logger = self.logger
         if images and isinstance(logger, TensorBoardLogger):
             shown = torch.cat(images)[:16]

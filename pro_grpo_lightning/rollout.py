@@ -67,6 +67,8 @@ class RolloutResult:
     num_previews:  x0 previews decoded and scored
     timings:       seconds spent in "denoise", "preview" (decode + reward) and "final"
     audit:         {"overlap": fraction of survivors the true reward would also have kept, ...}
+    metadata:      P metadata dicts, one per prompt (None when the prompt set has none); a
+                   trajectory's is ``metadata[prompt_index[n]]``
     """
 
     prompts: list[str]
@@ -83,6 +85,7 @@ class RolloutResult:
     num_previews: int
     timings: dict[str, float] = field(default_factory=dict)
     audit: dict[str, Tensor] = field(default_factory=dict)
+    metadata: list[dict] | None = None
 
     @property
     def num_prompts(self) -> int:
@@ -141,7 +144,8 @@ class ExpandPruneRollout:
 
     @torch.no_grad()
     def run(self, prompts: Sequence[str], generator: torch.Generator | None = None, *,
-            audit: bool = False, noise_generator: torch.Generator | None = None, rank: int = 0,
+            audit: bool = False, metadata: Sequence[dict] | None = None,
+            noise_generator: torch.Generator | None = None, rank: int = 0,
             world_size: int = 1) -> RolloutResult:
         """Roll out ``prompts`` (this rank's P prompts of a global batch of ``world_size`` x P).
 
@@ -149,6 +153,7 @@ class ExpandPruneRollout:
             generator: the "random" selection rule's draws; also the noise's when
                 ``noise_generator`` is None.
             audit: keep the whole expanded group alive (see the module docstring).
+            metadata: None or one dict per prompt; every reward call gets each row's prompt's dict.
             noise_generator: draws the sampling noise (initial latents and every step's noise).
                 Under DDP it is seeded alike on every rank: each draw covers the global batch,
                 [world_size * rows, *latent], and this rank keeps rows ``rank * rows ..
@@ -162,6 +167,16 @@ class ExpandPruneRollout:
         device = backend.device
         prompts = list(prompts)
         P, G, T = len(prompts), sched.group_size, backend.num_steps
+        if metadata is not None:
+            metadata = list(metadata)
+            if len(metadata) != P:
+                raise ValueError(f"{P} prompts but {len(metadata)} metadata entries")
+
+        def rows_of(rows: Tensor) -> tuple[list[str], list[dict] | None]:
+            """Each row's prompt and metadata, by its prompt index (one host copy per reward call)."""
+            idx = rows.tolist()
+            return [prompts[i] for i in idx], None if metadata is None else [metadata[i] for i in idx]
+
         timings = {"denoise": 0.0, "preview": 0.0, "final": 0.0}
         noise_gen = generator if noise_generator is None else noise_generator
 
@@ -210,8 +225,8 @@ class ExpandPruneRollout:
             if sched.rule not in ("none", "random"):  # these rules ignore scores: skip the preview
                 x0 = out.x0.index_select(0, live)  # [P*G_live, *latent]
                 images = self.preview_images(x0)  # [P*G_live, 3, H, W]
-                texts = [prompts[i] for i in prompt_of.index_select(0, live).tolist()]
-                total, _ = self.rewards(images, texts)  # [P*G_live]
+                texts, meta = rows_of(prompt_of.index_select(0, live))
+                total, _ = self.rewards(images, texts, meta)  # [P*G_live]
                 scores = total.view(P, group_live)  # [P, G_live]
                 previews += images.shape[0]
             kept = select_indices(scores, k_next, sched.rule, group_size=group_live, num_groups=P,
@@ -234,8 +249,8 @@ class ExpandPruneRollout:
         t0 = time.perf_counter()
         scored_rows = torch.arange(x.shape[0], device=device) if audit else live
         images = backend.decode(x.index_select(0, scored_rows))  # [R, 3, H, W]
-        texts = [prompts[i] for i in prompt_of.index_select(0, scored_rows).tolist()]
-        total, comps = self.rewards(images, texts, update_stats=True)  # [R]
+        texts, meta = rows_of(prompt_of.index_select(0, scored_rows))
+        total, comps = self.rewards(images, texts, meta, update_stats=True)  # [R]
         audit_stats: dict[str, Tensor] = {}
         if audit:
             # rows are all P*G trajectories; ``live`` the proxy-selected survivors
@@ -283,7 +298,7 @@ class ExpandPruneRollout:
             rewards=rewards,  # [P, K]
             components={k: v.view(P, group_live) for k, v in comps.items()},
             images=images, checkpoints=checkpoints, nfe=nfe, nfe_full=P * G * T,
-            num_previews=previews, timings=timings, audit=audit_stats)
+            num_previews=previews, timings=timings, audit=audit_stats, metadata=metadata)
 
     @staticmethod
     def _fill_survivor_positions(checkpoints: list[Checkpoint], P: int, K: int) -> None:

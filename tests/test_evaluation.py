@@ -30,7 +30,8 @@ def backend():
 def test_items_seeds_and_sharding_cover_every_item_once():
     items = EvalItems(["a", "b", "c"], 2, eval_seed=7)
     assert len(items) == 6
-    assert items[3] == {"prompt": "b", "prompt_index": 1, "image_index": 1, "seed": mix_seed(7, 1, 1)}
+    assert items[3] == {"prompt": "b", "prompt_index": 1, "image_index": 1, "seed": mix_seed(7, 1, 1),
+                        "metadata": None}
     shards = [list(ShardedSequentialSampler(len(items), 4, r)) for r in range(4)]
     assert shards == [[0, 4], [1, 5], [2], [3]]
     batch = collate_items([items[k] for k in (5, 0)])

@@ -84,13 +84,14 @@ class RewardSet(nn.Module):
             reward.configure_model()
 
     @torch.no_grad()
-    def forward(self, images: Tensor, prompts: Sequence[str],
+    def forward(self, images: Tensor, prompts: Sequence[str], metadata: Sequence[dict] | None = None,
                 update_stats: bool = False) -> tuple[Tensor, dict[str, Tensor]]:
         """images [B, 3, H, W] in [0, 1] -> (total [B] float32, {name: raw score [B]}).
 
+        ``metadata``: None or one dict per image, passed to the rewards that take it.
         ``update_stats`` folds this batch into the running statistics ("running" mode only).
         """
-        components = {r.name: r(images, prompts) for r in self.rewards}  # each [B]
+        components = {r.name: r(images, prompts, metadata) for r in self.rewards}  # each [B]
         device = next(iter(components.values())).device
         scores = torch.stack([s.to(device) for s in components.values()], 1)  # [B, n]
         normalized = self._normalize(scores, update_stats)  # [B, n]

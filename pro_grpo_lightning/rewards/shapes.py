@@ -1,4 +1,8 @@
-"""The exact reward of the shapes task (``tasks.shapes``): parse the prompt, measure the image.
+"""The exact reward of the shapes task (``tasks.shapes``): read the prompt's spec, measure the image.
+
+The spec (count, colour, shape, position) comes from the prompt's metadata when the prompt set
+carries it (the built-in ``shapes`` sets do), else from parsing the prompt; a prompt that is
+neither is refused when the run starts (``validate_prompts``).
 
 Per image, all in batched tensor ops (no per-pixel Python, no SciPy):
 
@@ -36,6 +40,7 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -100,6 +105,21 @@ class ShapeSpec:
                              f"position {'|'.join(POSITIONS)})")
         return cls(_WORD_COUNTS[m["count"].lower()], m["colour"].lower(), m["shape"].lower(),
                    m["position"].lower())
+
+    def metadata(self) -> dict[str, int | str]:
+        """The prompt-set metadata of this spec (what a prompt item carries to the reward)."""
+        return {"count": self.count, "colour": self.colour, "shape": self.shape, "position": self.position}
+
+    @classmethod
+    def from_item(cls, prompt: str, metadata: dict | None = None) -> ShapeSpec:
+        """The spec of a prompt item: from its metadata when it has the four fields, else parsed."""
+        if metadata and all(k in metadata for k in ("count", "colour", "shape", "position")):
+            try:
+                return cls(int(metadata["count"]), str(metadata["colour"]), str(metadata["shape"]),
+                           str(metadata["position"]))
+            except ValueError as err:
+                raise ValueError(f"prompt {prompt!r}: metadata {metadata}: {err}") from None
+        return cls.parse(prompt)
 
 
 # ---- measuring images ----------------------------------------------------------------------------
@@ -219,14 +239,23 @@ class ShapesReward(Reward):
         dist2, cls = d2.min(1)  # [B, H, W]
         return torch.where(dist2 <= self.colour_threshold ** 2, cls, -1)
 
+    def validate_prompts(self, prompts: Sequence[str], metadata: Sequence[dict[str, Any]] | None) -> None:
+        """Every prompt must have a spec: four metadata fields, or a parseable text."""
+        for i, p in enumerate(prompts):
+            try:
+                ShapeSpec.from_item(p, None if metadata is None else metadata[i])
+            except ValueError as err:
+                raise ValueError(f"reward {self.name!r}, prompt {i}: {err}") from None
+
     @torch.no_grad()
-    def parts(self, images: Tensor, prompts: Sequence[str]) -> dict[str, Tensor]:
+    def parts(self, images: Tensor, prompts: Sequence[str],
+              metadata: Sequence[dict[str, Any]] | None = None) -> dict[str, Tensor]:
         """{"colour", "count", "shape", "position", "exact"}: each [B] float32 in [0, 1]."""
         B, _, H, W = images.shape
         if len(prompts) != B:
             raise ValueError(f"{self.name}: {B} images but {len(prompts)} prompts")
         dev = images.device
-        specs = [ShapeSpec.parse(p) for p in prompts]
+        specs = [ShapeSpec.from_item(p, None if metadata is None else metadata[i]) for i, p in enumerate(prompts)]
         colour_id = torch.tensor([1 + list(COLOURS).index(s.colour) for s in specs], device=dev)  # [B]
         want_count = torch.tensor([s.count for s in specs], device=dev, dtype=torch.float32)  # [B]
         want_shape = torch.tensor([SHAPES.index(s.shape) for s in specs], device=dev)  # [B]
@@ -272,8 +301,9 @@ class ShapesReward(Reward):
         out["exact"] = torch.stack([hard[k] for k in PART_NAMES]).eq(1).all(0).float()  # [B]
         return out
 
-    def score(self, images: Tensor, prompts: Sequence[str]) -> Tensor:
-        p = self.parts(images, prompts)
+    def score(self, images: Tensor, prompts: Sequence[str],
+              metadata: Sequence[dict[str, Any]] | None = None) -> Tensor:
+        p = self.parts(images, prompts, metadata)
         stacked = torch.stack([p[k] for k in PART_NAMES], 1)  # [B, 4]
         return stacked @ self.part_weights.to(stacked.device)  # [B]
 
@@ -292,5 +322,6 @@ class ShapesExact(ShapesReward):
 
     default_name = "shapes_exact"
 
-    def score(self, images: Tensor, prompts: Sequence[str]) -> Tensor:
-        return self.parts(images, prompts)["exact"]  # [B]
+    def score(self, images: Tensor, prompts: Sequence[str],
+              metadata: Sequence[dict[str, Any]] | None = None) -> Tensor:
+        return self.parts(images, prompts, metadata)["exact"]  # [B]
