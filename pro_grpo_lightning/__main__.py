@@ -1,9 +1,7 @@
 import sys
 
-from .cli import main
+from .cli import main, run_main
 
-try:
-    main()
-except FileNotFoundError as err:  # missing weights / offline: the message says it all, no library stack
-    print(f"FileNotFoundError: {err}", file=sys.stderr)
-    sys.exit(1)
+# A settings or file error prints one line (``error: ...``) and exits 2; a run stopped by the
+# non-finite guard exits 1; PRO_GRPO_DEBUG=1 shows the full traceback instead.
+sys.exit(run_main(lambda argv: main(argv), None))

@@ -65,8 +65,12 @@ def load_prompts(prompts: Sequence[str] | str) -> list[str]:
     elif prompts in PROMPT_SETS:
         out = list(PROMPT_SETS[prompts])
     elif os.path.isfile(prompts):
-        with open(prompts, encoding="utf-8") as f:
-            out = [line.strip() for line in f if line.strip()]
+        try:
+            with open(prompts, encoding="utf-8") as f:
+                out = [line.strip() for line in f if line.strip()]
+        except UnicodeDecodeError as err:
+            raise ValueError(f"prompts={prompts!r}: not UTF-8 text (byte {err.start}: {err.reason}); "
+                             f"save the file as UTF-8") from None
     else:
         raise FileNotFoundError(f"prompts={prompts!r} is neither a built-in set "
                                 f"{sorted(PROMPT_SETS) + ['shapes', 'shapes_heldout']} "

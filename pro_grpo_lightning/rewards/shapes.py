@@ -160,6 +160,11 @@ class ShapesReward(Reward):
         dist2, cls = d2.min(1)  # [B, H, W]
         return torch.where(dist2 <= self.colour_threshold ** 2, cls, -1)
 
+    def check_prompts(self, prompts: Sequence[str]) -> None:
+        """Raise ``ValueError`` naming the first prompt this reward cannot parse (cheap: text only)."""
+        for p in prompts:
+            ShapeSpec.parse(p)
+
     @torch.no_grad()
     def parts(self, images: Tensor, prompts: Sequence[str]) -> dict[str, Tensor]:
         """{"colour", "count", "shape", "position", "exact"}: each [B] float32 in [0, 1]."""
