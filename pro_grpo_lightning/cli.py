@@ -81,6 +81,17 @@ class RunConfig(SaveConfigCallback):
 class ProGRPOCLI(LightningCLI):
     """``LightningCLI`` plus the checks that must come before any weights load."""
 
+    def _parse_ckpt_path(self) -> None:
+        """Open ``--ckpt_path`` safely first (one line for a missing, empty, truncated, unsafe or
+        non-finite file), then let Lightning read the hyperparameters from it as usual."""
+        sub = self.config.get("subcommand")
+        ckpt = self.config[sub].get("ckpt_path") if sub else None
+        self._ckpt_state = None
+        if ckpt and str(ckpt) not in _SPECIAL_CKPT:
+            self._ckpt_state = load_checkpoint_file(str(ckpt))
+            check_checkpoint_finite(self._ckpt_state, f"ckpt_path={str(ckpt)!r}")
+        super()._parse_ckpt_path()
+
     def _before_run(self) -> None:
         sub = self.subcommand
         model, data = self.model, self.datamodule
@@ -89,10 +100,8 @@ class ProGRPOCLI(LightningCLI):
                 check_prompts(model, data)
             cfg = self.config[sub]
             model.run_config = self._parser(sub).dump(cfg, skip_none=False)
-            ckpt = cfg.get("ckpt_path")
-            if ckpt and str(ckpt) not in _SPECIAL_CKPT:
-                state = load_checkpoint_file(str(ckpt))  # one line for missing / empty / truncated / unsafe
-                check_checkpoint_finite(state, f"ckpt_path={str(ckpt)!r}")
+            ckpt, state = cfg.get("ckpt_path"), getattr(self, "_ckpt_state", None)
+            if state is not None:  # opened and checked in _parse_ckpt_path
                 extra = state.get("pro_grpo") or {}
                 identity = dict(extra.get("identity") or {})
                 identity.setdefault("schedule", extra.get("schedule"))  # older checkpoints

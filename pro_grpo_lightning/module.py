@@ -161,8 +161,10 @@ class ProGRPOModule(pl.LightningModule):
                  sample_seed: int = 1234, eval_rewards: list[Reward] | None = None,
                  max_bad_rollouts: int = 3, allow_schedule_change: bool = False) -> None:
         super().__init__()
+        # Not saved: how this run treats faults is this run's choice, not the checkpoint's (LightningCLI
+        # reads a resumed checkpoint's hyperparameters back into the config).
         self.save_hyperparameters(ignore=["backend", "rewards", "schedule", "optimizer", "lr_scheduler",
-                                          "eval_rewards"])
+                                          "eval_rewards", "max_bad_rollouts", "allow_schedule_change"])
         self.automatic_optimization = False
         self.strict_loading = False  # checkpoints hold the adapter, not the frozen base weights
         if adv_std not in ("group", "global"):
