@@ -42,7 +42,7 @@ from .backends.base import DiffusionBackend
 from . import checkpointing
 from .distributed import RankSyncedRewardSet, gather_rows, reduce_metrics
 from .errors import ConfigError
-from .health import (BadRolloutGuard, check_finite_tensors, finite_groups, finite_std, masked_group_advantages,
+from .health import (BadRolloutGuard, NonFiniteError, check_finite_tensors, finite_groups, finite_std, masked_group_advantages,
                      nonfinite_counts, optimizer_tensors)
 from .noise import LOCAL_STREAM, NOISE_STREAM, RankSlicedNoise, mix_seed, sample_items, seeded_generator
 from .objectives import group_advantages
@@ -298,8 +298,15 @@ class ProGRPOModule(pl.LightningModule):
                   "health/masked_trajectories": float((~valid).sum()),
                   "health/skipped_updates": skipped + (1.0 if float(n_valid) == 0 else 0.0)}
         self.rollouts_done += 1
-        self._log_rollout(result, advantages, stats, update_time, health)
-        self.guard.update(bad, nonfinite, total=result.rewards.numel(), skipped_steps=int(skipped))
+        logged = self._log_rollout(result, advantages, stats, update_time, health)
+        try:
+            self.guard.update(bad, nonfinite, total=result.rewards.numel(), skipped_steps=int(skipped))
+        except NonFiniteError:  # Lightning would drop this rollout's metrics: write them now
+            if self.global_rank == 0:
+                for logger in self.loggers:
+                    logger.log_metrics({k: float(v) for k, v in logged.items()}, step=self.trainer.global_step)
+                    logger.save()
+            raise
         if self.sample_every_n_rollouts and (self.rollouts_done - 1) % self.sample_every_n_rollouts == 0:
             self._log_images(result)
 
@@ -339,7 +346,7 @@ class ProGRPOModule(pl.LightningModule):
 
     # ---- logging -------------------------------------------------------------------------------
     def _log_rollout(self, r: RolloutResult, advantages: Tensor, stats: dict[str, float],
-                     update_time: float, health: dict[str, float] | None = None) -> None:
+                     update_time: float, health: dict[str, float] | None = None) -> dict[str, Tensor]:
         """Metrics of the whole global batch: means over ranks (equal sizes: global means), sums
         of counts, max/min of extremes, slowest rank's timings; one reduction per kind. Reward
         statistics are over the finite rewards (``health/*`` counts the others)."""
@@ -378,6 +385,7 @@ class ProGRPOModule(pl.LightningModule):
         out["compute/nfe_saved_frac"] = 1.0 - out["compute/nfe"] / out["compute/nfe_plain_gmax"]
         self.log_dict(out, on_step=True, on_epoch=False, batch_size=P)
         self.log("reward", out["reward/mean"], prog_bar=True, on_step=True, batch_size=P)
+        return out
 
     def _log_images(self, r: RolloutResult) -> None:
         logger = self.logger

@@ -101,17 +101,17 @@ class FaultyBrightness(Reward):
     The rollout scores in a fixed order (one call per pruning checkpoint, then the final images),
     so call ``c`` (counted from 0) is faulty when ``c % period`` is in ``calls`` and
     ``first_call <= c``; on a faulty call the rows ``i`` with ``i % every == 0`` (or the rows in
-    ``rows``) get ``value``. Calls made before training (evaluation) are not counted.
+    ``rows``) get ``float(value)`` ("nan", "inf"). Calls made before training (evaluation) are not counted.
     """
 
     default_name = "faulty"
 
     def __init__(self, weight: float = 1.0, name: str | None = None, every: int = 3, period: int = 1,
                  calls: list[int] | None = None, first_call: int = 0, rows: list[int] | None = None,
-                 value: float = float("nan")) -> None:
+                 value: str = "nan") -> None:
         super().__init__(weight, name)
         self.every, self.period, self.calls = every, period, list(calls if calls is not None else range(period))
-        self.first_call, self.rows, self.value = first_call, rows, value
+        self.first_call, self.rows, self.value = first_call, rows, float(value)
         self.count = 0
 
     def score(self, images: Tensor, prompts: Sequence[str]) -> Tensor:
