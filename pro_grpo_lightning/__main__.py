@@ -1,7 +1,5 @@
-import sys
-
-from .cli import main, run_main
+from .cli import console_main
 
 # A settings or file error prints one line (``error: ...``) and exits 2; a run stopped by the
 # non-finite guard exits 1; PRO_GRPO_DEBUG=1 shows the full traceback instead.
-sys.exit(run_main(lambda argv: main(argv), None))
+console_main()

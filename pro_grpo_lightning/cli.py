@@ -157,3 +157,8 @@ def run_main(fn: Callable[[list[str] | None], Any], argv: list[str] | None = Non
         print(f"error: {one_line(err)}", file=sys.stderr)
         return 1 if isinstance(err, NonFiniteError) else 2
     return 0
+
+
+def console_main() -> None:
+    """The ``pro-grpo`` console script: ``main`` with one-line errors (as ``python -m``)."""
+    sys.exit(run_main(lambda argv: main(argv), None))

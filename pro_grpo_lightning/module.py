@@ -448,6 +448,8 @@ class ProGRPOModule(pl.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         check_finite_tensors(checkpoint["state_dict"], "checkpoint load")
+        resume = self._trainer is not None and self._trainer.state.fn == "fit"
+        self.check_identity(checkpoint.get("pro_grpo", {}).get("identity") or {}, "checkpoint", resume=resume)
         self.configure_model()  # LoRA parameters must exist to receive the weights
         lora = self._adapter_names()
         missing = sorted(lora - set(checkpoint["state_dict"]))
@@ -455,8 +457,6 @@ class ProGRPOModule(pl.LightningModule):
             raise KeyError(f"checkpoint lacks {len(missing)} adapter weights of this model "
                            f"(e.g. {missing[0]}): was it trained with another backend or LoRA setting?")
         extra = checkpoint.get("pro_grpo", {})
-        resume = self._trainer is not None and self._trainer.state.fn == "fit"
-        self.check_identity(extra.get("identity") or {}, "checkpoint", resume=resume)
         self.rollouts_done = int(extra.get("rollouts_done", 0))
         self._loaded_global_step = int(checkpoint.get("global_step", 0))
 
