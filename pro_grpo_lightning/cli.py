@@ -107,7 +107,7 @@ class ProGRPOCLI(LightningCLI):
                 identity.setdefault("schedule", extra.get("schedule"))  # older checkpoints
                 if identity["schedule"] is None:
                     identity.pop("schedule")
-                model.check_identity(identity, str(ckpt), resume=sub == "fit")
+                model.check_identity(identity, f"ckpt_path={str(ckpt)!r}", resume=sub == "fit")
 
     before_fit = before_validate = before_test = before_predict = _before_run
 

@@ -169,7 +169,7 @@ def load_checkpoint_into(module: Any, ckpt: str, state: dict[str, Any] | None = 
         state = load_checkpoint_file(ckpt)
     check_checkpoint_finite(state, f"ckpt={ckpt!r}")
     if hasattr(module, "check_identity"):
-        module.check_identity((state.get("pro_grpo") or {}).get("identity") or {}, ckpt, resume=False)
+        module.check_identity((state.get("pro_grpo") or {}).get("identity") or {}, f"ckpt={ckpt!r}", resume=False)
     module.configure_model()
     module.on_load_checkpoint(state)  # checks that every adapter weight is there
     result = module.load_state_dict(state["state_dict"], strict=False)

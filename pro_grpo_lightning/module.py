@@ -430,7 +430,7 @@ class ProGRPOModule(pl.LightningModule):
             if key in saved and saved[key] != mine[key]:
                 hint = (" (to change the schedule on purpose: --model.allow_schedule_change true)"
                         if key == "schedule" else "")
-                raise ConfigError(f"{path}: checkpoint has {key}={saved[key]!r} but this run has "
+                raise ConfigError(f"{path}: has {key}={saved[key]!r} but this run has "
                                   f"{key}={mine[key]!r}{hint}")
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:

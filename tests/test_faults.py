@@ -400,7 +400,7 @@ def test_resume_mismatch_is_one_line_before_weights_load(trained, tmp_path, caps
     loads = LoadCounter(monkeypatch)
     rc, err = run_cli(resume_args(tmp_path, trained, override.replace("{", "{{").replace("}", "}}")), capsys)
     line = error_line(err)
-    assert rc == 2 and f"checkpoint has {field}" in line and "but this run has" in line, line
+    assert rc == 2 and f"has {field}" in line and "but this run has" in line, line
     assert loads.calls == 0
 
 

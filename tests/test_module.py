@@ -101,9 +101,9 @@ def test_checkpoint_from_another_model_is_refused(tmp_path):
     from pro_grpo_lightning.errors import ConfigError
     from pro_grpo_lightning.export import load_checkpoint_into
     # the checkpoint names its LoRA setting: refused in one line naming both values
-    with pytest.raises(ConfigError, match=r"checkpoint has lora.rank=4 but this run has lora.rank=2"):
+    with pytest.raises(ConfigError, match=r"has lora.target_modules=None but this run has lora.target_modules=\['ff"):
         fit(wider, tmp_path, max_steps=2, ckpt_path=ckpt, name="b")
-    with pytest.raises(ConfigError, match=r"lora.rank=4 but this run has lora.rank=2"):
+    with pytest.raises(ConfigError, match=r"has lora.target_modules=None but this run has lora.target_modules=\['to_q'\]"):
         load_checkpoint_into(other, ckpt)
     # a checkpoint without that record (older ones) is still refused by its weights' names
     state = torch.load(ckpt, weights_only=True)
