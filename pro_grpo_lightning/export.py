@@ -85,6 +85,9 @@ def save_lora(backend: DiffusionBackend, path: str) -> str:
     adapter = next(iter(net.peft_config))  # the policy's one adapter ("default")
     layers = {k: v.detach().float().cpu().contiguous()
               for k, v in get_peft_model_state_dict(net, adapter_name=adapter).items()}
+    from .health import check_finite_tensors
+
+    check_finite_tensors(layers, "export")  # never write a NaN LoRA
     metadata = net.peft_config[adapter].to_dict()
     os.makedirs(path, exist_ok=True)
     pipeline_cls.save_lora_weights(path, **{f"{name}_lora_layers": layers,

@@ -588,3 +588,16 @@ def test_python_dash_m_prints_one_line(tmp_path):
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines()[-1] == "error: ValueError: clip_range must be > 0, got -1.0"
+
+
+def test_export_lora_refuses_nonfinite_adapter_weights(tmp_path):
+    from pro_grpo_lightning.export import export_lora
+
+    backend = TinySD15Backend(num_steps=2, resolution=32, seed=0)
+    backend.configure_model()
+    name, param = next((n, p) for n, p in backend.denoiser().named_parameters() if "lora_B" in n)
+    with torch.no_grad():
+        param[0, 0] = INF
+    with pytest.raises(NonFiniteError, match="lora_B"):
+        export_lora(backend, str(tmp_path / "lora"))
+    assert not (tmp_path / "lora").exists()
