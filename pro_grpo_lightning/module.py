@@ -38,12 +38,12 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.strategies import FSDPStrategy
 from torch import Tensor
 
-from .backends.base import DiffusionBackend
 from . import checkpointing
+from .backends.base import DiffusionBackend
 from .distributed import RankSyncedRewardSet, gather_rows, reduce_metrics
 from .errors import ConfigError
-from .health import (BadRolloutGuard, NonFiniteError, check_finite_tensors, finite_groups, finite_std, masked_group_advantages,
-                     nonfinite_counts, optimizer_tensors)
+from .health import (BadRolloutGuard, NonFiniteError, check_finite_tensors, finite_groups, finite_std,
+                     masked_group_advantages, nonfinite_counts, optimizer_tensors)
 from .noise import LOCAL_STREAM, NOISE_STREAM, RankSlicedNoise, mix_seed, sample_items, seeded_generator
 from .objectives import group_advantages
 from .rewards.base import Reward

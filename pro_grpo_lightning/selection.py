@@ -10,9 +10,10 @@ Rules (``SELECTION_RULES``):
 Every rule returns long indices ``[P, k]``, ascending within each group, so survivors keep their
 original relative order. Non-finite scores (a reward that returned NaN or inf) are never selected
 over finite ones: every rule chooses among the finite scores of a group, and only a group with
-fewer than k finite scores keeps some non-finite ones (the lowest indices among them). Ties are broken by one convention everywhere: trajectories are ordered
-by (score, original index) ascending (a stable sort), "lowest" is the head of that order and
-"highest" its tail, so among equal scores the later index counts as higher.
+fewer than k finite scores keeps some non-finite ones (the lowest indices among them).
+Ties are broken by one convention everywhere: trajectories are ordered by (score, original index)
+ascending (a stable sort), "lowest" is the head of that order and "highest" its tail, so among
+equal scores the later index counts as higher.
 """
 
 from __future__ import annotations

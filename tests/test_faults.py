@@ -444,7 +444,8 @@ def test_two_runs_in_one_root_dir_never_collide_and_export_pairs_them(tmp_path, 
     assert sorted(os.listdir(root)) == ["version_0", "version_1"]
     for version, rank in [("version_0", 4), ("version_1", 2)]:
         run = root / version
-        assert yaml.safe_load((run / "config.yaml").read_text())["model"]["backend"]["init_args"]["lora"]["rank"] == rank
+        cfg = yaml.safe_load((run / "config.yaml").read_text())
+        assert cfg["model"]["backend"]["init_args"]["lora"]["rank"] == rank
         assert (run / "checkpoints" / "last.ckpt").is_file()  # beside its own config, no -v1 names
         # export reads the config the checkpoint carries: no --config, the right LoRA rank
         out = tmp_path / f"lora_{version}"
@@ -554,7 +555,8 @@ def test_bad_settings_fail_in_one_line_before_weights_load(args, expected, tmp_p
 
 def test_flow_window_without_a_trainable_step_is_refused_up_front(tmp_path, capsys):
     rc, err = run_cli(["fit", "--config", str(ROOT / "configs/tiny_sd3.yaml"), "--trainer.logger=false",
-                       f"--trainer.default_root_dir={tmp_path}", "--model.backend.init_args.sde_window=[5,6]"], capsys)  # only the last of 6 steps
+                       f"--trainer.default_root_dir={tmp_path}",
+                       "--model.backend.init_args.sde_window=[5,6]"], capsys)  # only the last of 6 steps
     assert rc == 2 and "sde_window=[5, 6] leaves no trainable step" in error_line(err)
 
 
