@@ -5,14 +5,9 @@ if sys.argv[1:2] == ["plan"]:  # the memory plan: no Trainer, no weights (plan.p
 
     sys.exit(plan_main(sys.argv[2:]))
 
-from .cli import main  # noqa: E402
-from .rewards.remote import RemoteRewardError  # noqa: E402
+from .cli import console_main  # noqa: E402
 
-try:
-    main()
-except FileNotFoundError as err:  # missing weights / offline: the message says it all, no library stack
-    print(f"FileNotFoundError: {err}", file=sys.stderr)
-    sys.exit(1)
-except RemoteRewardError as err:  # the reward server is down or misbehaves: one line, not a stack
-    print(f"RemoteRewardError: {err}", file=sys.stderr)
-    sys.exit(1)
+# A settings or file error prints one line (``error: ...``) and exits 2; a run stopped by the
+# non-finite guard or by an unreachable reward server exits 1; PRO_GRPO_DEBUG=1 shows the full
+# traceback instead.
+console_main()

@@ -11,7 +11,11 @@ loading code: the same folder, hub id or tiny seed), loads that file, fuses it a
 pipeline, so the trained model in memory is never modified.
 
 Also: the ``ExportLoRA`` callback (exports at the end of fit; YAML ``trainer.callbacks``) and
-``python -m pro_grpo_lightning.export --config run.yaml --ckpt last.ckpt --out dir [--merge]``.
+``python -m pro_grpo_lightning.export --ckpt last.ckpt --out dir [--merge] [--config run.yaml]``.
+Without ``--config`` the export uses the run's own config, which every checkpoint carries (or,
+for a checkpoint written before it did, the ``config.yaml`` next to it / in the folder above).
+The checkpoint is opened first (``weights_only=True``; refused if truncated, foreign, non-finite
+or from another backend / LoRA setting), before any base weights load.
 """
 
 from __future__ import annotations
@@ -67,6 +71,9 @@ def save_lora(backend: DiffusionBackend, path: str) -> str:
     adapter = next(iter(net.peft_config))  # the policy's one adapter ("default")
     layers = {k: v.detach().float().cpu().contiguous()
               for k, v in get_peft_model_state_dict(net, adapter_name=adapter).items()}
+    from .health import check_finite_tensors
+
+    check_finite_tensors(layers, "export")  # never write a NaN LoRA
     metadata = net.peft_config[adapter].to_dict()
     os.makedirs(path, exist_ok=True)
     pipeline_cls.save_lora_weights(path, **{f"{name}_lora_layers": layers,
@@ -134,16 +141,25 @@ def full_parameters(trainer: pl.Trainer) -> contextlib.AbstractContextManager:
     return contextlib.nullcontext()
 
 
-def load_checkpoint_into(module: Any, ckpt: str) -> None:
+def load_checkpoint_into(module: Any, ckpt: str, state: dict[str, Any] | None = None) -> None:
     """Put a training checkpoint's adapter weights into a freshly built module.
 
-    Refuses a checkpoint of another model both ways: one that lacks an adapter weight of this
-    module (``on_load_checkpoint``), and one with weights this module does not have (other LoRA
-    targets or another backend). Reward-normalisation statistics (``rewards.*``) this module has
-    no reward for are ignored: they do not change the policy.
+    Opens ``ckpt`` safely (``weights_only=True``, one-line errors) unless its ``state`` is given;
+    refuses non-finite weights and a checkpoint whose saved backend / LoRA setting differs from
+    the module's, both before the base weights load. Then refuses a checkpoint of another model
+    both ways: one that lacks an adapter weight of this module (``on_load_checkpoint``), and one
+    with weights this module does not have (other LoRA targets or another backend).
+    Reward-normalisation statistics (``rewards.*``) this module has no reward for are ignored:
+    they do not change the policy.
     """
+    from .checkpointing import check_checkpoint_finite, load_checkpoint_file
+
+    if state is None:
+        state = load_checkpoint_file(ckpt)
+    check_checkpoint_finite(state, f"ckpt={ckpt!r}")
+    if hasattr(module, "check_identity"):
+        module.check_identity((state.get("pro_grpo") or {}).get("identity") or {}, f"ckpt={ckpt!r}", resume=False)
     module.configure_model()
-    state = torch.load(ckpt, map_location="cpu", weights_only=False)
     module.on_load_checkpoint(state)  # checks that every adapter weight is there
     result = module.load_state_dict(state["state_dict"], strict=False)
     foreign = [k for k in result.unexpected_keys if not k.startswith("rewards.")]
@@ -160,8 +176,8 @@ def main(argv: list[str] | None = None) -> str:
     parser = argparse.ArgumentParser(
         prog="python -m pro_grpo_lightning.export",
         description="Export a Pro-GRPO checkpoint's LoRA in diffusers format (or merged into a pipeline).")
-    parser.add_argument("--config", required=True, action="append",
-                        help="the run's YAML (repeatable, as for fit; the log dir keeps a config.yaml)")
+    parser.add_argument("--config", action="append",
+                        help="the run's YAML (repeatable, as for fit); default: the config the checkpoint carries")
     parser.add_argument("--ckpt", required=True, help="a checkpoint of that run (e.g. checkpoints/last.ckpt)")
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--merge", action="store_true", help="write a full pipeline with the LoRA fused")
@@ -169,11 +185,15 @@ def main(argv: list[str] | None = None) -> str:
 
     import yaml
 
+    from .checkpointing import check_checkpoint_finite, load_checkpoint_file
     from .cli import main as cli_main
 
+    state = load_checkpoint_file(args.ckpt)  # before anything is built: a typo costs nothing
+    check_checkpoint_finite(state, f"ckpt={args.ckpt!r}")
     with tempfile.TemporaryDirectory() as tmp:
+        configs = args.config or [_run_config(args.ckpt, state, tmp)]
         cli_args = []
-        for i, path in enumerate(args.config):
+        for i, path in enumerate(configs):
             with open(path, encoding="utf-8") as f:
                 cfg = yaml.safe_load(f) or {}
             fit_only = set(cfg) & _FIT_ARGUMENTS  # a run's saved config.yaml has fit's own arguments
@@ -184,12 +204,33 @@ def main(argv: list[str] | None = None) -> str:
                 with open(path, "w", encoding="utf-8") as f:
                     yaml.safe_dump(cfg, f)
             cli_args += ["--config", path]
-        cli = cli_main(cli_args, run=False)
-    load_checkpoint_into(cli.model, args.ckpt)
+        cli = cli_main(cli_args, run=False, save_config=False)
+    load_checkpoint_into(cli.model, args.ckpt, state)
     out = export_lora(cli.model, args.out, merge=args.merge)
     print(f"exported {'merged pipeline' if args.merge else 'LoRA'} to {out}")
     return out
 
 
+def _run_config(ckpt: str, state: dict[str, Any], tmp: str) -> str:
+    """The config of the run that wrote ``ckpt``: the one it carries, else a config.yaml beside it."""
+    from .errors import ConfigError
+
+    text = (state.get("pro_grpo") or {}).get("config")
+    if text:
+        path = os.path.join(tmp, "run_config.yaml")
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(text)
+        return path
+    here = os.path.dirname(os.path.abspath(ckpt))
+    for folder in (here, os.path.dirname(here)):
+        if os.path.isfile(os.path.join(folder, "config.yaml")):
+            return os.path.join(folder, "config.yaml")
+    raise ConfigError(f"ckpt={ckpt!r} carries no config and none is beside it: pass --config")
+
+
 if __name__ == "__main__":
-    main()
+    import sys
+
+    from .cli import run_main
+
+    sys.exit(run_main(main))

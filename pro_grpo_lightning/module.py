@@ -36,11 +36,15 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.strategies import FSDPStrategy
 from torch import Tensor
 
+from . import checkpointing
 from .backends.base import DiffusionBackend
 from .data import PromptBatch
 from .distributed import RankSyncedRewardSet, reduce_metrics
+from .errors import ConfigError
 from .evaluation import (eval_columns, eval_scores, gather_items, item_rows, sample_items,
                          write_eval_table)
+from .health import (BadRolloutGuard, NonFiniteError, check_finite_tensors, finite_groups, finite_std,
+                     masked_group_advantages, nonfinite_counts, optimizer_tensors)
 from .noise import LOCAL_STREAM, NOISE_STREAM, mix_seed, seeded_generator
 from .objectives import group_advantages
 from .rewards.base import Reward
@@ -53,6 +57,45 @@ from .update import UpdateSettings, grpo_update
 warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization")
 
 DEFAULT_SAMPLE_PROMPTS = ["a cat", "a red square", "a horse", "a blue triangle"]
+
+
+def _check_optimizer(optimizer: OptimizerCallable) -> str:
+    """Build the optimizer on a dummy parameter (no weights needed): its class name, and a
+    refusal of a learning rate that trains nothing."""
+    probe = optimizer([torch.nn.Parameter(torch.zeros(1))])
+    lr = probe.param_groups[0].get("lr")
+    if lr is not None and not (math.isfinite(float(lr)) and float(lr) > 0):
+        raise ConfigError(f"model.optimizer.init_args.lr={float(lr)}: must be a finite number > 0 "
+                          f"(a learning rate of 0 trains nothing)")
+    return f"{type(probe).__module__}.{type(probe).__qualname__}"
+
+
+def _check_trainable_steps(backend: DiffusionBackend) -> None:
+    """At least one step can be trained, known from the settings alone (no weights): a flow
+    backend never trains its last step (it ends on the data, std 0); a DDIM backend with eta 0
+    samples no step stochastically."""
+    from .backends.flow_base import FlowMatchingBackend
+
+    steps = backend.window_steps()  # [T] bool
+    if isinstance(backend, FlowMatchingBackend):
+        steps[-1] = False
+    elif float(getattr(backend, "eta", 1.0)) == 0.0:
+        steps[:] = False
+    if not bool(steps.any()):
+        window = f", sde_window={list(backend.sde_window)}" if backend.sde_window is not None else ""
+        raise ConfigError(f"model.backend: num_steps={backend.num_steps}{window} leaves no trainable step "
+                          f"(the last step of a flow sampler and every step with eta=0 are deterministic)")
+
+
+def _finite_mean(x: Tensor) -> Tensor:
+    """Mean of the finite entries (NaN when there are none)."""
+    return x.float().masked_fill(~x.isfinite(), float("nan")).nanmean()
+
+
+def _finite_group_std(x: Tensor) -> Tensor:
+    """[P, K] -> [P] population std of each group's finite entries."""
+    x = x.float().masked_fill(~x.isfinite(), float("nan"))  # [P, K]
+    return (x - x.nanmean(1, keepdim=True)).pow(2).nanmean(1).sqrt()  # [P]
 
 
 def image_grid(images: Tensor, nrow: int) -> Tensor:
@@ -97,6 +140,11 @@ class ProGRPOModule(pl.LightningModule):
         sample_seed: the fixed seed of that grid (same noise every time: changes are the policy's).
         eval_rewards: extra rewards scored on held-out prompts only (validate / test), next to the
             training rewards; never trained on.
+        max_bad_rollouts: stop the run (one-line error naming the reward) after this many
+            consecutive rollouts that trained nothing because their rewards or gradients were
+            NaN/inf (``health.py``); single bad trajectories are masked and training goes on.
+        allow_schedule_change: resume a checkpoint whose group schedule differs from this run's
+            (on purpose, e.g. a curriculum); otherwise that is refused before any weights load.
     """
 
     def __init__(self, backend: DiffusionBackend, rewards: list[Reward], schedule: GroupSchedule,
@@ -110,15 +158,20 @@ class ProGRPOModule(pl.LightningModule):
                  seed: int = 0, audit_every_n_rollouts: int = 0, preview_scale: float = 1.0,
                  shared_initial_noise: bool = False,
                  sample_every_n_rollouts: int = 0, sample_prompts: list[str] | None = None,
-                 sample_seed: int = 1234, eval_rewards: list[Reward] | None = None) -> None:
+                 sample_seed: int = 1234, eval_rewards: list[Reward] | None = None,
+                 max_bad_rollouts: int = 3, allow_schedule_change: bool = False) -> None:
         super().__init__()
+        # Not saved: how this run treats faults is this run's choice, not the checkpoint's (LightningCLI
+        # reads a resumed checkpoint's hyperparameters back into the config).
         self.save_hyperparameters(ignore=["backend", "rewards", "schedule", "optimizer", "lr_scheduler",
-                                          "eval_rewards"])
+                                          "eval_rewards", "max_bad_rollouts", "allow_schedule_change"])
         self.automatic_optimization = False
         self.strict_loading = False  # checkpoints hold the adapter, not the frozen base weights
         if adv_std not in ("group", "global"):
             raise ValueError(f"adv_std must be 'group' or 'global', got {adv_std!r}")
         schedule.validate_steps(backend.num_steps)  # before any weights load
+        self.optimizer_name = _check_optimizer(optimizer)
+        _check_trainable_steps(backend)
         if kl_type == "flow_grpo" and not hasattr(backend, "kl_std"):
             raise ValueError(f"kl_type='flow_grpo' needs a flow-matching backend; {type(backend).__name__} "
                              f"has no SDE coefficient: use kl_type 'exact' or 'output'")
@@ -145,13 +198,18 @@ class ProGRPOModule(pl.LightningModule):
         self.sample_seed = sample_seed
         self.rollouts_done = 0
         self.rollout: ExpandPruneRollout | None = None
+        self.guard = BadRolloutGuard(max_bad_rollouts)
+        self.allow_schedule_change = allow_schedule_change
+        self.run_config: str | None = None  # the resolved YAML of this run (set by the CLI), saved in checkpoints
         self._eval_rows: list[Tensor] = []  # per evaluation batch: [B, 2 + scores] on this rank
         self._eval_images: list[Tensor] = []
 
     # ---- setup ---------------------------------------------------------------------------------
     def setup(self, stage: str) -> None:
-        """Check every prompt set against the rewards (``Reward.validate_prompts``) before any
-        weights load: a prompt a reward cannot score fails here, in one line."""
+        """Install the atomic, weights_only, finite-only checkpoint IO before Lightning opens or
+        writes any checkpoint, and check every prompt set against the rewards
+        (``Reward.validate_prompts``) before any weights load."""
+        checkpointing.install(self.trainer)
         datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
         if datamodule is not None and hasattr(datamodule, "validate_prompts"):
             datamodule.validate_prompts([*self.rewards.rewards, *self.eval_rewards])
@@ -198,11 +256,21 @@ class ProGRPOModule(pl.LightningModule):
                                   noise_generator=noise_gen,
                                   rank=self.global_rank, world_size=self.trainer.world_size)
 
+        # Non-finite guard (health.py): trajectories with a NaN/inf reward are masked, groups left
+        # with < 2 finite rewards too; nothing non-finite reaches the optimizer.
+        valid = finite_groups(result.rewards)  # [P, K]
+        all_valid = bool(valid.all())
         global_std = None
         if self.adv_std == "global" and self.trainer.world_size > 1:
-            global_std = self.all_gather(result.rewards).float().std(unbiased=False)
-        advantages = group_advantages(result.rewards, std_mode=self.adv_std, eps=self.adv_eps,
-                                      clip=self.adv_clip, global_std=global_std)  # [P, K]
+            every = self.all_gather(result.rewards).float()  # [W, P, K]
+            global_std = every.std(unbiased=False) if bool(every.isfinite().all()) else finite_std(every)
+        if all_valid:
+            advantages = group_advantages(result.rewards, std_mode=self.adv_std, eps=self.adv_eps,
+                                          clip=self.adv_clip, global_std=global_std)  # [P, K]
+        else:
+            advantages = masked_group_advantages(result.rewards, valid, std_mode=self.adv_std, eps=self.adv_eps,
+                                                 clip=self.adv_clip, global_std=global_std)  # [P, K]
+        n_valid = self.trainer.strategy.reduce(valid.sum().float(), reduce_op="sum")  # over all ranks
 
         opt = self.optimizers()
         sched = self.lr_schedulers()
@@ -210,13 +278,35 @@ class ProGRPOModule(pl.LightningModule):
         # manual_backward: under DDP the strategy all-reduces (averages) gradients in each backward;
         # each rank's loss is a mean over its equal-sized minibatches, so the average over ranks
         # is the single-process mean over the global batch.
-        stats = grpo_update(self.backend, result, advantages.flatten(), self.settings, opt,
-                            generator=local_gen, backward=self.manual_backward,
-                            after_step=sched.step if sched is not None else None,
-                            clip_grad_norm=self.clip_grad_norm)
+        # Alone, masked trajectories' pairs are left out; under DDP every rank must run the same
+        # number of backward passes, so they stay in with advantage 0 (no policy gradient).
+        mask = None if all_valid or self.trainer.world_size > 1 else valid.flatten()  # [N]
+        if float(n_valid) > 0:
+            stats = grpo_update(self.backend, result, advantages.flatten(), self.settings, opt,
+                                generator=local_gen, backward=self.manual_backward,
+                                after_step=sched.step if sched is not None else None,
+                                clip_grad_norm=self.clip_grad_norm, valid=mask)
+        else:  # nothing finite to train on anywhere: no backward, no step
+            stats = {"steps": 0.0, "skipped_steps": 0.0}
         update_time = time.perf_counter() - t0
+        steps, skipped = stats.pop("steps"), stats.pop("skipped_steps")
+        bad = float(n_valid) == 0 or skipped == steps
+        nonfinite = nonfinite_counts(result.components)
+        health = {"health/nonfinite_rewards": float((~result.rewards.isfinite()).sum()),
+                  "health/nonfinite_previews": float(sum(int((~c.scores.isfinite()).sum()) for c in result.checkpoints
+                                                         if c.scores is not None and c.step < result.num_steps)),
+                  "health/masked_trajectories": float((~valid).sum()),
+                  "health/skipped_updates": skipped + (1.0 if float(n_valid) == 0 else 0.0)}
         self.rollouts_done += 1
-        self._log_rollout(result, advantages, stats, update_time)
+        logged = self._log_rollout(result, advantages, stats, update_time, health)
+        try:
+            self.guard.update(bad, nonfinite, total=result.rewards.numel(), skipped_steps=int(skipped))
+        except NonFiniteError:  # Lightning would drop this rollout's metrics: write them now
+            if self.global_rank == 0:
+                for logger in self.loggers:
+                    logger.log_metrics({k: float(v) for k, v in logged.items()}, step=self.trainer.global_step)
+                    logger.save()
+            raise
         if self.sample_every_n_rollouts and (self.rollouts_done - 1) % self.sample_every_n_rollouts == 0:
             self._log_images(result)
 
@@ -256,29 +346,31 @@ class ProGRPOModule(pl.LightningModule):
 
     # ---- logging -------------------------------------------------------------------------------
     def _log_rollout(self, r: RolloutResult, advantages: Tensor, stats: dict[str, float],
-                     update_time: float) -> None:
+                     update_time: float, health: dict[str, float] | None = None) -> dict[str, Tensor]:
         """Metrics of the whole global batch: means over ranks (equal sizes: global means), sums
-        of counts, max/min of extremes, slowest rank's timings; one reduction per kind."""
+        of counts, max/min of extremes, slowest rank's timings; one reduction per kind. Reward
+        statistics are over the finite rewards (``health/*`` counts the others)."""
         P, K = r.rewards.shape
+        finite = r.rewards.isfinite()  # [P, K]
         m: dict[str, Tensor | float] = {
-            "reward/mean": r.rewards.mean(),
-            "reward/group_std": r.rewards.std(1, unbiased=False).mean(),  # spread within groups
+            "reward/mean": _finite_mean(r.rewards),
+            "reward/group_std": _finite_mean(_finite_group_std(r.rewards)),  # spread within groups
             "advantage/abs_mean": advantages.abs().mean(),
             "rollouts": float(self.rollouts_done),
         }
         counts = {"compute/nfe": float(r.nfe), "compute/nfe_plain_gmax": float(r.nfe_full),
-                  "compute/previews": float(r.num_previews)}
+                  "compute/previews": float(r.num_previews), **(health or {})}
         slowest = {"time/rollout_denoise_s": r.timings["denoise"], "time/rollout_preview_s": r.timings["preview"],
                    "time/rollout_final_s": r.timings["final"], "time/update_s": update_time,
-                   "reward/max": r.rewards.max()}
+                   "reward/max": r.rewards.masked_fill(~finite, float("-inf")).max()}
         for name, v in r.components.items():
-            m[f"reward/{name}"] = v.mean()
+            m[f"reward/{name}"] = _finite_mean(v)
         first = next((c for c in r.checkpoints if c.scores is not None and c.step < r.num_steps), None)
         if first is not None:  # spread of the whole expanded group vs the survivors, on the first proxy
             prompt = torch.arange(P, device=first.scores.device).repeat_interleave(K)
             survivors = first.scores[prompt, first.survivors].view(P, K)
-            m["group_std/expanded_proxy"] = first.scores.std(1, unbiased=False).mean()
-            m["group_std/survivors_proxy"] = survivors.std(1, unbiased=False).mean()
+            m["group_std/expanded_proxy"] = _finite_mean(_finite_group_std(first.scores))
+            m["group_std/survivors_proxy"] = _finite_mean(_finite_group_std(survivors))
         for i, c in enumerate(proxy_reward_correlation(r)):  # under DDP: the mean of the ranks' values
             m[f"pruning/proxy_true_corr_{i}"] = c
         for k, v in r.audit.items():
@@ -287,11 +379,13 @@ class ProGRPOModule(pl.LightningModule):
             m[f"train/{k}"] = v
         opt = self.optimizers()
         m["train/lr"] = opt.param_groups[0]["lr"]
-        out = reduce_metrics(m, sums=counts, maxes=slowest, mins={"reward/min": r.rewards.min()},
+        out = reduce_metrics(m, sums=counts, maxes=slowest,
+                             mins={"reward/min": r.rewards.masked_fill(~finite, float("inf")).min()},
                              device=self.device)
         out["compute/nfe_saved_frac"] = 1.0 - out["compute/nfe"] / out["compute/nfe_plain_gmax"]
         self.log_dict(out, on_step=True, on_epoch=False, batch_size=P)
         self.log("reward", out["reward/mean"], prog_bar=True, on_step=True, batch_size=P)
+        return out
 
     def _log_images(self, r: RolloutResult) -> None:
         logger = self.logger
@@ -316,15 +410,46 @@ class ProGRPOModule(pl.LightningModule):
         keys |= {n for n, _ in self.rewards.named_buffers(prefix="rewards")}
         return keys
 
+    def run_identity(self) -> dict[str, Any]:
+        """What a checkpoint must match to be resumed or exported by this module (plain types)."""
+        lora = self.backend.lora
+        targets = None if lora.target_modules is None else sorted(lora.target_modules)
+        return {"backend": f"{type(self.backend).__module__}.{type(self.backend).__qualname__}",
+                "lora.rank": int(lora.rank), "lora.alpha": float(lora.alpha), "lora.target_modules": targets,
+                "schedule": repr(self.schedule), "optimizer": self.optimizer_name}
+
+    def check_identity(self, saved: dict[str, Any], path: str, resume: bool = True) -> None:
+        """Refuse a checkpoint of another run setup with one line naming both values. ``resume``
+        also compares the schedule (unless ``allow_schedule_change``) and the optimizer class."""
+        mine = self.run_identity()
+        fields = ["backend", "lora.rank", "lora.alpha", "lora.target_modules"]
+        if resume:
+            fields += [] if self.allow_schedule_change else ["schedule"]
+            fields += ["optimizer"]
+        for key in fields:
+            if key in saved and saved[key] != mine[key]:
+                hint = (" (to change the schedule on purpose: --model.allow_schedule_change true)"
+                        if key == "schedule" else "")
+                raise ConfigError(f"{path}: has {key}={saved[key]!r} but this run has "
+                                  f"{key}={mine[key]!r}{hint}")
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         keep = self._kept_keys()
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
+        # Never write non-finite weights: the previous (good) checkpoint stays the latest.
+        check_finite_tensors(checkpoint["state_dict"], "checkpoint save")
+        check_finite_tensors(optimizer_tensors(checkpoint.get("optimizer_states", [])), "checkpoint save")
         # No generator state: rollout k's RNG is re-seeded from (seed, k) (noise.py).
         checkpoint["pro_grpo"] = {"rollouts_done": self.rollouts_done, "seed": self.seed,
                                   "rng": "per-rollout (seed, rollout index)",
-                                  "schedule": repr(self.schedule)}
+                                  "schedule": repr(self.schedule), "identity": self.run_identity()}
+        if self.run_config is not None:  # export reads the run's own config from here
+            checkpoint["pro_grpo"]["config"] = self.run_config
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        check_finite_tensors(checkpoint["state_dict"], "checkpoint load")
+        resume = self._trainer is not None and self._trainer.state.fn == "fit"
+        self.check_identity(checkpoint.get("pro_grpo", {}).get("identity") or {}, "checkpoint", resume=resume)
         self.configure_model()  # LoRA parameters must exist to receive the weights
         lora = self._adapter_names()
         missing = sorted(lora - set(checkpoint["state_dict"]))

@@ -90,27 +90,40 @@ def grpo_update(backend: DiffusionBackend, rollout: RolloutResult, advantages: T
                 generator: torch.Generator | None = None,
                 backward: Callable[[Tensor], None] | None = None,
                 after_step: Callable[[], None] | None = None,
-                clip_grad_norm: Callable[[list[Tensor], float], Tensor] | None = None) -> dict[str, float]:
+                clip_grad_norm: Callable[[list[Tensor], float], Tensor] | None = None,
+                valid: Tensor | None = None) -> dict[str, float]:
     """Train the policy on one rollout. advantages: [N], one per surviving trajectory.
+
+    valid: optional [N] bool, the trajectories to train on (``health.py``: the others had a
+    non-finite reward); their (trajectory, step) pairs are the only ones drawn.
+    An optimizer step whose (pre-clip) gradient norm is NaN/inf is skipped: the gradients are
+    dropped, neither the optimizer nor ``after_step`` runs; ``skipped_steps`` counts them.
 
     clip_grad_norm(params, max_norm) clips in place and returns the pre-clip total norm; default
     ``torch.nn.utils.clip_grad_norm_``. A sharding strategy passes its own (under FSDP only the
     root module's ``clip_grad_norm_`` sees every shard).
     Returns means of the per-minibatch statistics (loss, policy_loss, kl, clip_frac, approx_kl,
-    ratio_mean) and of the pre-clip gradient norm over optimizer steps.
+    ratio_mean) and of the pre-clip gradient norm over optimizer steps (finite ones), plus the
+    counts ``steps`` and ``skipped_steps``.
     """
     backward = backward or (lambda loss: loss.backward())
     clip_grad_norm = clip_grad_norm or torch.nn.utils.clip_grad_norm_
     N = rollout.latents.shape[0]
+    rows = None if valid is None else valid.nonzero().flatten()  # [N_valid] trajectories trained on
     trainable = backend.trainable_steps().to(rollout.latents.device)  # [T] bool
     params = backend.trainable_parameters()
     sums: dict[str, list[Tensor]] = {}
+    steps = skipped = 0
 
     def add(name: str, value: Tensor) -> None:  # no .item() here: one device sync at the end
         sums.setdefault(name, []).append(value.detach().float().reshape(()))
 
     for _ in range(settings.inner_epochs):
-        traj, step = training_pairs(N, trainable, settings.timestep_fraction, generator)  # [M], [M]
+        if rows is None:
+            traj, step = training_pairs(N, trainable, settings.timestep_fraction, generator)  # [M], [M]
+        else:  # pairs of the valid trajectories only, mapped back to rollout rows
+            traj, step = training_pairs(rows.numel(), trainable, settings.timestep_fraction, generator)
+            traj = rows.index_select(0, traj)  # [M]
         chunks = list(zip(traj.split(settings.train_batch_size), step.split(settings.train_batch_size)))
         per_step = settings.minibatches_per_step or len(chunks)
         optimizer.zero_grad(set_to_none=True)
@@ -147,9 +160,15 @@ def grpo_update(backend: DiffusionBackend, rollout: RolloutResult, advantages: T
                     grads = [p.grad for p in params if p.grad is not None]
                     norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])) \
                         if grads else torch.zeros(())
+                steps += 1
+                if not bool(torch.isfinite(torch.as_tensor(norm))):  # one sync per optimizer step
+                    skipped += 1  # a NaN/inf gradient never reaches the weights or Adam's moments
+                    optimizer.zero_grad(set_to_none=True)
+                    continue
                 add("grad_norm", torch.as_tensor(norm))
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
                 if after_step is not None:
                     after_step()
-    return {k: float(torch.stack(v).mean()) for k, v in sums.items()}
+    out = {k: float(torch.stack(v).mean()) for k, v in sums.items()}
+    return {**out, "steps": float(steps), "skipped_steps": float(skipped)}

@@ -96,3 +96,32 @@ class MeanPixel(Reward):
 
     def score(self, images: Tensor, prompts: Sequence[str]) -> Tensor:
         return images.mean((1, 2, 3))
+
+
+class FaultyBrightness(Reward):
+    """Mean pixel brightness that returns NaN (or inf) on chosen calls and rows, for fault tests.
+
+    The rollout scores in a fixed order (one call per pruning checkpoint, then the final images),
+    so call ``c`` (counted from 0) is faulty when ``c % period`` is in ``calls`` and
+    ``first_call <= c``; on a faulty call the rows ``i`` with ``i % every == 0`` (or the rows in
+    ``rows``) get ``float(value)`` ("nan", "inf"). Calls made before training (evaluation) are not counted.
+    """
+
+    default_name = "faulty"
+
+    def __init__(self, weight: float = 1.0, name: str | None = None, every: int = 3, period: int = 1,
+                 calls: list[int] | None = None, first_call: int = 0, rows: list[int] | None = None,
+                 value: str = "nan") -> None:
+        super().__init__(weight, name)
+        self.every, self.period, self.calls = every, period, list(calls if calls is not None else range(period))
+        self.first_call, self.rows, self.value = first_call, rows, float(value)
+        self.count = 0
+
+    def score(self, images: Tensor, prompts: Sequence[str]) -> Tensor:
+        out = images.float().mean((1, 2, 3))  # [B]
+        c, self.count = self.count, self.count + 1
+        if c >= self.first_call and c % self.period in self.calls:
+            idx = torch.arange(out.shape[0])
+            bad = (idx % self.every == 0) if self.rows is None else torch.isin(idx, torch.tensor(self.rows))
+            out = out.masked_fill(bad.to(out.device), self.value)
+        return out

@@ -98,17 +98,28 @@ def test_checkpoint_from_another_model_is_refused(tmp_path):
     wider = tiny_module(backend=TinySD15Backend(num_steps=4, resolution=32, seed=0,
                                                 lora=LoraSettings(rank=2, alpha=2,
                                                                   target_modules=["to_q", "to_k", "to_v", "to_out.0", "ff.net.2"])))
+    from pro_grpo_lightning.errors import ConfigError
+    from pro_grpo_lightning.export import load_checkpoint_into
+    # the checkpoint names its LoRA setting: refused in one line naming both values
+    with pytest.raises(ConfigError, match=r"has lora.target_modules=None but this run has lora.target_modules=\['ff"):
+        fit(wider, tmp_path, max_steps=2, ckpt_path=ckpt, name="b")
+    with pytest.raises(ConfigError, match=r"has lora.target_modules=None but this run has lora.target_modules=\['to_q'\]"):
+        load_checkpoint_into(other, ckpt)
+    # a checkpoint without that record (older ones) is still refused by its weights' names
+    state = torch.load(ckpt, weights_only=True)
+    del state["pro_grpo"]["identity"]
+    ckpt = str(tmp_path / "old.ckpt")
+    torch.save(state, ckpt)
     with pytest.raises(KeyError, match="adapter weights"):
         fit(wider, tmp_path, max_steps=2, ckpt_path=ckpt, name="b")
     # outside a Trainer (export, scripts/eval_shapes.py): refused both ways, accepted when it matches
-    from pro_grpo_lightning.export import load_checkpoint_into
     with pytest.raises(KeyError, match="weights this model lacks"):
         load_checkpoint_into(other, ckpt)  # fewer targets: the checkpoint has more
     with pytest.raises(KeyError, match="adapter weights"):
         load_checkpoint_into(wider, ckpt)
     same = tiny_module()
     load_checkpoint_into(same, ckpt)
-    saved = torch.load(ckpt, map_location="cpu", weights_only=False)["state_dict"]
+    saved = torch.load(ckpt, map_location="cpu", weights_only=True)["state_dict"]
     adapter = {n: p for n, p in same.named_parameters() if p.requires_grad}
     assert adapter and set(adapter) <= set(saved)
     for n, p in adapter.items():

@@ -217,10 +217,10 @@ def test_server_killed_mid_run_retries_then_stops_cleanly(tmp_path):
         assert server.wait(timeout=30) == -9  # the callback killed it after step 2
     err = run.stderr.strip().splitlines()
     assert run.returncode == 1, run.stderr[-3000:]
-    assert err[-1].startswith(f"RemoteRewardError: RemoteReward 'brightness': no answer from {url}/score "
+    assert err[-1].startswith(f"error: RemoteRewardError: RemoteReward 'brightness': no answer from {url}/score "
                               f"after 3 attempt(s)"), err[-1]
     assert "Traceback" not in run.stderr
     assert sum("retry 1/2" in line for line in err) == 1 and sum("retry 2/2" in line for line in err) == 1
-    state = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=False)  # the last good step
+    state = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)  # the last good step
     assert state["global_step"] == 2 and state["pro_grpo"]["rollouts_done"] == 2
     assert state["state_dict"] and all(torch.isfinite(v).all() for v in state["state_dict"].values())

@@ -25,6 +25,7 @@ from __future__ import annotations
 import abc
 import contextlib
 import fnmatch
+import math
 import os
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -65,7 +66,7 @@ class DiffusionBackend(nn.Module, abc.ABC):
 
     Args:
         num_steps: T, denoising steps of one trajectory.
-        guidance_scale: classifier-free guidance scale (1 disables CFG; FLUX-dev uses it as its
+        guidance_scale: classifier-free guidance scale (>= 0; values up to 1 disable CFG; FLUX-dev uses it as its
             guidance embedding instead).
         resolution: image side in pixels.
         lora: the adapter trained as the policy.
@@ -95,6 +96,9 @@ class DiffusionBackend(nn.Module, abc.ABC):
         if resolution < 8:
             raise ValueError(f"resolution must be >= 8 pixels, got {resolution}")
         self.num_steps = num_steps
+        if not math.isfinite(guidance_scale) or guidance_scale < 0:
+            raise ValueError(f"guidance_scale={guidance_scale}: must be a finite number >= 0 "
+                             f"(values up to 1 mean no classifier-free guidance, as in diffusers)")
         self.guidance_scale = guidance_scale
         self.resolution = resolution
         self.lora = lora or LoraSettings()

@@ -22,10 +22,16 @@ Modes:
                in first, then normalises it; until the first update, batch statistics are used. The
                stats are buffers: saved in the state dict, resumed from a checkpoint, and per process
                (not synchronised across ranks).
+
+Non-finite scores (a reward model's NaN or inf) never enter any statistic: "batch" and "running"
+statistics are over each component's finite scores, and a running statistic whose component had
+no finite score in the batch is left as it was. The non-finite score itself stays non-finite in
+the total, so the rollout can mask that trajectory (``health.py``).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -61,6 +67,12 @@ class RewardSet(nn.Module):
             raise ValueError(f"RewardSet.normalize must be one of {NORMALIZE_MODES}, got {normalize!r}")
         if not 0.0 <= momentum < 1.0:
             raise ValueError(f"RewardSet.momentum must be in [0, 1), got {momentum}")
+        for r in rewards:
+            if not math.isfinite(r.weight):
+                raise ValueError(f"reward {r.name!r}: weight={r.weight} must be a finite number")
+        if all(r.weight == 0 for r in rewards):
+            raise ValueError(f"rewards: every weight is 0 ({', '.join(f'{n}=0' for n in names)}): the total "
+                             f"reward is constant, so nothing would train; give a reward a non-zero weight")
         self.rewards = nn.ModuleList(rewards)
         self.normalize = normalize
         self.momentum = float(momentum)
@@ -102,29 +114,43 @@ class RewardSet(nn.Module):
     def _normalize(self, scores: Tensor, update_stats: bool) -> Tensor:
         if self.normalize == "none":
             return scores
-        batch_mean = scores.mean(0)  # [n]
-        batch_var = scores.var(0, unbiased=False)  # [n]
+        finite = torch.isfinite(scores)  # [B, n]
+        seen = finite.any(0)  # [n] components with at least one finite score
+        if bool(finite.all()):
+            batch_mean = scores.mean(0)  # [n]
+            batch_var = scores.var(0, unbiased=False)  # [n]
+        else:  # statistics over each component's finite scores only
+            count = finite.sum(0).clamp(min=1)  # [n]
+            x = torch.where(finite, scores, torch.zeros_like(scores))  # [B, n]
+            batch_mean = x.sum(0) / count  # [n]
+            batch_var = torch.where(finite, x - batch_mean, torch.zeros_like(x)).pow(2).sum(0) / count  # [n]
         if self.normalize == "batch":
             return (scores - batch_mean) / (batch_var.sqrt() + self.eps)
         # "running"
-        if update_stats:
-            self._update(batch_mean, batch_var)
+        if update_stats and bool(seen.any()):
+            self._update(batch_mean, batch_var, seen)
         if int(self.num_updates) == 0:  # nothing tracked yet (e.g. previews of the first rollout)
             mean, var = batch_mean, batch_var
         else:
             mean, var = self.running_mean.to(scores.device), self.running_var.to(scores.device)
         return (scores - mean) / (var.sqrt() + self.eps)
 
-    def _update(self, batch_mean: Tensor, batch_var: Tensor) -> None:
+    def _update(self, batch_mean: Tensor, batch_var: Tensor, seen: Tensor | None = None) -> None:
+        """Fold a batch's statistics in; components not ``seen`` ([n] bool) keep theirs."""
         batch_mean = batch_mean.to(self.running_mean)
         batch_var = batch_var.to(self.running_var)
         if int(self.num_updates) == 0:  # start from the first batch, not from the (0, 1) placeholder
-            self.running_mean.copy_(batch_mean)
-            self.running_var.copy_(batch_var)
+            new_mean, new_var = batch_mean, batch_var
         else:
             m = self.momentum
-            self.running_mean.mul_(m).add_((1 - m) * batch_mean)
-            self.running_var.mul_(m).add_((1 - m) * batch_var)
+            new_mean = m * self.running_mean + (1 - m) * batch_mean
+            new_var = m * self.running_var + (1 - m) * batch_var
+        if seen is not None:
+            seen = seen.to(self.running_mean.device)
+            new_mean = torch.where(seen, new_mean, self.running_mean)  # [n]
+            new_var = torch.where(seen, new_var, self.running_var)  # [n]
+        self.running_mean.copy_(new_mean)
+        self.running_var.copy_(new_var)
         self.num_updates.add_(1)
 
     def extra_repr(self) -> str:

@@ -1,0 +1,148 @@
+"""Checkpoint files that survive any kill, hold no code, and never hold NaN weights.
+
+``AtomicCheckpointIO`` is a Lightning ``CheckpointIO`` plugin that ``ProGRPOModule.setup``
+installs in place of Lightning's default ``TorchCheckpointIO`` (a user-given plugin is left as
+it is), so nothing needs configuring:
+
+    save: refuse non-finite weights (naming the tensor); write a temp file *in the checkpoint's own
+          directory*, fsync it, ``os.replace`` it onto the target, fsync the directory. The target
+          is at every instant either the previous complete file or the new complete file, whatever
+          filesystem the system's temp dir is on; a temp file a killed writer left behind is
+          removed by the next save into that directory.
+    load: ``torch.load(weights_only=True)``: tensors and plain containers only, so a crafted
+          checkpoint cannot run code. Empty, truncated and foreign files fail with one line
+          naming the path (``CheckpointError``).
+
+Remote paths (``s3://`` ...) fall back to Lightning's own save.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import re
+import tempfile
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+
+from .errors import ConfigError
+from .health import check_finite_tensors, optimizer_tensors
+
+TEMP_MARK = ".pgl-tmp-"  # temp files are ".<name>.pgl-tmp-<pid>-<random>"
+
+
+class CheckpointError(ConfigError):
+    """A checkpoint file that cannot be used (missing, empty, truncated, foreign, unsafe)."""
+
+
+def _is_local(path: str) -> bool:
+    return "://" not in path or path.startswith("file://")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def remove_stale_temps(directory: str) -> list[str]:
+    """Delete temp files of writers that no longer run (killed mid-save); returns their paths."""
+    removed = []
+    pattern = re.compile(r"^\..+" + re.escape(TEMP_MARK) + r"(\d+)-")
+    for name in os.listdir(directory):
+        m = pattern.match(name)
+        if m and int(m.group(1)) != os.getpid() and not _pid_alive(int(m.group(1))):
+            try:
+                os.unlink(os.path.join(directory, name))
+                removed.append(os.path.join(directory, name))
+            except FileNotFoundError:
+                pass
+    return removed
+
+
+def atomic_save(obj: Any, path: str) -> None:
+    """``torch.save`` to ``path`` through a temp file in the same directory, fsync and ``os.replace``."""
+    path = os.path.abspath(path)
+    directory = os.path.dirname(path)
+    os.makedirs(directory, exist_ok=True)
+    remove_stale_temps(directory)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}{TEMP_MARK}{os.getpid()}-")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)  # atomic on POSIX: the same filesystem by construction
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    dir_fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)  # the rename itself survives a power loss
+    finally:
+        os.close(dir_fd)
+
+
+def check_checkpoint_finite(checkpoint: dict[str, Any], where: str) -> None:
+    """Refuse (``NonFiniteError``) a checkpoint whose weights or optimizer state hold NaN/inf."""
+    check_finite_tensors(checkpoint.get("state_dict") or {}, where)
+    check_finite_tensors(optimizer_tensors(checkpoint.get("optimizer_states") or []), where)
+
+
+def load_checkpoint_file(path: str, map_location: Any = "cpu") -> dict[str, Any]:
+    """Open a training checkpoint safely; every failure is one ``CheckpointError`` line naming ``path``."""
+    path = str(path)
+    if not os.path.isfile(path):
+        raise CheckpointError(f"ckpt_path={path!r}: no such file")
+    if os.path.getsize(path) == 0:
+        raise CheckpointError(f"ckpt_path={path!r}: empty file (0 bytes), not a checkpoint")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        if "weights only" in str(err).lower() or "weights_only" in str(err).lower():
+            raise CheckpointError(f"ckpt_path={path!r}: refused, it holds Python objects that loading would "
+                                  f"execute (only tensors and plain types are loaded: weights_only=True)") from None
+        raise CheckpointError(f"ckpt_path={path!r}: not a readable checkpoint ({first})") from None
+    except (EOFError, RuntimeError, OSError, ValueError) as err:
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise CheckpointError(f"ckpt_path={path!r}: truncated or not a PyTorch checkpoint "
+                              f"({type(err).__name__}: {first[:120]})") from None
+    if not isinstance(state, dict) or "state_dict" not in state:
+        raise CheckpointError(f"ckpt_path={path!r}: not a training checkpoint (no state_dict)")
+    return state
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning's checkpoint IO with atomic same-directory saves, a finite-weights check and
+    ``weights_only=True`` loading (module docstring)."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
+        path = str(path)
+        if storage_options is not None or not _is_local(path):
+            return super().save_checkpoint(checkpoint, path, storage_options)
+        check_checkpoint_finite(checkpoint, f"saving {path}")
+        atomic_save(checkpoint, path.removeprefix("file://"))
+
+    def load_checkpoint(self, path: Any, map_location: Callable | Any = None,
+                        weights_only: bool | None = None) -> dict[str, Any]:
+        path = str(path)
+        if not _is_local(path):
+            return super().load_checkpoint(path, map_location=map_location, weights_only=True)
+        return load_checkpoint_file(path.removeprefix("file://"),
+                                    map_location=map_location if map_location is not None else "cpu")
+
+
+def install(trainer: Any) -> None:
+    """Put ``AtomicCheckpointIO`` in place of Lightning's default IO (a custom one is kept)."""
+    strategy = trainer.strategy
+    if type(strategy.checkpoint_io) is TorchCheckpointIO:
+        strategy.checkpoint_io = AtomicCheckpointIO()

@@ -1,0 +1,12 @@
+"""The package's own error: a setting or a file that cannot work, said in one line.
+
+``python -m pro_grpo_lightning`` and ``python -m pro_grpo_lightning.export`` print such errors
+(and ``ValueError`` / ``FileNotFoundError`` raised while reading a config) as ``error: <message>``
+and exit with status 2; ``PRO_GRPO_DEBUG=1`` shows the full traceback instead.
+"""
+
+from __future__ import annotations
+
+
+class ConfigError(ValueError):
+    """A setting (or a checkpoint) that cannot work: the message names the field and the value."""

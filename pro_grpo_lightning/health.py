@@ -1,0 +1,139 @@
+"""Non-finite guards: a NaN or inf from a reward model never reaches ``optimizer.step()``.
+
+Policy (what the module does with these functions, once per rollout):
+    - a trajectory whose final reward is non-finite is *masked*: advantage 0, left out of its
+      group's mean and std, its (trajectory, step) pairs left out of the update; a group left with
+      fewer than 2 finite rewards is masked whole (no spread, no advantage). The rollout's tensors
+      stay rectangular ([P, K]), so the update's batching is unchanged.
+    - pruning previews with non-finite proxy scores are never selected over finite ones
+      (``selection.py``) and are counted.
+    - an optimizer step whose gradient norm is non-finite is skipped (``update.py``).
+    - running reward statistics ignore non-finite scores (``rewards/combine.py``).
+    - a rollout that changed nothing (no finite group, or every optimizer step skipped) is *bad*;
+      ``BadRolloutGuard`` stops the run after N consecutive bad rollouts with one line that names
+      the reward(s) at fault. Weights are never updated by a bad rollout, so the last checkpoint
+      stays good; checkpoints with non-finite tensors are refused at save, export and resume
+      (``check_finite_tensors``).
+All functions are batched tensor ops: no Python loop over samples or groups.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .objectives import STD_MODES
+
+
+class NonFiniteError(RuntimeError):
+    """The run produced non-finite values it cannot train around (one line, names the source)."""
+
+
+def finite_groups(rewards: Tensor, min_valid: int = 2) -> Tensor:
+    """rewards [P, K] -> [P, K] bool: finite rewards of groups with at least ``min_valid`` of them."""
+    finite = torch.isfinite(rewards)  # [P, K]
+    enough = finite.sum(1, keepdim=True) >= min_valid  # [P, 1]
+    return finite & enough  # [P, K]
+
+
+def finite_std(values: Tensor) -> Tensor:
+    """Population std over the finite entries of any tensor (0-dim); 0 when none are finite."""
+    finite = torch.isfinite(values)
+    n = finite.sum().clamp(min=1)
+    x = torch.where(finite, values, torch.zeros_like(values)).float()
+    mean = x.sum() / n
+    centred = torch.where(finite, x - mean, torch.zeros_like(x))
+    return (centred.pow(2).sum() / n).sqrt()
+
+
+def masked_group_advantages(rewards: Tensor, valid: Tensor, *, std_mode: str = "group", eps: float = 1e-4,
+                            clip: float | None = 5.0, global_std: Tensor | None = None) -> Tensor:
+    """``objectives.group_advantages`` over the ``valid`` entries only; the others get exactly 0.
+
+    rewards, valid: [P, K]. Each group's mean and population std are over its valid entries
+    (``global``: the std over every valid entry of the batch, or ``global_std``); a group whose
+    valid rewards are all equal gets 0 (as in ``group_advantages``). Returns [P, K] float32.
+    """
+    if std_mode not in STD_MODES:
+        raise ValueError(f"masked_group_advantages: unknown std_mode {std_mode!r}; choose one of {STD_MODES}")
+    dtype = torch.promote_types(rewards.dtype, torch.float32)
+    zero = torch.zeros((), dtype=dtype, device=rewards.device)
+    r = torch.where(valid, rewards.to(dtype), zero)  # [P, K] invalid -> 0 (never NaN in sums)
+    n = valid.sum(1, keepdim=True).clamp(min=1)  # [P, 1]
+    mean = r.sum(1, keepdim=True) / n  # [P, 1]
+    centred = torch.where(valid, r - mean, zero)  # [P, K]
+    hi = torch.where(valid, r, torch.full_like(r, float("-inf"))).amax(1, keepdim=True)  # [P, 1]
+    lo = torch.where(valid, r, torch.full_like(r, float("inf"))).amin(1, keepdim=True)  # [P, 1]
+    centred = centred.masked_fill(hi == lo, 0.0)  # constant groups: exactly 0
+    if std_mode == "group":
+        std = (centred.pow(2).sum(1, keepdim=True) / n).sqrt()  # [P, 1]
+    elif global_std is not None:
+        std = torch.as_tensor(global_std, dtype=dtype, device=r.device).reshape(1, 1)  # [1, 1]
+    else:
+        std = finite_std(torch.where(valid, r, torch.full_like(r, float("nan")))).to(dtype).reshape(1, 1)
+    adv = torch.where(valid, centred / (std + eps), zero)  # [P, K]
+    if clip is not None:
+        adv = adv.clamp(-clip, clip)
+    return adv
+
+
+def nonfinite_counts(components: Mapping[str, Tensor]) -> dict[str, int]:
+    """{reward name: number of non-finite raw scores} for the rewards that had any."""
+    counts = {name: int((~torch.isfinite(v)).sum()) for name, v in components.items()}
+    return {k: v for k, v in counts.items() if v}
+
+
+def check_finite_tensors(tensors: Mapping[str, Any], where: str) -> None:
+    """Raise ``NonFiniteError`` naming the first floating tensor of ``tensors`` with a NaN/inf."""
+    for name, value in tensors.items():
+        if isinstance(value, Tensor) and value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            bad = int((~torch.isfinite(value)).sum())
+            raise NonFiniteError(f"{where}: tensor {name!r} has {bad} non-finite values of {value.numel()}; "
+                                 f"refusing non-finite weights")
+
+
+def optimizer_tensors(optimizer_states: Iterable[Mapping[str, Any]]) -> dict[str, Tensor]:
+    """Flatten Lightning's ``optimizer_states`` into {"optimizer.<i>.<param>.<key>": tensor}."""
+    out: dict[str, Tensor] = {}
+    for i, opt in enumerate(optimizer_states):
+        for param, state in (opt.get("state") or {}).items():
+            for key, value in state.items():
+                if isinstance(value, Tensor):
+                    out[f"optimizer.{i}.{param}.{key}"] = value
+    return out
+
+
+class BadRolloutGuard:
+    """Counts consecutive bad rollouts (ones that changed no weight); after ``patience`` of them
+    raises ``NonFiniteError`` with one line naming the rewards that returned non-finite values."""
+
+    def __init__(self, patience: int = 3) -> None:
+        if patience < 1:
+            raise ValueError(f"max_bad_rollouts must be >= 1, got {patience}")
+        self.patience = patience
+        self.consecutive = 0
+        self.culprits: dict[str, int] = {}  # reward -> non-finite scores over the current streak
+        self.skipped_steps = 0
+
+    def update(self, bad: bool, nonfinite: Mapping[str, int], total: int, skipped_steps: int = 0) -> None:
+        """One rollout: ``bad`` if nothing was trained; ``nonfinite`` {reward: count} of its
+        final scores out of ``total``; ``skipped_steps`` optimizer steps skipped (non-finite grad)."""
+        if not bad:
+            self.consecutive, self.culprits, self.skipped_steps = 0, {}, 0
+            return
+        self.consecutive += 1
+        self.skipped_steps += skipped_steps
+        for name, n in nonfinite.items():
+            self.culprits[name] = self.culprits.get(name, 0) + n
+        if self.consecutive >= self.patience:
+            if self.culprits:
+                who = ", ".join(f"reward {n!r} returned NaN/inf for {c} of {total * self.consecutive} images"
+                                for n, c in sorted(self.culprits.items()))
+            else:
+                who = (f"the rewards were finite but the gradient norm was NaN/inf "
+                       f"({self.skipped_steps} optimizer steps skipped)")
+            raise NonFiniteError(f"model.max_bad_rollouts={self.patience}: {self.consecutive} consecutive rollouts "
+                                 f"trained nothing: {who}; stopped, the last checkpoint holds the last good weights")
