@@ -192,7 +192,11 @@ def trajectory_gradients(module: Any, cond: Any, latents: Tensor, P: int, G: int
 
 
 def measure(module: Any, prompts: list[str], rollouts: int, schedules: list[NamedSchedule], K: int,
-            G_static: int, seed: int = 0, log=print) -> dict[str, Any]:
+            G_static: int, seed: int = 0, log=print, state: Path | None = None) -> dict[str, Any]:
+    """Sample ``rollouts`` rollouts and score every arm. With ``state``, the gradients and per-rollout
+    values are saved there after each rollout and a saved state is continued (same settings), so an
+    interrupted run keeps its finished rollouts (``--rollouts`` at or below the saved count samples
+    nothing new and summarises the saved ones)."""
     arms = arm_schedules(K, G_static, schedules)
     T = module.backend.num_steps
     for a in arms:
@@ -205,8 +209,16 @@ def measure(module: Any, prompts: list[str], rollouts: int, schedules: list[Name
     per_rollout: list[dict[str, Any]] = []
     grads: dict[str, list[Tensor]] = {a.name: [] for a in arms}
     full: list[Tensor] = []
+    key = {"prompts": prompts, "arms": [a.spec for a in arms], "seed": seed}
+    if state is not None and state.exists():
+        saved = torch.load(state)
+        if saved["key"] != key:
+            raise ValueError(f"{state} holds another setting: {saved['key']} != {key}")
+        per_rollout, grads, full = saved["per_rollout"], saved["grads"], saved["full"]
+        rollouts = max(rollouts, len(full))
+        log(f"continuing from {len(full)} saved rollouts in {state}")
     t0 = time.perf_counter()
-    for r in range(rollouts):
+    for r in range(len(full), rollouts):
         gen = torch.Generator().manual_seed(seed * 100_003 + r)
         cond, latents, previews, final = sample(module, prompts, G, preview_steps, gen)
         H, m = trajectory_gradients(module, cond, latents, P, G, frac, gen)
@@ -219,7 +231,10 @@ def measure(module: Any, prompts: list[str], rollouts: int, schedules: list[Name
             row["arms"][a.name] = {"spread": float(final.gather(1, idx).std(1, unbiased=False).mean()),
                                    "reward": float(final.gather(1, idx).mean())}
         per_rollout.append(row)
+        if state is not None:
+            torch.save({"key": key, "per_rollout": per_rollout, "grads": grads, "full": full}, state)
         log(f"rollout {r + 1}/{rollouts}: {time.perf_counter() - t0:.0f} s")
+    rollouts = len(full)
     total = torch.stack(full).sum(0)  # [D]
     for r, row in enumerate(per_rollout):
         ref = total - full[r]  # the other rollouts' whole-group gradients
@@ -296,13 +311,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     torch.set_num_threads(args.threads)
     module, data = build_module(args.config, args.prompts, "config", args.set)
     data.setup("fit")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
     res = measure(module, list(data.prompts[:args.prompts]), args.rollouts, schedules, Ks.pop(),
-                  args.static_group, args.seed)
+                  args.static_group, args.seed, state=out / "state.pt")
     res.update(command=["python", "-m", "benchmarks.gradient_quality", *(argv if argv is not None else sys.argv[1:])],
                config=args.config, sets=args.set, seed=args.seed)
     res["summary"] = summarize(res, args.seed)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     (out / "gradient_quality.json").write_text(json.dumps(res, indent=1) + "\n")
     (out / "gradient_quality.md").write_text(table(res["summary"]) + "\n")
     print(table(res["summary"]))

@@ -99,3 +99,10 @@ def test_tiny_run_through_the_quickstart_config(tmp_path, one_thread):
     assert res["arms"]["pro-q"]["cost_F_per_prompt"]["total"] == pytest.approx(
         32 + (4 + 3) * image + 2 * image + 2 * m * c)
     assert c > 1 and (tmp_path / "gradient_quality.json").exists() and (tmp_path / "gradient_quality.md").exists()
+    # the saved state is continued: asking again for 3 rollouts samples nothing and summarises the same
+    again = main(["--rollouts", "3", "--prompts", "1", "--threads", "1", "--schedule", "q=pro:4>3@4>2@6",
+                  "--static-group", "4", "--out", str(tmp_path)])
+    assert again["per_rollout"] == res["per_rollout"] and again["summary"] == res["summary"]
+    with pytest.raises(ValueError, match="holds another setting"):
+        main(["--rollouts", "3", "--prompts", "1", "--threads", "1", "--schedule", "q=pro:4>3@4>2@5",
+              "--static-group", "4", "--out", str(tmp_path)])
