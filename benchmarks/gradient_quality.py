@@ -194,8 +194,8 @@ def trajectory_gradients(module: Any, cond: Any, latents: Tensor, P: int, G: int
 def measure(module: Any, prompts: list[str], rollouts: int, schedules: list[NamedSchedule], K: int,
             G_static: int, seed: int = 0, log=print, state: Path | None = None) -> dict[str, Any]:
     """Sample ``rollouts`` rollouts and score every arm. With ``state``, the gradients and per-rollout
-    values are saved there after each rollout and a saved state is continued (same settings), so an
-    interrupted run keeps its finished rollouts (``--rollouts`` at or below the saved count samples
+    values are saved there every 8 rollouts and at the end, and a saved state is continued (same
+    settings), so an interrupted run keeps its saved rollouts (``--rollouts`` at or below the saved count samples
     nothing new and summarises the saved ones)."""
     arms = arm_schedules(K, G_static, schedules)
     T = module.backend.num_steps
@@ -231,7 +231,7 @@ def measure(module: Any, prompts: list[str], rollouts: int, schedules: list[Name
             row["arms"][a.name] = {"spread": float(final.gather(1, idx).std(1, unbiased=False).mean()),
                                    "reward": float(final.gather(1, idx).mean())}
         per_rollout.append(row)
-        if state is not None:
+        if state is not None and (r + 1 == rollouts or (r + 1) % 8 == 0):  # every 8: the file grows
             torch.save({"key": key, "per_rollout": per_rollout, "grads": grads, "full": full}, state)
         log(f"rollout {r + 1}/{rollouts}: {time.perf_counter() - t0:.0f} s")
     rollouts = len(full)

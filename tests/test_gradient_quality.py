@@ -106,3 +106,17 @@ def test_tiny_run_through_the_quickstart_config(tmp_path, one_thread):
     with pytest.raises(ValueError, match="holds another setting"):
         main(["--rollouts", "3", "--prompts", "1", "--threads", "1", "--schedule", "q=pro:4>3@4>2@5",
               "--static-group", "4", "--out", str(tmp_path)])
+
+
+def test_proxy_quality_summary_of_a_csv_log(tmp_path):
+    from benchmarks.proxy_quality import summarize
+
+    path = tmp_path / "metrics.csv"
+    path.write_text("step,pruning/audit_overlap,pruning/audit_proxy_corr_full_0,train/loss\n"
+                    "0,0.5,0.7,1\n1,0.7,,2\n2,0.6,0.9,3\n")
+    out = summarize(str(path))
+    assert set(out) == {"pruning/audit_overlap", "pruning/audit_proxy_corr_full_0"}  # train/* not read
+    assert out["pruning/audit_overlap"]["mean"] == pytest.approx(0.6) and out["pruning/audit_overlap"]["n"] == 3
+    # mean 0.6, sd 0.1, t_{0.975, 2} = 4.3027: half-width 0.1 * 4.3027 / sqrt(3)
+    assert out["pruning/audit_overlap"]["hi"] == pytest.approx(0.6 + 0.1 * 4.302653 / 3 ** 0.5, rel=1e-5)
+    assert out["pruning/audit_proxy_corr_full_0"]["mean"] == pytest.approx(0.8)  # blank cells skipped
