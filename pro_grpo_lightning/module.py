@@ -132,7 +132,7 @@ class ProGRPOModule(pl.LightningModule):
         audit_every_n_rollouts: every N rollouts keep the whole expanded group alive to measure
             how often the proxy picks what the true reward would (0: never; costs a full rollout).
         preview_scale: resize factor of x0 latents before the pruning previews' decode (< 1 is
-            cheaper; watch ``pruning/proxy_true_corr_*``).
+            cheaper; watch ``pruning/audit_proxy_corr_full_*``).
         shared_initial_noise: all trajectories of a prompt's group start from one initial latent,
             so they differ only by the SDE step noise the gradient credits (``rollout.py``).
         sample_every_n_rollouts: log an image grid of ``sample_prompts`` every N rollouts (0: never).
@@ -372,7 +372,7 @@ class ProGRPOModule(pl.LightningModule):
             m["group_std/expanded_proxy"] = _finite_mean(_finite_group_std(first.scores))
             m["group_std/survivors_proxy"] = _finite_mean(_finite_group_std(survivors))
         for i, c in enumerate(proxy_reward_correlation(r)):  # under DDP: the mean of the ranks' values
-            m[f"pruning/proxy_true_corr_{i}"] = c
+            m[f"pruning/proxy_true_corr_survivors_{i}"] = c
         for k, v in r.audit.items():
             m[f"pruning/audit_{k}"] = v
         for k, v in stats.items():

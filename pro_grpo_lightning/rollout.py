@@ -12,8 +12,10 @@ History is stored per step at the batch size of that step; the survivors' full t
 through the composed keep-indices (the lineage), which copies nothing while sampling.
 
 Audit mode (``audit=True``) runs the same selections but keeps the whole expanded group alive to
-the end, so the proxy choice can be compared with the choice the true reward would have made.
-It costs a plain G_max rollout; the module runs it every N rollouts to log proxy quality.
+the end, so the proxy choice can be compared with the choice the true reward would have made,
+and previews every trajectory at each checkpoint, so the preview-to-final correlation is measured
+over the whole expanded group. It costs a plain G_max rollout plus those previews; the module
+runs it every N rollouts to log proxy quality.
 """
 
 from __future__ import annotations
@@ -66,7 +68,9 @@ class RolloutResult:
     nfe_full:      what the expanded group would cost unpruned, P * G_max * T
     num_previews:  x0 previews decoded and scored
     timings:       seconds spent in "denoise", "preview" (decode + reward) and "final"
-    audit:         {"overlap": fraction of survivors the true reward would also have kept, ...}
+    audit:         {"overlap": fraction of survivors the true reward would also have kept,
+                    "proxy_corr_full_<i>": checkpoint i's preview-to-final correlation over the
+                    whole expanded group, ...}
     metadata:      P metadata dicts, one per prompt (None when the prompt set has none); a
                    trajectory's is ``metadata[prompt_index[n]]``
     """
@@ -115,7 +119,7 @@ class ExpandPruneRollout:
         preview_scale: resize factor of the x0 latents before the preview decode (1 = full size).
             The VAE decoder is convolutional, so 0.5 decodes a half-resolution preview at about a
             quarter of the decoder's cost; reward models resize to 224 px anyway. It trades proxy
-            quality for speed: watch ``pruning/proxy_true_corr_*`` when lowering it.
+            quality for speed: watch ``pruning/audit_proxy_corr_full_*`` when lowering it.
         shared_initial_noise: every trajectory of a prompt's group starts from the *same* initial
             latent, so the group differs only by the SDE step noise, which is what the policy
             gradient credits (DanceGRPO, Xue et al. 2025, arXiv:2505.07818, shares the
@@ -201,6 +205,7 @@ class ExpandPruneRollout:
         remaps: list[Tensor] = []  # per physical prune: [rows after] -> rows before
         checkpoints: list[Checkpoint] = []
         keep_at = dict(zip(sched.checkpoints, sched.keep))
+        audit_previews: list[Tensor] = []  # audit: each checkpoint's preview scores of all rows [P, G]
         nfe = previews = 0
 
         for t in range(T):
@@ -223,10 +228,14 @@ class ExpandPruneRollout:
             k_next = keep_at[t]
             scores = None
             if sched.rule not in ("none", "random"):  # these rules ignore scores: skip the preview
-                x0 = out.x0.index_select(0, live)  # [P*G_live, *latent]
-                images = self.preview_images(x0)  # [P*G_live, 3, H, W]
-                texts, meta = rows_of(prompt_of.index_select(0, live))
-                total, _ = self.rewards(images, texts, meta)  # [P*G_live]
+                # audit: preview every row of the expanded group, to correlate over all of it
+                rows = torch.arange(P * G, device=device) if audit else live  # [R]
+                images = self.preview_images(out.x0.index_select(0, rows))  # [R, 3, H, W]
+                texts, meta = rows_of(prompt_of.index_select(0, rows))
+                total, _ = self.rewards(images, texts, meta)  # [R]
+                if audit:
+                    audit_previews.append(total.view(P, G))  # [P, G]
+                    total = total.index_select(0, live)  # [P*G_live]
                 scores = total.view(P, group_live)  # [P, G_live]
                 previews += images.shape[0]
             kept = select_indices(scores, k_next, sched.rule, group_size=group_live, num_groups=P,
@@ -263,6 +272,8 @@ class ExpandPruneRollout:
             audit_stats["overlap"] = chosen.index_select(0, live).float().mean()
             audit_stats["expanded_reward_std"] = total.view(P, G).std(1, unbiased=False).mean()
             audit_stats["expanded_reward_mean"] = total.mean()
+            for i, proxy in enumerate(audit_previews):  # over the whole expanded group, not the survivors
+                audit_stats[f"proxy_corr_full_{i}"] = group_centred_corr(proxy, total.view(P, G))
             total = total.index_select(0, live)
             comps = {k: v.index_select(0, live) for k, v in comps.items()}
             images = images.index_select(0, live)
@@ -315,21 +326,31 @@ class ExpandPruneRollout:
             ck.survivors = pos
 
 
-def proxy_reward_correlation(result: RolloutResult) -> list[Tensor]:
-    """Per checkpoint, Pearson correlation between survivors' proxy scores and true rewards.
+def group_centred_corr(proxy: Tensor, true: Tensor) -> Tensor:
+    """Pearson correlation of proxy [P, n] and true [P, n] scores after centring each group.
 
-    Both are centred within each group first (selection only compares within a group), so the
-    figure says how well the preview ranks trajectories of one prompt. Scalar per checkpoint.
+    Selection only compares within a group, so this says how well the proxy ranks the trajectories
+    of one prompt (0 when either is constant within every group). Scalar.
+    """
+    proxy = proxy - proxy.mean(1, keepdim=True)  # [P, n]
+    true = true - true.mean(1, keepdim=True)  # [P, n]
+    denom = (proxy.pow(2).sum() * true.pow(2).sum()).sqrt()
+    return (proxy * true).sum() / denom if denom > 0 else torch.zeros((), device=true.device)
+
+
+def proxy_reward_correlation(result: RolloutResult) -> list[Tensor]:
+    """Per checkpoint, the group-centred correlation between the *final survivors'* proxy scores
+    and their true rewards (``group_centred_corr``). Scalar per checkpoint.
+
+    Survivors are selected for their spread in the proxy, so this figure runs above the
+    correlation over the whole expanded group (logged in audit mode as ``proxy_corr_full_<i>``).
     """
     P, K = result.rewards.shape
-    true = result.rewards - result.rewards.mean(1, keepdim=True)  # [P, K]
     out = []
     for ck in result.checkpoints:
         if ck.scores is None or ck.step >= result.num_steps:
             continue
         prompt = torch.arange(P, device=ck.scores.device).repeat_interleave(K)  # [P*K]
         proxy = ck.scores[prompt, ck.survivors].view(P, K)  # [P, K]
-        proxy = proxy - proxy.mean(1, keepdim=True)
-        denom = (proxy.pow(2).sum() * true.pow(2).sum()).sqrt()
-        out.append((proxy * true).sum() / denom if denom > 0 else torch.zeros((), device=true.device))
+        out.append(group_centred_corr(proxy, result.rewards))
     return out

@@ -326,3 +326,27 @@ def test_tiny_end_to_end_and_resume(tmp_path, capsys):
     assert "0 run(s) to do, 2 reused" in capsys.readouterr().out
     for arm, content in runs.items():
         assert (out / "runs" / f"{arm}_seed0.json").read_bytes() == content
+
+
+# ---- power of the stored comparisons (benchmarks.evidence_power) ------------------------------------------
+def test_power_and_detectable_difference_by_their_definitions():
+    from benchmarks.evidence_power import at_rollouts, mdd80, power
+
+    assert power(0.0, 0.01, 8.0) == pytest.approx(0.05)  # no effect: the test's own level
+    # MDD80 is the normal-style approximation; the exact noncentral-t power there is close to 0.80
+    for se, df in ((0.0026, 7.5), (0.004, 5.4), (0.01, 30.0)):
+        assert power(mdd80(se, df), se, df) == pytest.approx(0.80, abs=0.02)
+    run = {"arm": "a", "seed": 0, "curve": [{"rollouts": 0, "reward": 0.8}, {"rollouts": 10, "reward": 0.9}]}
+    assert at_rollouts(run, 4) == pytest.approx(0.84)
+    with pytest.raises(ValueError, match="stops at 10 rollouts"):
+        at_rollouts(run, 11)
+
+
+def test_stored_power_file_is_reproduced(capsys):
+    from benchmarks import evidence_power
+
+    res = evidence_power.main([str(RESULTS / "main"), "360"])
+    printed = _numbers(capsys.readouterr().out)
+    assert printed == pytest.approx(_numbers((RESULTS / "main" / "power.txt").read_text()), abs=1e-6)
+    w = res["at_budget"]["pro - grpo"]  # the numbers docs/evidence.md quotes
+    assert w["power"][1.26] < 0.2 and w["power"][1.41] < 0.4 and w["mdd80"] > 1.8 * res["implied_difference"][1.41]

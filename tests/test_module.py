@@ -59,8 +59,8 @@ def test_fit_logs_what_a_user_needs_and_updates_only_lora(tmp_path):
     keys = set(rows[0])
     for k in ["reward/mean", "reward/brightness", "reward/group_std", "group_std/expanded_proxy",
               "group_std/survivors_proxy", "compute/nfe", "compute/nfe_saved_frac", "train/loss",
-              "train/clip_frac", "train/approx_kl", "train/grad_norm", "train/lr", "pruning/proxy_true_corr_0",
-              "pruning/audit_overlap"]:
+              "train/clip_frac", "train/approx_kl", "train/grad_norm", "train/lr",
+              "pruning/proxy_true_corr_survivors_0", "pruning/audit_overlap", "pruning/audit_proxy_corr_full_0"]:
         assert k in keys, k
     # 2 prompts x (4 x 2 steps + 2 x 2 steps) = 24 denoiser calls vs 2 x 4 x 4 = 32 (audit rollout: 32)
     assert float(rows[0]["compute/nfe"]) == 32.0  # rollout 0 is audited: the whole group runs

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from pro_grpo_lightning.rewards.combine import RewardSet
-from pro_grpo_lightning.rollout import ExpandPruneRollout, proxy_reward_correlation
+from pro_grpo_lightning.rollout import ExpandPruneRollout, group_centred_corr, proxy_reward_correlation
 from pro_grpo_lightning.schedules import PlainGRPOSchedule, ProGRPOSchedule, StaticOVFSchedule
 from pro_grpo_lightning.selection import ovf_indices
 from tests.fakes import AffineBackend, MeanPixel
@@ -110,6 +110,42 @@ def test_audit_mode_trains_on_the_same_selection_and_measures_overlap():
             torch.testing.assert_close(lp, res.log_probs[n, t], rtol=0, atol=1e-6)
     ov = res.audit["overlap"]
     assert 0.0 <= float(ov) <= 1.0 and (float(ov) * 9) == pytest.approx(round(float(ov) * 9))
+
+
+def test_audit_correlates_previews_with_final_rewards_over_the_whole_group():
+    sched = ProGRPOSchedule(8, [1, 3], [5, 3])
+    _, rollout = make(sched)
+    calls = []
+    score = rollout.rewards.__call__
+
+    def recording(images, texts, **kw):  # every scoring call: previews at 1 and 3, then the finals
+        out = score(images, texts, **kw)
+        calls.append(out[0].clone())
+        return out
+    rollout.rewards = recording
+    res = rollout.run(PROMPTS, torch.Generator().manual_seed(5), audit=True)
+    assert [c.numel() for c in calls] == [24, 24, 24]  # audit: every row previewed at both checkpoints
+    assert res.num_previews == 48
+    final = calls[-1].view(3, 8)
+    for i in range(2):
+        proxy = calls[i].view(3, 8)
+        a, b = proxy - proxy.mean(1, keepdim=True), final - final.mean(1, keepdim=True)
+        torch.testing.assert_close(res.audit[f"proxy_corr_full_{i}"], (a * b).sum() / (a.norm() * b.norm()))
+    # selection still ran on the live rows' previews: checkpoint 1 scored checkpoint 0's 5 survivors
+    kept0 = res.checkpoints[0].kept  # [3, 5]
+    torch.testing.assert_close(res.checkpoints[1].scores, calls[1].view(3, 8).gather(1, kept0))
+    # the survivors-only figure is a different number (survivors are chosen for their proxy spread)
+    assert not torch.isclose(proxy_reward_correlation(res)[0], res.audit["proxy_corr_full_0"])
+
+
+def test_group_centred_corr_by_hand():
+    proxy = torch.tensor([[1.0, 2.0, 3.0], [5.0, 5.0, 5.0]])
+    true = torch.tensor([[0.0, 1.0, 5.0], [1.0, 2.0, 3.0]])
+    # group 2's proxy is constant: it adds 0 to the numerator and to the proxy's norm
+    a, b = torch.tensor([-1.0, 0.0, 1.0]), torch.tensor([-2.0, -1.0, 3.0, -1.0, 0.0, 1.0])
+    expected = (a @ b[:3]) / (a.norm() * b.norm())
+    torch.testing.assert_close(group_centred_corr(proxy, true), expected)
+    assert float(group_centred_corr(torch.ones(2, 3), true)) == 0.0
 
 
 def test_proxy_correlation_matches_a_hand_computation():

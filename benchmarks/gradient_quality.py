@@ -1,0 +1,328 @@
+"""Gradient quality per FLOP of each selection arm, on shared trajectories (common random numbers).
+
+    python -m benchmarks.gradient_quality [--config configs/quickstart.yaml] [--rollouts 8] [--prompts 8]
+                                          [--schedule NAME=pro:16>10@4>6@6 ...] [--out DIR]
+
+Each rollout samples G_sample trajectories for each of the same P training prompts to the end
+(the config's policy, its SDE and guidance), with the x0 preview of every trajectory decoded and
+scored after every checkpoint step any schedule uses. Every arm is then a *selection* of K
+trajectories per prompt from these same trajectories, so arms differ only by which trajectories
+they train on (and what that costs):
+
+    plain-K, plain-2K     the first K / 2K of each group (plain GRPO; trajectories are iid)
+    static-ovf            OVF on the true final rewards of the first G_static (no early stop)
+    static-extremes       ceil(K/2) best + floor(K/2) worst true rewards of G_static (DanceGRPO)
+    pro-<s>               schedule s, OVF on the previews at its checkpoints (Pro-GRPO)
+    topk-<s>, random-<s>  schedule s with the top-k / a random k-subset at each checkpoint
+
+For every arm and rollout: its exact policy gradient on-policy (the GRPO loss's gradient before any
+optimizer step, ratio 1, with the config's advantages on the arm's rewards and one random subset
+of ``timestep_fraction`` of the trainable steps per trajectory, the same subset in every arm);
+the cosine with a reference that excludes this rollout (the sum of the *other* rollouts'
+gradients of the whole sampled group, G_sample trained); the trained group's true-reward spread;
+the cost in units of F = one denoiser call on one trajectory (denoiser calls + previews and final
+images x (decode + reward) / F + c x training pairs, c = (forward + backward) / F; each counted with
+``torch.utils.flop_counter`` on this model, as ``benchmarks.measure`` does).
+
+Because the GRPO gradient is linear in the advantages, each arm's gradient is a weighted sum of
+per-trajectory gradients h_i = d/dtheta sum_{t in S_i} log p(x_{t+1} | x_t): one backward per
+trajectory serves every arm. Across rollouts, an arm's signal share |s|^2 / E|g|^2 is estimated as
+in ``benchmarks.gradient_snr`` (point estimate). Quality per FLOP: the cosine per 1000 F of cost
+per prompt, with paired t intervals over rollouts against plain-K and plain-2K. The reference is
+itself noisy, which shrinks every arm's cosine by the same factor: differences between arms keep
+their sign, and their size is a lower bound.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from torch import Tensor  # noqa: E402
+
+from .schedules import NamedSchedule, parse_schedule  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_SCHEDULES = ["quickstart=pro:16>10@4>6@6",  # configs/quickstart.yaml
+                     "paper=pro:24>12@5>6@7",  # the paper's 48 -> 24 @5 -> 12 @7 (T = 10), sizes x 0.5
+                     "early=pro:16>6@2"]  # one prune at round(0.2 T) (benchmarks.schedules' pro-early)
+
+
+def cosine(a: Tensor, b: Tensor) -> float:
+    """Cosine of two flat vectors (0 if either is zero)."""
+    den = a.double().norm() * b.double().norm()
+    return float(a.double() @ b.double() / den) if den > 0 else 0.0
+
+
+def arm_schedules(K: int, G_static: int, schedules: list[NamedSchedule]) -> list[NamedSchedule]:
+    """The arms as schedules (every one trains K per prompt, plain-2K trains 2K)."""
+    arms = [f"plain-K=plain:{K}", f"plain-2K=plain:{2 * K}", f"static-ovf=static:{G_static}>{K}",
+            f"static-extremes=static:{G_static}>{K}/extremes"]
+    for s in schedules:
+        body = s.spec.split(":", 1)[1].split("/")[0]
+        arms += [f"pro-{s.name}=pro:{body}", f"topk-{s.name}=pro:{body}/topk", f"random-{s.name}=pro:{body}/random"]
+    return [parse_schedule(a) for a in arms]
+
+
+def select_arm(sched: Any, previews: dict[int, Tensor], final: Tensor, generator: torch.Generator) -> Tensor:
+    """The rows of the sampled group an arm trains on: [P, K] indices into the G_sample columns.
+
+    previews: {step: [P, G_sample]} preview rewards; final: [P, G_sample] true rewards. The arm's
+    expanded group is the first ``group_size`` columns; its selections run in order, as the rollout's.
+    """
+    from pro_grpo_lightning.selection import select_indices
+
+    P = final.shape[0]
+    idx = torch.arange(sched.group_size).expand(P, -1)  # [P, G] columns still live
+    scored = sched.rule not in ("none", "random")
+    for c, k in zip(sched.checkpoints, sched.keep):
+        scores = previews[c].gather(1, idx) if scored else None  # [P, G_live]
+        kept = select_indices(scores, k, sched.rule, group_size=idx.shape[1], num_groups=P, generator=generator)
+        idx = idx.gather(1, kept)  # [P, k]
+    if sched.final_keep is not None:
+        kept = select_indices(final.gather(1, idx), sched.final_keep, sched.rule)  # [P, K]
+        idx = idx.gather(1, kept)
+    return idx
+
+
+def arm_gradient(H: Tensor, idx: Tensor, final: Tensor, m: int, adv_kw: dict[str, Any]) -> Tensor:
+    """The GRPO loss gradient of an arm: -(1 / pairs) sum_i A_i h_i over its trajectories.
+
+    H: [P, G_sample, D] per-trajectory log-prob gradients; idx: [P, K]; final: [P, G_sample].
+    """
+    from pro_grpo_lightning.objectives import group_advantages
+
+    P, K = idx.shape
+    adv = group_advantages(final.gather(1, idx), **adv_kw)  # [P, K]
+    h = H[torch.arange(P)[:, None], idx]  # [P, K, D]
+    return -(adv.to(H.dtype)[..., None] * h).sum((0, 1)) / (P * K * m)  # [D]
+
+
+def unit_costs(module: Any, prompt: str) -> dict[str, float]:
+    """FLOPs of one denoiser call, one training pair, one decode and one reward call, batch 1."""
+    from benchmarks.measure import count_flops
+
+    b = module.backend
+    cond = b.encode_prompts([prompt])
+    x = b.initial_latents(1, torch.Generator().manual_seed(0))
+    x1 = b.initial_latents(1, torch.Generator().manual_seed(1))
+    step = b.trainable_steps().nonzero().flatten()[:1]  # [1]
+    with torch.no_grad():
+        fwd = count_flops(lambda: b.step(x, step, cond, noise=x1))
+
+    def train() -> None:
+        b.step(x, step, cond, next_latents=x1).log_prob.sum().backward()
+    pair = count_flops(train)
+    for p in b.trainable_parameters():
+        p.grad = None
+    img = b.decode(x)
+    return {"denoiser_call": fwd, "train_pair": pair, "decode": count_flops(lambda: b.decode(x)),
+            "reward": count_flops(lambda: module.rollout.rewards(img, [prompt]))}
+
+
+def arm_cost(sched: Any, T: int, m: int, units: dict[str, float]) -> dict[str, float]:
+    """Cost per prompt in units of F (one denoiser call on one trajectory)."""
+    from benchmarks.measure import decoded_images
+
+    F = units["denoiser_call"]
+    previews, finals = decoded_images(sched, 1, T)
+    image = (units["decode"] + units["reward"]) / F
+    parts = {"denoise": sched.nfe_per_prompt(T), "previews": previews * image, "finals": finals * image,
+             "update": units["train_pair"] / F * sched.final_size * m}
+    parts["total"] = sum(parts.values())
+    return parts
+
+
+def sample(module: Any, prompts: list[str], G: int, preview_steps: list[int], gen: torch.Generator):
+    """All P x G trajectories to the end: latents [P*G, T+1, ...], previews {step: [P, G]}, final [P, G]."""
+    from pro_grpo_lightning.backends.base import select_rows
+    from pro_grpo_lightning.steps import draw_noise
+
+    b, ro = module.backend, module.rollout
+    P, T = len(prompts), b.num_steps
+    cond = b.encode_prompts(prompts)
+    prompt_of = torch.arange(P).repeat_interleave(G)  # [P*G]
+    row_cond = select_rows(cond, prompt_of)
+    texts = [prompts[i] for i in prompt_of.tolist()]
+    x = b.initial_latents(P * G, gen)  # [P*G, *latent]
+    hist, previews = [x], {}
+    with torch.no_grad():
+        for t in range(T):
+            out = b.step(x, torch.full((P * G,), t, dtype=torch.long), row_cond,
+                         noise=draw_noise(tuple(x.shape), x.device, gen))
+            x = out.next_latents  # [P*G, *latent]
+            hist.append(x)
+            if t in preview_steps:
+                previews[t] = ro.rewards(ro.preview_images(out.x0), texts)[0].view(P, G)  # [P, G]
+        final = ro.rewards(b.decode(x), texts)[0].view(P, G)  # [P, G]
+    return cond, torch.stack(hist, 1), previews, final
+
+
+def trajectory_gradients(module: Any, cond: Any, latents: Tensor, P: int, G: int, fraction: float,
+                         gen: torch.Generator) -> tuple[Tensor, int]:
+    """H [P, G, D]: per trajectory, the gradient of the sum of its log-probs over a random subset
+    of ``ceil(fraction * n)`` trainable steps (``update.training_pairs``' rule); and m."""
+    from pro_grpo_lightning.backends.base import select_rows
+    from pro_grpo_lightning.update import training_pairs
+
+    b = module.backend
+    params = b.trainable_parameters()
+    traj, step = training_pairs(P * G, b.trainable_steps(), fraction, gen)  # [N*m], [N*m]
+    m = traj.numel() // (P * G)
+    order = traj.argsort(stable=True)  # group each trajectory's pairs together
+    traj, step = traj[order], step[order]
+    rows = []
+    for i in range(P * G):  # one backward per trajectory: per-sample gradients (benchmark only)
+        tr, st = traj[i * m:(i + 1) * m], step[i * m:(i + 1) * m]  # [m]
+        c = select_rows(cond, torch.full((m,), i // G, dtype=torch.long))
+        out = b.step(latents[tr, st], st, c, next_latents=latents[tr, st + 1])
+        grads = torch.autograd.grad(out.log_prob.sum(), params)
+        rows.append(torch.cat([g.flatten() for g in grads]))
+    return torch.stack(rows).view(P, G, -1), m  # [P, G, D]
+
+
+def measure(module: Any, prompts: list[str], rollouts: int, schedules: list[NamedSchedule], K: int,
+            G_static: int, seed: int = 0, log=print, state: Path | None = None) -> dict[str, Any]:
+    """Sample ``rollouts`` rollouts and score every arm. With ``state``, the gradients and per-rollout
+    values are saved there every 8 rollouts and at the end, and a saved state is continued (same
+    settings), so an interrupted run keeps its saved rollouts (``--rollouts`` at or below the saved count samples
+    nothing new and summarises the saved ones)."""
+    arms = arm_schedules(K, G_static, schedules)
+    T = module.backend.num_steps
+    for a in arms:
+        a.schedule.validate_steps(T)
+    G = max(a.schedule.group_size for a in arms)
+    preview_steps = sorted({c for a in arms for c in a.schedule.checkpoints})
+    adv_kw = dict(std_mode=module.adv_std, eps=module.adv_eps, clip=module.adv_clip)
+    frac = module.settings.timestep_fraction
+    P = len(prompts)
+    per_rollout: list[dict[str, Any]] = []
+    grads: dict[str, list[Tensor]] = {a.name: [] for a in arms}
+    full: list[Tensor] = []
+    key = {"prompts": prompts, "arms": [a.spec for a in arms], "seed": seed}
+    if state is not None and state.exists():
+        saved = torch.load(state)
+        if saved["key"] != key:
+            raise ValueError(f"{state} holds another setting: {saved['key']} != {key}")
+        per_rollout, grads, full = saved["per_rollout"], saved["grads"], saved["full"]
+        rollouts = max(rollouts, len(full))
+        log(f"continuing from {len(full)} saved rollouts in {state}")
+    t0 = time.perf_counter()
+    for r in range(len(full), rollouts):
+        gen = torch.Generator().manual_seed(seed * 100_003 + r)
+        cond, latents, previews, final = sample(module, prompts, G, preview_steps, gen)
+        H, m = trajectory_gradients(module, cond, latents, P, G, frac, gen)
+        full.append(arm_gradient(H, torch.arange(G).expand(P, -1), final, m, adv_kw))
+        row: dict[str, Any] = {"rollout": r, "final_mean": float(final.mean()),
+                               "final_std": float(final.std(1, unbiased=False).mean()), "arms": {}}
+        for a in arms:
+            idx = select_arm(a.schedule, previews, final, torch.Generator().manual_seed(seed * 100_003 + r))
+            grads[a.name].append(arm_gradient(H, idx, final, m, adv_kw))
+            row["arms"][a.name] = {"spread": float(final.gather(1, idx).std(1, unbiased=False).mean()),
+                                   "reward": float(final.gather(1, idx).mean())}
+        per_rollout.append(row)
+        if state is not None and (r + 1 == rollouts or (r + 1) % 8 == 0):  # every 8: the file grows
+            torch.save({"key": key, "per_rollout": per_rollout, "grads": grads, "full": full}, state)
+        log(f"rollout {r + 1}/{rollouts}: {time.perf_counter() - t0:.0f} s")
+    rollouts = len(full)
+    total = torch.stack(full).sum(0)  # [D]
+    for r, row in enumerate(per_rollout):
+        ref = total - full[r]  # the other rollouts' whole-group gradients
+        for a in arms:
+            g = grads[a.name][r]
+            others = (torch.stack(grads[a.name]).sum(0) - g) / max(rollouts - 1, 1)
+            row["arms"][a.name].update(cos=cosine(g, ref), norm2=float(g.double() @ g.double()),
+                                       signal=float(g.double() @ others.double()))
+    units = unit_costs(module, prompts[0])
+    m_steps = math.ceil(frac * int(module.backend.trainable_steps().sum()))
+    return {"config_prompts": prompts, "rollouts": rollouts, "K": K, "G_sample": G, "G_static": G_static,
+            "T": T, "pairs_per_trajectory": m_steps, "preview_steps": preview_steps, "units_flops": units,
+            "arms": {a.name: {"spec": a.spec, "cost_F_per_prompt": arm_cost(a.schedule, T, m_steps, units)}
+                     for a in arms},
+            "per_rollout": per_rollout, "seconds": time.perf_counter() - t0}
+
+
+def summarize(res: dict[str, Any], seed: int = 0) -> dict[str, Any]:
+    """Per arm: mean cosine, paired differences vs plain-K and plain-2K (t intervals over rollouts),
+    spread, signal share (point estimate) and the cosine per 1000 F with its paired differences."""
+    from benchmarks.stats import mean_ci
+
+    rows = res["per_rollout"]
+    col = lambda arm, key: np.array([r["arms"][arm][key] for r in rows])  # noqa: E731
+    out = {}
+    for arm, info in res["arms"].items():
+        cos = col(arm, "cos")
+        share = col(arm, "signal").mean() / col(arm, "norm2").mean()
+        per_kf = 1000 * cos / info["cost_F_per_prompt"]["total"]  # [R] cosine per 1000 F per prompt
+        per_kf_K = 1000 * col("plain-K", "cos") / res["arms"]["plain-K"]["cost_F_per_prompt"]["total"]
+        per_kf_2K = 1000 * col("plain-2K", "cos") / res["arms"]["plain-2K"]["cost_F_per_prompt"]["total"]
+        out[arm] = {"spec": info["spec"], "cost": info["cost_F_per_prompt"]["total"],
+                    "cos": mean_ci(cos), "d_cos_vs_K": mean_ci(cos - col("plain-K", "cos")),
+                    "d_cos_vs_2K": mean_ci(cos - col("plain-2K", "cos")), "spread": mean_ci(col(arm, "spread")),
+                    "signal_share": float(share), "cos_per_kF": mean_ci(per_kf),
+                    "d_cos_per_kF_vs_K": mean_ci(per_kf - per_kf_K), "d_cos_per_kF_vs_2K": mean_ci(per_kf - per_kf_2K)}
+    return out
+
+
+def table(summary: dict[str, Any]) -> str:
+    from benchmarks.report import markdown_table
+
+    f = lambda c, d=3: f"{c['mean']:+.{d}f} [{c['lo']:+.{d}f}, {c['hi']:+.{d}f}]" if c.get("lo") is not None \
+        else f"{c['mean']:+.{d}f}"  # noqa: E731
+    rows = [[arm, s["spec"], f"{s['cost']:.0f}", f(s["cos"]), f(s["d_cos_vs_K"]), f(s["d_cos_vs_2K"]),
+             f"{s['signal_share']:+.4f}", f(s["spread"]), f(s["cos_per_kF"]),
+             f(s["d_cos_per_kF_vs_K"]), f(s["d_cos_per_kF_vs_2K"])]
+            for arm, s in summary.items()]
+    return markdown_table(["arm", "schedule", "cost (F/prompt)", "cos vs reference", "Δcos vs plain-K",
+                           "Δcos vs plain-2K", "signal share", "trained spread", "cos per 1000 F",
+                           "Δ(cos per 1000 F) vs plain-K", "Δ vs plain-2K"], rows)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    from benchmarks.gradient_snr import build_module
+
+    p = argparse.ArgumentParser(prog="python -m benchmarks.gradient_quality", description=__doc__.split("\n\n")[0])
+    p.add_argument("--config", default=str(ROOT / "configs/quickstart.yaml"))
+    p.add_argument("--rollouts", type=int, default=8)
+    p.add_argument("--prompts", type=int, default=8, help="training prompts per rollout (the same every rollout)")
+    p.add_argument("--schedule", nargs="+", default=DEFAULT_SCHEDULES, help="NAME=pro:G>k1@c1>... (K = the last k)")
+    p.add_argument("--static-group", type=int, default=16, help="G of the static and extremes arms")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override (repeatable)")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--out", default=str(ROOT / "benchmarks/results/gradient_quality"))
+    args = p.parse_args(argv)
+    if args.rollouts < 3:
+        p.error(f"--rollouts must be >= 3 (a leave-one-out reference and a pairwise signal), got {args.rollouts}")
+    schedules = [parse_schedule(s) for s in args.schedule]
+    Ks = {s.schedule.final_size for s in schedules}
+    if len(Ks) != 1 or any(s.kind != "pro" for s in schedules):
+        p.error(f"--schedule: give pro schedules with one final K, got {args.schedule}")
+    torch.set_num_threads(args.threads)
+    module, data = build_module(args.config, args.prompts, "config", args.set)
+    data.setup("fit")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    res = measure(module, list(data.prompts[:args.prompts]), args.rollouts, schedules, Ks.pop(),
+                  args.static_group, args.seed, state=out / "state.pt")
+    res.update(command=["python", "-m", "benchmarks.gradient_quality", *(argv if argv is not None else sys.argv[1:])],
+               config=args.config, sets=args.set, seed=args.seed)
+    res["summary"] = summarize(res, args.seed)
+    (out / "gradient_quality.json").write_text(json.dumps(res, indent=1) + "\n")
+    (out / "gradient_quality.md").write_text(table(res["summary"]) + "\n")
+    print(table(res["summary"]))
+    return res
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,122 @@
+"""benchmarks.gradient_quality: arm selections, the per-trajectory gradient decomposition against the
+real update's gradient, and one tiny run through the quickstart config."""
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from benchmarks.gradient_quality import (arm_gradient, arm_schedules, cosine, main, sample, select_arm,
+                                         trajectory_gradients)
+from benchmarks.gradient_snr import GradientCapture
+from benchmarks.schedules import parse_schedule
+from pro_grpo_lightning.objectives import group_advantages
+from pro_grpo_lightning.rewards.combine import RewardSet
+from pro_grpo_lightning.rollout import ExpandPruneRollout
+from pro_grpo_lightning.schedules import PlainGRPOSchedule
+from pro_grpo_lightning.selection import ovf_indices
+from pro_grpo_lightning.update import UpdateSettings, grpo_update
+from tests.fakes import AffineBackend, MeanPixel
+
+PROMPTS = ["a cat", "two dogs", "a red square"]
+ADV = dict(std_mode="global", eps=1e-4, clip=5.0)
+
+
+def affine_module(T=5, G=6):
+    backend = AffineBackend(num_steps=T)
+    backend.configure_model()
+    with torch.no_grad():
+        backend.net.delta.copy_(torch.tensor([[0.1, -0.2], [0.3, 0.05]]))  # a non-trivial policy
+    return SimpleNamespace(backend=backend,
+                           rollout=ExpandPruneRollout(backend, RewardSet([MeanPixel()]), PlainGRPOSchedule(G)))
+
+
+def test_cosine_by_hand():
+    a = torch.tensor([3.0, 4.0])
+    assert cosine(a, a) == pytest.approx(1.0) and cosine(a, -2 * a) == pytest.approx(-1.0)
+    assert cosine(a, torch.tensor([-4.0, 3.0])) == pytest.approx(0.0) and cosine(a, torch.zeros(2)) == 0.0
+
+
+def test_arms_select_as_their_rules_say():
+    gen = torch.Generator().manual_seed(0)
+    final = torch.rand(2, 24, generator=gen)
+    previews = {4: torch.rand(2, 24, generator=gen), 6: torch.rand(2, 24, generator=gen)}
+    arms = {a.name: a.schedule for a in arm_schedules(6, 16, [parse_schedule("q=pro:16>10@4>6@6")])}
+    g = torch.Generator()
+    assert torch.equal(select_arm(arms["plain-K"], previews, final, g), torch.arange(6).expand(2, 6))
+    assert torch.equal(select_arm(arms["plain-2K"], previews, final, g), torch.arange(12).expand(2, 12))
+    assert torch.equal(select_arm(arms["static-ovf"], previews, final, g), ovf_indices(final[:, :16], 6))
+    # Pro-GRPO: OVF on the step-4 previews of the first 16, then OVF on the step-6 previews of those 10
+    first = ovf_indices(previews[4][:, :16], 10)  # [2, 10]
+    second = first.gather(1, ovf_indices(previews[6].gather(1, first), 6))
+    assert torch.equal(select_arm(arms["pro-q"], previews, final, g), second)
+    ext = select_arm(arms["static-extremes"], previews, final, g)  # 3 best + 3 worst true rewards
+    for p in range(2):
+        order = final[p, :16].argsort()
+        assert set(ext[p].tolist()) == set(order[:3].tolist()) | set(order[-3:].tolist())
+
+
+def test_arm_gradient_is_the_updates_gradient_and_zero_for_a_constant_reward():
+    """The per-trajectory decomposition reproduces grpo_update's gradient exactly (all steps trained,
+    one minibatch, no clipping), on the same trajectories as the rollout samples."""
+    T, G = 5, 6
+    module = affine_module(T, G)
+    cond, latents, previews, final = sample(module, PROMPTS, G, [], torch.Generator().manual_seed(3))
+    res = module.rollout.run(PROMPTS, torch.Generator().manual_seed(3))
+    torch.testing.assert_close(res.latents, latents)  # same draws in the same order
+    torch.testing.assert_close(res.rewards, final)
+    H, m = trajectory_gradients(module, cond, latents, 3, G, 1.0, torch.Generator().manual_seed(0))
+    assert H.shape == (3, G, 4) and m == T
+    idx = torch.arange(G).expand(3, G)
+    mine = arm_gradient(H, idx, final, m, ADV)
+    capture = GradientCapture(module.backend.trainable_parameters())
+    settings = UpdateSettings(timestep_fraction=1.0, train_batch_size=10_000, clip_range=0.01, max_grad_norm=None)
+    grpo_update(module.backend, res, group_advantages(final, **ADV).flatten(), settings, capture,
+                generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(mine, capture.flat(), rtol=1e-4, atol=1e-7)
+    assert mine.abs().max() > 1e-4  # not trivially zero
+    # a constant reward: every advantage is 0, so the plain-K arm's gradient is exactly zero
+    assert torch.equal(arm_gradient(H, idx[:, :3], torch.full((3, G), 0.7), m, ADV), torch.zeros(4))
+
+
+def test_tiny_run_through_the_quickstart_config(tmp_path, one_thread):
+    res = main(["--rollouts", "3", "--prompts", "1", "--threads", "1", "--schedule", "q=pro:4>3@4>2@6",
+                "--static-group", "4", "--out", str(tmp_path)])
+    assert res["G_sample"] == 4 and res["K"] == 2 and res["preview_steps"] == [4, 6]
+    arms = res["summary"]
+    assert set(arms) == {"plain-K", "plain-2K", "static-ovf", "static-extremes", "pro-q", "topk-q", "random-q"}
+    assert arms["plain-K"]["d_cos_vs_K"]["mean"] == 0.0 and arms["plain-2K"]["d_cos_vs_2K"]["mean"] == 0.0
+    # plain-2K = the whole sampled group of 4 = what the reference sums over the other rollouts
+    for row in res["per_rollout"]:
+        for a in row["arms"].values():
+            assert -1 <= a["cos"] <= 1 and 0 <= a["spread"] <= 0.5
+    # costs in denoiser calls: plain 2 x 10 + update; Pro 4 x 5 + 3 x 2 + 2 x 3 + previews + update
+    units = res["units_flops"]
+    c = units["train_pair"] / units["denoiser_call"]
+    image = (units["decode"] + units["reward"]) / units["denoiser_call"]
+    m = res["pairs_per_trajectory"]
+    assert res["arms"]["plain-K"]["cost_F_per_prompt"]["total"] == pytest.approx(20 + 2 * image + 2 * m * c)
+    assert res["arms"]["pro-q"]["cost_F_per_prompt"]["total"] == pytest.approx(
+        32 + (4 + 3) * image + 2 * image + 2 * m * c)
+    assert c > 1 and (tmp_path / "gradient_quality.json").exists() and (tmp_path / "gradient_quality.md").exists()
+    # the saved state is continued: asking again for 3 rollouts samples nothing and summarises the same
+    again = main(["--rollouts", "3", "--prompts", "1", "--threads", "1", "--schedule", "q=pro:4>3@4>2@6",
+                  "--static-group", "4", "--out", str(tmp_path)])
+    assert again["per_rollout"] == res["per_rollout"] and again["summary"] == res["summary"]
+    with pytest.raises(ValueError, match="holds another setting"):
+        main(["--rollouts", "3", "--prompts", "1", "--threads", "1", "--schedule", "q=pro:4>3@4>2@5",
+              "--static-group", "4", "--out", str(tmp_path)])
+
+
+def test_proxy_quality_summary_of_a_csv_log(tmp_path):
+    from benchmarks.proxy_quality import summarize
+
+    path = tmp_path / "metrics.csv"
+    path.write_text("step,pruning/audit_overlap,pruning/audit_proxy_corr_full_0,train/loss\n"
+                    "0,0.5,0.7,1\n1,0.7,,2\n2,0.6,0.9,3\n")
+    out = summarize(str(path))
+    assert set(out) == {"pruning/audit_overlap", "pruning/audit_proxy_corr_full_0"}  # train/* not read
+    assert out["pruning/audit_overlap"]["mean"] == pytest.approx(0.6) and out["pruning/audit_overlap"]["n"] == 3
+    # mean 0.6, sd 0.1, t_{0.975, 2} = 4.3027: half-width 0.1 * 4.3027 / sqrt(3)
+    assert out["pruning/audit_overlap"]["hi"] == pytest.approx(0.6 + 0.1 * 4.302653 / 3 ** 0.5, rel=1e-5)
+    assert out["pruning/audit_proxy_corr_full_0"]["mean"] == pytest.approx(0.8)  # blank cells skipped
