@@ -118,8 +118,8 @@ def test_audit_correlates_previews_with_final_rewards_over_the_whole_group():
     calls = []
     score = rollout.rewards.__call__
 
-    def recording(images, texts, **kw):  # every scoring call: previews at 1 and 3, then the finals
-        out = score(images, texts, **kw)
+    def recording(images, texts, *args, **kw):  # every scoring call: previews at 1 and 3, then the finals
+        out = score(images, texts, *args, **kw)
         calls.append(out[0].clone())
         return out
     rollout.rewards = recording
