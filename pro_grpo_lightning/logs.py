@@ -194,8 +194,6 @@ def run_hparams(module: pl.LightningModule) -> dict[str, Any]:
     decay), the rewards and their weights, and the datamodule's prompts per step."""
     hp: dict[str, Any] = {}
     _flatten("", dict(module.hparams_initial), hp)
-    for k, v in vars(getattr(module, "settings", None) or object()).items():  # UpdateSettings, if flat
-        _flatten(k, v, hp)
     b = module.backend
     hp["backend"] = f"{type(b).__module__}.{type(b).__qualname__}"
     for k in ("num_steps", "guidance_scale", "resolution", "eta", "sde_window", "seed"):

@@ -44,10 +44,10 @@ from .evaluation import (EVAL_TOTAL, eval_columns, eval_scores, gather_items, it
                          write_eval_table)
 from .health import (BadRolloutGuard, NonFiniteError, check_finite_tensors, finite_groups, finite_std,
                      masked_group_advantages, nonfinite_counts, optimizer_tensors)
+from .logs import image_grid  # noqa: F401  (re-exported: it lived here)
 from .noise import LOCAL_STREAM, NOISE_STREAM, mix_seed, seeded_generator
 from .objectives import group_advantages
 from .rewards.base import Reward
-from .logs import image_grid  # noqa: F401  (re-exported: it lived here)
 from .rollout import ExpandPruneRollout
 from .schedules import GroupSchedule
 from .update import UpdateSettings, grpo_update
