@@ -20,13 +20,14 @@ from collections.abc import Callable
 from typing import Any
 
 import lightning.pytorch as pl
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 
 from .checkpointing import check_checkpoint_finite, load_checkpoint_file
 from .data import PromptDataModule
 from .errors import ConfigError
 from .health import NonFiniteError
+from .logs import ProGRPOProgressBar
 from .module import ProGRPOModule
 
 #: ``ckpt_path`` values Lightning resolves itself (no file to check up front).
@@ -110,6 +111,15 @@ class ProGRPOCLI(LightningCLI):
                 model.check_identity(identity, f"ckpt_path={str(ckpt)!r}", resume=sub == "fit")
 
     before_fit = before_validate = before_test = before_predict = _before_run
+
+    def instantiate_trainer(self, **kwargs: Any) -> pl.Trainer:
+        """Lightning's trainer; its default progress bar becomes ``ProGRPOProgressBar`` (updates out of
+        ``max_steps``, the rollout's steps inside it). A bar the config names is kept as it is."""
+        trainer = super().instantiate_trainer(**kwargs)
+        bar = trainer.progress_bar_callback
+        if type(bar) is TQDMProgressBar:  # noqa: E721 (exactly Lightning's default, not a subclass)
+            trainer.callbacks[trainer.callbacks.index(bar)] = ProGRPOProgressBar(refresh_rate=bar.refresh_rate)
+        return trainer
 
 
 def check_prompts(model: ProGRPOModule, data: PromptDataModule) -> None:

@@ -7,7 +7,10 @@ reduced, and why:
   - the global advantage std (``adv_std: global``, in the module);
   - logged metrics, once per rollout in two collectives: means over ranks (equal batch sizes, so
     the global mean), sums for counts, max/min for extremes;
-  - evaluation tables, gathered once per evaluation (ranks may hold different numbers of items).
+  - evaluation tables, gathered once per evaluation (ranks may hold different numbers of items;
+    torchmetrics' ``gather_all_tensors``). The held-out means are taken from the gathered rows, which
+    the table needs anyway, rather than by a ``MeanMetric`` (a second collective for the same numbers);
+    the rollout metrics are reduced together in two collectives rather than one per metric.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 from torch import Tensor
+from torchmetrics.utilities.distributed import gather_all_tensors
 
 from .rewards.combine import RewardSet
 
@@ -37,16 +41,12 @@ def all_gather_cat(x: Tensor) -> Tensor:
 
 
 def gather_rows(rows: Tensor) -> Tensor:
-    """Concatenate [n_r, C] float tensors of all ranks when n_r may differ (pads, then drops pads)."""
+    """Concatenate [n_r, C] tensors of all ranks, in rank order, when n_r may differ (torchmetrics'
+    ``gather_all_tensors`` pads to the longest, gathers and trims)."""
     _, size = world()
     if size == 1:
         return rows
-    n = torch.tensor([rows.shape[0]], device=rows.device)
-    counts = all_gather_cat(n).tolist()
-    padded = rows.new_full((max(counts), rows.shape[1]), float("nan"))
-    padded[: rows.shape[0]] = rows
-    parts = all_gather_cat(padded).view(size, max(counts), rows.shape[1])
-    return torch.cat([parts[r, :c] for r, c in enumerate(counts)])
+    return torch.cat(gather_all_tensors(rows))  # [sum n_r, C]
 
 
 def reduce_metrics(means: dict[str, float | Tensor], sums: dict[str, float | Tensor] | None = None,

@@ -32,23 +32,23 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
-from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.strategies import FSDPStrategy
 from torch import Tensor
 
-from . import checkpointing
+from . import checkpointing, logs
 from .backends.base import DiffusionBackend
 from .data import PromptBatch
-from .distributed import RankSyncedRewardSet, reduce_metrics
+from .distributed import RankSyncedRewardSet
 from .errors import ConfigError
-from .evaluation import (eval_columns, eval_scores, gather_items, item_rows, sample_items,
+from .evaluation import (EVAL_TOTAL, eval_columns, eval_scores, gather_items, item_rows, sample_items,
                          write_eval_table)
 from .health import (BadRolloutGuard, NonFiniteError, check_finite_tensors, finite_groups, finite_std,
                      masked_group_advantages, nonfinite_counts, optimizer_tensors)
+from .logs import image_grid  # noqa: F401  (re-exported: it lived here)
 from .noise import LOCAL_STREAM, NOISE_STREAM, mix_seed, seeded_generator
 from .objectives import group_advantages
 from .rewards.base import Reward
-from .rollout import ExpandPruneRollout, RolloutResult, proxy_reward_correlation
+from .rollout import ExpandPruneRollout
 from .schedules import GroupSchedule
 from .update import UpdateSettings, grpo_update
 
@@ -85,26 +85,6 @@ def _check_trainable_steps(backend: DiffusionBackend) -> None:
         window = f", sde_window={list(backend.sde_window)}" if backend.sde_window is not None else ""
         raise ConfigError(f"model.backend: num_steps={backend.num_steps}{window} leaves no trainable step "
                           f"(the last step of a flow sampler and every step with eta=0 are deterministic)")
-
-
-def _finite_mean(x: Tensor) -> Tensor:
-    """Mean of the finite entries (NaN when there are none)."""
-    return x.float().masked_fill(~x.isfinite(), float("nan")).nanmean()
-
-
-def _finite_group_std(x: Tensor) -> Tensor:
-    """[P, K] -> [P] population std of each group's finite entries."""
-    x = x.float().masked_fill(~x.isfinite(), float("nan"))  # [P, K]
-    return (x - x.nanmean(1, keepdim=True)).pow(2).nanmean(1).sqrt()  # [P]
-
-
-def image_grid(images: Tensor, nrow: int) -> Tensor:
-    """[B, 3, H, W] -> one [3, rows*H, nrow*W] grid (B padded with black to a full grid)."""
-    B, C, H, W = images.shape
-    rows = math.ceil(B / nrow)
-    pad = images.new_zeros(rows * nrow - B, C, H, W)
-    x = torch.cat([images, pad]).view(rows, nrow, C, H, W)  # [rows, nrow, C, H, W]
-    return x.permute(2, 0, 3, 1, 4).reshape(C, rows * H, nrow * W)
 
 
 class ProGRPOModule(pl.LightningModule):
@@ -164,7 +144,8 @@ class ProGRPOModule(pl.LightningModule):
         # Not saved: how this run treats faults is this run's choice, not the checkpoint's (LightningCLI
         # reads a resumed checkpoint's hyperparameters back into the config).
         self.save_hyperparameters(ignore=["backend", "rewards", "schedule", "optimizer", "lr_scheduler",
-                                          "eval_rewards", "max_bad_rollouts", "allow_schedule_change"])
+                                          "eval_rewards", "max_bad_rollouts", "allow_schedule_change"],
+                                  logger=False)  # logs.log_run_hparams logs the run's flattened settings
         self.automatic_optimization = False
         self.strict_loading = False  # checkpoints hold the adapter, not the frozen base weights
         if adv_std not in ("group", "global"):
@@ -254,7 +235,8 @@ class ProGRPOModule(pl.LightningModule):
         # The noise is this rank's slice of a draw for the global batch (noise.py).
         result = self.rollout.run(prompts, local_gen, audit=audit, metadata=metadata,
                                   noise_generator=noise_gen,
-                                  rank=self.global_rank, world_size=self.trainer.world_size)
+                                  rank=self.global_rank, world_size=self.trainer.world_size,
+                                  progress=logs.rollout_progress(self))
 
         # Non-finite guard (health.py): trajectories with a NaN/inf reward are masked, groups left
         # with < 2 finite rewards too; nothing non-finite reaches the optimizer.
@@ -298,7 +280,10 @@ class ProGRPOModule(pl.LightningModule):
                   "health/masked_trajectories": float((~valid).sum()),
                   "health/skipped_updates": skipped + (1.0 if float(n_valid) == 0 else 0.0)}
         self.rollouts_done += 1
-        logged = self._log_rollout(result, advantages, stats, update_time, health)
+        logged = logs.rollout_metrics(result, advantages, stats, update_time, health, self.rollouts_done,
+                                      opt.param_groups[0]["lr"], self.device)
+        self.log_dict(logged, on_step=True, on_epoch=False, batch_size=len(prompts))
+        self.log("reward", logged["reward/mean"], prog_bar=True, on_step=True, batch_size=len(prompts))
         try:
             self.guard.update(bad, nonfinite, total=result.rewards.numel(), skipped_steps=int(skipped))
         except NonFiniteError:  # Lightning would drop this rollout's metrics: write them now
@@ -308,7 +293,11 @@ class ProGRPOModule(pl.LightningModule):
                     logger.save()
             raise
         if self.sample_every_n_rollouts and (self.rollouts_done - 1) % self.sample_every_n_rollouts == 0:
-            self._log_images(result)
+            # at the rollout's own step: the step Lightning gives its scalars (0-based rollout index)
+            logs.log_rollout_images(self, result, self.sample_prompts, step=self.rollouts_done - 1)
+
+    def on_fit_start(self) -> None:
+        logs.log_run_hparams(self)
 
     def clip_grad_norm(self, params: list[Tensor], max_norm: float) -> Tensor:
         """Clip the LoRA gradients to ``max_norm`` in place; return the pre-clip total norm.
@@ -343,62 +332,6 @@ class ProGRPOModule(pl.LightningModule):
         self.configure_model()
         seed = self.sample_seed if seed is None else seed
         return sample_items(self.backend, list(prompts), [mix_seed(seed, i) for i in range(len(prompts))])
-
-    # ---- logging -------------------------------------------------------------------------------
-    def _log_rollout(self, r: RolloutResult, advantages: Tensor, stats: dict[str, float],
-                     update_time: float, health: dict[str, float] | None = None) -> dict[str, Tensor]:
-        """Metrics of the whole global batch: means over ranks (equal sizes: global means), sums
-        of counts, max/min of extremes, slowest rank's timings; one reduction per kind. Reward
-        statistics are over the finite rewards (``health/*`` counts the others)."""
-        P, K = r.rewards.shape
-        finite = r.rewards.isfinite()  # [P, K]
-        m: dict[str, Tensor | float] = {
-            "reward/mean": _finite_mean(r.rewards),
-            "reward/group_std": _finite_mean(_finite_group_std(r.rewards)),  # spread within groups
-            "advantage/abs_mean": advantages.abs().mean(),
-            "rollouts": float(self.rollouts_done),
-        }
-        counts = {"compute/nfe": float(r.nfe), "compute/nfe_plain_gmax": float(r.nfe_full),
-                  "compute/previews": float(r.num_previews), **(health or {})}
-        slowest = {"time/rollout_denoise_s": r.timings["denoise"], "time/rollout_preview_s": r.timings["preview"],
-                   "time/rollout_final_s": r.timings["final"], "time/update_s": update_time,
-                   "reward/max": r.rewards.masked_fill(~finite, float("-inf")).max()}
-        for name, v in r.components.items():
-            m[f"reward/{name}"] = _finite_mean(v)
-        first = next((c for c in r.checkpoints if c.scores is not None and c.step < r.num_steps), None)
-        if first is not None:  # spread of the whole expanded group vs the survivors, on the first proxy
-            prompt = torch.arange(P, device=first.scores.device).repeat_interleave(K)
-            survivors = first.scores[prompt, first.survivors].view(P, K)
-            m["group_std/expanded_proxy"] = _finite_mean(_finite_group_std(first.scores))
-            m["group_std/survivors_proxy"] = _finite_mean(_finite_group_std(survivors))
-        for i, c in enumerate(proxy_reward_correlation(r)):  # under DDP: the mean of the ranks' values
-            m[f"pruning/proxy_true_corr_survivors_{i}"] = c
-        for k, v in r.audit.items():
-            m[f"pruning/audit_{k}"] = v
-        for k, v in stats.items():
-            m[f"train/{k}"] = v
-        opt = self.optimizers()
-        m["train/lr"] = opt.param_groups[0]["lr"]
-        out = reduce_metrics(m, sums=counts, maxes=slowest,
-                             mins={"reward/min": r.rewards.masked_fill(~finite, float("inf")).min()},
-                             device=self.device)
-        out["compute/nfe_saved_frac"] = 1.0 - out["compute/nfe"] / out["compute/nfe_plain_gmax"]
-        self.log_dict(out, on_step=True, on_epoch=False, batch_size=P)
-        self.log("reward", out["reward/mean"], prog_bar=True, on_step=True, batch_size=P)
-        return out
-
-    def _log_images(self, r: RolloutResult) -> None:
-        logger = self.logger
-        if logger is None or self.global_rank != 0:  # only rank 0 writes; others need not sample
-            return
-        grid = image_grid(self.sample(self.sample_prompts).cpu(), nrow=len(self.sample_prompts))
-        # what pruning kept: the first prompt's survivors, in their group order
-        kept = image_grid(r.images[: r.group_size].cpu(), nrow=r.group_size)
-        if isinstance(logger, TensorBoardLogger):
-            logger.experiment.add_image("samples/fixed_prompts", grid, self.rollouts_done)
-            logger.experiment.add_image(f"samples/survivors: {r.prompts[0]}", kept, self.rollouts_done)
-        elif hasattr(logger, "log_image"):
-            logger.log_image("samples/fixed_prompts", [grid], step=self.rollouts_done)
 
     # ---- checkpoints ---------------------------------------------------------------------------
     def _adapter_names(self) -> set[str]:
@@ -504,21 +437,14 @@ class ProGRPOModule(pl.LightningModule):
         root = self.trainer.log_dir or self.trainer.default_root_dir  # a collective under DDP: every rank
         means = rows[:, 2:].mean(0)  # [S]
         metrics = {f"{stage}/{n}": means[i] for i, n in enumerate(names)}
-        if starting_point:  # Lightning discards self.log during the sanity check: to the loggers directly
-            if self.global_rank == 0:
-                for logger in self.loggers:
-                    logger.log_metrics({k: float(v) for k, v in metrics.items()}, step=self.trained_steps())
-        else:
-            self.log_dict(metrics, on_step=False, on_epoch=True, batch_size=rows.shape[0])
+        if not starting_point:  # for callbacks (checkpoint monitor, progress bar); not for the loggers:
+            # Lightning would log them at the training batch counter, one behind the trained step
+            self.log_dict(metrics, on_step=False, on_epoch=True, batch_size=rows.shape[0], logger=False)
         if self.global_rank != 0:
             return
         write_eval_table(stage, self.trained_steps(), rows, names, getattr(dataset, "prompts", None), root,
                          getattr(dataset, "metadata", None))
-        logger = self.logger
-        if images and isinstance(logger, TensorBoardLogger):
-            shown = torch.cat(images)[:16]
-            logger.experiment.add_image(f"{stage}/images", image_grid(shown, nrow=min(8, len(shown))),
-                                        self.trained_steps())
+        logs.log_eval(self, stage, metrics, images, self.trained_steps(), f"{stage}/{EVAL_TOTAL}")
 
     def trained_steps(self) -> int:
         """Optimizer steps behind the current weights (in validate/test: the checkpoint's)."""

@@ -21,7 +21,7 @@ runs it every N rollouts to log proxy quality.
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -150,7 +150,8 @@ class ExpandPruneRollout:
     def run(self, prompts: Sequence[str], generator: torch.Generator | None = None, *,
             audit: bool = False, metadata: Sequence[dict] | None = None,
             noise_generator: torch.Generator | None = None, rank: int = 0,
-            world_size: int = 1) -> RolloutResult:
+            world_size: int = 1,
+            progress: Callable[[int, int, int, int], None] | None = None) -> RolloutResult:
         """Roll out ``prompts`` (this rank's P prompts of a global batch of ``world_size`` x P).
 
         Args:
@@ -164,6 +165,8 @@ class ExpandPruneRollout:
                 (rank + 1) * rows - 1``, so W ranks sample exactly what one process with all
                 W x P prompts samples (``noise.py``).
             rank, world_size: this process's place in the global batch.
+            progress: called after every step (and its pruning) with (steps done, T, live
+                trajectories, previews scored so far): a progress display (``logs.py``).
         """
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} outside world size {world_size}")
@@ -223,6 +226,8 @@ class ExpandPruneRollout:
             timings["denoise"] += time.perf_counter() - t0
 
             if t not in keep_at:
+                if progress is not None:
+                    progress(t + 1, T, P * group_live, previews)
                 continue
             t0 = time.perf_counter()
             k_next = keep_at[t]
@@ -253,6 +258,8 @@ class ExpandPruneRollout:
                 live = torch.arange(x.shape[0], device=device)
             _sync(device)
             timings["preview"] += time.perf_counter() - t0
+            if progress is not None:
+                progress(t + 1, T, P * group_live, previews)
 
         # True rewards of the final images (of every physical row in audit mode).
         t0 = time.perf_counter()

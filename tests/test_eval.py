@@ -77,9 +77,9 @@ def test_evaluation_every_n_and_at_the_end_with_fixed_noise_and_no_effect_on_tra
     # logged: the means over all items, at the two evaluation steps
     with open(Path(trainer.log_dir) / "metrics.csv") as f:
         logged = [r for r in csv.DictReader(f) if r.get("val/total")]
-    # Lightning's logger step counts rollouts before the current one: the training metrics of rollout
-    # k and the evaluation after it share step k - 1
-    assert [int(r["step"]) for r in logged] == [1, 2]
+    # at the optimizer steps behind the evaluated weights, the tables' steps (not Lightning's training
+    # batch counter, one less)
+    assert [int(r["step"]) for r in logged] == [2, 3]
     mean = sum(float(r["brightness"]) for r in table) / len(table)
     assert float(logged[-1]["val/brightness"]) == pytest.approx(mean, rel=1e-5)
     assert "val/colorfulness" in logged[-1]
@@ -95,7 +95,7 @@ def logged_val(trainer) -> list[dict[str, str]]:
 def test_a_full_sanity_check_is_logged_as_the_starting_point(tmp_path):
     module, trainer = fit(tmp_path, "start", val_prompts=VAL, sanity=-1)
     logged = logged_val(trainer)
-    assert [int(r["step"]) for r in logged] == [0, 1, 2]  # the start, then as without it
+    assert [int(r["step"]) for r in logged] == [0, 2, 3]  # the start, then as without it
     start = read_table(Path(trainer.log_dir) / "eval" / "val_step000000.csv")
     assert len(start) == 6
     # the starting policy's scores: a fresh module (zero-initialised LoRA B) samples the same images
@@ -109,7 +109,7 @@ def test_a_full_sanity_check_is_logged_as_the_starting_point(tmp_path):
         assert float(row["brightness"]) == pytest.approx(float(bright[k]), rel=1e-5)
     # a partial sanity check (1 batch of 4 of the 6 items) scores nothing: not logged, no table
     _, partial = fit(tmp_path, "partial", val_prompts=VAL, sanity=1)
-    assert [int(r["step"]) for r in logged_val(partial)] == [1, 2]
+    assert [int(r["step"]) for r in logged_val(partial)] == [2, 3]
     assert not (Path(partial.log_dir) / "eval" / "val_step000000.csv").exists()
 
 
