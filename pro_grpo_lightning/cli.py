@@ -28,6 +28,7 @@ from .data import PromptDataModule
 from .errors import ConfigError
 from .health import NonFiniteError
 from .module import ProGRPOModule
+from .predict import PredictionWriter
 
 #: ``ckpt_path`` values Lightning resolves itself (no file to check up front).
 _SPECIAL_CKPT = {"last", "best", "hpc", "registry"}
@@ -98,6 +99,8 @@ class ProGRPOCLI(LightningCLI):
         if isinstance(model, ProGRPOModule):
             if isinstance(data, PromptDataModule):
                 check_prompts(model, data)
+                if sub == "predict":
+                    data.predict_set()  # no prompts: one line before any weights load
             cfg = self.config[sub]
             model.run_config = self._parser(sub).dump(cfg, skip_none=False)
             ckpt, state = cfg.get("ckpt_path"), getattr(self, "_ckpt_state", None)
@@ -110,6 +113,11 @@ class ProGRPOCLI(LightningCLI):
                 model.check_identity(identity, f"ckpt_path={str(ckpt)!r}", resume=sub == "fit")
 
     before_fit = before_validate = before_test = before_predict = _before_run
+
+    def add_arguments_to_parser(self, parser: Any) -> None:
+        # ``predict`` writes its images through this callback: ``--prediction.output_dir``,
+        # ``--prediction.lora_path`` (it does nothing in the other subcommands).
+        parser.add_lightning_class_args(PredictionWriter, "prediction")
 
 
 def check_prompts(model: ProGRPOModule, data: PromptDataModule) -> None:
