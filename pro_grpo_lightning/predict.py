@@ -38,7 +38,9 @@ from torch import Tensor
 
 from .errors import ConfigError
 from .evaluation import gather_items, write_score_table
-from .export import LORA_WEIGHT_NAME, _family
+
+#: the file ``export`` writes in a LoRA folder: diffusers' own default name for a LoRA
+LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 
 
 def slug(prompt: str, max_len: int = 40) -> str:
@@ -64,8 +66,12 @@ def load_lora(backend: Any, folder: str) -> None:
     path = os.path.join(folder, LORA_WEIGHT_NAME)
     if not os.path.isfile(path):
         raise ConfigError(f"lora_path={folder!r}: no {LORA_WEIGHT_NAME} there (a folder written by export)")
+    import diffusers
+
     backend.configure_model()
-    pipeline_cls, name = _family(backend)
+    if not getattr(backend, "pipeline_class", ""):
+        raise ConfigError(f"lora_path: no diffusers pipeline is known for {type(backend).__name__}")
+    pipeline_cls, name = getattr(diffusers, backend.pipeline_class), backend.denoiser_component
     out = pipeline_cls.lora_state_dict(folder, weight_name=LORA_WEIGHT_NAME, return_lora_metadata=True)
     state, meta = out[0], (out[-1] or {})
     prefix = f"{name}."

@@ -166,4 +166,7 @@ def test_predict_refuses_bad_inputs_with_one_line(run, tmp_path, capsys):
 
 
 def test_prediction_writer_is_a_lightning_prediction_writer():
+    from pro_grpo_lightning import export, predict
+
     assert isinstance(PredictionWriter(), BasePredictionWriter)
+    assert predict.LORA_WEIGHT_NAME == export.LORA_WEIGHT_NAME  # the file predict reads is the one export writes
