@@ -155,7 +155,7 @@ class PredictionWriter(BasePredictionWriter):
         self.write_sheets(dataset.prompts, dataset.images_per_prompt)
         step = pl_module.trained_steps() if hasattr(pl_module, "trained_steps") else trainer.global_step
         source = (f"LoRA {self.lora_path}" if self.lora_path else
-                  f"checkpoint {trainer.ckpt_path} (step {step})" if trainer.ckpt_path else "the model as built")
+                  f"checkpoint {trainer.ckpt_path} (step {step})" if trainer.ckpt_path else "the module's current weights")
         write_score_table(os.path.join(self.out_dir, "scores"), f"predict from {source}", rows, names,
                           dataset.prompts, dataset.metadata)
 
