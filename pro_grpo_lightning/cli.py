@@ -29,6 +29,7 @@ from .errors import ConfigError
 from .health import NonFiniteError
 from .logs import ProGRPOProgressBar
 from .module import ProGRPOModule
+from .predict import PredictionWriter
 
 #: ``ckpt_path`` values Lightning resolves itself (no file to check up front).
 _SPECIAL_CKPT = {"last", "best", "hpc", "registry"}
@@ -99,6 +100,8 @@ class ProGRPOCLI(LightningCLI):
         if isinstance(model, ProGRPOModule):
             if isinstance(data, PromptDataModule):
                 check_prompts(model, data)
+                if sub == "predict":
+                    data.predict_set()  # no prompts: one line before any weights load
             cfg = self.config[sub]
             model.run_config = self._parser(sub).dump(cfg, skip_none=False)
             ckpt, state = cfg.get("ckpt_path"), getattr(self, "_ckpt_state", None)
@@ -120,6 +123,11 @@ class ProGRPOCLI(LightningCLI):
         if type(bar) is TQDMProgressBar:  # noqa: E721 (exactly Lightning's default, not a subclass)
             trainer.callbacks[trainer.callbacks.index(bar)] = ProGRPOProgressBar(refresh_rate=bar.refresh_rate)
         return trainer
+
+    def add_arguments_to_parser(self, parser: Any) -> None:
+        # ``predict`` writes its images through this callback: ``--prediction.output_dir``,
+        # ``--prediction.lora_path`` (it does nothing in the other subcommands).
+        parser.add_lightning_class_args(PredictionWriter, "prediction")
 
 
 def check_prompts(model: ProGRPOModule, data: PromptDataModule) -> None:

@@ -266,13 +266,18 @@ class PromptDataModule(pl.LightningDataModule):
         eval_images_per_prompt: images per held-out prompt.
         eval_seed: fixes the noise of every held-out image (same images for the same weights).
         eval_batch_size: held-out images per sampling batch (per rank); does not change results.
+        predict_prompts: the prompts of ``predict`` (set name, file or list; None: ``val_prompts``).
+        predict_images_per_prompt: images per prompt in ``predict`` (None: ``eval_images_per_prompt``);
+            image j of prompt i has the seed it has in evaluation.
     """
 
     def __init__(self, prompts: list[str | dict[str, Any]] | str = "animals", prompts_per_step: int = 2,
                  seed: int = 0, num_workers: int = 0,
                  val_prompts: list[str | dict[str, Any]] | str | None = None,
                  test_prompts: list[str | dict[str, Any]] | str | None = None, eval_images_per_prompt: int = 2,
-                 eval_seed: int = 2024, eval_batch_size: int = 8) -> None:
+                 eval_seed: int = 2024, eval_batch_size: int = 8,
+                 predict_prompts: list[str | dict[str, Any]] | str | None = None,
+                 predict_images_per_prompt: int | None = None) -> None:
         super().__init__()
         if prompts_per_step < 1:
             raise ValueError(f"prompts_per_step must be >= 1, got {prompts_per_step}")
@@ -288,6 +293,11 @@ class PromptDataModule(pl.LightningDataModule):
         self.num_workers = num_workers
         self.val_prompts, self.val_metadata = (None, None) if val_prompts is None else load_prompt_set(val_prompts)
         self.test_prompts, self.test_metadata = (None, None) if test_prompts is None else load_prompt_set(test_prompts)
+        if predict_images_per_prompt is not None and predict_images_per_prompt < 1:
+            raise ValueError(f"predict_images_per_prompt must be >= 1, got {predict_images_per_prompt}")
+        self.predict_prompts, self.predict_metadata = ((None, None) if predict_prompts is None
+                                                       else load_prompt_set(predict_prompts))
+        self.predict_images_per_prompt = predict_images_per_prompt or eval_images_per_prompt
         self.eval_images_per_prompt = eval_images_per_prompt
         self.eval_seed = eval_seed
         self.eval_batch_size = eval_batch_size
@@ -317,7 +327,8 @@ class PromptDataModule(pl.LightningDataModule):
         ``setup``, before any weights load)."""
         for what, prompts, metadata in (("data.prompts", self.prompts, self.metadata),
                                         ("data.val_prompts", self.val_prompts, self.val_metadata),
-                                        ("data.test_prompts", self.test_prompts, self.test_metadata)):
+                                        ("data.test_prompts", self.test_prompts, self.test_metadata),
+                                        ("data.predict_prompts", self.predict_prompts, self.predict_metadata)):
             if prompts is not None:
                 validate_prompt_set(rewards, prompts, metadata, what)
 
@@ -343,3 +354,19 @@ class PromptDataModule(pl.LightningDataModule):
 
     def test_dataloader(self) -> DataLoader | list:
         return self._eval_loader(self.test_prompts, self.test_metadata, "test")
+
+    def predict_set(self) -> tuple[list[str], list[Metadata] | None]:
+        """(prompts, metadata) of ``predict``: ``predict_prompts``, else the held-out ``val_prompts``."""
+        if self.predict_prompts is not None:
+            return self.predict_prompts, self.predict_metadata
+        if self.val_prompts is not None:
+            return self.val_prompts, self.val_metadata
+        raise ValueError("`predict` needs prompts: set data.predict_prompts (a set name, a prompt file or a list) "
+                         "or data.val_prompts")
+
+    def predict_dataloader(self) -> DataLoader:
+        """The evaluation's items (same seeds: ``eval_seed``) of the predict prompts, sharded over ranks."""
+        prompts, metadata = self.predict_set()
+        rank, world_size = self._rank_world()
+        return eval_loader(prompts, self.predict_images_per_prompt, self.eval_seed, self.eval_batch_size,
+                           rank=rank, world_size=world_size, num_workers=self.num_workers, metadata=metadata)

@@ -180,6 +180,12 @@ def write_eval_table(stage: str, step: int, rows: Tensor, names: Sequence[str],
     out_dir = os.path.join(root, "eval")
     os.makedirs(out_dir, exist_ok=True)
     base = os.path.join(out_dir, f"{stage}_step{step:06d}")
+    return write_score_table(base, f"{stage} at step {step}", rows, names, prompts, metadata)
+
+
+def write_score_table(base: str, title: str, rows: Tensor, names: Sequence[str], prompts: Sequence[str] | None,
+                      metadata: Sequence[dict] | None = None) -> str:
+    """``<base>.csv`` (one row per image) and ``<base>.md`` (``# <title>``, mean per prompt); returns ``base``."""
     data = rows.cpu().tolist()
     text = (lambda i: prompts[i]) if prompts is not None else (lambda i: str(i))
     with open(base + ".csv", "w", newline="", encoding="utf-8") as f:
@@ -193,7 +199,7 @@ def write_eval_table(stage: str, step: int, rows: Tensor, names: Sequence[str],
     by_prompt: dict[int, list[list[float]]] = {}
     for row in data:
         by_prompt.setdefault(int(row[0]), []).append(row[2:])
-    lines = [f"# {stage} at step {step} ({len(data)} images, "
+    lines = [f"# {title} ({len(data)} images, "
              f"{len(by_prompt)} prompts)", "", "| prompt | " + " | ".join(names) + " |",
              "|---|" + "---|" * len(names)]
     for i, vals in sorted(by_prompt.items()):

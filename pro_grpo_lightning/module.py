@@ -18,7 +18,8 @@ logged metrics are reduced across ranks (``distributed.py``).
 Held-out evaluation (``validation_step`` / ``test_step``, the steps in ``evaluation.py``): every
 (prompt, image) item of the datamodule's held-out set is sampled from the policy with its own
 fixed noise, scored by the training rewards and ``eval_rewards``, logged as ``val/*`` / ``test/*``
-and written as a table (CSV + markdown) under ``<log_dir>/eval/``.
+and written as a table (CSV + markdown) under ``<log_dir>/eval/``. ``predict_step`` samples the
+same items for ``trainer.predict`` (PNGs, contact sheets, scores: ``predict.py``).
 """
 
 from __future__ import annotations
@@ -407,6 +408,13 @@ class ProGRPOModule(pl.LightningModule):
         self._eval_rows.append(item_rows(batch, scores, self.device))  # [B, 2 + S]
         first = batch["image_index"] == 0  # one image per prompt for the grid
         self._eval_images.append(images[first.to(images.device)].cpu())
+
+    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Tensor]:
+        """Images of held-out-style items and their raw scores (``predict.PredictionWriter`` writes them)."""
+        self.configure_model()
+        images = sample_items(self.backend, batch["prompts"], batch["seeds"])  # [B, 3, H, W]
+        scores = eval_scores(self.rewards, self.eval_rewards, images, batch["prompts"], batch.get("metadata"))
+        return {"images": images.cpu(), "rows": item_rows(batch, scores, self.device)}  # rows: [B, 2 + S]
 
     def on_validation_epoch_start(self) -> None:
         self._eval_rows, self._eval_images = [], []
