@@ -214,7 +214,7 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--merge", action="store_true", help="write a full pipeline with the LoRA fused")
     parser.add_argument("--ema", action="store_true",
-                        help="export the EMA weights the checkpoint carries (the run's EMA callback) instead of the raw ones")
+                        help="export the EMA weights the checkpoint carries (the run's EMA callback), not the raw ones")
     args = parser.parse_args(argv)
 
     import yaml

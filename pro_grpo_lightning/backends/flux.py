@@ -233,7 +233,8 @@ class TinyFluxBackend(FluxBackend):
             TINY_FLUX_SOURCE, num_steps=num_steps, guidance_scale=guidance_scale, resolution=resolution,
             lora=lora, dtype=dtype, noise_level=noise_level, sde_kind=sde_kind,
             max_sequence_length=max_sequence_length, gradient_checkpointing=gradient_checkpointing,
-            offload_text_encoders=offload_text_encoders, vae_decode_chunk=vae_decode_chunk, sde_window=sde_window, finetune=finetune)
+            offload_text_encoders=offload_text_encoders, vae_decode_chunk=vae_decode_chunk, sde_window=sde_window,
+            finetune=finetune)
         self.seed = seed
         self.guidance_embeds = guidance_embeds
 

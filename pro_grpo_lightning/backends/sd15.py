@@ -257,7 +257,8 @@ class TinySD15Backend(SD15Backend):
     def __init__(self, num_steps: int = 4, guidance_scale: float = 3.0, resolution: int = 64,
                  eta: float = 1.0, lora: LoraSettings | None = None, dtype: str = "float32",
                  negative_prompt: str = "", seed: int = 0, vae_decode_chunk: int | None = None,
-                 gradient_checkpointing: bool = False, sde_window: list[int] | None = None, finetune: str = "lora") -> None:
+                 gradient_checkpointing: bool = False, sde_window: list[int] | None = None,
+                 finetune: str = "lora") -> None:
         super().__init__(TINY_SD15_SOURCE, num_steps=num_steps, guidance_scale=guidance_scale,
                          resolution=resolution, eta=eta, lora=lora, dtype=dtype,
                          negative_prompt=negative_prompt, vae_decode_chunk=vae_decode_chunk,
