@@ -158,3 +158,18 @@ def test_full_finetuning_resumes_exactly_and_exports_a_pipeline(family, tmp_path
                          schedule=ProGRPOSchedule(group_size=4, checkpoints=[1], keep=[2]))
     with pytest.raises(ConfigError, match="has finetune='full' but this run has finetune='lora'"):
         load_checkpoint_into(lora, str(ckpt))
+
+
+@pytest.mark.parametrize("kl", [0.0, 0.01])
+def test_memory_plan_counts_full_finetuning(kl):
+    from pro_grpo_lightning import plan
+
+    module = ProGRPOModule(backend=make("sd15"), rewards=[Brightness()], schedule=PlainGRPOSchedule(2), kl_beta=kl)
+    weights = plan.Planner(module, prompts_per_step=2, target="cpu").weights
+    real = make("sd15")
+    real.keep_reference = False
+    real.configure_model()
+    net = sum(p.numel() * p.element_size() for p in real.denoiser().parameters())
+    assert weights[plan.TRAINED_FULL] == net and plan.TRAINED not in weights
+    assert weights["AdamW state (2 per trained weight, its dtype)"] == 2 * net
+    assert weights.get("reference_denoiser", 0) == (net if kl > 0 else 0)
