@@ -11,7 +11,8 @@ loading code: the same folder, hub id or tiny seed), loads that file, fuses it a
 pipeline, so the trained model in memory is never modified.
 
 Also: the ``ExportLoRA`` callback (exports at the end of fit; YAML ``trainer.callbacks``) and
-``python -m pro_grpo_lightning.export --ckpt last.ckpt --out dir [--merge] [--config run.yaml]``.
+``python -m pro_grpo_lightning.export --ckpt last.ckpt --out dir [--merge] [--ema] [--config run.yaml]``
+(``--ema``: the EMA weights the checkpoint carries, see ``ema.py``).
 Without ``--config`` the export uses the run's own config, which every checkpoint carries (or,
 for a checkpoint written before it did, the ``config.yaml`` next to it / in the folder above).
 The checkpoint is opened first (``weights_only=True``; refused if truncated, foreign, non-finite
@@ -82,6 +83,20 @@ def save_lora(backend: DiffusionBackend, path: str) -> str:
     return path
 
 
+def save_pipeline(backend: DiffusionBackend, path: str) -> str:
+    """A complete pipeline folder: fresh base components with the (fully fine-tuned) denoiser's
+    current weights in place of the base ones (``Pipeline.from_pretrained(path)``); returns ``path``."""
+    from .health import check_finite_tensors
+
+    _, name = _family(backend)
+    trained = {k: v.detach() for k, v in backend.denoiser().state_dict().items()}
+    check_finite_tensors(trained, "export")  # never write NaN weights
+    pipe = fresh_pipeline(backend)
+    getattr(pipe, name).load_state_dict(trained)  # strict: the same architecture, every weight
+    pipe.save_pretrained(path)
+    return path
+
+
 def export_lora(module_or_backend: Any, path: str, merge: bool = False) -> str:
     """Export the trained LoRA of a ``ProGRPOModule`` (or a backend) to ``path``; returns ``path``.
 
@@ -89,9 +104,13 @@ def export_lora(module_or_backend: Any, path: str, merge: bool = False) -> str:
     on the matching stock pipeline (StableDiffusionPipeline / StableDiffusion3Pipeline / FluxPipeline).
     merge=True: ``path`` is a complete diffusers pipeline folder with the LoRA fused into the
     denoiser's weights (``Pipeline.from_pretrained(path)``; no peft needed to use it).
+    A fully fine-tuned backend (``finetune: full``) has no adapter: ``path`` is always a complete
+    pipeline folder with the trained denoiser (``save_pipeline``).
     """
     backend = _backend_of(module_or_backend)
     backend.configure_model()
+    if getattr(backend, "finetune", "lora") == "full":  # no adapter: the trained denoiser is the model
+        return save_pipeline(backend, path)
     if not merge:
         return save_lora(backend, path)
     with tempfile.TemporaryDirectory() as tmp:
@@ -105,7 +124,9 @@ def export_lora(module_or_backend: Any, path: str, merge: bool = False) -> str:
 
 
 class ExportLoRA(pl.Callback):
-    """Exports the policy's LoRA at the end of fit (rank 0).
+    """Exports the policy's LoRA at the end of fit (rank 0); a fully fine-tuned policy is written as
+    a complete pipeline folder (default ``<log_dir>/pipeline``). With an ``EMA`` callback whose
+    ``export`` is on (``ema.py``), the EMA weights are exported instead of the raw ones.
 
     Args:
         dirpath: where to write; default ``<log_dir>/lora`` (``<log_dir>/merged`` when merging).
@@ -117,16 +138,27 @@ class ExportLoRA(pl.Callback):
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         root = trainer.log_dir or trainer.default_root_dir  # a collective under DDP: before the rank test
+        from .ema import ema_weights
+
         with full_parameters(trainer):  # a collective under FSDP: every rank enters it
             if not trainer.is_global_zero:
                 return
-            lora_dir = self.dirpath or os.path.join(root, "lora")
-            export_lora(pl_module, lora_dir)
-            rank_zero_info(f"[ExportLoRA] LoRA in diffusers format: {lora_dir}")
-            if self.merge:
-                merged = os.path.join(os.path.dirname(os.path.abspath(lora_dir)), "merged")
-                export_lora(pl_module, merged, merge=True)
-                rank_zero_info(f"[ExportLoRA] merged pipeline: {merged}")
+            with ema_weights(pl_module, "export"):
+                self._export(pl_module, root)
+
+    def _export(self, pl_module: pl.LightningModule, root: str) -> None:
+        if getattr(_backend_of(pl_module), "finetune", "lora") == "full":
+            out = self.dirpath or os.path.join(root, "pipeline")
+            export_lora(pl_module, out)
+            rank_zero_info(f"[ExportLoRA] fully fine-tuned pipeline: {out}")
+            return
+        lora_dir = self.dirpath or os.path.join(root, "lora")
+        export_lora(pl_module, lora_dir)
+        rank_zero_info(f"[ExportLoRA] LoRA in diffusers format: {lora_dir}")
+        if self.merge:
+            merged = os.path.join(os.path.dirname(os.path.abspath(lora_dir)), "merged")
+            export_lora(pl_module, merged, merge=True)
+            rank_zero_info(f"[ExportLoRA] merged pipeline: {merged}")
 
 
 def full_parameters(trainer: pl.Trainer) -> contextlib.AbstractContextManager:
@@ -181,6 +213,8 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument("--ckpt", required=True, help="a checkpoint of that run (e.g. checkpoints/last.ckpt)")
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--merge", action="store_true", help="write a full pipeline with the LoRA fused")
+    parser.add_argument("--ema", action="store_true",
+                        help="export the EMA weights the checkpoint carries (the run's EMA callback), not the raw ones")
     args = parser.parse_args(argv)
 
     import yaml
@@ -206,8 +240,13 @@ def main(argv: list[str] | None = None) -> str:
             cli_args += ["--config", path]
         cli = cli_main(cli_args, run=False, save_config=False)
     load_checkpoint_into(cli.model, args.ckpt, state)
+    if args.ema:
+        from .ema import load_ema_into
+
+        load_ema_into(cli.model, state)
     out = export_lora(cli.model, args.out, merge=args.merge)
-    print(f"exported {'merged pipeline' if args.merge else 'LoRA'} to {out}")
+    full = getattr(cli.model.backend, "finetune", "lora") == "full"
+    print(f"exported {'pipeline' if args.merge or full else 'LoRA'}{' (EMA weights)' if args.ema else ''} to {out}")
     return out
 
 

@@ -40,6 +40,7 @@ from . import checkpointing, logs
 from .backends.base import DiffusionBackend
 from .data import PromptBatch
 from .distributed import RankSyncedRewardSet
+from .ema import ema_weights
 from .errors import ConfigError
 from .evaluation import (EVAL_TOTAL, eval_columns, eval_scores, gather_items, item_rows, sample_items,
                          write_eval_table)
@@ -162,6 +163,8 @@ class ProGRPOModule(pl.LightningModule):
         self.preview_scale = preview_scale
         self.shared_initial_noise = shared_initial_noise
         self.backend = backend
+        if hasattr(backend, "keep_reference"):  # full fine-tuning copies the base denoiser only for a KL
+            backend.keep_reference = kl_beta > 0
         self.rewards = RankSyncedRewardSet(rewards, normalize=reward_normalize)
         self.eval_rewards = torch.nn.ModuleList(eval_rewards or [])
         self.eval_names = eval_columns(self.rewards, self.eval_rewards)  # refuses clashing names
@@ -332,7 +335,8 @@ class ProGRPOModule(pl.LightningModule):
         """
         self.configure_model()
         seed = self.sample_seed if seed is None else seed
-        return sample_items(self.backend, list(prompts), [mix_seed(seed, i) for i in range(len(prompts))])
+        with ema_weights(self, "eval"):  # the EMA's weights when an EMA callback asks (ema.py)
+            return sample_items(self.backend, list(prompts), [mix_seed(seed, i) for i in range(len(prompts))])
 
     # ---- checkpoints ---------------------------------------------------------------------------
     def _adapter_names(self) -> set[str]:
@@ -349,6 +353,7 @@ class ProGRPOModule(pl.LightningModule):
         lora = self.backend.lora
         targets = None if lora.target_modules is None else sorted(lora.target_modules)
         return {"backend": f"{type(self.backend).__module__}.{type(self.backend).__qualname__}",
+                "finetune": getattr(self.backend, "finetune", "lora"),
                 "lora.rank": int(lora.rank), "lora.alpha": float(lora.alpha), "lora.target_modules": targets,
                 "schedule": repr(self.schedule), "optimizer": self.optimizer_name}
 
@@ -356,7 +361,7 @@ class ProGRPOModule(pl.LightningModule):
         """Refuse a checkpoint of another run setup with one line naming both values. ``resume``
         also compares the schedule (unless ``allow_schedule_change``) and the optimizer class."""
         mine = self.run_identity()
-        fields = ["backend", "lora.rank", "lora.alpha", "lora.target_modules"]
+        fields = ["backend", "finetune", "lora.rank", "lora.alpha", "lora.target_modules"]
         if resume:
             fields += [] if self.allow_schedule_change else ["schedule"]
             fields += ["optimizer"]
@@ -433,7 +438,7 @@ class ProGRPOModule(pl.LightningModule):
         rows = gather_items(self._eval_rows, len(names), self.device)  # [N, 2 + S], every rank
         images = self._eval_images
         self._eval_rows, self._eval_images = [], []
-        dataloaders = self.trainer.val_dataloaders if stage == "val" else self.trainer.test_dataloaders
+        dataloaders = self.trainer.val_dataloaders if stage.startswith("val") else self.trainer.test_dataloaders
         dataset = getattr(dataloaders, "dataset", None)
         # A sanity check over the *whole* held-out set (``num_sanity_val_steps: -1``) is the
         # evaluation of the starting policy: log it, so curves start at the baseline. A partial

@@ -109,6 +109,11 @@ class LiveBytes(TorchDispatchMode):
         self.peak = max(self.peak, self.current)
         return out
 
+#: The weights-table row of what the optimizer trains: the LoRA adapter, or the whole denoiser
+#: with ``finetune: full`` (then its frozen copy, the KL reference, is the ``reference_denoiser`` row).
+TRAINED = "LoRA adapter (fp32)"
+TRAINED_FULL = "denoiser, fully fine-tuned"
+
 
 def measured_peak_bytes(fn: Callable[[], Any], device: torch.device | str = "cpu") -> int:
     """The allocator's peak during ``fn()`` above what was allocated before it, on real tensors.
@@ -472,7 +477,11 @@ class Planner:
             lora += sum(_nbytes(p) for p in child.parameters() if p.requires_grad)
             if frozen:
                 out[name] = frozen
-        out["LoRA adapter (fp32)"] = lora
+        if getattr(self.backend, "finetune", "lora") == "full":  # the denoiser itself trains, in its dtype
+            out[TRAINED_FULL] = lora
+            out["AdamW state (2 per trained weight, its dtype)"] = 2 * lora
+            return out
+        out[TRAINED] = lora
         out["AdamW state (2 x fp32 per LoRA weight)"] = 2 * lora
         return out
 
@@ -653,7 +662,7 @@ class Planner:
         P, T, L = st.prompts_per_step, self.T, self.latent_bytes
         N = P * self.K
         result = N * ((T + 1) * L + 4 * T + self.image_bytes) + P * self.cond_row_bytes
-        lora = self.weights["LoRA adapter (fp32)"]
+        lora = self.weights.get(TRAINED, self.weights.get(TRAINED_FULL, 0))  # its gradients
         b = st.train_batch_size
         ckpt = "with" if st.gradient_checkpointing else "without"
         return Phase(f"update: minibatch of {b}, {ckpt} gradient checkpointing", self.resident(st),

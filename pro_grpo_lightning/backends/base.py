@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import abc
 import contextlib
+import copy
 import fnmatch
 import math
 import os
@@ -246,6 +247,12 @@ class PipelineBackend(DiffusionBackend):
         revision: hub revision of ``pretrained``.
         gradient_checkpointing: recompute the denoiser's activations in the backward pass.
         vae_decode_chunk: decode at most this many latents per VAE call (memory); None: all.
+        finetune: "lora" trains the ``lora`` adapter (the default); "full" trains the denoiser's
+            own weights (``lora`` is then unused). The denoiser stays in ``dtype``: for float32
+            master weights with bf16 compute use ``dtype: float32`` and the Trainer's
+            ``precision: bf16-mixed``. The KL reference is then a frozen copy of the base
+            denoiser, made in ``configure_model`` only when ``keep_reference`` is True (the
+            module sets it from ``kl_beta > 0``): with ``kl_beta: 0`` no copy is held.
     """
 
     #: Name of diffusers' stock pipeline class of the family (what ``export.py`` builds and whose
@@ -260,8 +267,14 @@ class PipelineBackend(DiffusionBackend):
     default_lora_targets: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, pretrained: str, *, revision: str | None = None, gradient_checkpointing: bool = False,
-                 vae_decode_chunk: int | None = None, **kwargs: Any) -> None:
+                 vae_decode_chunk: int | None = None, finetune: str = "lora", **kwargs: Any) -> None:
         super().__init__(**kwargs)
+        if finetune not in ("lora", "full"):
+            raise ValueError(f"finetune must be 'lora' or 'full', got {finetune!r}")
+        self.finetune = finetune
+        #: full fine-tuning only: keep a frozen copy of the base denoiser as the KL reference.
+        self.keep_reference = True
+        self.reference_denoiser: nn.Module | None = None
         if vae_decode_chunk is not None and vae_decode_chunk < 1:
             raise ValueError(f"vae_decode_chunk must be >= 1 or None, got {vae_decode_chunk}")
         self.pretrained = resolve_pretrained_source(pretrained)  # pkg://... -> a folder
@@ -317,12 +330,21 @@ class PipelineBackend(DiffusionBackend):
                 m.to(dtype=self.weight_dtype)
         for m in frozen:
             m.eval()
+        reference = None
+        if self.finetune == "full" and self.keep_reference:  # before training: memory is known up front
+            reference = copy.deepcopy(net).eval()
         # The denoiser first: ``device`` and the parameter order follow it.
         setattr(self, self.denoiser_component, net)
         self.vae = comps["vae"]
         for name in self.text_encoder_names():
             setattr(self, name, comps[name])
-        self.attach_lora(net)
+        if self.finetune == "full":
+            net.requires_grad_(True)
+            if self.gradient_checkpointing:
+                net.enable_gradient_checkpointing()
+            self.reference_denoiser = reference  # a registered submodule: moves with the backend
+        else:
+            self.attach_lora(net)
         self._setup(comps)
         self._configured = True
 
@@ -346,7 +368,26 @@ class PipelineBackend(DiffusionBackend):
             raise RuntimeError(f"{type(self).__name__}: call configure_model() first")
 
     def _frozen_modules(self) -> list[nn.Module]:
-        return [self.vae] + [getattr(self, n) for n in self.text_encoder_names()]
+        frozen = [self.vae] + [getattr(self, n) for n in self.text_encoder_names()]
+        return frozen + ([self.reference_denoiser] if self.reference_denoiser is not None else [])
+
+    @contextlib.contextmanager
+    def reference(self) -> Iterator[None]:
+        """The frozen reference: the adapter off (LoRA), or the frozen base copy swapped in (full)."""
+        if self.finetune == "lora":
+            with super().reference():
+                yield
+            return
+        if self.reference_denoiser is None:
+            raise RuntimeError(f"{type(self).__name__}(finetune='full') holds no reference copy "
+                               f"(keep_reference=False: kl_beta is 0)")
+        policy = self.denoiser()
+        # Plain attribute swap, not setattr's module registration order change: restored in finally.
+        self._modules[self.denoiser_component] = self.reference_denoiser
+        try:
+            yield
+        finally:
+            self._modules[self.denoiser_component] = policy
 
     def train(self, mode: bool = True):
         super().train(mode)

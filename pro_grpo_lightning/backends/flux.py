@@ -83,13 +83,13 @@ class FluxBackend(FlowMatchingBackend):
                  noise_level: float = 0.7, sde_kind: str = "flow_grpo", max_sequence_length: int = 512,
                  gradient_checkpointing: bool = False, offload_text_encoders: bool = False,
                  vae_decode_chunk: int | None = None, revision: str | None = None,
-                 sde_window: list[int] | None = None) -> None:
+                 sde_window: list[int] | None = None, finetune: str = "lora") -> None:
         super().__init__(
             pretrained=pretrained, revision=revision, num_steps=num_steps, guidance_scale=guidance_scale,
             resolution=resolution, lora=lora, dtype=dtype, negative_prompt="", noise_level=noise_level,
             sde_kind=sde_kind, max_sequence_length=max_sequence_length,
             gradient_checkpointing=gradient_checkpointing, offload_text_encoders=offload_text_encoders,
-            vae_decode_chunk=vae_decode_chunk, sde_window=sde_window)
+            vae_decode_chunk=vae_decode_chunk, sde_window=sde_window, finetune=finetune)
 
     def _uses_cfg(self) -> bool:
         return False  # dev: guidance embedding; schnell: no guidance
@@ -228,12 +228,13 @@ class TinyFluxBackend(FluxBackend):
                  dtype: str = "float32", noise_level: float = 0.7, sde_kind: str = "flow_grpo",
                  max_sequence_length: int = 32, gradient_checkpointing: bool = False,
                  offload_text_encoders: bool = False, vae_decode_chunk: int | None = None,
-                 sde_window: list[int] | None = None) -> None:
+                 sde_window: list[int] | None = None, finetune: str = "lora") -> None:
         super().__init__(
             TINY_FLUX_SOURCE, num_steps=num_steps, guidance_scale=guidance_scale, resolution=resolution,
             lora=lora, dtype=dtype, noise_level=noise_level, sde_kind=sde_kind,
             max_sequence_length=max_sequence_length, gradient_checkpointing=gradient_checkpointing,
-            offload_text_encoders=offload_text_encoders, vae_decode_chunk=vae_decode_chunk, sde_window=sde_window)
+            offload_text_encoders=offload_text_encoders, vae_decode_chunk=vae_decode_chunk, sde_window=sde_window,
+            finetune=finetune)
         self.seed = seed
         self.guidance_embeds = guidance_embeds
 

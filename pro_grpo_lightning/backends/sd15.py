@@ -68,7 +68,7 @@ class SD15Backend(PipelineBackend):
                  resolution: int = 512, eta: float = 1.0, lora: LoraSettings | None = None,
                  dtype: str = "float32", negative_prompt: str = "", revision: str | None = None,
                  vae_decode_chunk: int | None = None, gradient_checkpointing: bool = False,
-                 sde_window: list[int] | None = None) -> None:
+                 sde_window: list[int] | None = None, finetune: str = "lora") -> None:
         if eta < 0:
             raise ValueError(f"eta must be >= 0, got {eta}")
         if resolution % 8:
@@ -76,7 +76,7 @@ class SD15Backend(PipelineBackend):
         super().__init__(pretrained, revision=revision, gradient_checkpointing=gradient_checkpointing,
                          vae_decode_chunk=vae_decode_chunk, num_steps=num_steps, guidance_scale=guidance_scale,
                          resolution=resolution, lora=lora, dtype=dtype, negative_prompt=negative_prompt,
-                         sde_window=sde_window)
+                         sde_window=sde_window, finetune=finetune)
         self.eta = float(eta)
         # Filled by configure_model().
         self.unet: nn.Module | None = None
@@ -257,11 +257,12 @@ class TinySD15Backend(SD15Backend):
     def __init__(self, num_steps: int = 4, guidance_scale: float = 3.0, resolution: int = 64,
                  eta: float = 1.0, lora: LoraSettings | None = None, dtype: str = "float32",
                  negative_prompt: str = "", seed: int = 0, vae_decode_chunk: int | None = None,
-                 gradient_checkpointing: bool = False, sde_window: list[int] | None = None) -> None:
+                 gradient_checkpointing: bool = False, sde_window: list[int] | None = None,
+                 finetune: str = "lora") -> None:
         super().__init__(TINY_SD15_SOURCE, num_steps=num_steps, guidance_scale=guidance_scale,
                          resolution=resolution, eta=eta, lora=lora, dtype=dtype,
                          negative_prompt=negative_prompt, vae_decode_chunk=vae_decode_chunk,
-                         gradient_checkpointing=gradient_checkpointing, sde_window=sde_window)
+                         gradient_checkpointing=gradient_checkpointing, sde_window=sde_window, finetune=finetune)
         self.seed = seed
 
     def _check_source(self, pretrained: str) -> None:
