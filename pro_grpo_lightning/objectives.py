@@ -13,10 +13,34 @@ No loops over samples or groups: every function is batched over the whole batch.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor
 
 STD_MODES = ("group", "global")
+
+
+@dataclass
+class AdvantageSettings:
+    """How rewards become advantages (``group_advantages``); YAML ``model.advantages``.
+
+    clip: advantages clipped to [-clip, clip] (None: no clipping).
+    std: "group" (per prompt) or "global" (whole batch, across ranks) std.
+    eps: added to the std.
+    """
+
+    clip: float | None = 5.0
+    std: str = "group"
+    eps: float = 1e-4
+
+    def __post_init__(self) -> None:
+        if self.std not in STD_MODES:
+            raise ValueError(f"advantages.std must be one of {STD_MODES}, got {self.std!r}")
+        if self.clip is not None and self.clip <= 0:
+            raise ValueError(f"advantages.clip must be > 0 or None, got {self.clip}")
+        if self.eps < 0:
+            raise ValueError(f"advantages.eps must be >= 0, got {self.eps}")
 
 
 def group_advantages(rewards: Tensor, *, std_mode: str = "group", eps: float = 1e-4,

@@ -13,8 +13,10 @@ from pro_grpo_lightning.backends.sd15 import TinySD15Backend
 from pro_grpo_lightning.cli import main
 from pro_grpo_lightning.data import PromptDataModule
 from pro_grpo_lightning.module import ProGRPOModule, image_grid
+from pro_grpo_lightning.rollout import RolloutSettings
 from pro_grpo_lightning.rewards.image_stats import Brightness
 from pro_grpo_lightning.schedules import ProGRPOSchedule
+from pro_grpo_lightning.update import UpdateSettings
 
 
 def tiny_module(**kw) -> ProGRPOModule:
@@ -24,7 +26,7 @@ def tiny_module(**kw) -> ProGRPOModule:
         rewards=[Brightness()],
         schedule=ProGRPOSchedule(group_size=4, checkpoints=[1], keep=[2]),
         optimizer=lambda p: torch.optim.AdamW(p, lr=1e-3),
-        train_batch_size=8, clip_range=0.01, seed=0)
+        update=UpdateSettings(train_batch_size=8, clip_range=0.01), seed=0)
     args.update(kw)
     return ProGRPOModule(**args)
 
@@ -51,7 +53,7 @@ def lora(module):
 
 
 def test_fit_logs_what_a_user_needs_and_updates_only_lora(tmp_path):
-    module = tiny_module(audit_every_n_rollouts=2)
+    module = tiny_module(rollout=RolloutSettings(audit_every_n_rollouts=2))
     trainer = fit(module, tmp_path, max_steps=2)
     assert trainer.global_step == 2 and module.rollouts_done == 2
     rows = read_metrics(trainer)
@@ -137,7 +139,7 @@ def test_cli_fit_quickstart_config_for_a_few_steps(tmp_path):
     """The README's quickstart (the pretrained shapes model, exact reward), fewer prompts a rollout."""
     main(["fit", "--config", "configs/quickstart.yaml", "--trainer.max_steps", "2",
           "--trainer.logger.init_args.save_dir", str(tmp_path), "--trainer.enable_progress_bar", "false",
-          "--trainer.default_root_dir", str(tmp_path), "--model.sample_every_n_rollouts", "1",
+          "--trainer.default_root_dir", str(tmp_path), "--model.samples.every_n_rollouts", "1",
           "--data.prompts_per_step", "2", "--data.eval_images_per_prompt", "1"])
     events = glob.glob(str(tmp_path / "quickstart" / "*" / "events.out.tfevents.*"))
     assert events
@@ -157,8 +159,8 @@ def test_cli_fit_quickstart_config_for_a_few_steps(tmp_path):
 def test_bad_module_options_fail_before_any_weights_load():
     backend = TinySD15Backend(num_steps=4, resolution=32, seed=0)
     with pytest.raises(ValueError, match="flow-matching backend"):
-        tiny_module(backend=backend, kl_type="flow_grpo", kl_beta=0.01)
+        tiny_module(backend=backend, update=UpdateSettings(kl_type="flow_grpo", kl_beta=0.01))
     with pytest.raises(ValueError, match="preview_scale"):
-        tiny_module(preview_scale=1.5)
+        tiny_module(rollout=RolloutSettings(preview_scale=1.5))
     with pytest.raises(ValueError, match="outside"):
         tiny_module(schedule=ProGRPOSchedule(group_size=4, checkpoints=[4], keep=[2]))

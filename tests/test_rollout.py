@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from pro_grpo_lightning.rewards.combine import RewardSet
-from pro_grpo_lightning.rollout import ExpandPruneRollout, proxy_reward_correlation
+from pro_grpo_lightning.rollout import ExpandPruneRollout, RolloutSettings, proxy_reward_correlation
 from pro_grpo_lightning.schedules import PlainGRPOSchedule, ProGRPOSchedule, StaticOVFSchedule
 from pro_grpo_lightning.selection import ovf_indices
 from tests.fakes import AffineBackend, MeanPixel
@@ -154,8 +154,8 @@ def test_preview_scale_decodes_smaller_previews_only():
     b.configure_model()
     b.decoded = []
     with pytest.raises(ValueError, match="preview_scale"):
-        ExpandPruneRollout(b, RewardSet([MeanPixel()]), ProGRPOSchedule(6, [1], [3]), preview_scale=0)
-    r = ExpandPruneRollout(b, RewardSet([MeanPixel()]), ProGRPOSchedule(6, [1], [3]), preview_scale=0.5)
+        RolloutSettings(preview_scale=0)
+    r = ExpandPruneRollout(b, RewardSet([MeanPixel()]), ProGRPOSchedule(6, [1], [3]), RolloutSettings(preview_scale=0.5))
     res = r.run(PROMPTS, torch.Generator().manual_seed(0))
     assert b.decoded == [(18, 2, 2, 2), (9, 2, 4, 4)]  # preview at half size, final images at full size
     assert res.images.shape == (9, 3, 4, 4)
