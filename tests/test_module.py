@@ -6,6 +6,7 @@ import os
 import lightning.pytorch as pl
 import pytest
 import torch
+import yaml
 from lightning.pytorch.loggers import CSVLogger
 
 from pro_grpo_lightning.backends.base import LoraSettings
@@ -164,3 +165,23 @@ def test_bad_module_options_fail_before_any_weights_load():
         tiny_module(rollout=RolloutSettings(preview_scale=1.5))
     with pytest.raises(ValueError, match="outside"):
         tiny_module(schedule=ProGRPOSchedule(group_size=4, checkpoints=[4], keep=[2]))
+
+
+def test_cli_sample_batch_size_below_a_group_runs_and_hparams_are_nested(tmp_path):
+    """``--model.rollout.sample_batch_size 3`` (groups of 8) end to end through the CLI, with a nested
+    override of the update; hparams.yaml holds the groups as plain nested mappings. (That chunks
+    change no result is tests/test_rollout.py's check, per backend: here Adam's first step would
+    amplify float-rounding differences of near-zero gradients.)"""
+    cli = main(["fit", "--config", "configs/tiny_sd15.yaml", "--trainer.max_steps", "1",
+                "--trainer.logger.init_args.save_dir", str(tmp_path), "--trainer.enable_progress_bar", "false",
+                "--trainer.callbacks", "[]", "--trainer.enable_checkpointing", "false",
+                "--trainer.default_root_dir", str(tmp_path), "--model.samples.every_n_rollouts", "0",
+                "--data.prompts_per_step", "2", "--model.rollout.sample_batch_size", "3",
+                "--model.update.clip_range", "0.02"])
+    module = cli.model
+    assert module.sample_batch_size == 3 and module.rollout.sample_batch_size == 3
+    assert module.settings.clip_range == 0.02 and module.trainer.global_step == 1
+    (hparams,) = glob.glob(str(tmp_path / "**" / "hparams.yaml"), recursive=True)
+    saved = yaml.safe_load(open(hparams))
+    assert saved["rollout"]["sample_batch_size"] == 3 and saved["update"]["clip_range"] == 0.02
+    assert saved["advantages"] == {"clip": 5.0, "std": "group", "eps": 1e-4} and "guards" not in saved
