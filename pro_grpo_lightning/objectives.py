@@ -1,6 +1,6 @@
 """GRPO objectives as pure tensor functions: advantages, the PPO-clip policy loss and KL terms.
 
-Notation (code name -> symbol in docs/ALGORITHM.md section 1):
+Notation (code name -> symbol; docs/algorithm.md, "Notation" and section 1):
     rewards        R          [P, G]  P prompts (groups), G trajectories per group
     advantages     A          group-relative, (R - mean_group(R)) / (std + eps), clipped
     log_prob       logp_theta per-step Gaussian log-density, mean over latent dims
@@ -98,7 +98,7 @@ def ppo_clip_loss(log_prob: Tensor, old_log_prob: Tensor, advantages: Tensor,
     carry no gradient. Returns the scalar loss and detached scalar stats:
         clip_frac: fraction of entries with |r - 1| > clip_range
         approx_kl: 0.5 * mean((log_prob - old_log_prob)^2), the estimator DDPO/Flow-GRPO log
-        ratio_mean: mean(r); exactly 1 on-policy (the sanity check of ALGORITHM.md section 5)
+        ratio_mean: mean(r); exactly 1 on-policy, before the first optimizer step (docs/algorithm.md, section 1)
     """
     if not (log_prob.shape == old_log_prob.shape == advantages.shape):
         shapes = [tuple(t.shape) for t in (log_prob, old_log_prob, advantages)]

@@ -156,8 +156,9 @@ def no_source_checks() -> Iterator[None]:
             setattr(mod, attr, fn)
 
 
-def build_run(config: str, overrides: Sequence[str] = ()) -> tuple[Any, Any]:
-    """(module, datamodule) of ``fit --config config``, nothing loaded (backends load lazily)."""
+def build_run(config: str | Sequence[str], overrides: Sequence[str] = ()) -> tuple[Any, Any]:
+    """(module, datamodule) of ``fit --config config`` (several: a base and its overlays, in order),
+    nothing loaded (backends load lazily)."""
     from . import backends, rewards  # noqa: F401  (import every module whose checks we relax)
     from .cli import main
 
@@ -165,7 +166,8 @@ def build_run(config: str, overrides: Sequence[str] = ()) -> tuple[Any, Any]:
     sys.argv = argv[:1]  # LightningCLI reads only ``args`` here (and warns when sys.argv has more)
     try:
         with no_source_checks():
-            cli = main(["--config", config, *overrides], run=False, save_config=False)
+            configs = [config] if isinstance(config, str) else list(config)
+            cli = main([a for c in configs for a in ("--config", c)] + list(overrides), run=False, save_config=False)
     finally:
         sys.argv = argv
     return cli.model, cli.datamodule
@@ -772,7 +774,7 @@ def _fmt(n: int, unit: str) -> str:
     return f"{n / _UNIT[unit]:7.2f}"
 
 
-def report(config: str, gpu_memory: int | None = None, overrides: Sequence[str] = (),
+def report(config: str | Sequence[str], gpu_memory: int | None = None, overrides: Sequence[str] = (),
            sample_batch_size: int | None = None, target: str = "cuda") -> dict[str, Any]:
     """The plan of ``config`` as a dict (what ``--json`` prints)."""
     module, datamodule = build_run(config, overrides)
@@ -785,7 +787,7 @@ def report(config: str, gpu_memory: int | None = None, overrides: Sequence[str] 
     other = dataclasses.replace(st, gradient_checkpointing=not st.gradient_checkpointing)
     peak = max(p.peak for p in phases)
     out: dict[str, Any] = {
-        "config": config, "target": target, "settings": dataclasses.asdict(st),
+        "config": config if isinstance(config, str) else " ".join(config), "target": target, "settings": dataclasses.asdict(st),
         "weights": {**planner.weights, **planner.reward_bytes},
         "resident": planner.resident(st),
         "phases": [dict(dataclasses.asdict(p), peak=p.peak) for p in phases],
@@ -857,7 +859,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         prog="python -m pro_grpo_lightning plan",
         description="Expected peak GPU memory of a config, per phase, without a GPU or weights; "
                     "extra arguments (e.g. --model.update.train_batch_size 2) override the config as in `fit`.")
-    parser.add_argument("--config", required=True, help="the run's YAML, as given to `fit`")
+    parser.add_argument("--config", required=True, action="append",
+                        help="the run's YAML, as given to `fit` (repeatable: a base config, then its overlay)")
     parser.add_argument("--gpu-memory", default=None, help="e.g. 24GB: say whether it fits and what to change")
     parser.add_argument("--sample-batch-size", type=int, default=None,
                         help="rows per denoiser call in the rollout (default: the config's, else all rows)")
@@ -865,7 +868,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args, overrides = parser.parse_known_args(argv)
     gpu = parse_memory(args.gpu_memory) if args.gpu_memory else None
     try:
-        r = report(args.config, gpu, overrides, args.sample_batch_size)
+        r = report(args.config[0] if len(args.config) == 1 else args.config, gpu, overrides, args.sample_batch_size)
     except UnknownArchitecture as err:
         print(f"plan: {err}", file=sys.stderr)
         return 2
