@@ -203,7 +203,7 @@ def measure(module: Any, prompts: list[str], rollouts: int, schedules: list[Name
         a.schedule.validate_steps(T)
     G = max(a.schedule.group_size for a in arms)
     preview_steps = sorted({c for a in arms for c in a.schedule.checkpoints})
-    adv_kw = dict(std_mode=module.adv_std, eps=module.adv_eps, clip=module.adv_clip)
+    adv_kw = dict(std_mode=module.advantages.std, eps=module.advantages.eps, clip=module.advantages.clip)
     frac = module.settings.timestep_fraction
     P = len(prompts)
     per_rollout: list[dict[str, Any]] = []

@@ -98,7 +98,8 @@ def measure(config: str, rollouts: int, prompts: int, reward: str, seed: int = 0
         result = module.rollout.run(texts, torch.Generator().manual_seed(seed * 10_000 + r))
         spreads.append(result.rewards.std(1, unbiased=False).mean().item())
         means.append(result.rewards.mean().item())
-        adv = group_advantages(result.rewards, std_mode=module.adv_std, eps=module.adv_eps, clip=module.adv_clip)
+        a = module.advantages
+        adv = group_advantages(result.rewards, std_mode=a.std, eps=a.eps, clip=a.clip)
         capture = GradientCapture(params)
         grpo_update(module.backend, result, adv.flatten(), settings, capture,
                     generator=torch.Generator().manual_seed(seed * 10_000 + r))
@@ -119,7 +120,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--reward", choices=["config", "brightness"], default="config")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config value, e.g. model.shared_initial_noise=true (repeatable)")
+                   help="override a config value, e.g. model.rollout.shared_initial_noise=true (repeatable)")
     p.add_argument("--tag", default="", help="suffix of the output file name")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", default=str(ROOT / "benchmarks/results/gradient_snr"))

@@ -180,7 +180,7 @@ def cli_extra(task: dict[str, Any]) -> list[str]:
     s = task["settings"]
     seed = int(s["seed"])
     sched = parse_schedule(s["spec"]).schedule
-    args = [f"--seed_everything={seed}", f"--model.seed={seed}", "--model.sample_every_n_rollouts=0",
+    args = [f"--seed_everything={seed}", f"--model.seed={seed}", "--model.samples.every_n_rollouts=0",
             "--model.schedule=" + json.dumps(schedule_init(sched))]
     if "seed" in inspect.signature(PromptDataModule.__init__).parameters:
         args.append(f"--data.seed={seed}")

@@ -4,7 +4,7 @@ Groups never span ranks (expand-and-prune is local), so the hot path has no coll
 reduced, and why:
   - reward normalisation statistics ("batch"/"running" modes) over the global batch, so the mix
     of several rewards is the one a single process with the same global batch would use;
-  - the global advantage std (``adv_std: global``, in the module);
+  - the global advantage std (``advantages.std: global``, in the module);
   - logged metrics, once per rollout in two collectives: means over ranks (equal batch sizes, so
     the global mean), sums for counts, max/min for extremes;
   - evaluation tables, gathered once per evaluation (ranks may hold different numbers of items;

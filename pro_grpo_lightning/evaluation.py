@@ -33,6 +33,7 @@ from .distributed import gather_rows
 from .noise import mix_seed
 from .rewards.base import Reward
 from .rewards.combine import RewardSet
+from .rollout import chunked
 from .steps import draw_noise
 
 #: The evaluation column holding the weighted sum of the raw training rewards.
@@ -107,22 +108,26 @@ def eval_loader(prompts: Sequence[str], images_per_prompt: int, eval_seed: int, 
 
 # ---- sampling ------------------------------------------------------------------------------------
 @torch.no_grad()
-def sample_items(backend: DiffusionBackend, prompts: Sequence[str], seeds: Sequence[int]) -> Tensor:
+def sample_items(backend: DiffusionBackend, prompts: Sequence[str], seeds: Sequence[int],
+                 sample_batch_size: int | None = None) -> Tensor:
     """One image per (prompt, seed) from the current policy: [B, 3, H, W] in [0, 1].
 
     Item i's initial latent and step noise come from its own generator seeded ``seeds[i]``, so an
     image depends on its seed only, not on the batch it is drawn in. Not the training hot path:
     the per-item draws are B small ``randn`` calls per step next to one batched denoiser call.
+    ``sample_batch_size``: rows per denoiser / decode call (``RolloutSettings``; None: all).
     """
     device = backend.device
     gens = [torch.Generator(device=device).manual_seed(int(s)) for s in seeds]
     cond = backend.encode_prompts(list(prompts))
     x = torch.cat([backend.initial_latents(1, g) for g in gens])  # [B, *latent]
+    B = x.shape[0]
     for t in range(backend.num_steps):
         noise = torch.cat([draw_noise((1, *x.shape[1:]), x.device, g) for g in gens])  # [B, *latent]
-        idx = torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)  # [B]
-        x = backend.step(x, idx, cond, noise=noise).next_latents  # [B, *latent]
-    return backend.decode(x)  # [B, 3, H, W]
+        idx = torch.full((B,), t, device=x.device, dtype=torch.long)  # [B]
+        x = chunked(lambda *a: backend.step(*a[:3], noise=a[3]).next_latents, B, sample_batch_size,
+                    x, idx, cond, noise)  # [B, *latent]
+    return chunked(backend.decode, B, sample_batch_size, x)  # [B, 3, H, W]
 
 
 # ---- scoring -------------------------------------------------------------------------------------

@@ -20,6 +20,7 @@ All functions are batched tensor ops: no Python loop over samples or groups.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -106,13 +107,31 @@ def optimizer_tensors(optimizer_states: Iterable[Mapping[str, Any]]) -> dict[str
     return out
 
 
+@dataclass
+class GuardSettings:
+    """This run's refusals; YAML ``model.guards``. Not saved in checkpoints: how a run treats
+    faults is that run's choice (LightningCLI reads a resumed checkpoint's hyperparameters back).
+
+    max_bad_rollouts: stop the run (one-line error naming the reward) after this many consecutive
+        rollouts that trained nothing because their rewards or gradients were NaN/inf; single bad
+        trajectories are masked and training goes on.
+    allow_schedule_change: resume a checkpoint whose group schedule differs from this run's (on
+        purpose, e.g. a curriculum); otherwise that is refused before any weights load.
+    """
+
+    max_bad_rollouts: int = 3
+    allow_schedule_change: bool = False
+
+    def __post_init__(self) -> None:
+        if self.max_bad_rollouts < 1:
+            raise ValueError(f"guards.max_bad_rollouts must be >= 1, got {self.max_bad_rollouts}")
+
+
 class BadRolloutGuard:
     """Counts consecutive bad rollouts (ones that changed no weight); after ``patience`` of them
     raises ``NonFiniteError`` with one line naming the rewards that returned non-finite values."""
 
     def __init__(self, patience: int = 3) -> None:
-        if patience < 1:
-            raise ValueError(f"max_bad_rollouts must be >= 1, got {patience}")
         self.patience = patience
         self.consecutive = 0
         self.culprits: dict[str, int] = {}  # reward -> non-finite scores over the current streak
@@ -135,5 +154,5 @@ class BadRolloutGuard:
             else:
                 who = (f"the rewards were finite but the gradient norm was NaN/inf "
                        f"({self.skipped_steps} optimizer steps skipped)")
-            raise NonFiniteError(f"model.max_bad_rollouts={self.patience}: {self.consecutive} consecutive rollouts "
+            raise NonFiniteError(f"model.guards.max_bad_rollouts={self.patience}: {self.consecutive} consecutive rollouts "
                                  f"trained nothing: {who}; stopped, the last checkpoint holds the last good weights")

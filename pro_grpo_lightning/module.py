@@ -28,6 +28,7 @@ import math
 import time
 import warnings
 from collections.abc import Sequence
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import lightning.pytorch as pl
@@ -44,13 +45,13 @@ from .ema import ema_weights
 from .errors import ConfigError
 from .evaluation import (EVAL_TOTAL, eval_columns, eval_scores, gather_items, item_rows, sample_items,
                          write_eval_table)
-from .health import (BadRolloutGuard, NonFiniteError, check_finite_tensors, finite_groups, finite_std,
+from .health import (BadRolloutGuard, GuardSettings, NonFiniteError, check_finite_tensors, finite_groups, finite_std,
                      masked_group_advantages, nonfinite_counts, optimizer_tensors)
 from .logs import image_grid  # noqa: F401  (re-exported: it lived here)
 from .noise import LOCAL_STREAM, NOISE_STREAM, mix_seed, seeded_generator
-from .objectives import group_advantages
+from .objectives import AdvantageSettings, group_advantages
 from .rewards.base import Reward
-from .rollout import ExpandPruneRollout
+from .rollout import ExpandPruneRollout, RolloutSettings
 from .schedules import GroupSchedule
 from .update import UpdateSettings, grpo_update
 
@@ -89,6 +90,26 @@ def _check_trainable_steps(backend: DiffusionBackend) -> None:
                           f"(the last step of a flow sampler and every step with eta=0 are deterministic)")
 
 
+@dataclass
+class SampleSettings:
+    """The image grid logged during training; YAML ``model.samples``.
+
+    every_n_rollouts: log a grid of ``prompts`` every N rollouts (0: never).
+    prompts: the fixed prompts of that grid (None: a default four).
+    seed: the grid's fixed seed (same noise every time: changes are the policy's).
+    """
+
+    every_n_rollouts: int = 0
+    prompts: list[str] | None = None
+    seed: int = 1234
+
+    def __post_init__(self) -> None:
+        if self.every_n_rollouts < 0:
+            raise ValueError(f"samples.every_n_rollouts must be >= 0, got {self.every_n_rollouts}")
+        if self.prompts is not None and len(self.prompts) == 0:
+            raise ValueError("samples.prompts must be None or non-empty, got []")
+
+
 class ProGRPOModule(pl.LightningModule):
     """Pro-GRPO (and its baselines, by schedule) on a LoRA policy.
 
@@ -98,93 +119,65 @@ class ProGRPOModule(pl.LightningModule):
         schedule: group sizes, pruning checkpoints and selection rule, by ``class_path``.
         optimizer: optimizer over the LoRA parameters (``class_path`` + ``init_args``).
         lr_scheduler: optional; stepped after every optimizer step.
-        reward_normalize: "none", "batch" or "running" z-scoring of each reward before weighting.
-        inner_epochs: passes over each rollout.
-        timestep_fraction: share of trainable steps trained per trajectory and epoch.
-        train_batch_size: (trajectory, step) pairs per forward/backward.
-        minibatches_per_step: minibatches per optimizer step (None: one step per inner epoch).
-        clip_range: PPO clip epsilon on the per-step ratio.
-        kl_beta: KL-to-reference weight (0: no reference forward).
-        kl_type: "exact" (Gaussian KL with the step std) or "output" (denoiser-output MSE).
-        max_grad_norm: gradient clipping (0 disables).
-        adv_clip: advantages clipped to [-adv_clip, adv_clip].
-        adv_std: "group" (per prompt) or "global" (whole batch, across ranks) std for advantages.
-        adv_eps: added to the std.
-        seed: rollout RNG seed; rollout k draws its noise from (seed, k) (see ``noise.py``).
-        audit_every_n_rollouts: every N rollouts keep the whole expanded group alive to measure
-            how often the proxy picks what the true reward would (0: never; costs a full rollout).
-        preview_scale: resize factor of x0 latents before the pruning previews' decode (< 1 is
-            cheaper; watch ``pruning/audit_proxy_corr_full_*``).
-        shared_initial_noise: all trajectories of a prompt's group start from one initial latent,
-            so they differ only by the SDE step noise the gradient credits (``rollout.py``).
-        sample_every_n_rollouts: log an image grid of ``sample_prompts`` every N rollouts (0: never).
-        sample_prompts: the fixed prompts of that grid.
-        sample_seed: the fixed seed of that grid (same noise every time: changes are the policy's).
+        reward_normalize: "none", "batch" or "running" z-scoring of each reward before weighting
+            (top level: it configures the ``rewards`` list, which cannot hold a group).
+        update: inner epochs, minibatches, PPO clip, KL, gradient clip (``update.UpdateSettings``).
+        advantages: clip, std mode, eps (``objectives.AdvantageSettings``).
+        rollout: preview scale, shared starts, audit period, rows per denoiser call
+            (``rollout.RolloutSettings``).
+        samples: the logged image grid (``SampleSettings``).
+        seed: rollout RNG seed; rollout k draws its noise from (seed, k) (see ``noise.py``). Top
+            level: the rollout noise, the update's shuffles and the checkpoint all use it.
         eval_rewards: extra rewards scored on held-out prompts only (validate / test), next to the
             training rewards; never trained on.
-        max_bad_rollouts: stop the run (one-line error naming the reward) after this many
-            consecutive rollouts that trained nothing because their rewards or gradients were
-            NaN/inf (``health.py``); single bad trajectories are masked and training goes on.
-        allow_schedule_change: resume a checkpoint whose group schedule differs from this run's
-            (on purpose, e.g. a curriculum); otherwise that is refused before any weights load.
+        guards: bad-rollout patience and schedule-change permission (``health.GuardSettings``);
+            this run's choice, not saved with the hyperparameters.
     """
 
     def __init__(self, backend: DiffusionBackend, rewards: list[Reward], schedule: GroupSchedule,
                  optimizer: OptimizerCallable = torch.optim.AdamW,
                  lr_scheduler: LRSchedulerCallable | None = None,
                  reward_normalize: str = "none",
-                 inner_epochs: int = 1, timestep_fraction: float = 1.0, train_batch_size: int = 8,
-                 minibatches_per_step: int | None = None, clip_range: float = 1e-4,
-                 kl_beta: float = 0.0, kl_type: str = "exact", max_grad_norm: float = 1.0,
-                 adv_clip: float = 5.0, adv_std: str = "group", adv_eps: float = 1e-4,
-                 seed: int = 0, audit_every_n_rollouts: int = 0, preview_scale: float = 1.0,
-                 shared_initial_noise: bool = False,
-                 sample_every_n_rollouts: int = 0, sample_prompts: list[str] | None = None,
-                 sample_seed: int = 1234, eval_rewards: list[Reward] | None = None,
-                 max_bad_rollouts: int = 3, allow_schedule_change: bool = False) -> None:
+                 update: UpdateSettings = UpdateSettings(),
+                 advantages: AdvantageSettings = AdvantageSettings(),
+                 rollout: RolloutSettings = RolloutSettings(),
+                 samples: SampleSettings = SampleSettings(),
+                 seed: int = 0, eval_rewards: list[Reward] | None = None,
+                 guards: GuardSettings = GuardSettings()) -> None:
         super().__init__()
-        # Not saved: how this run treats faults is this run's choice, not the checkpoint's (LightningCLI
-        # reads a resumed checkpoint's hyperparameters back into the config).
-        self.save_hyperparameters(ignore=["backend", "rewards", "schedule", "optimizer", "lr_scheduler",
-                                          "eval_rewards", "max_bad_rollouts", "allow_schedule_change"],
+        # Plain nested dicts (hparams.yaml: ``update: {clip_range: ...}``), read back by LightningCLI
+        # on resume. ``guards`` is not saved: how this run treats faults is this run's choice.
+        self.save_hyperparameters({"reward_normalize": reward_normalize, "update": asdict(update),
+                                   "advantages": asdict(advantages), "rollout": asdict(rollout),
+                                   "samples": asdict(samples), "seed": seed},
                                   logger=False)  # logs.log_run_hparams logs the run's flattened settings
         self.automatic_optimization = False
         self.strict_loading = False  # checkpoints hold the adapter, not the frozen base weights
-        if adv_std not in ("group", "global"):
-            raise ValueError(f"adv_std must be 'group' or 'global', got {adv_std!r}")
-        schedule.validate_steps(backend.num_steps)  # before any weights load
         self.optimizer_name = _check_optimizer(optimizer)
         _check_trainable_steps(backend)
-        if kl_type == "flow_grpo" and not hasattr(backend, "kl_std"):
-            raise ValueError(f"kl_type='flow_grpo' needs a flow-matching backend; {type(backend).__name__} "
+        if update.kl_type == "flow_grpo" and not hasattr(backend, "kl_std"):
+            raise ValueError(f"update.kl_type='flow_grpo' needs a flow-matching backend; {type(backend).__name__} "
                              f"has no SDE coefficient: use kl_type 'exact' or 'output'")
-        if not 0.0 < preview_scale <= 1.0:
-            raise ValueError(f"preview_scale must be in (0, 1], got {preview_scale}")
-        self.preview_scale = preview_scale
-        self.shared_initial_noise = shared_initial_noise
         self.backend = backend
         if hasattr(backend, "keep_reference"):  # full fine-tuning copies the base denoiser only for a KL
-            backend.keep_reference = kl_beta > 0
+            backend.keep_reference = update.kl_beta > 0
         self.rewards = RankSyncedRewardSet(rewards, normalize=reward_normalize)
         self.eval_rewards = torch.nn.ModuleList(eval_rewards or [])
         self.eval_names = eval_columns(self.rewards, self.eval_rewards)  # refuses clashing names
         self.schedule = schedule
         self.optimizer_factory = optimizer
         self.lr_scheduler_factory = lr_scheduler
-        self.settings = UpdateSettings(inner_epochs=inner_epochs, timestep_fraction=timestep_fraction,
-                                       train_batch_size=train_batch_size,
-                                       minibatches_per_step=minibatches_per_step, clip_range=clip_range,
-                                       kl_beta=kl_beta, kl_type=kl_type, max_grad_norm=max_grad_norm)
-        self.adv_clip, self.adv_std, self.adv_eps = adv_clip, adv_std, adv_eps
+        self.settings = update
+        self.advantages = advantages
+        self.rollout_settings = rollout
+        self.samples = samples
+        self.sample_prompts = list(samples.prompts or DEFAULT_SAMPLE_PROMPTS)
         self.seed = seed
-        self.audit_every_n_rollouts = audit_every_n_rollouts
-        self.sample_every_n_rollouts = sample_every_n_rollouts
-        self.sample_prompts = list(sample_prompts or DEFAULT_SAMPLE_PROMPTS)
-        self.sample_seed = sample_seed
         self.rollouts_done = 0
-        self.rollout: ExpandPruneRollout | None = None
-        self.guard = BadRolloutGuard(max_bad_rollouts)
-        self.allow_schedule_change = allow_schedule_change
+        # checks the schedule against the backend's steps here, before any weights load
+        self.rollout = ExpandPruneRollout(backend, self.rewards, schedule, rollout)
+        self.guards = guards
+        self.guard = BadRolloutGuard(guards.max_bad_rollouts)
         self.run_config: str | None = None  # the resolved YAML of this run (set by the CLI), saved in checkpoints
         self._eval_rows: list[Tensor] = []  # per evaluation batch: [B, 2 + scores] on this rank
         self._eval_images: list[Tensor] = []
@@ -205,10 +198,6 @@ class ProGRPOModule(pl.LightningModule):
         self.rewards.configure_model()
         for reward in self.eval_rewards:
             reward.configure_model()
-        if self.rollout is None:
-            self.rollout = ExpandPruneRollout(self.backend, self.rewards, self.schedule,
-                                              preview_scale=self.preview_scale,
-                                              shared_initial_noise=self.shared_initial_noise)
 
     def configure_optimizers(self) -> Any:
         params = self.backend.trainable_parameters()
@@ -234,7 +223,8 @@ class ProGRPOModule(pl.LightningModule):
     def training_step(self, batch: PromptBatch | Sequence[str], batch_idx: int) -> None:
         self.configure_model()
         prompts, metadata = (batch.prompts, batch.metadata) if isinstance(batch, PromptBatch) else (list(batch), None)
-        audit = self.audit_every_n_rollouts > 0 and self.rollouts_done % self.audit_every_n_rollouts == 0
+        every = self.rollout_settings.audit_every_n_rollouts
+        audit = every > 0 and self.rollouts_done % every == 0
         noise_gen, local_gen = self.rollout_generators(self.rollouts_done)
         # The noise is this rank's slice of a draw for the global batch (noise.py).
         result = self.rollout.run(prompts, local_gen, audit=audit, metadata=metadata,
@@ -247,15 +237,16 @@ class ProGRPOModule(pl.LightningModule):
         valid = finite_groups(result.rewards)  # [P, K]
         all_valid = bool(valid.all())
         global_std = None
-        if self.adv_std == "global" and self.trainer.world_size > 1:
+        adv = self.advantages
+        if adv.std == "global" and self.trainer.world_size > 1:
             every = self.all_gather(result.rewards).float()  # [W, P, K]
             global_std = every.std(unbiased=False) if bool(every.isfinite().all()) else finite_std(every)
         if all_valid:
-            advantages = group_advantages(result.rewards, std_mode=self.adv_std, eps=self.adv_eps,
-                                          clip=self.adv_clip, global_std=global_std)  # [P, K]
+            advantages = group_advantages(result.rewards, std_mode=adv.std, eps=adv.eps,
+                                          clip=adv.clip, global_std=global_std)  # [P, K]
         else:
-            advantages = masked_group_advantages(result.rewards, valid, std_mode=self.adv_std, eps=self.adv_eps,
-                                                 clip=self.adv_clip, global_std=global_std)  # [P, K]
+            advantages = masked_group_advantages(result.rewards, valid, std_mode=adv.std, eps=adv.eps,
+                                                 clip=adv.clip, global_std=global_std)  # [P, K]
         n_valid = self.trainer.strategy.reduce(valid.sum().float(), reduce_op="sum")  # over all ranks
 
         opt = self.optimizers()
@@ -296,7 +287,8 @@ class ProGRPOModule(pl.LightningModule):
                     logger.log_metrics({k: float(v) for k, v in logged.items()}, step=self.trainer.global_step)
                     logger.save()
             raise
-        if self.sample_every_n_rollouts and (self.rollouts_done - 1) % self.sample_every_n_rollouts == 0:
+        every = self.samples.every_n_rollouts
+        if every and (self.rollouts_done - 1) % every == 0:
             # at the rollout's own step: the step Lightning gives its scalars (0-based rollout index)
             logs.log_rollout_images(self, result, self.sample_prompts, step=self.rollouts_done - 1)
 
@@ -326,6 +318,11 @@ class ProGRPOModule(pl.LightningModule):
         if last_step or last_epoch:  # without held-out prompts the validation loop is empty: no cost
             trainer.should_stop = True
 
+    @property
+    def sample_batch_size(self) -> int | None:
+        """Rows per denoiser / decode / reward call (``rollout.sample_batch_size``; the memory plan reads it)."""
+        return self.rollout_settings.sample_batch_size
+
     # ---- sampling for inspection ---------------------------------------------------------------
     @torch.no_grad()
     def sample(self, prompts: Sequence[str], seed: int | None = None) -> Tensor:
@@ -334,9 +331,10 @@ class ProGRPOModule(pl.LightningModule):
         Prompt i's noise is seeded (seed, i): the same image whatever else is in the batch.
         """
         self.configure_model()
-        seed = self.sample_seed if seed is None else seed
+        seed = self.samples.seed if seed is None else seed
         with ema_weights(self, "eval"):  # the EMA's weights when an EMA callback asks (ema.py)
-            return sample_items(self.backend, list(prompts), [mix_seed(seed, i) for i in range(len(prompts))])
+            return sample_items(self.backend, list(prompts), [mix_seed(seed, i) for i in range(len(prompts))],
+                                self.sample_batch_size)
 
     # ---- checkpoints ---------------------------------------------------------------------------
     def _adapter_names(self) -> set[str]:
@@ -363,11 +361,11 @@ class ProGRPOModule(pl.LightningModule):
         mine = self.run_identity()
         fields = ["backend", "finetune", "lora.rank", "lora.alpha", "lora.target_modules"]
         if resume:
-            fields += [] if self.allow_schedule_change else ["schedule"]
+            fields += [] if self.guards.allow_schedule_change else ["schedule"]
             fields += ["optimizer"]
         for key in fields:
             if key in saved and saved[key] != mine[key]:
-                hint = (" (to change the schedule on purpose: --model.allow_schedule_change true)"
+                hint = (" (to change the schedule on purpose: --model.guards.allow_schedule_change true)"
                         if key == "schedule" else "")
                 raise ConfigError(f"{path}: has {key}={saved[key]!r} but this run has "
                                   f"{key}={mine[key]!r}{hint}")
@@ -408,7 +406,7 @@ class ProGRPOModule(pl.LightningModule):
 
     def _eval_step(self, batch: dict[str, Any]) -> None:
         self.configure_model()
-        images = sample_items(self.backend, batch["prompts"], batch["seeds"])  # [B, 3, H, W]
+        images = sample_items(self.backend, batch["prompts"], batch["seeds"], self.sample_batch_size)  # [B, 3, H, W]
         scores = eval_scores(self.rewards, self.eval_rewards, images, batch["prompts"], batch.get("metadata"))
         self._eval_rows.append(item_rows(batch, scores, self.device))  # [B, 2 + S]
         first = batch["image_index"] == 0  # one image per prompt for the grid

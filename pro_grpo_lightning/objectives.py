@@ -1,6 +1,6 @@
 """GRPO objectives as pure tensor functions: advantages, the PPO-clip policy loss and KL terms.
 
-Notation (code name -> symbol in docs/ALGORITHM.md section 1):
+Notation (code name -> symbol; docs/algorithm.md, "Notation" and section 1):
     rewards        R          [P, G]  P prompts (groups), G trajectories per group
     advantages     A          group-relative, (R - mean_group(R)) / (std + eps), clipped
     log_prob       logp_theta per-step Gaussian log-density, mean over latent dims
@@ -13,10 +13,34 @@ No loops over samples or groups: every function is batched over the whole batch.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor
 
 STD_MODES = ("group", "global")
+
+
+@dataclass
+class AdvantageSettings:
+    """How rewards become advantages (``group_advantages``); YAML ``model.advantages``.
+
+    clip: advantages clipped to [-clip, clip] (None: no clipping).
+    std: "group" (per prompt) or "global" (whole batch, across ranks) std.
+    eps: added to the std.
+    """
+
+    clip: float | None = 5.0
+    std: str = "group"
+    eps: float = 1e-4
+
+    def __post_init__(self) -> None:
+        if self.std not in STD_MODES:
+            raise ValueError(f"advantages.std must be one of {STD_MODES}, got {self.std!r}")
+        if self.clip is not None and self.clip <= 0:
+            raise ValueError(f"advantages.clip must be > 0 or None, got {self.clip}")
+        if self.eps < 0:
+            raise ValueError(f"advantages.eps must be >= 0, got {self.eps}")
 
 
 def group_advantages(rewards: Tensor, *, std_mode: str = "group", eps: float = 1e-4,
@@ -74,7 +98,7 @@ def ppo_clip_loss(log_prob: Tensor, old_log_prob: Tensor, advantages: Tensor,
     carry no gradient. Returns the scalar loss and detached scalar stats:
         clip_frac: fraction of entries with |r - 1| > clip_range
         approx_kl: 0.5 * mean((log_prob - old_log_prob)^2), the estimator DDPO/Flow-GRPO log
-        ratio_mean: mean(r); exactly 1 on-policy (the sanity check of ALGORITHM.md section 5)
+        ratio_mean: mean(r); exactly 1 on-policy, before the first optimizer step (docs/algorithm.md, section 1)
     """
     if not (log_prob.shape == old_log_prob.shape == advantages.shape):
         shapes = [tuple(t.shape) for t in (log_prob, old_log_prob, advantages)]

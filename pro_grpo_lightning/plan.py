@@ -36,8 +36,8 @@ Phases (each: resident weights + what lives through the phase + the call's trans
 
 Denoiser calls and update minibatches are traced at 1 and 2 rows and extrapolated linearly
 (``Planner._linear``: every activation is [batch, ...]), so every chunk size a lever tries is free.
-Rows per denoiser call come from ``--sample-batch-size``, else the module's ``sample_batch_size``
-attribute when it has one, else all live rows. A reward whose scoring branches on pixel values
+Rows per denoiser call come from ``--sample-batch-size``, else the run's ``model.rollout.sample_batch_size``
+(None: all live rows). A reward whose scoring branches on pixel values
 cannot run on fake tensors: its activations are left out, with a note in the output.
 Levers (``Planner.levers`` / ``advice``): each lever alone, then the ones to pull in order until
 the peak fits, those that leave the results unchanged first.
@@ -161,8 +161,9 @@ def no_source_checks() -> Iterator[None]:
             setattr(mod, attr, fn)
 
 
-def build_run(config: str, overrides: Sequence[str] = ()) -> tuple[Any, Any]:
-    """(module, datamodule) of ``fit --config config``, nothing loaded (backends load lazily)."""
+def build_run(config: str | Sequence[str], overrides: Sequence[str] = ()) -> tuple[Any, Any]:
+    """(module, datamodule) of ``fit --config config`` (several: a base and its overlays, in order),
+    nothing loaded (backends load lazily)."""
     from . import backends, rewards  # noqa: F401  (import every module whose checks we relax)
     from .cli import main
 
@@ -170,7 +171,8 @@ def build_run(config: str, overrides: Sequence[str] = ()) -> tuple[Any, Any]:
     sys.argv = argv[:1]  # LightningCLI reads only ``args`` here (and warns when sys.argv has more)
     try:
         with no_source_checks():
-            cli = main(["--config", config, *overrides], run=False, save_config=False)
+            configs = [config] if isinstance(config, str) else list(config)
+            cli = main([a for c in configs for a in ("--config", c)] + list(overrides), run=False, save_config=False)
     finally:
         sys.argv = argv
     return cli.model, cli.datamodule
@@ -644,7 +646,7 @@ class Planner:
                 best = ph
             history += rows[t] * (L + 4)  # x_{t+1} [B, *latent] float32 and log-prob [B]
             if t in keep_at and self.schedule.rule not in ("none", "random"):
-                scale = self.module.preview_scale
+                scale = self.module.rollout_settings.preview_scale
                 phases.append(Phase(f"{tag}: previews after step {t}, {rows[t]} rows", res,
                                     history + rows[t] * (self.cond_row_bytes + L),  # + the step's x0
                                     self.score(rows[t], st.vae_decode_chunk, scale)))
@@ -674,7 +676,7 @@ class Planner:
         phases = [Phase(f"encode {st.prompts_per_step} prompts", res_no_offload, 0,
                         self.encode(st.prompts_per_step))]
         phases += self.rollout_phases(st, audit=False)
-        if self.module.audit_every_n_rollouts > 0 and self.G != self.K:
+        if self.module.rollout_settings.audit_every_n_rollouts > 0 and self.G != self.K:
             phases += self.rollout_phases(st, audit=True)
         phases.append(self.update_phase(st))
         return phases
@@ -692,11 +694,11 @@ class Planner:
         options: list[tuple[str, str, dict[str, Any], bool]] = []
         smaller = self.G if current > self.G else max(1, current // 2)
         if smaller < current:
-            options.append(("sample_batch_size", f"model.sample_batch_size: {smaller} (rows per denoiser call)",
+            options.append(("sample_batch_size", f"model.rollout.sample_batch_size: {smaller} (rows per denoiser call)",
                             {"sample_batch_size": smaller}, False))
         if st.train_batch_size > 1:
             tb = max(1, st.train_batch_size // 4)
-            options.append(("train_batch_size", f"model.train_batch_size: {tb}", {"train_batch_size": tb}, False))
+            options.append(("train_batch_size", f"model.update.train_batch_size: {tb}", {"train_batch_size": tb}, False))
         if not st.gradient_checkpointing:
             options.append(("gradient_checkpointing", "model.backend.init_args.gradient_checkpointing: true",
                             {"gradient_checkpointing": True}, False))
@@ -781,11 +783,11 @@ def _fmt(n: int, unit: str) -> str:
     return f"{n / _UNIT[unit]:7.2f}"
 
 
-def report(config: str, gpu_memory: int | None = None, overrides: Sequence[str] = (),
+def report(config: str | Sequence[str], gpu_memory: int | None = None, overrides: Sequence[str] = (),
            sample_batch_size: int | None = None, target: str = "cuda") -> dict[str, Any]:
     """The plan of ``config`` as a dict (what ``--json`` prints)."""
     module, datamodule = build_run(config, overrides)
-    sbs = sample_batch_size if sample_batch_size is not None else getattr(module, "sample_batch_size", None)
+    sbs = sample_batch_size if sample_batch_size is not None else module.rollout_settings.sample_batch_size
     first = datamodule.prompts[0]
     prompt = first if isinstance(first, str) else str(getattr(first, "prompt", first))
     planner = Planner(module, datamodule.prompts_per_step, target=target, sample_batch_size=sbs, prompt=prompt)
@@ -794,7 +796,7 @@ def report(config: str, gpu_memory: int | None = None, overrides: Sequence[str] 
     other = dataclasses.replace(st, gradient_checkpointing=not st.gradient_checkpointing)
     peak = max(p.peak for p in phases)
     out: dict[str, Any] = {
-        "config": config, "target": target, "settings": dataclasses.asdict(st),
+        "config": config if isinstance(config, str) else " ".join(config), "target": target, "settings": dataclasses.asdict(st),
         "weights": {**planner.weights, **planner.reward_bytes},
         "resident": planner.resident(st),
         "phases": [dict(dataclasses.asdict(p), peak=p.peak) for p in phases],
@@ -865,8 +867,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m pro_grpo_lightning plan",
         description="Expected peak GPU memory of a config, per phase, without a GPU or weights; "
-                    "extra arguments (e.g. --model.train_batch_size 2) override the config as in `fit`.")
-    parser.add_argument("--config", required=True, help="the run's YAML, as given to `fit`")
+                    "extra arguments (e.g. --model.update.train_batch_size 2) override the config as in `fit`.")
+    parser.add_argument("--config", required=True, action="append",
+                        help="the run's YAML, as given to `fit` (repeatable: a base config, then its overlay)")
     parser.add_argument("--gpu-memory", default=None, help="e.g. 24GB: say whether it fits and what to change")
     parser.add_argument("--sample-batch-size", type=int, default=None,
                         help="rows per denoiser call in the rollout (default: the config's, else all rows)")
@@ -874,7 +877,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args, overrides = parser.parse_known_args(argv)
     gpu = parse_memory(args.gpu_memory) if args.gpu_memory else None
     try:
-        r = report(args.config, gpu, overrides, args.sample_batch_size)
+        r = report(args.config[0] if len(args.config) == 1 else args.config, gpu, overrides, args.sample_batch_size)
     except UnknownArchitecture as err:
         print(f"plan: {err}", file=sys.stderr)
         return 2

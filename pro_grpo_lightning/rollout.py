@@ -35,6 +35,78 @@ from .steps import draw_noise
 
 
 @dataclass
+class RolloutSettings:
+    """How a rollout samples; YAML ``model.rollout``.
+
+    preview_scale: resize factor of the x0 latents before the pruning previews' decode (1 = full
+        size). The VAE decoder is convolutional, so 0.5 decodes a half-resolution preview at about
+        a quarter of the decoder's cost; reward models resize to 224 px anyway. It trades proxy
+        quality for speed: watch ``pruning/proxy_true_corr_*`` when lowering it.
+    shared_initial_noise: every trajectory of a prompt's group starts from the *same* initial
+        latent, so the group differs only by the SDE step noise, which is what the policy gradient
+        credits (DanceGRPO, Xue et al. 2025, arXiv:2505.07818, shares the initialisation noise
+        within a group). With independent starts (Flow-GRPO's default) part of the within-group
+        reward spread comes from x_T, which no action caused, and that part is noise in the gradient.
+    audit_every_n_rollouts: every N rollouts keep the whole expanded group alive to measure how
+        often the proxy picks what the true reward would (0: never; costs a full G_max rollout).
+    sample_batch_size: rows per denoiser, VAE-decode and reward call (None: all live rows at once).
+        Counted *before* classifier-free guidance: a CFG backend runs 2 x sample_batch_size rows
+        through the network in one call. The whole batch's noise is drawn first and the chunks are
+        concatenated, so noise, selections, rewards and log-probs do not depend on it (to float
+        tolerance). A denoiser is latency-bound below some batch size, so smaller chunks cost time
+        without saving any below that size: lower it only when the rollout does not fit in memory.
+    """
+
+    preview_scale: float = 1.0
+    shared_initial_noise: bool = False
+    audit_every_n_rollouts: int = 0
+    sample_batch_size: int | None = None
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.preview_scale <= 1.0:
+            raise ValueError(f"rollout.preview_scale must be in (0, 1], got {self.preview_scale}")
+        if self.audit_every_n_rollouts < 0:
+            raise ValueError(f"rollout.audit_every_n_rollouts must be >= 0, got {self.audit_every_n_rollouts}")
+        if self.sample_batch_size is not None and self.sample_batch_size < 1:
+            raise ValueError(f"rollout.sample_batch_size must be >= 1 or None, got {self.sample_batch_size}")
+
+
+def chunked(fn, n: int, size: int | None, *args):  # noqa: ANN001, ANN202
+    """``fn`` over rows ``[i, i + size)`` of every tensor / dict-of-tensors / list argument, outputs
+    concatenated along dim 0 (tensors, dicts of tensors, tuples of those, or objects whose tensor
+    fields are). ``size`` None or >= n: one call on everything."""
+    if size is None or size >= n:
+        return fn(*args)
+
+    def rows(a, i: int):  # noqa: ANN001, ANN202
+        if isinstance(a, Tensor):
+            return a[i:i + size]
+        if isinstance(a, dict):
+            return {k: rows(v, i) for k, v in a.items()}
+        if isinstance(a, list):
+            return a[i:i + size]
+        return a
+
+    outs = [fn(*(rows(a, i) for a in args)) for i in range(0, n, size)]
+    return _cat(outs)
+
+
+def _cat(outs: list):  # noqa: ANN202
+    first = outs[0]
+    if isinstance(first, Tensor):
+        return torch.cat(outs)
+    if isinstance(first, dict):
+        return {k: _cat([o[k] for o in outs]) for k in first}
+    if isinstance(first, tuple):
+        return tuple(_cat([o[i] for o in outs]) for i in range(len(first)))
+    if first is None:
+        return None
+    if hasattr(first, "__dataclass_fields__"):  # e.g. StepOutput
+        return type(first)(**{k: _cat([getattr(o, k) for o in outs]) for k in first.__dataclass_fields__})
+    raise TypeError(f"chunked: cannot concatenate {type(first).__name__}")
+
+
+@dataclass
 class Checkpoint:
     """What happened at one selection point (a pruning checkpoint, or the final static selection).
 
@@ -116,35 +188,37 @@ class ExpandPruneRollout:
         backend: the model family (policy sampling, previews, decoding).
         rewards: scores previews (proxy) and final images (true reward).
         schedule: G_max, checkpoints, sizes and selection rule; checked against T here.
-        preview_scale: resize factor of the x0 latents before the preview decode (1 = full size).
-            The VAE decoder is convolutional, so 0.5 decodes a half-resolution preview at about a
-            quarter of the decoder's cost; reward models resize to 224 px anyway. It trades proxy
-            quality for speed: watch ``pruning/audit_proxy_corr_full_*`` when lowering it.
-        shared_initial_noise: every trajectory of a prompt's group starts from the *same* initial
-            latent, so the group differs only by the SDE step noise, which is what the policy
-            gradient credits (DanceGRPO, Xue et al. 2025, arXiv:2505.07818, shares the
-            initialisation noise within a group). With independent starts (Flow-GRPO's default)
-            part of the within-group reward spread comes from x_T, which no action caused, and
-            that part is noise in the gradient.
+        settings: preview scale, shared starts, rows per call (``RolloutSettings``). The audit
+            period is the caller's: ``run(audit=True)``.
     """
 
     def __init__(self, backend: DiffusionBackend, rewards: RewardSet, schedule: GroupSchedule,
-                 preview_scale: float = 1.0, shared_initial_noise: bool = False) -> None:
-        schedule.validate_steps(backend.num_steps)
-        if not 0.0 < preview_scale <= 1.0:
-            raise ValueError(f"preview_scale must be in (0, 1], got {preview_scale}")
+                 settings: RolloutSettings | None = None) -> None:
+        schedule.validate_steps(backend.num_steps)  # settings only: no weights needed
         self.backend = backend
         self.rewards = rewards
         self.schedule = schedule
-        self.preview_scale = preview_scale
-        self.shared_initial_noise = shared_initial_noise
+        self.settings = settings or RolloutSettings()
+
+    @property
+    def preview_scale(self) -> float:
+        return self.settings.preview_scale
+
+    @property
+    def shared_initial_noise(self) -> bool:
+        return self.settings.shared_initial_noise
+
+    @property
+    def sample_batch_size(self) -> int | None:
+        return self.settings.sample_batch_size
 
     def preview_images(self, x0: Tensor) -> Tensor:
-        """Decode x0 previews [B, *latent] -> images [B, 3, H', W'] (smaller when preview_scale < 1)."""
+        """Decode x0 previews [B, *latent] -> images [B, 3, H', W'] (smaller when preview_scale < 1),
+        ``sample_batch_size`` rows per decode."""
         if self.preview_scale < 1.0 and x0.ndim == 4:
             x0 = torch.nn.functional.interpolate(x0, scale_factor=self.preview_scale, mode="bilinear",
                                                  antialias=True)  # [B, C, h', w']
-        return self.backend.decode(x0)
+        return chunked(self.backend.decode, x0.shape[0], self.sample_batch_size, x0)
 
     @torch.no_grad()
     def run(self, prompts: Sequence[str], generator: torch.Generator | None = None, *,
@@ -216,7 +290,9 @@ class ExpandPruneRollout:
             B = x.shape[0]
             step_index = torch.full((B,), t, device=device, dtype=torch.long)  # [B]
             noise = mine(draw_noise((B * world_size, *x.shape[1:]), x.device, noise_gen), B)  # [B, *latent]
-            out = backend.step(x, step_index, row_cond, noise=noise)
+            # chunks of the live rows; the noise was drawn for the whole batch above
+            out = chunked(lambda *a: backend.step(*a[:3], noise=a[3]), B, self.sample_batch_size,
+                          x, step_index, row_cond, noise)  # StepOutput of [B, ...]
             nfe += x.shape[0]
             x = out.next_latents  # [B, *latent]
             lat_hist.append(x)
@@ -237,7 +313,7 @@ class ExpandPruneRollout:
                 rows = torch.arange(P * G, device=device) if audit else live  # [R]
                 images = self.preview_images(out.x0.index_select(0, rows))  # [R, 3, H, W]
                 texts, meta = rows_of(prompt_of.index_select(0, rows))
-                total, _ = self.rewards(images, texts, meta)  # [R]
+                total, _ = self.rewards(images, texts, meta, chunk=self.sample_batch_size)  # [R]
                 if audit:
                     audit_previews.append(total.view(P, G))  # [P, G]
                     total = total.index_select(0, live)  # [P*G_live]
@@ -264,9 +340,10 @@ class ExpandPruneRollout:
         # True rewards of the final images (of every physical row in audit mode).
         t0 = time.perf_counter()
         scored_rows = torch.arange(x.shape[0], device=device) if audit else live
-        images = backend.decode(x.index_select(0, scored_rows))  # [R, 3, H, W]
+        images = chunked(backend.decode, scored_rows.numel(), self.sample_batch_size,
+                         x.index_select(0, scored_rows))  # [R, 3, H, W]
         texts, meta = rows_of(prompt_of.index_select(0, scored_rows))
-        total, comps = self.rewards(images, texts, meta, update_stats=True)  # [R]
+        total, comps = self.rewards(images, texts, meta, update_stats=True, chunk=self.sample_batch_size)  # [R]
         audit_stats: dict[str, Tensor] = {}
         if audit:
             # rows are all P*G trajectories; ``live`` the proxy-selected survivors

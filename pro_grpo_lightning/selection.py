@@ -60,8 +60,8 @@ def ovf_indices(scores: Tensor, k: int) -> Tensor:
     scores: [P, G]. Returns long [P, k], ascending within each group.
 
     Exact in O(G log G) per group: for scalars the maximum-variance k-subset is always the i lowest
-    plus the k-i highest for some i in 0..k (a known max-variance down-sampling result, cited in
-    ALGORITHM.md section 2; tests/test_selection.py checks it by brute force). So sort each group
+    plus the k-i highest for some i in 0..k (proved in docs/algorithm.md, section 5;
+    tests/test_selection.py checks it by brute force). So sort each group
     once and score all k+1 splits with prefix sums of x and x^2, vectorised over groups and splits.
     Arithmetic is float64, on values centred by the group median, to keep ``k*sum(x^2) - sum(x)^2``
     free of cancellation. Splits whose variance ties the best within float64 rounding count as tied;

@@ -24,7 +24,8 @@ KL_TYPES = ("exact", "output", "flow_grpo")
 
 @dataclass
 class UpdateSettings:
-    """How one rollout is trained on. Defaults follow Flow-GRPO / DanceGRPO where they agree.
+    """How one rollout is trained on; YAML ``model.update``. Defaults follow Flow-GRPO / DanceGRPO
+    where they agree.
 
     inner_epochs: passes over the rollout's (trajectory, step) pairs.
     timestep_fraction: share of each trajectory's trainable steps used per epoch (random subset).
@@ -50,17 +51,19 @@ class UpdateSettings:
 
     def __post_init__(self) -> None:
         if self.inner_epochs < 1:
-            raise ValueError(f"inner_epochs must be >= 1, got {self.inner_epochs}")
+            raise ValueError(f"update.inner_epochs must be >= 1, got {self.inner_epochs}")
         if not 0.0 < self.timestep_fraction <= 1.0:
-            raise ValueError(f"timestep_fraction must be in (0, 1], got {self.timestep_fraction}")
+            raise ValueError(f"update.timestep_fraction must be in (0, 1], got {self.timestep_fraction}")
         if self.train_batch_size < 1:
-            raise ValueError(f"train_batch_size must be >= 1, got {self.train_batch_size}")
+            raise ValueError(f"update.train_batch_size must be >= 1, got {self.train_batch_size}")
         if self.minibatches_per_step is not None and self.minibatches_per_step < 1:
-            raise ValueError(f"minibatches_per_step must be >= 1 or None, got {self.minibatches_per_step}")
+            raise ValueError(f"update.minibatches_per_step must be >= 1 or None, got {self.minibatches_per_step}")
         if self.kl_type not in KL_TYPES:
-            raise ValueError(f"kl_type must be one of {KL_TYPES}, got {self.kl_type!r}")
+            raise ValueError(f"update.kl_type must be one of {KL_TYPES}, got {self.kl_type!r}")
         if self.clip_range <= 0:
-            raise ValueError(f"clip_range must be > 0, got {self.clip_range}")
+            raise ValueError(f"update.clip_range must be > 0, got {self.clip_range}")
+        if self.max_grad_norm is not None and self.max_grad_norm < 0:
+            raise ValueError(f"update.max_grad_norm must be >= 0 or None, got {self.max_grad_norm}")
 
 
 def training_pairs(num_traj: int, trainable: Tensor, fraction: float,

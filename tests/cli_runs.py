@@ -27,7 +27,7 @@ model:
   schedule:
     class_path: pro_grpo_lightning.schedules.ProGRPOSchedule
     init_args: {{group_size: 4, checkpoints: [1], keep: [2], rule: ovf}}
-  sample_every_n_rollouts: 0
+  samples: {{every_n_rollouts: 0}}
 """
 
 #: the checkpoint callback plus the LoRA export, for overrides that replace ``trainer.callbacks``
@@ -48,3 +48,14 @@ def config_args(tmp_path: Path, name: str, override: str, out: Path | None = Non
     base.write_text(BASE.format(**values))
     extra.write_text(override.format(**values))
     return ["--config", str(ROOT / "configs/tiny_sd15.yaml"), "--config", str(base), "--config", str(extra)]
+
+
+def config_command(config: Path) -> list[str]:
+    """The ``--config`` arguments of the command on a shipped config's first line (absolute paths):
+    ``--config configs/x.yaml``, or a base and its overlay ``--config configs/base.yaml --config
+    configs/x.yaml``. The config itself is always the last one."""
+    first = config.read_text().splitlines()[0]
+    assert first.startswith("# python -m pro_grpo_lightning fit --config "), first
+    args = first.split(" fit ", 1)[1].split("  ")[0].split()  # two spaces start a remark
+    assert args[-1] == f"configs/{config.name}" and args[::2] == ["--config"] * (len(args) // 2), first
+    return [str(ROOT / a) if a.startswith("configs/") else a for a in args]

@@ -8,7 +8,11 @@ from lightning.pytorch.cli import LightningCLI
 from pro_grpo_lightning.data import PromptDataModule
 from pro_grpo_lightning.module import ProGRPOModule
 
-CONFIGS = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))
+from tests.cli_runs import config_command
+
+ALL = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))
+BASES = [c for c in ALL if c.stem.endswith("_base")]  # shared settings, used under an overlay only
+CONFIGS = [c for c in ALL if c not in BASES]
 
 
 class ParseOnlyCLI(LightningCLI):
@@ -17,7 +21,7 @@ class ParseOnlyCLI(LightningCLI):
 
 
 def parse(config: Path) -> ParseOnlyCLI:
-    return ParseOnlyCLI(ProGRPOModule, PromptDataModule, run=False, args=["--config", str(config)],
+    return ParseOnlyCLI(ProGRPOModule, PromptDataModule, run=False, args=config_command(config),
                         save_config_kwargs={"overwrite": True})
 
 
@@ -29,9 +33,7 @@ def is_tiny(cfg) -> bool:
 
 @pytest.mark.parametrize("config", CONFIGS, ids=[c.name for c in CONFIGS])
 def test_config_parses_and_starts_with_its_command(config):
-    first = config.read_text().splitlines()[0]
-    assert first.startswith("# python -m pro_grpo_lightning fit --config configs/" + config.name), first
-    cli = parse(config)
+    cli = parse(config)  # with the --config files of the command on its first line
     cfg = cli.config
     assert cfg.model.backend.class_path.startswith("pro_grpo_lightning.backends.")
     assert cfg.model.schedule.class_path.startswith("pro_grpo_lightning.schedules.")
@@ -45,6 +47,17 @@ def test_config_parses_and_starts_with_its_command(config):
         # real weights: offline, instantiation fails at once naming the weights, not deep in a library
         with pytest.raises(FileNotFoundError, match="offline|no such folder"):
             init(cfg)
+
+
+@pytest.mark.parametrize("base", BASES, ids=[c.name for c in BASES])
+def test_every_base_config_is_used_by_an_overlay_and_refused_alone(base, capsys):
+    users = [c for c in CONFIGS if str(base) in config_command(c)]
+    assert users, f"{base.name}: no config's command uses it"
+    for line in base.read_text().splitlines()[:4]:  # its header names the commands
+        assert not line.startswith("#   python") or "--config configs/" + base.name in line
+    with pytest.raises(SystemExit):  # alone it has no schedule: jsonargparse names the missing key
+        ParseOnlyCLI(ProGRPOModule, PromptDataModule, run=False, args=["--config", str(base)])
+    assert "model.schedule" in capsys.readouterr().err
 
 
 def test_paper_sd14_configs_mirror_the_paper():
@@ -65,7 +78,8 @@ def test_flow_grpo_baseline_mirrors_flow_grpos_pickscore_config():
     b = m.backend.init_args
     assert (b.num_steps, b.guidance_scale, b.resolution, b.noise_level, b.sde_kind) == (10, 4.5, 512, 0.7, "flow_grpo")
     assert m.schedule.class_path.endswith("PlainGRPOSchedule") and m.schedule.init_args.group_size == 24
-    assert (m.adv_std, m.adv_clip, m.kl_beta, m.kl_type, m.clip_range) == ("global", 5.0, 0.01, "flow_grpo", 1e-4)
+    assert (m.advantages.std, m.advantages.clip) == ("global", 5.0)
+    assert (m["update"].kl_beta, m["update"].kl_type, m["update"].clip_range) == (0.01, "flow_grpo", 1e-4)
 
 
 def test_unknown_backend_is_a_clear_error(tmp_path, capsys):

@@ -34,7 +34,8 @@ model:
     class_path: torch.optim.SGD
     init_args: {{lr: 1.0}}
   reward_normalize: batch
-  train_batch_size: 8
+  update:
+    train_batch_size: 8
 data:
   val_prompts: [a cat, a dog, a horse]  # 3 items on 2 ranks: shards of 2 and 1, gathered at the end
   eval_images_per_prompt: 1

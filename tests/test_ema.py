@@ -20,6 +20,7 @@ from pro_grpo_lightning.export import LORA_WEIGHT_NAME, export_lora, fresh_pipel
 from pro_grpo_lightning.export import main as export_main
 from pro_grpo_lightning.module import ProGRPOModule
 from pro_grpo_lightning.rewards.image_stats import Brightness
+from pro_grpo_lightning.update import UpdateSettings
 from pro_grpo_lightning.schedules import ProGRPOSchedule
 from tests.cli_runs import CALLBACKS_WITH_EXPORT, config_args
 
@@ -73,8 +74,8 @@ def tiny_module() -> ProGRPOModule:
     return ProGRPOModule(backend=TinySD15Backend(num_steps=4, resolution=32, guidance_scale=2.0, seed=0,
                                                  lora=LoraSettings(rank=2, alpha=2)),
                          rewards=[Brightness()], schedule=ProGRPOSchedule(group_size=4, checkpoints=[1], keep=[2]),
-                         optimizer=lambda p: torch.optim.AdamW(p, lr=3e-2), train_batch_size=8, clip_range=0.01,
-                         seed=0)
+                         optimizer=lambda p: torch.optim.AdamW(p, lr=3e-2),
+                         update=UpdateSettings(train_batch_size=8, clip_range=0.01), seed=0)
 
 
 def fit(tmp_path, name, max_steps, ema, ckpt_path=None, val_prompts=None):

@@ -17,6 +17,7 @@ from pro_grpo_lightning.evaluation import EvalItems, sample_items
 from pro_grpo_lightning.module import ProGRPOModule
 from pro_grpo_lightning.rewards.image_stats import Brightness, Colorfulness
 from pro_grpo_lightning.schedules import ProGRPOSchedule
+from pro_grpo_lightning.update import UpdateSettings
 from tests.cli_runs import config_args
 
 VAL = ["a cat", "a red square", "a horse"]
@@ -26,7 +27,7 @@ def tiny_module(**kw) -> ProGRPOModule:
     args = dict(backend=TinySD15Backend(num_steps=4, resolution=32, guidance_scale=2.0, seed=0,
                                         lora=LoraSettings(rank=2, alpha=2)),
                 rewards=[Brightness()], schedule=ProGRPOSchedule(group_size=4, checkpoints=[1], keep=[2]),
-                optimizer=lambda p: torch.optim.AdamW(p, lr=1e-2), train_batch_size=8, clip_range=0.01,
+                optimizer=lambda p: torch.optim.AdamW(p, lr=1e-2), update=UpdateSettings(train_batch_size=8, clip_range=0.01),
                 eval_rewards=[Colorfulness()])
     args.update(kw)
     return ProGRPOModule(**args)

@@ -279,11 +279,11 @@ def test_nan_in_a_whole_group_and_on_previews_and_final_images(tmp_path, capsys)
 def test_always_nonfinite_reward_stops_in_n_rollouts_and_keeps_the_last_good_checkpoint(tmp_path, capsys, value):
     # 2 good rollouts (checkpointed), then every reward non-finite: stop after 2 more (max_bad_rollouts 2)
     args = faulty_run(tmp_path, "a", PLAIN4, f"{{every: 1, first_call: 2, value: {value!r}}}", steps=20,
-                      extra="  max_bad_rollouts: 2\n")
+                      extra="  guards:\n    max_bad_rollouts: 2\n")
     rc, err = run_cli(args, capsys)
     assert rc == 1
     line = error_line(err)
-    assert "model.max_bad_rollouts=2: 2 consecutive rollouts trained nothing" in line
+    assert "model.guards.max_bad_rollouts=2: 2 consecutive rollouts trained nothing" in line
     assert "reward 'faulty' returned NaN/inf for 16 of 16 images" in line
     state = assert_finite_checkpoint(tmp_path / "a/ckpt/last.ckpt")
     assert state["global_step"] == 2 and state["pro_grpo"]["rollouts_done"] == 2
@@ -406,7 +406,7 @@ def test_resume_mismatch_is_one_line_before_weights_load(trained, tmp_path, caps
 
 @pytest.mark.slow
 def test_schedule_change_on_purpose_resumes(trained, tmp_path, capsys):
-    override = ("model:\n  allow_schedule_change: true\n  schedule:\n"
+    override = ("model:\n  guards:\n    allow_schedule_change: true\n  schedule:\n"
                 "    init_args: {group_size: 6, checkpoints: [1], keep: [2], rule: ovf}\n")
     rc, err = run_cli(resume_args(tmp_path, trained, override.replace("{", "{{").replace("}", "}}")), capsys)
     assert rc == 0, err[-3000:]
@@ -432,7 +432,7 @@ def no_logger_run(root: Path, rank: int) -> list[str]:
             "--trainer.logger=false", f"--trainer.default_root_dir={root}", "--trainer.enable_progress_bar=false",
             "--trainer.callbacks=[{class_path: lightning.pytorch.callbacks.ModelCheckpoint, "
             "init_args: {save_last: true, every_n_train_steps: 1}}]",
-            "--model.sample_every_n_rollouts=0", f"--model.backend.init_args.lora.rank={rank}"]
+            "--model.samples.every_n_rollouts=0", f"--model.backend.init_args.lora.rank={rank}"]
 
 
 @pytest.mark.slow
@@ -571,11 +571,11 @@ def test_non_utf8_prompts_file_names_the_file(tmp_path, capsys):
 # ---- 7. messages ---------------------------------------------------------------------------------------
 def test_constructor_errors_are_one_line_and_debug_shows_the_trace(capsys, monkeypatch):
     # fails while the module is built: nothing is written whatever the root dir
-    rc, err = run_cli([*TINY, "--model.clip_range=-1"], capsys)
-    assert rc == 2 and error_line(err) == "error: ValueError: clip_range must be > 0, got -1.0"
+    rc, err = run_cli([*TINY, "--model.update.clip_range=-1"], capsys)
+    assert rc == 2 and error_line(err) == "error: ValueError: update.clip_range must be > 0, got -1.0"
     monkeypatch.setenv("PRO_GRPO_DEBUG", "1")
     with pytest.raises(ValueError, match="clip_range"):
-        run_main(main, [*TINY, "--model.clip_range=-1"])
+        run_main(main, [*TINY, "--model.update.clip_range=-1"])
 
 
 def test_export_cli_errors_are_one_line(tmp_path, capsys):
@@ -586,10 +586,10 @@ def test_export_cli_errors_are_one_line(tmp_path, capsys):
 
 def test_python_dash_m_prints_one_line(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.run([sys.executable, "-m", "pro_grpo_lightning", *TINY[:3], "--model.clip_range=-1"],
+    proc = subprocess.run([sys.executable, "-m", "pro_grpo_lightning", *TINY[:3], "--model.update.clip_range=-1"],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
-    assert proc.stderr.strip().splitlines()[-1] == "error: ValueError: clip_range must be > 0, got -1.0"
+    assert proc.stderr.strip().splitlines()[-1] == "error: ValueError: update.clip_range must be > 0, got -1.0"
 
 
 def test_export_lora_refuses_nonfinite_adapter_weights(tmp_path):

@@ -25,6 +25,7 @@ from pro_grpo_lightning.rewards.combine import RewardSet
 from pro_grpo_lightning.rewards.image_stats import Brightness
 from pro_grpo_lightning.rollout import ExpandPruneRollout
 from pro_grpo_lightning.schedules import ProGRPOSchedule
+from tests.cli_runs import config_command
 
 ROOT = Path(__file__).parent.parent
 CONFIGS = ROOT / "configs"
@@ -59,7 +60,7 @@ def test_cli_fit_on_tiny_backend(config, tmp_path):
     cli = main(["fit", "--config", str(CONFIGS / config), "--trainer.max_steps", "2",
                 "--trainer.logger.init_args.save_dir", str(tmp_path), "--trainer.enable_progress_bar", "false",
                 "--trainer.default_root_dir", str(tmp_path),
-                "--model.sample_every_n_rollouts", "0", "--model.audit_every_n_rollouts", "0",
+                "--model.samples.every_n_rollouts", "0", "--model.rollout.audit_every_n_rollouts", "0",
                 *SHORTER[config]])
     module, trainer = cli.model, cli.trainer
     assert trainer.global_step == 2 and module.rollouts_done == 2
@@ -180,7 +181,7 @@ class ParseOnlyCLI(LightningCLI):
 
 
 def parse(name: str) -> ParseOnlyCLI:
-    return ParseOnlyCLI(ProGRPOModule, PromptDataModule, run=False, args=["--config", str(CONFIGS / name)],
+    return ParseOnlyCLI(ProGRPOModule, PromptDataModule, run=False, args=config_command(CONFIGS / name),
                         save_config_kwargs={"overwrite": True})
 
 
@@ -200,11 +201,13 @@ def test_sd35m_and_flux_configs_mirror_the_paper(real_configs):
         assert (b.noise_level, b.sde_kind, b.dtype) == (0.7, "flow_grpo", "bfloat16")
         assert (b.lora.rank, b.lora.alpha) == (32, 64)
         assert [r.class_path for r in m.rewards] == ["pro_grpo_lightning.rewards.pickscore.PickScore"]
-        assert (m.clip_range, m.adv_clip, m.kl_beta) == (1e-4, 5.0, 0.01)
+        assert (m["update"].clip_range, m.advantages.clip, m["update"].kl_beta) == (1e-4, 5.0, 0.01)  # m.update: a method
         assert m.optimizer.class_path == "torch.optim.AdamW" and m.optimizer.init_args.lr == 3e-4
         assert real_configs[name].config.trainer.precision == "bf16-mixed"
         # the three runs differ in their schedule only (and in their log name)
-        rest = {k: v for k, v in m.as_dict().items() if k not in ("schedule", "audit_every_n_rollouts")}
+        rest = {k: v for k, v in m.as_dict().items() if k not in ("schedule", "rollout")}
+        assert {**m.rollout.as_dict(), "audit_every_n_rollouts": 0} == {
+            "preview_scale": 1.0, "shared_initial_noise": False, "audit_every_n_rollouts": 0, "sample_batch_size": None}
         shared = shared or rest
         assert rest == shared, name
     std, flash = cfg["sd35m_pickscore_pro_grpo.yaml"].schedule, cfg["sd35m_pickscore_pro_grpo_flash.yaml"].schedule
@@ -241,7 +244,7 @@ def test_real_flow_config_fails_offline_naming_its_weights(name, real_configs, m
 def _run_cli_offline(tmp_path):
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HUB_CACHE=str(tmp_path / "hub"), PYTHONPATH=str(ROOT))
     return subprocess.run([sys.executable, "-m", "pro_grpo_lightning", "fit", "--config",
-                           "configs/sd35m_pickscore_pro_grpo.yaml"],
+                           "configs/sd35m_pickscore_base.yaml", "--config", "configs/sd35m_pickscore_pro_grpo.yaml"],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
 
 

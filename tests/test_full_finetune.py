@@ -34,9 +34,9 @@ def count(module: torch.nn.Module) -> int:
 def test_reference_copy_only_with_a_kl(family):
     lora = FAMILIES[family](num_steps=4, resolution=32)
     no_kl = ProGRPOModule(backend=make(family), rewards=[Brightness()],
-                          schedule=PlainGRPOSchedule(2), kl_beta=0.0).backend
+                          schedule=PlainGRPOSchedule(2), update=UpdateSettings(kl_beta=0.0)).backend
     with_kl = ProGRPOModule(backend=make(family), rewards=[Brightness()],
-                            schedule=PlainGRPOSchedule(2), kl_beta=0.01).backend
+                            schedule=PlainGRPOSchedule(2), update=UpdateSettings(kl_beta=0.01)).backend
     for b in (lora, no_kl, with_kl):
         b.configure_model()
     net = count(no_kl.denoiser())
@@ -108,8 +108,8 @@ def test_full_finetuning_learns(family):
 def tiny_module(family: str) -> ProGRPOModule:
     return ProGRPOModule(backend=make(family), rewards=[Brightness()],
                          schedule=ProGRPOSchedule(group_size=4, checkpoints=[1], keep=[2]),
-                         optimizer=lambda p: torch.optim.AdamW(p, lr=1e-3), train_batch_size=8,
-                         clip_range=0.01, kl_beta=0.01, seed=0)
+                         optimizer=lambda p: torch.optim.AdamW(p, lr=1e-3),
+                         update=UpdateSettings(train_batch_size=8, clip_range=0.01, kl_beta=0.01), seed=0)
 
 
 def fit(module, tmp_path, name, max_steps, ckpt_path=None):
@@ -164,7 +164,8 @@ def test_full_finetuning_resumes_exactly_and_exports_a_pipeline(family, tmp_path
 def test_memory_plan_counts_full_finetuning(kl):
     from pro_grpo_lightning import plan
 
-    module = ProGRPOModule(backend=make("sd15"), rewards=[Brightness()], schedule=PlainGRPOSchedule(2), kl_beta=kl)
+    module = ProGRPOModule(backend=make("sd15"), rewards=[Brightness()], schedule=PlainGRPOSchedule(2),
+                           update=UpdateSettings(kl_beta=kl))
     weights = plan.Planner(module, prompts_per_step=2, target="cpu").weights
     real = make("sd15")
     real.keep_reference = False

@@ -44,10 +44,10 @@ def test_capture_sums_gradients_and_leaves_parameters():
 def test_tiny_run_through_the_quickstart_config(tmp_path, one_thread):
     # one_thread restores the thread count after this file: the entry point sets it for the process
     res = main(["--rollouts", "2", "--prompts", "1", "--threads", "1", "--out", str(tmp_path),
-                "--set", "model.backend.init_args.sde_window=[0,5]", "--set", "model.shared_initial_noise=true",
+                "--set", "model.backend.init_args.sde_window=[0,5]", "--set", "model.rollout.shared_initial_noise=true",
                 "--tag", "window"])
     assert res["rollouts"] == 2 and res["trajectories_per_rollout"] == 6  # 16 -> 10 -> 6 survivors
     assert -1 <= res["pairwise_cos_mean"] <= 1 and res["signal_share"] <= 1
     assert 0 <= res["within_group_reward_std"] <= 0.5 and 0 <= res["reward_mean"] <= 1
-    assert res["sets"] == ["model.backend.init_args.sde_window=[0,5]", "model.shared_initial_noise=true"]
+    assert res["sets"] == ["model.backend.init_args.sde_window=[0,5]", "model.rollout.shared_initial_noise=true"]
     assert (tmp_path / "gradient_snr_config_window.json").exists()

@@ -30,9 +30,10 @@ trainer:
   max_steps: {max_steps}
 model:
   reward_normalize: running
-  timestep_fraction: 0.5
-  train_batch_size: 4
-  minibatches_per_step: 2
+  update:
+    timestep_fraction: 0.5
+    train_batch_size: 4
+    minibatches_per_step: 2
 data:
   prompts: colors
   prompts_per_step: 4

@@ -30,8 +30,9 @@ trainer:
     class_path: lightning.pytorch.loggers.TensorBoardLogger
     init_args: {{save_dir: "{out}", name: tb}}
 model:
-  sample_every_n_rollouts: 1
-  sample_prompts: [a cat, a dog]
+  samples:
+    every_n_rollouts: 1
+    prompts: [a cat, a dog]
 data:
   prompts: colors
   prompts_per_step: 2
@@ -110,7 +111,7 @@ def test_tensorboard_run_reads_well(tmp_path):
     assert values["schedule.checkpoints"] == "[1]" and values["schedule.keep"] == "[2]"
     assert values["lora.rank"] == 4 and values["lora.alpha"] == 4.0
     assert values["optimizer.lr"] == pytest.approx(0.003)
-    assert values["clip_range"] == 0.01 and values["kl_beta"] == 0.0
+    assert values["update.clip_range"] == 0.01 and values["update.kl_beta"] == 0.0
     assert values["data.prompts_per_step"] == 2
     saved = yaml.safe_load((run_dir / "hparams.yaml").read_text())
     assert saved["schedule.keep"] == "[2]" and saved["lora.rank"] == 4

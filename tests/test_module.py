@@ -6,6 +6,7 @@ import os
 import lightning.pytorch as pl
 import pytest
 import torch
+import yaml
 from lightning.pytorch.loggers import CSVLogger
 
 from pro_grpo_lightning.backends.base import LoraSettings
@@ -13,8 +14,10 @@ from pro_grpo_lightning.backends.sd15 import TinySD15Backend
 from pro_grpo_lightning.cli import main
 from pro_grpo_lightning.data import PromptDataModule
 from pro_grpo_lightning.module import ProGRPOModule
+from pro_grpo_lightning.rollout import RolloutSettings
 from pro_grpo_lightning.rewards.image_stats import Brightness
 from pro_grpo_lightning.schedules import ProGRPOSchedule
+from pro_grpo_lightning.update import UpdateSettings
 
 
 def tiny_module(**kw) -> ProGRPOModule:
@@ -24,7 +27,7 @@ def tiny_module(**kw) -> ProGRPOModule:
         rewards=[Brightness()],
         schedule=ProGRPOSchedule(group_size=4, checkpoints=[1], keep=[2]),
         optimizer=lambda p: torch.optim.AdamW(p, lr=1e-3),
-        train_batch_size=8, clip_range=0.01, seed=0)
+        update=UpdateSettings(train_batch_size=8, clip_range=0.01), seed=0)
     args.update(kw)
     return ProGRPOModule(**args)
 
@@ -51,7 +54,7 @@ def lora(module):
 
 
 def test_fit_logs_what_a_user_needs_and_updates_only_lora(tmp_path):
-    module = tiny_module(audit_every_n_rollouts=2)
+    module = tiny_module(rollout=RolloutSettings(audit_every_n_rollouts=2))
     trainer = fit(module, tmp_path, max_steps=2)
     assert trainer.global_step == 2 and module.rollouts_done == 2
     rows = read_metrics(trainer)
@@ -130,7 +133,7 @@ def test_cli_fit_quickstart_config_for_a_few_steps(tmp_path):
     """The README's quickstart (the pretrained shapes model, exact reward), fewer prompts a rollout."""
     main(["fit", "--config", "configs/quickstart.yaml", "--trainer.max_steps", "2",
           "--trainer.logger.init_args.save_dir", str(tmp_path), "--trainer.enable_progress_bar", "false",
-          "--trainer.default_root_dir", str(tmp_path), "--model.sample_every_n_rollouts", "1",
+          "--trainer.default_root_dir", str(tmp_path), "--model.samples.every_n_rollouts", "1",
           "--data.prompts_per_step", "2", "--data.eval_images_per_prompt", "1"])
     events = glob.glob(str(tmp_path / "quickstart" / "*" / "events.out.tfevents.*"))
     assert events
@@ -150,8 +153,28 @@ def test_cli_fit_quickstart_config_for_a_few_steps(tmp_path):
 def test_bad_module_options_fail_before_any_weights_load():
     backend = TinySD15Backend(num_steps=4, resolution=32, seed=0)
     with pytest.raises(ValueError, match="flow-matching backend"):
-        tiny_module(backend=backend, kl_type="flow_grpo", kl_beta=0.01)
+        tiny_module(backend=backend, update=UpdateSettings(kl_type="flow_grpo", kl_beta=0.01))
     with pytest.raises(ValueError, match="preview_scale"):
-        tiny_module(preview_scale=1.5)
+        tiny_module(rollout=RolloutSettings(preview_scale=1.5))
     with pytest.raises(ValueError, match="outside"):
         tiny_module(schedule=ProGRPOSchedule(group_size=4, checkpoints=[4], keep=[2]))
+
+
+def test_cli_sample_batch_size_below_a_group_runs_and_hparams_are_nested(tmp_path):
+    """``--model.rollout.sample_batch_size 3`` (groups of 8) end to end through the CLI, with a nested
+    override of the update; hparams.yaml holds the groups as plain nested mappings. (That chunks
+    change no result is tests/test_rollout.py's check, per backend: here Adam's first step would
+    amplify float-rounding differences of near-zero gradients.)"""
+    cli = main(["fit", "--config", "configs/tiny_sd15.yaml", "--trainer.max_steps", "1",
+                "--trainer.logger.init_args.save_dir", str(tmp_path), "--trainer.enable_progress_bar", "false",
+                "--trainer.callbacks", "[]", "--trainer.enable_checkpointing", "false",
+                "--trainer.default_root_dir", str(tmp_path), "--model.samples.every_n_rollouts", "0",
+                "--data.prompts_per_step", "2", "--model.rollout.sample_batch_size", "3",
+                "--model.update.clip_range", "0.02"])
+    module = cli.model
+    assert module.sample_batch_size == 3 and module.rollout.sample_batch_size == 3
+    assert module.settings.clip_range == 0.02 and module.trainer.global_step == 1
+    (hparams,) = glob.glob(str(tmp_path / "**" / "hparams.yaml"), recursive=True)
+    saved = yaml.safe_load(open(hparams))
+    assert saved["rollout"]["sample_batch_size"] == 3 and saved["update"]["clip_range"] == 0.02
+    assert saved["advantages"] == {"clip": 5.0, "std": "group", "eps": 1e-4} and "guards" not in saved

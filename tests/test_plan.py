@@ -22,6 +22,7 @@ from pro_grpo_lightning.backends import TinyFluxBackend, TinySD3Backend, TinySD1
 from pro_grpo_lightning.module import ProGRPOModule
 from pro_grpo_lightning.rewards import Brightness
 from pro_grpo_lightning.schedules import ProGRPOSchedule
+from pro_grpo_lightning.update import UpdateSettings
 
 TOL = 0.02
 SLACK = 16 * 1024
@@ -43,7 +44,7 @@ def _mini(family):
 def _module(backend, kl_beta=0.0):
     return ProGRPOModule(backend=backend, rewards=[Brightness()],
                          schedule=ProGRPOSchedule(group_size=6, checkpoints=[1], keep=[4]),
-                         train_batch_size=6, kl_beta=kl_beta)
+                         update=UpdateSettings(train_batch_size=6, kl_beta=kl_beta))
 
 
 def _close(planned: int, measured: int) -> bool:

@@ -30,7 +30,7 @@ def test_tiny_sd15_with_weighted_clip_score_and_brightness(tmp_path, tiny_clip_d
     cfg["trainer"]["enable_checkpointing"] = False
     cfg["trainer"]["enable_progress_bar"] = False
     cfg["trainer"]["logger"]["init_args"]["save_dir"] = str(tmp_path / "logs")
-    cfg["model"]["sample_every_n_rollouts"] = 0
+    cfg["model"]["samples"] = {"every_n_rollouts": 0}
     p = tmp_path / "mix.yaml"
     p.write_text(yaml.safe_dump(cfg))
     main(["fit", "--config", str(p), "--trainer.default_root_dir", str(tmp_path)])

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from pro_grpo_lightning.rewards.combine import RewardSet
-from pro_grpo_lightning.rollout import ExpandPruneRollout, group_centred_corr, proxy_reward_correlation
+from pro_grpo_lightning.rollout import ExpandPruneRollout, RolloutSettings, group_centred_corr, proxy_reward_correlation
 from pro_grpo_lightning.schedules import PlainGRPOSchedule, ProGRPOSchedule, StaticOVFSchedule
 from pro_grpo_lightning.selection import ovf_indices
 from tests.fakes import AffineBackend, MeanPixel
@@ -190,8 +190,63 @@ def test_preview_scale_decodes_smaller_previews_only():
     b.configure_model()
     b.decoded = []
     with pytest.raises(ValueError, match="preview_scale"):
-        ExpandPruneRollout(b, RewardSet([MeanPixel()]), ProGRPOSchedule(6, [1], [3]), preview_scale=0)
-    r = ExpandPruneRollout(b, RewardSet([MeanPixel()]), ProGRPOSchedule(6, [1], [3]), preview_scale=0.5)
+        RolloutSettings(preview_scale=0)
+    r = ExpandPruneRollout(b, RewardSet([MeanPixel()]), ProGRPOSchedule(6, [1], [3]), RolloutSettings(preview_scale=0.5))
     res = r.run(PROMPTS, torch.Generator().manual_seed(0))
     assert b.decoded == [(18, 2, 2, 2), (9, 2, 4, 4)]  # preview at half size, final images at full size
     assert res.images.shape == (9, 3, 4, 4)
+
+
+# ---- sample_batch_size: chunked denoiser / decode / reward calls -----------------------------------
+def _tiny(family):
+    from pro_grpo_lightning.backends import LoraSettings, TinyFluxBackend, TinySD3Backend, TinySD15Backend
+
+    lora = LoraSettings(rank=2, alpha=2)
+    return {"sd15": lambda: TinySD15Backend(num_steps=4, resolution=32, guidance_scale=3.0, seed=0, lora=lora),
+            "sd3": lambda: TinySD3Backend(num_steps=4, resolution=32, guidance_scale=4.5, seed=0, lora=lora),
+            "flux": lambda: TinyFluxBackend(num_steps=4, resolution=32, guidance_scale=3.5, seed=0, lora=lora),
+            }[family]()
+
+
+@pytest.mark.parametrize("family", ["sd15", "sd3", "flux"])
+def test_sample_batch_size_changes_call_sizes_not_results(family):
+    from pro_grpo_lightning.evaluation import sample_items
+    from pro_grpo_lightning.rewards.image_stats import Brightness
+
+    backend = _tiny(family)
+    backend.configure_model()
+    calls: dict[str, list[int]] = {"step": [], "decode": [], "reward": []}
+    step, decode = backend.step, backend.decode
+    backend.step = lambda x, *a, **k: calls["step"].append(x.shape[0]) or step(x, *a, **k)
+    backend.decode = lambda x: calls["decode"].append(x.shape[0]) or decode(x)
+    reward = Brightness()
+    forward = reward.forward
+    reward.forward = lambda images, *a: calls["reward"].append(images.shape[0]) or forward(images, *a)
+    sched = ProGRPOSchedule(6, [1], [3])  # 2 prompts: 12 rows, then 6
+
+    def run(size):
+        for v in calls.values():
+            v.clear()
+        r = ExpandPruneRollout(backend, RewardSet([reward]), sched, RolloutSettings(sample_batch_size=size))
+        res = r.run(["a cat", "two dogs"], torch.Generator().manual_seed(0),
+                    noise_generator=torch.Generator().manual_seed(1))
+        return res, {k: list(v) for k, v in calls.items()}
+
+    whole, whole_calls = run(None)
+    chunked, chunked_calls = run(4)
+    assert whole_calls["step"] == [12, 12, 6, 6] and whole_calls["decode"] == [12, 6]
+    assert chunked_calls["step"] == [4, 4, 4] * 2 + [4, 2] * 2  # rows before CFG doubling
+    assert chunked_calls["decode"] == [4, 4, 4, 4, 2] and chunked_calls["reward"] == [4, 4, 4, 4, 2]
+    assert [c.kept.tolist() for c in chunked.checkpoints] == [c.kept.tolist() for c in whole.checkpoints]
+    torch.testing.assert_close(chunked.latents, whole.latents, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(chunked.log_probs, whole.log_probs, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(chunked.rewards, whole.rewards, rtol=1e-5, atol=1e-6)
+    # held-out sampling: same images in chunks of 2
+    seeds = [3, 4, 5]
+    torch.testing.assert_close(sample_items(backend, ["a", "b", "c"], seeds, 2),
+                               sample_items(backend, ["a", "b", "c"], seeds), rtol=1e-5, atol=1e-5)
+
+
+def test_sample_batch_size_is_checked_once():
+    with pytest.raises(ValueError, match="rollout.sample_batch_size must be >= 1 or None, got 0"):
+        RolloutSettings(sample_batch_size=0)

@@ -9,7 +9,7 @@ from pro_grpo_lightning.backends.base import select_rows
 from pro_grpo_lightning.backends.flux import TinyFluxBackend
 from pro_grpo_lightning.backends.sd15 import TinySD15Backend
 from pro_grpo_lightning.rewards.combine import RewardSet
-from pro_grpo_lightning.rollout import ExpandPruneRollout
+from pro_grpo_lightning.rollout import ExpandPruneRollout, RolloutSettings
 from pro_grpo_lightning.schedules import ProGRPOSchedule
 from tests.fakes import AffineBackend, MeanPixel
 
@@ -90,7 +90,7 @@ def test_shared_initial_noise_one_start_per_group_and_rank_independent():
     rewards = RewardSet([MeanPixel()])
 
     def run(ps, shared, rank=0, world_size=1):
-        return ExpandPruneRollout(backend, rewards, sched, shared_initial_noise=shared).run(
+        return ExpandPruneRollout(backend, rewards, sched, RolloutSettings(shared_initial_noise=shared)).run(
             ps, torch.Generator().manual_seed(5), noise_generator=torch.Generator().manual_seed(3), rank=rank,
             world_size=world_size)
 
@@ -111,7 +111,7 @@ def test_cli_sets_the_window_and_shared_starts_and_refuses_a_bad_window():
     from pro_grpo_lightning.cli import main
 
     cfg = ["--config", "configs/quickstart.yaml", "--trainer.logger=false"]
-    cli = main([*cfg, "--model.backend.init_args.sde_window=[0,5]", "--model.shared_initial_noise=true"],
+    cli = main([*cfg, "--model.backend.init_args.sde_window=[0,5]", "--model.rollout.shared_initial_noise=true"],
                run=False, save_config=False)
     cli.model.configure_model()
     assert cli.model.backend.sde_window == (0, 5) and cli.model.rollout.shared_initial_noise

@@ -97,13 +97,20 @@ class RewardSet(nn.Module):
 
     @torch.no_grad()
     def forward(self, images: Tensor, prompts: Sequence[str], metadata: Sequence[dict] | None = None,
-                update_stats: bool = False) -> tuple[Tensor, dict[str, Tensor]]:
+                update_stats: bool = False, chunk: int | None = None) -> tuple[Tensor, dict[str, Tensor]]:
         """images [B, 3, H, W] in [0, 1] -> (total [B] float32, {name: raw score [B]}).
 
         ``metadata``: None or one dict per image, passed to the rewards that take it.
         ``update_stats`` folds this batch into the running statistics ("running" mode only).
+        ``chunk``: at most this many images per reward-model call (None: all); the normalisation
+        is over the whole batch either way.
         """
-        components = {r.name: r(images, prompts, metadata) for r in self.rewards}  # each [B]
+        B = images.shape[0]
+        step = B if chunk is None else max(1, chunk)
+        components = {r.name: torch.cat([r(images[i:i + step], list(prompts[i:i + step]),
+                                           None if metadata is None else list(metadata[i:i + step]))
+                                         for i in range(0, B, step)]) if step < B
+                      else r(images, prompts, metadata) for r in self.rewards}  # each [B]
         device = next(iter(components.values())).device
         scores = torch.stack([s.to(device) for s in components.values()], 1)  # [B, n]
         normalized = self._normalize(scores, update_stats)  # [B, n]
