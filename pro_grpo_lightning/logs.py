@@ -152,14 +152,15 @@ def log_rollout_images(module: pl.LightningModule, r: RolloutResult, prompts: li
 
 # ---- held-out evaluation -------------------------------------------------------------------------
 def log_eval(module: pl.LightningModule, stage: str, metrics: Mapping[str, Tensor], images: list[Tensor],
-             step: int, total_key: str) -> None:
+             step: int, total_key: str, scalars: bool = True) -> None:
     """Rank 0: the held-out means, ``hp_metric`` (= the held-out total, validation only) and an
-    image grid (first image of up to 16 prompts), all at ``step``."""
+    image grid (first image of up to 16 prompts), all at ``step``. ``scalars=False`` (a standalone
+    ``validate``/``test``, where Lightning itself logs the means it returns): the image grid only."""
     if module.global_rank != 0 or not module.loggers:
         return
-    values = {k: float(v) for k, v in metrics.items()}
+    values = {k: float(v) for k, v in metrics.items()} if scalars else {}
     hp = stage == "val" and total_key in values
-    for logger in module.loggers:
+    for logger in module.loggers if values else ():
         if hp and isinstance(logger, TensorBoardLogger) and not getattr(module, "_hp_session_written", False):
             # the HParams view's session, bound to hp_metric (logged at ``step`` with it)
             logger.log_hyperparams(run_hparams(module), {HP_METRIC: values[total_key]}, step=step)

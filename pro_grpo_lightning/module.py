@@ -448,14 +448,17 @@ class ProGRPOModule(pl.LightningModule):
         root = self.trainer.log_dir or self.trainer.default_root_dir  # a collective under DDP: every rank
         means = rows[:, 2:].mean(0)  # [S]
         metrics = {f"{stage}/{n}": means[i] for i, n in enumerate(names)}
-        if not starting_point:  # for callbacks (checkpoint monitor, progress bar); not for the loggers:
-            # Lightning would log them at the training batch counter, one behind the trained step
-            self.log_dict(metrics, on_step=False, on_epoch=True, batch_size=rows.shape[0], logger=False)
+        fitting = self.trainer.state.fn == "fit"
+        if not starting_point:  # for callbacks (checkpoint monitor, progress bar) and the return value of
+            # trainer.validate/test. During fit not for the loggers: Lightning would log them at the
+            # training batch counter, one behind the trained step, so logs.log_eval logs them instead.
+            self.log_dict(metrics, on_step=False, on_epoch=True, batch_size=rows.shape[0], logger=not fitting)
         if self.global_rank != 0:
             return
         write_eval_table(stage, self.trained_steps(), rows, names, getattr(dataset, "prompts", None), root,
                          getattr(dataset, "metadata", None))
-        logs.log_eval(self, stage, metrics, images, self.trained_steps(), f"{stage}/{EVAL_TOTAL}")
+        logs.log_eval(self, stage, metrics, images, self.trained_steps(), f"{stage}/{EVAL_TOTAL}",
+                      scalars=fitting or starting_point)
 
     def trained_steps(self) -> int:
         """Optimizer steps behind the current weights (in validate/test: the checkpoint's)."""
