@@ -98,10 +98,8 @@ class ProGRPOCLI(LightningCLI):
         sub = self.subcommand
         model, data = self.model, self.datamodule
         if isinstance(model, ProGRPOModule):
-            if isinstance(data, PromptDataModule):
-                check_prompts(model, data)
-                if sub == "predict":
-                    data.predict_set()  # no prompts: one line before any weights load
+            if isinstance(data, PromptDataModule) and sub == "predict":
+                data.predict_set()  # no prompts: one line before any weights load
             cfg = self.config[sub]
             model.run_config = self._parser(sub).dump(cfg, skip_none=False)
             ckpt, state = cfg.get("ckpt_path"), getattr(self, "_ckpt_state", None)
@@ -128,15 +126,6 @@ class ProGRPOCLI(LightningCLI):
         # ``predict`` writes its images through this callback: ``--prediction.output_dir``,
         # ``--prediction.lora_path`` (it does nothing in the other subcommands).
         parser.add_lightning_class_args(PredictionWriter, "prediction")
-
-
-def check_prompts(model: ProGRPOModule, data: PromptDataModule) -> None:
-    """Rewards that read the prompt (``Reward.validate_prompts``) see every prompt set before any
-    model loads; a refusal is one line naming the data field, the reward and the prompt."""
-    try:
-        data.validate_prompts([*model.rewards.rewards, *model.eval_rewards])
-    except ValueError as err:
-        raise ConfigError(str(err)) from None
 
 
 def main(args: list[str] | None = None, run: bool = True, save_config: bool = True) -> LightningCLI:

@@ -29,13 +29,11 @@ import tempfile
 from typing import Any
 
 import lightning.pytorch as pl
-import torch
 from lightning.pytorch.strategies import FSDPStrategy
 from lightning.pytorch.utilities import rank_zero_info
 
 from .backends.base import DiffusionBackend
-
-LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
+from .loading import LORA_WEIGHT_NAME
 
 
 def _family(backend: DiffusionBackend) -> tuple[Any, str]:

@@ -190,7 +190,10 @@ class ProGRPOModule(pl.LightningModule):
         checkpointing.install(self.trainer)
         datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
         if datamodule is not None and hasattr(datamodule, "validate_prompts"):
-            datamodule.validate_prompts([*self.rewards.rewards, *self.eval_rewards])
+            try:  # one line naming the data field, the reward and the prompt
+                datamodule.validate_prompts([*self.rewards.rewards, *self.eval_rewards])
+            except ValueError as err:
+                raise ConfigError(str(err)) from None
 
     def configure_model(self) -> None:
         """Load weights (idempotent): Lightning calls this before restoring a checkpoint."""

@@ -52,7 +52,7 @@ import json
 import os
 import sys
 import weakref
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -143,34 +143,16 @@ def measured_peak_bytes(fn: Callable[[], Any], device: torch.device | str = "cpu
 
 
 # ---- building without weights ------------------------------------------------------------------------
-@contextlib.contextmanager
-def no_source_checks() -> Iterator[None]:
-    """Let backends and rewards be constructed for a hub id that is not downloaded (planning only)."""
-    saved = []
-    for name, mod in list(sys.modules.items()):
-        if not name.startswith("pro_grpo_lightning") or mod is None:
-            continue
-        for attr in ("check_pretrained_source", "check_source"):
-            if callable(getattr(mod, attr, None)):
-                saved.append((mod, attr, getattr(mod, attr)))
-                setattr(mod, attr, lambda *a, **k: None)
-    try:
-        yield
-    finally:
-        for mod, attr, fn in saved:
-            setattr(mod, attr, fn)
-
-
 def build_run(config: str | Sequence[str], overrides: Sequence[str] = ()) -> tuple[Any, Any]:
     """(module, datamodule) of ``fit --config config`` (several: a base and its overlays, in order),
     nothing loaded (backends load lazily)."""
-    from . import backends, rewards  # noqa: F401  (import every module whose checks we relax)
     from .cli import main
+    from .loading import source_checks_skipped
 
     argv = sys.argv
     sys.argv = argv[:1]  # LightningCLI reads only ``args`` here (and warns when sys.argv has more)
     try:
-        with no_source_checks():
+        with source_checks_skipped():
             configs = [config] if isinstance(config, str) else list(config)
             cli = main([a for c in configs for a in ("--config", c)] + list(overrides), run=False, save_config=False)
     finally:

@@ -38,9 +38,8 @@ from torch import Tensor
 
 from .errors import ConfigError
 from .evaluation import gather_items, write_score_table
+from .loading import LORA_WEIGHT_NAME
 
-#: the file ``export`` writes in a LoRA folder: diffusers' own default name for a LoRA
-LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 
 
 def slug(prompt: str, max_len: int = 40) -> str:

@@ -23,6 +23,7 @@ from pro_grpo_lightning.rewards.image_stats import Brightness
 from pro_grpo_lightning.update import UpdateSettings
 from pro_grpo_lightning.schedules import ProGRPOSchedule
 from tests.cli_runs import CALLBACKS_WITH_EXPORT, config_args
+from tests.tiny_models import unet_out
 
 VAL = ["a cat", "a red square"]
 
@@ -138,14 +139,6 @@ def test_raw_and_ema_held_out_scores_are_both_logged(tmp_path):
 @pytest.fixture(scope="module")
 def sd15_folder(tmp_path_factory):
     return save_tiny_sd15_pipeline(str(tmp_path_factory.mktemp("tiny_sd15")), resolution=32)
-
-
-def unet_out(unet, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(2, 4, 4, 4, generator=g)
-    emb = torch.randn(2, 77, 32, generator=g)
-    with torch.no_grad():
-        return unet(x, torch.tensor([999, 500]), encoder_hidden_states=emb).sample
 
 
 def test_ema_export_loads_in_the_stock_pipeline(sd15_folder, tmp_path):

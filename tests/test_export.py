@@ -13,6 +13,7 @@ from pro_grpo_lightning.cli import main as cli_main
 from pro_grpo_lightning.export import LORA_WEIGHT_NAME, export_lora, fresh_pipeline
 from pro_grpo_lightning.export import main as export_main
 from tests.cli_runs import CALLBACKS_WITH_EXPORT, config_args
+from tests.tiny_models import unet_out
 
 
 
@@ -23,14 +24,6 @@ def train_like(backend) -> None:
     with torch.no_grad():
         for p in backend.trainable_parameters():
             p.copy_(torch.randn(p.shape, generator=g) * 0.3)
-
-
-def unet_out(unet, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(2, 4, 4, 4, generator=g)
-    emb = torch.randn(2, 77, 32, generator=g)
-    with torch.no_grad():
-        return unet(x, torch.tensor([999, 500]), encoder_hidden_states=emb).sample
 
 
 @pytest.fixture(scope="module")

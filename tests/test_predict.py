@@ -169,4 +169,4 @@ def test_prediction_writer_is_a_lightning_prediction_writer():
     from pro_grpo_lightning import export, predict
 
     assert isinstance(PredictionWriter(), BasePredictionWriter)
-    assert predict.LORA_WEIGHT_NAME == export.LORA_WEIGHT_NAME  # the file predict reads is the one export writes
+    assert predict.LORA_WEIGHT_NAME is export.LORA_WEIGHT_NAME  # one name (loading.py): the file predict reads is the one export writes

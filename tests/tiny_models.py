@@ -69,3 +69,12 @@ def tiny_blip_config(vocab_size: int | None = None, image_size: int = 32, patch_
     vision = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=1,
                   image_size=image_size, patch_size=patch_size, layer_norm_eps=1e-6)
     return BlipConfig(text_config=text, vision_config=vision, image_text_hidden_size=16)
+
+
+def unet_out(unet, seed=0):
+    """A tiny SD1.5 UNet's output on fixed random inputs (two timesteps): compares weights by behaviour."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(2, 4, 4, 4, generator=g)
+    emb = torch.randn(2, 77, 32, generator=g)
+    with torch.no_grad():
+        return unet(x, torch.tensor([999, 500]), encoder_hidden_states=emb).sample
