@@ -41,6 +41,7 @@ import math
 import os
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -192,11 +193,16 @@ def trajectory_gradients(module: Any, cond: Any, latents: Tensor, P: int, G: int
 
 
 def measure(module: Any, prompts: list[str], rollouts: int, schedules: list[NamedSchedule], K: int,
-            G_static: int, seed: int = 0, log=print, state: Path | None = None) -> dict[str, Any]:
+            G_static: int, seed: int = 0, log=print, state: Path | None = None,
+            shard: tuple[int, int] = (0, 1), shards: Sequence[Path] = ()) -> dict[str, Any]:
     """Sample ``rollouts`` rollouts and score every arm. With ``state``, the gradients and per-rollout
     values are saved there every 8 rollouts and at the end, and a saved state is continued (same
     settings), so an interrupted run keeps its saved rollouts (``--rollouts`` at or below the saved count samples
-    nothing new and summarises the saved ones)."""
+    nothing new and summarises the saved ones).
+
+    Rollout ``r`` depends only on (seed, r), so the work splits exactly: ``shard=(i, n)`` samples the
+    rollouts ``r`` with ``r % n == i`` into its own ``state`` (and scores nothing); ``shards`` (their
+    state files) are joined in rollout order and scored as one run of their rollouts."""
     arms = arm_schedules(K, G_static, schedules)
     T = module.backend.num_steps
     for a in arms:
@@ -210,15 +216,20 @@ def measure(module: Any, prompts: list[str], rollouts: int, schedules: list[Name
     grads: dict[str, list[Tensor]] = {a.name: [] for a in arms}
     full: list[Tensor] = []
     key = {"prompts": prompts, "arms": [a.spec for a in arms], "seed": seed}
-    if state is not None and state.exists():
-        saved = torch.load(state)
+    if shards:
+        per_rollout, grads, full = join_shards(shards, key)
+        rollouts = len(full)
+        log(f"joined {rollouts} rollouts from {len(shards)} shards")
+    elif state is not None and state.exists():
+        saved = torch.load(state, weights_only=True)
         if saved["key"] != key:
             raise ValueError(f"{state} holds another setting: {saved['key']} != {key}")
         per_rollout, grads, full = saved["per_rollout"], saved["grads"], saved["full"]
-        rollouts = max(rollouts, len(full))
         log(f"continuing from {len(full)} saved rollouts in {state}")
+    i_shard, n_shard = shard
+    todo = [r for r in range(rollouts) if r % n_shard == i_shard][len(full):]
     t0 = time.perf_counter()
-    for r in range(len(full), rollouts):
+    for r in todo:
         gen = torch.Generator().manual_seed(seed * 100_003 + r)
         cond, latents, previews, final = sample(module, prompts, G, preview_steps, gen)
         H, m = trajectory_gradients(module, cond, latents, P, G, frac, gen)
@@ -231,9 +242,11 @@ def measure(module: Any, prompts: list[str], rollouts: int, schedules: list[Name
             row["arms"][a.name] = {"spread": float(final.gather(1, idx).std(1, unbiased=False).mean()),
                                    "reward": float(final.gather(1, idx).mean())}
         per_rollout.append(row)
-        if state is not None and (r + 1 == rollouts or (r + 1) % 8 == 0):  # every 8: the file grows
+        if state is not None and (n_shard > 1 or r == todo[-1] or len(full) % 8 == 0):  # the file grows: every 8
             torch.save({"key": key, "per_rollout": per_rollout, "grads": grads, "full": full}, state)
         log(f"rollout {r + 1}/{rollouts}: {time.perf_counter() - t0:.0f} s")
+    if n_shard > 1:
+        return {"shard": list(shard), "rollouts": [row["rollout"] for row in per_rollout]}
     rollouts = len(full)
     total = torch.stack(full).sum(0)  # [D]
     for r, row in enumerate(per_rollout):
@@ -250,6 +263,28 @@ def measure(module: Any, prompts: list[str], rollouts: int, schedules: list[Name
             "arms": {a.name: {"spec": a.spec, "cost_F_per_prompt": arm_cost(a.schedule, T, m_steps, units)}
                      for a in arms},
             "per_rollout": per_rollout, "seconds": time.perf_counter() - t0}
+
+
+def join_shards(paths: Sequence[Path], key: dict[str, Any]) -> tuple[list, dict[str, list[Tensor]], list[Tensor]]:
+    """The saved states of ``paths`` (shards of one run) as one run's, in rollout order; every
+    rollout index from 0 to the largest present exactly once."""
+    rows: list[tuple[dict[str, Any], dict[str, Tensor], Tensor]] = []
+    for path in paths:
+        saved = torch.load(path, weights_only=True)
+        if saved["key"] != key:
+            raise ValueError(f"{path} holds another setting: {saved['key']} != {key}")
+        for i, row in enumerate(saved["per_rollout"]):
+            rows.append((row, {a: g[i] for a, g in saved["grads"].items()}, saved["full"][i]))
+    rows.sort(key=lambda x: x[0]["rollout"])
+    got = [row["rollout"] for row, _, _ in rows]
+    if len(set(got)) != len(got) or not got or got[0] != 0:
+        missing = sorted(set(range(max(got, default=0) + 1)) - set(got))
+        raise ValueError(f"shards do not start at rollout 0 or repeat one: missing {missing[:10]}, duplicates "
+                         f"{len(got) - len(set(got))}")
+    prefix = next((i for i, r in enumerate(got) if r != i), len(got))
+    rows = rows[:prefix]  # rollouts 0..prefix-1: what one process would have sampled (an interrupted shard leaves a gap)
+    arms = rows[0][1].keys()
+    return [r for r, _, _ in rows], {a: [g[a] for _, g, _ in rows] for a in arms}, [f for _, _, f in rows]
 
 
 def summarize(res: dict[str, Any], seed: int = 0) -> dict[str, Any]:
@@ -301,7 +336,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override (repeatable)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", default=str(ROOT / "benchmarks/results/gradient_quality"))
+    p.add_argument("--shard", default="0/1", metavar="I/N",
+                   help="sample only the rollouts r with r %% N == I into OUT/state.shardI.pt (parallel processes)")
+    p.add_argument("--join", action="store_true", help="score the shards' states in OUT as one run")
     args = p.parse_args(argv)
+    try:
+        shard = tuple(int(x) for x in args.shard.split("/"))
+        assert len(shard) == 2 and 0 <= shard[0] < shard[1]
+    except (ValueError, AssertionError):
+        p.error(f"--shard: expected I/N with 0 <= I < N, got {args.shard!r}")
     if args.rollouts < 3:
         p.error(f"--rollouts must be >= 3 (a leave-one-out reference and a pairwise signal), got {args.rollouts}")
     schedules = [parse_schedule(s) for s in args.schedule]
@@ -313,8 +356,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     data.setup("fit")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    sharded = shard[1] > 1
+    shards = sorted(out.glob("state.shard*.pt")) if args.join else []
+    if args.join and not shards:
+        p.error(f"--join: no state.shard*.pt in {out}")
     res = measure(module, list(data.prompts[:args.prompts]), args.rollouts, schedules, Ks.pop(),
-                  args.static_group, args.seed, state=out / "state.pt")
+                  args.static_group, args.seed, state=out / (f"state.shard{shard[0]}.pt" if sharded else "state.pt"),
+                  shard=shard, shards=shards)
+    if sharded:
+        print(f"shard {args.shard}: rollouts {res['rollouts']} saved; score them with --join")
+        return res
     res.update(command=["python", "-m", "benchmarks.gradient_quality", *(argv if argv is not None else sys.argv[1:])],
                config=args.config, sets=args.set, seed=args.seed)
     res["summary"] = summarize(res, args.seed)

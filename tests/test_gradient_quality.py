@@ -108,6 +108,25 @@ def test_tiny_run_through_the_quickstart_config(tmp_path, one_thread):
               "--static-group", "4", "--out", str(tmp_path)])
 
 
+def test_shards_joined_equal_one_run(tmp_path, one_thread):
+    """Rollout r depends only on (seed, r): 2 shards sampled apart and joined give the one-process
+    run's per-rollout values and summary."""
+    args = ["--rollouts", "3", "--prompts", "1", "--threads", "1", "--schedule", "q=pro:4>3@4>2@6",
+            "--static-group", "4"]
+    whole = main(args + ["--out", str(tmp_path / "whole")])
+    parts = tmp_path / "parts"
+    assert main(args + ["--out", str(parts), "--shard", "1/2"])["rollouts"] == [1]
+    with pytest.raises(ValueError, match=r"missing \[0\]"):  # rollout 0's shard not there yet
+        main(args + ["--out", str(parts), "--join"])
+    assert main(args + ["--out", str(parts), "--shard", "0/2"])["rollouts"] == [0, 2]
+    joined = main(args + ["--out", str(parts), "--join"])
+    assert [r["rollout"] for r in joined["per_rollout"]] == [0, 1, 2]
+    for a, b in zip(joined["per_rollout"], whole["per_rollout"]):
+        for arm in a["arms"]:
+            for k, v in a["arms"][arm].items():
+                assert v == pytest.approx(b["arms"][arm][k], rel=1e-6, abs=1e-9), (arm, k)
+    assert joined["summary"]["pro-q"]["cos"]["mean"] == pytest.approx(whole["summary"]["pro-q"]["cos"]["mean"])
+
 def test_proxy_quality_summary_of_a_csv_log(tmp_path):
     from benchmarks.proxy_quality import summarize
 

@@ -5,6 +5,7 @@
 #   benchmarks/gpu/run_all.sh OUT_DIR            # the GPU run (needs CUDA)
 #   benchmarks/gpu/run_all.sh OUT_DIR --smoke    # the same Python path on CPU at toy size (~1 min)
 #   benchmarks/gpu/run_all.sh OUT_DIR --estimate # predicted GPU seconds per stage, runs nothing
+#   BACKENDS="sd3 sd15" benchmarks/gpu/run_all.sh OUT_DIR   # a subset, in that order
 #
 # Missing packages (diffusers, jsonargparse, importlib_metadata...) are installed from the wheels in
 # .whl/ (benchmarks/gpu/fetch_wheels.sh) into OUT_DIR/.deps, never into the system environment.
@@ -24,33 +25,14 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 
 # ---- wheels: only what does not import --------------------------------------------------------
 DEPS="$OUT/.deps"
-missing=()
-for spec in diffusers:diffusers importlib_metadata:importlib_metadata zipp:zipp lazy_importer:lazy_importer \
-            jsonargparse:jsonargparse docstring_parser:docstring_parser typeshed_client:typeshed_client; do
-  mod=${spec%%:*}; pkg=${spec##*:}
-  "$PY" -c "import $mod" 2>/dev/null || missing+=("$pkg")
-done
-if [ ${#missing[@]} -gt 0 ]; then
-  echo "[run_all] installing from .whl/: ${missing[*]}"
-  wheels=()
-  for pkg in "${missing[@]}"; do
-    w=$(ls .whl/"${pkg}"-*.whl .whl/"${pkg//_/-}"-*.whl 2>/dev/null | head -n1)
-    if [ -z "$w" ]; then echo "[run_all] no wheel for $pkg in .whl/ (run benchmarks/gpu/fetch_wheels.sh)"; continue; fi
-    wheels+=("$w")
-  done
-  if [ ${#wheels[@]} -gt 0 ]; then
-    "$PY" -m pip install -q --no-index --no-deps --target "$DEPS" "${wheels[@]}" || echo "[run_all] pip install failed"
-    export PYTHONPATH="$PYTHONPATH:$DEPS"
-  fi
-fi
-"$PY" -c "import diffusers, torch; print('[run_all] torch', torch.__version__, 'cuda', torch.cuda.is_available(), 'diffusers', diffusers.__version__)"
+source benchmarks/gpu/deps.sh
 
 # ---- the measurements ---------------------------------------------------------------------------
 if [ "$MODE" = "--estimate" ]; then
   exec "$PY" -m benchmarks.gpu.run_all --estimate
 fi
 declare -A LIMIT=([sd3]=180 [sd15]=110 [flux]=240)
-for b in sd3 sd15 flux; do
+for b in ${BACKENDS:-sd3 sd15 flux}; do  # BACKENDS="sd3 sd15": a subset
   limit=${LIMIT[$b]}
   [ "$MODE" = "--smoke" ] && limit=300
   echo "[run_all] $b (limit ${limit}s)"

@@ -1,0 +1,65 @@
+#!/usr/bin/env bash
+# One device session (a GPU machine lent for minutes): real-size memory of the shipped configs
+# (benchmarks/gpu/memory_check.py) on the GPU while the mechanism benchmark
+# (benchmarks/gradient_quality.py, CPU only) runs as parallel shards on the machine's other cores;
+# then the shards are joined and scored. Everything lands in one archive, OUT/results.tgz (the
+# device tool brings back few files), plus OUT/session.log.
+#
+#   benchmarks/gpu/session.sh OUT [SECONDS]          # SECONDS: the whole script's budget (default 450)
+#   SMOKE=1 benchmarks/gpu/session.sh OUT 300        # the same steps on CPU at toy size (tiny configs)
+#
+# Run from anywhere; the wheels of .whl/ (benchmarks/gpu/fetch_wheels.sh) are installed to /tmp.
+set -uo pipefail
+OUT=${1:?usage: benchmarks/gpu/session.sh OUT [SECONDS]}
+BUDGET=${2:-450}
+START=$(date +%s)
+cd "$(dirname "$0")/../.."
+mkdir -p "$OUT"
+OUT=$(cd "$OUT" && pwd)
+RES=$(mktemp -d /tmp/session.XXXX)
+PY=${PYTHON:-python3}
+export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+exec > >(tee "$OUT/session.log") 2>&1
+pack() { tar czf "$OUT/results.tgz" -C "$RES" --exclude='*.pt' --exclude='work' . 2>/dev/null; }
+trap pack EXIT
+left() { echo $(( BUDGET - ($(date +%s) - START) )); }
+
+DEPS=/tmp/session-deps
+source benchmarks/gpu/deps.sh
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null | tee "$RES/gpu.txt"
+nproc | tee "$RES/nproc.txt"
+
+# ---- the mechanism benchmark: CPU shards in the background ------------------------------------------
+if [ -n "${SMOKE:-}" ]; then
+  GQ=(--rollouts 4 --prompts 1 --schedule "q=pro:4>3@4>2@6" --static-group 4 --threads 1); SHARDS=2
+else
+  GQ=(--rollouts "${GQ_ROLLOUTS:-128}" --prompts 4 --threads 2); SHARDS=${GQ_SHARDS:-6}
+fi
+mkdir -p "$RES/gradient_quality"
+pids=()
+for i in $(seq 0 $((SHARDS - 1))); do
+  nice -n 5 "$PY" -m benchmarks.gradient_quality "${GQ[@]}" --out "$RES/gradient_quality" --shard "$i/$SHARDS" \
+    > "$RES/gradient_quality/shard$i.log" 2>&1 &
+  pids+=($!)
+done
+echo "[session] gradient_quality: $SHARDS shards started ($(left)s left)"
+
+# ---- real-size memory on the GPU ------------------------------------------------------------------
+if [ -n "${SMOKE:-}" ]; then MC=(--smoke); else MC=(); fi
+timeout --signal=INT --kill-after=20 $(( $(left) - 60 )) "$PY" -m benchmarks.gpu.memory_check "${MC[@]}" \
+  --out "$RES/memory" --budget-s $(( $(left) - 150 ))
+echo "[session] memory_check exit $? ($(left)s left)"
+
+# ---- join the shards (stop them 40 s before the end: the join scores what is contiguous) ---------
+deadline=$(( $(date +%s) + $(left) - 40 ))
+for p in "${pids[@]}"; do
+  while kill -0 "$p" 2>/dev/null && [ "$(date +%s)" -lt "$deadline" ]; do sleep 2; done
+  kill -INT "$p" 2>/dev/null
+done
+wait "${pids[@]}" 2>/dev/null  # not a bare wait: the log's tee is a child too
+tail -n 2 "$RES"/gradient_quality/shard*.log
+timeout 35 "$PY" -m benchmarks.gradient_quality "${GQ[@]}" --out "$RES/gradient_quality" --join \
+  > "$RES/gradient_quality/join.log" 2>&1
+echo "[session] gradient_quality join exit $? ($(left)s left)"
+tail -n 20 "$RES/gradient_quality/join.log"
