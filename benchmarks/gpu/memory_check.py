@@ -6,9 +6,9 @@ real architecture (``pro_grpo_lightning/architectures.py``, the table ``plan`` u
 device in the config's dtype, with random values (no hub here). The run is a Lightning ``Trainer``
 fit of ``--iterations`` rollouts + updates with the config's precision, no validation, no logger,
 no checkpoints. Measured: the CUDA allocator's peak (``torch.cuda.max_memory_allocated``, which is
-what ``plan`` estimates: its runtime overhead is on top), the reserved peak, the device's memory in
-use by the process at the end (context included), and seconds per iteration (the first includes
-CUDA warm-up).
+what ``plan`` estimates: its runtime overhead is on top), the caching allocator's reserved peak, and
+seconds per iteration (the first includes CUDA warm-up and, where the config audits from rollout 0,
+is an audit rollout). Each variant runs in its own process: a CUDA error costs that variant only.
 
     python -m benchmarks.gpu.memory_check --out DIR                       # every variant, on CUDA
     python -m benchmarks.gpu.memory_check --out DIR --only sd35m_pro      # one
@@ -154,7 +154,7 @@ def measure(name: str, configs: list[str], overrides: list[str], iterations: int
     if device == "cuda":
         free, total = torch.cuda.mem_get_info()
         out.update(peak_allocated=torch.cuda.max_memory_allocated(), peak_reserved=torch.cuda.max_memory_reserved(),
-                   peak_allocated_after_each_iteration=timer.peaks, device_used_at_end=total - free,
+                   peak_allocated_after_each_iteration=timer.peaks, device_used_after_teardown=total - free,
                    device_total=total, device_name=torch.cuda.get_device_name())
     del trainer, module, datamodule
     if device == "cuda":
@@ -184,7 +184,10 @@ def versions() -> dict[str, Any]:
     return info
 
 
-def run(out: Path, variants: dict[str, tuple[list[str], list[str], int]], device: str, deadline: float) -> None:
+def run(out: Path, variants: dict[str, tuple[list[str], list[str], int]], device: str, deadline: float,
+        isolate: bool = True) -> None:
+    """Measure each variant into ``out/<name>.json`` (or ``<name>.error.txt``). ``isolate``: each in its
+    own process, so a CUDA error (which leaves the process's context unusable) costs one variant only."""
     out.mkdir(parents=True, exist_ok=True)
     (out / "versions.json").write_text(json.dumps(versions(), indent=1))
     for name, (configs, overrides, iterations) in variants.items():
@@ -193,6 +196,16 @@ def run(out: Path, variants: dict[str, tuple[list[str], list[str], int]], device
             print(f"[memory_check] {name}: skipped, {left:.0f}s left", flush=True)
             continue
         print(f"[memory_check] {name}: {' '.join(configs + overrides)}", flush=True)
+        if isolate:
+            import subprocess
+
+            cmd = [sys.executable, "-m", "benchmarks.gpu.memory_check", "--out", str(out), "--only", name,
+                   "--in-process"] + (["--smoke"] if device == "cpu" else [])
+            try:
+                subprocess.run(cmd, cwd=ROOT, timeout=max(left, 30))
+            except subprocess.TimeoutExpired:
+                (out / f"{name}.error.txt").write_text(f"TimeoutExpired: stopped after {left:.0f}s\n")
+            continue
         try:
             r = measure(name, configs, overrides, iterations, device, out / "work")
             (out / f"{name}.json").write_text(json.dumps(r, indent=1))
@@ -201,10 +214,6 @@ def run(out: Path, variants: dict[str, tuple[list[str], list[str], int]], device
         except Exception as err:  # noqa: BLE001 - record it and go on to the next variant
             traceback.print_exc()
             (out / f"{name}.error.txt").write_text(f"{type(err).__name__}: {err}\n\n{traceback.format_exc()}")
-        finally:
-            import gc
-
-            gc.collect()
 
 
 def plan_all(out: Path, variants: dict[str, tuple[list[str], list[str], int]]) -> None:
@@ -222,8 +231,8 @@ def plan_all(out: Path, variants: dict[str, tuple[list[str], list[str], int]]) -
 
 def compare(root: Path, variants: dict[str, tuple[list[str], list[str], int]]) -> str:
     lines = ["| variant | configs + overrides | planned peak (GiB) | measured peak allocated (GiB) | "
-             "measured / planned | peak reserved (GiB) | device memory in use at end (GiB) | "
-             "s / iteration (first, then later) |", "|---|---|---|---|---|---|---|---|"]
+             "measured / planned | peak reserved (GiB) | "
+             "s / iteration (first, then later) |", "|---|---|---|---|---|---|---|"]
     for name, (configs, overrides, _) in variants.items():
         planned = root / f"{name}.plan.json"
         measured = root / f"{name}.json"
@@ -232,7 +241,7 @@ def compare(root: Path, variants: dict[str, tuple[list[str], list[str], int]]) -
             err = root / f"{name}.error.txt"
             why = err.read_text().splitlines()[0] if err.exists() else "not run"
             lines.append(f"| {name} | {' '.join(Path(c).name for c in configs)} {' '.join(overrides)} | "
-                         f"{p / 2**30 if p else float('nan'):.2f} | {why} | | | | |")
+                         f"{p / 2**30 if p else float('nan'):.2f} | {why} | | | |")
             continue
         m = json.loads(measured.read_text())
         g = 2**30
@@ -240,7 +249,7 @@ def compare(root: Path, variants: dict[str, tuple[list[str], list[str], int]]) -
         secs = ", ".join(f"{s:.1f}" for s in m["seconds_per_iteration"])
         lines.append(f"| {name} | {' '.join(Path(c).name for c in configs)} {' '.join(overrides)} | "
                      f"{p / g if p else float('nan'):.2f} | {m['peak_allocated'] / g:.2f} | {ratio} | "
-                     f"{m['peak_reserved'] / g:.2f} | {m['device_used_at_end'] / g:.2f} | {secs} |")
+                     f"{m['peak_reserved'] / g:.2f} | {secs} |")
     text = "\n".join(lines) + "\n"
     (root / "comparison.md").write_text(text)
     return text
@@ -254,6 +263,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--budget-s", type=float, default=1e9, help="skip variants that would start after this")
     p.add_argument("--plan", type=Path, metavar="DIR", help="write the plan of each variant and exit")
     p.add_argument("--compare", type=Path, metavar="DIR", help="write DIR/comparison.md and exit")
+    p.add_argument("--in-process", action="store_true", help="no process per variant (one variant, or debugging)")
     args = p.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     variants = SMOKE if args.smoke else VARIANTS
@@ -271,7 +281,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.out is None:
         p.error("--out is required")
     device = "cpu" if args.smoke else "cuda"
-    run(args.out, variants, device, time.time() + args.budget_s)
+    run(args.out, variants, device, time.time() + args.budget_s, isolate=not args.in_process)
     return 0
 
 
