@@ -47,16 +47,17 @@ def _count(fn) -> int:
 PREVIEW_OPTIONS = ("vae", "vae@0.5", "tiny")
 
 
-def denoiser_call(family: str, a: dict[str, Any], resolution: int) -> tuple[torch.nn.Module, Any, Tensor]:
+def denoiser_call(family: str, a: dict[str, Any], resolution: int,
+                  batch: int = 1) -> tuple[torch.nn.Module, Any, Tensor]:
     """(net, call, x): the denoiser of ``arch`` ``a`` built on the current default device, frozen, and
-    ``call(x)``, one denoiser call for one trajectory (CFG: two rows; FLUX.1-dev: one, guidance
-    embedding) at ``resolution`` with the real sequence lengths."""
+    ``call(x)``, one denoiser call for ``batch`` trajectories (CFG: two rows each; FLUX.1-dev: one,
+    guidance embedding) at ``resolution`` with the real sequence lengths."""
     from diffusers import FluxTransformer2DModel, SD3Transformer2DModel, UNet2DConditionModel
 
     side = resolution // 8
     if family == "sd15":
         net = UNet2DConditionModel(**a["unet"]).requires_grad_(False)
-        rows = 2
+        rows = 2 * batch
         x = torch.randn(rows, 4, side, side)
         inputs = dict(timestep=torch.full((rows,), 500.0),
                       encoder_hidden_states=torch.randn(rows, 77, a["unet"]["cross_attention_dim"]))
@@ -64,7 +65,7 @@ def denoiser_call(family: str, a: dict[str, Any], resolution: int) -> tuple[torc
     if family == "sd3":
         t = a["transformer"]
         net = SD3Transformer2DModel(**t).requires_grad_(False)
-        rows = 2
+        rows = 2 * batch
         x = torch.randn(rows, 16, side, side)
         inputs = dict(timestep=torch.full((rows,), 500.0),
                       encoder_hidden_states=torch.randn(rows, 77 + a["max_sequence_length"], t["joint_attention_dim"]),
@@ -72,7 +73,7 @@ def denoiser_call(family: str, a: dict[str, Any], resolution: int) -> tuple[torc
         return net, lambda h: net(hidden_states=h, **inputs, return_dict=False)[0], x
     t = a["transformer"]
     net = FluxTransformer2DModel(**t).requires_grad_(False)
-    rows, L = 1, a["max_sequence_length"]
+    rows, L = batch, a["max_sequence_length"]
     x = torch.randn(rows, (side // 2) ** 2, 64)
     inputs = dict(timestep=torch.full((rows,), 0.5), guidance=torch.full((rows,), 3.5),
                   pooled_projections=torch.randn(rows, t["pooled_projection_dim"]),
@@ -81,15 +82,15 @@ def denoiser_call(family: str, a: dict[str, Any], resolution: int) -> tuple[torc
     return net, lambda h: net(hidden_states=h, **inputs, return_dict=False)[0], x
 
 
-def preview_decoders(family: str, a: dict[str, Any], resolution: int) -> dict[str, Any]:
-    """Per preview option, a closure decoding one preview (modules built on the current default device)."""
+def preview_decoders(family: str, a: dict[str, Any], resolution: int, batch: int = 1) -> dict[str, Any]:
+    """Per preview option, a closure decoding ``batch`` previews (modules built on the current default device)."""
     from diffusers import AutoencoderKL, AutoencoderTiny
 
     vae = AutoencoderKL(**a["vae"]).requires_grad_(False)
     tiny = AutoencoderTiny(**tiny_decoder_config(family)).requires_grad_(False)
     side, ch = resolution // 8, a["vae"]["latent_channels"]
-    z = torch.randn(1, ch, side, side)
-    z_half = torch.randn(1, ch, side // 2, side // 2)  # what preview_scale 0.5 hands the decoder
+    z = torch.randn(batch, ch, side, side)
+    z_half = torch.randn(batch, ch, side // 2, side // 2)  # what preview_scale 0.5 hands the decoder
     return {"vae": lambda: vae.decode(z).sample, "vae@0.5": lambda: vae.decode(z_half).sample,
             "tiny": lambda: tiny.decode(z).sample}
 
@@ -105,11 +106,11 @@ def pickscore_clip(size: str = "full") -> Any:
                                 projection_dim=proj)).requires_grad_(False)
 
 
-def reward_calls(clip: Any) -> dict[str, Any]:
-    """One PickScore call for one image: the image tower at 224 px and the text tower (77 tokens; the
-    library encodes the prompt per image)."""
-    pixels = torch.randn(1, 3, 224, 224)
-    ids = torch.zeros(1, 77, dtype=torch.long)
+def reward_calls(clip: Any, batch: int = 1) -> dict[str, Any]:
+    """One PickScore call for ``batch`` images: the image tower at 224 px and the text tower (77 tokens;
+    the library encodes the prompt per image)."""
+    pixels = torch.randn(batch, 3, 224, 224)
+    ids = torch.zeros(batch, 77, dtype=torch.long)
     return {"image": lambda: clip.get_image_features(pixel_values=pixels),
             "text": lambda: clip.get_text_features(input_ids=ids)}
 
@@ -132,7 +133,7 @@ def unit_flops_full(family: str, resolution: int = 512, size: str = "full") -> d
     reward_parts = {k: _count(fn) for k, fn in reward.items()}
     return {"denoiser_call": fwd, "train_pair": train, "vae_decode": preview_decode["vae"],
             "reward": sum(reward_parts.values()), "reward_parts": reward_parts, "preview_decode": preview_decode,
-            "rows_per_call": x.shape[0], "params": sum(p.numel() for p in net.parameters())}
+            "rows_per_call": int(x.shape[0]), "params": sum(p.numel() for p in net.parameters())}
 
 
 def preview_units(units: dict[str, Any]) -> dict[str, float]:

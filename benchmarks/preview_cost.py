@@ -88,7 +88,7 @@ def flop_extrapolation_check(family: str, a: dict[str, Any], resolution: int) ->
 
 def measure_family(family: str, size: str, resolution: int, clip: Any, repeats: int, warmup: int,
                    seed: int, log, device: str = "cpu", dtype: torch.dtype = torch.float32,
-                   whole: bool = False) -> dict[str, Any]:
+                   whole: bool = False, batch: int = 1) -> dict[str, Any]:
     """Time one denoiser call, each preview option's decode and one PickScore call, side by side.
     ``whole``: also time FLUX's whole transformer (it fits a GPU); its time is then the denoiser's and
     the depth extrapolation is reported against it."""
@@ -103,18 +103,19 @@ def measure_family(family: str, size: str, resolution: int, clip: Any, repeats: 
     keep = []  # the modules, alive until the rounds are done
     with built_on(device, dtype, seed):
         for name, arch_v in variants.items():
-            net, call, x = denoiser_call(family, arch_v, resolution)
+            net, call, x = denoiser_call(family, arch_v, resolution, batch)
             keep.append(net)
             tasks[name] = (lambda call=call, x=x: call(x))
             flops[name] = denoiser_flops(family, arch_v, resolution)
-        decoders = preview_decoders(family, a, resolution)
+        decoders = preview_decoders(family, a, resolution, batch)
     with torch.device("meta"):
         meta_decoders = preview_decoders(family, a, resolution)
         meta_reward = reward_calls(pickscore_clip(size))
     for k, fn in decoders.items():
         tasks[k] = fn
         flops[k] = count_flops(meta_decoders[k])
-    reward = reward_calls(clip)
+    with built_on(device, dtype, seed):  # the reward's inputs on the device, in its dtype
+        reward = reward_calls(clip, batch)
     tasks["reward"] = lambda: (reward["image"](), reward["text"]())
     flops["reward"] = sum(count_flops(fn) for fn in meta_reward.values())
 
@@ -156,11 +157,11 @@ def measure_family(family: str, size: str, resolution: int, clip: Any, repeats: 
             "flops": {"decode": flops[k], "decode_over_denoiser": flops[k] / f_den,
                       "preview_over_denoiser": (flops[k] + flops["reward"]) / f_den,
                       "decode_over_vae": flops[k] / flops["vae"]},
-            "gflop_per_s": flops[k] / 1e9 / median([x["times_s"][k] for x in rounds]),
+            "gflop_per_s": batch * flops[k] / 1e9 / median([x["times_s"][k] for x in rounds]),
         }
     den_s = median([x["denoiser_s"] for x in rounds])
     den: dict[str, Any] = {"s": stat([x["denoiser_s"] for x in rounds]), "flops": f_den,
-                           "gflop_per_s": f_den / 1e9 / den_s,
+                           "gflop_per_s": batch * f_den / 1e9 / den_s,
                            "measured_as": "whole model" if "denoiser" in flops else
                            f"extrapolated from 1 and 2 of {units} depth units, timed in the same rounds"}
     if unit is not None and "denoiser" in flops:  # both: how good the CPU's extrapolation is
@@ -218,6 +219,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (0: leave torch's setting)")
+    p.add_argument("--batch", type=int, default=1,
+                   help="trajectories per denoiser call and images per decode / reward call (ratios are per item)")
     p.add_argument("--device", default="cpu", help="cpu (float32) or cuda (bfloat16; FLUX also timed whole)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help=f"output folder (default benchmarks/results/{NAME})")
@@ -243,7 +246,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "meta": {"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "git_commit": git_commit(),
                  "torch": torch.__version__, "python": platform.python_version(), "cpu_count": os.cpu_count(),
                  "load_average_start": os.getloadavg() if hasattr(os, "getloadavg") else None},
-        "settings": {"size": args.size, "resolution": resolution, "repeats": args.repeats, "warmup": args.warmup,
+        "settings": {"size": args.size, "resolution": resolution, "batch": args.batch, "repeats": args.repeats, "warmup": args.warmup,
                      "threads": torch.get_num_threads(), "dtype": str(dtype).replace("torch.", ""),
                      "device": torch.cuda.get_device_name(0) if cuda else "cpu", "families": args.families,
                      "command": "python -m benchmarks.preview_cost " + " ".join(argv if argv is not None
@@ -251,7 +254,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "families": {}, "flop_extrapolation_check": {}}
     for fam in args.families:
         result["families"][fam] = measure_family(fam, args.size, resolution, clip, args.repeats, args.warmup,
-                                                 args.seed, log, device=args.device, dtype=dtype, whole=cuda)
+                                                 args.seed, log, device=args.device, dtype=dtype, whole=cuda,
+                                                 batch=args.batch)
         result["flop_extrapolation_check"][fam] = flop_extrapolation_check(fam, arch(fam, args.size), resolution)
     result["meta"]["load_average_end"] = os.getloadavg() if hasattr(os, "getloadavg") else None
     tab = table(result)
