@@ -2,6 +2,8 @@
 ratios measured side by side, next to the FLOP ratios.
 
     python -m benchmarks.preview_cost [--families sd15 sd3 flux] [--repeats 2] [--warmup 1] [--out DIR]
+    python -m benchmarks.preview_cost --device cuda --batch 16 --repeats 10 --warmup 3   # on a GPU
+    python -m benchmarks.preview_cost --summarize DIR/preview_cost.json                  # tables again
 
 Per family, with random weights (the architecture decides the cost), float32, ``--threads`` torch
 threads: one denoiser call for one trajectory (CFG: two rows; FLUX.1-dev: one) and, for one preview
@@ -42,6 +44,7 @@ from .flops import PREVIEW_OPTIONS, denoiser_call, pickscore_clip, preview_decod
 from .measure import count_flops, interleaved, median, timed  # noqa: E402
 from .models import arch, built_on  # noqa: E402
 from .report import ROOT, SCHEMA_VERSION, git_commit, json_safe, markdown_table, new_figure, save_figure  # noqa: E402
+from .schedules import paper_schedules  # noqa: E402
 
 NAME = "preview_cost"
 
@@ -173,11 +176,42 @@ def measure_family(family: str, size: str, resolution: int, clip: Any, repeats: 
             "options": options, "task_flops": flops, "rounds": rounds}
 
 
+def schedule_shares(result: dict[str, Any]) -> dict[str, Any]:
+    """What the previews add to a Pro-GRPO rollout, weighted by the measured times instead of FLOPs:
+    previews x t(preview) / (calls x t(denoiser call) + finals x t(final: VAE + PickScore)), per
+    round (median, min, max), for the paper's Pro-GRPO schedules (SD1.5 at T = 50 and 20, the flow
+    models at T = 10). An estimate from unit times: the rollout runs its calls at other batch sizes."""
+    out: dict[str, Any] = {}
+    for fam, r in result["families"].items():
+        for T in ((50, 20) if fam == "sd15" else (10,)):
+            for s in paper_schedules(fam, T):
+                if s.kind != "pro" or s.name == "pro-early":
+                    continue
+                sizes = s.schedule.group_sizes_per_step(T)
+                previews, finals, calls = sum(sizes[c] for c in s.schedule.checkpoints), sizes[-1], sum(sizes)
+                row: dict[str, Any] = {"spec": s.spec, "previews": previews, "calls": calls, "finals": finals}
+                for k in PREVIEW_OPTIONS:
+                    vals = []
+                    for x in r["rounds"]:
+                        t = x["times_s"]
+                        rest = calls * x["denoiser_s"] + finals * (t["vae"] + t["reward"])
+                        vals.append(previews * (t[k] + t["reward"]) / rest)
+                    row[k] = {"median": median(vals), "min": min(vals), "max": max(vals)}
+                out.setdefault(fam, {})[f"T={T} {s.name}"] = row
+    return out
+
+
+def shares_table(result: dict[str, Any]) -> str:
+    rows = [[fam, key, *[f"{100 * row[k]['median']:.1f}%" for k in PREVIEW_OPTIONS]]
+            for fam, per in result["schedule_shares"].items() for key, row in per.items()]
+    return markdown_table(["model", "schedule", *[f"previews add, by time ({k})" for k in PREVIEW_OPTIONS]], rows)
+
+
 def table(result: dict[str, Any]) -> str:
     rows = []
     for fam, r in result["families"].items():
         for k, o in r["options"].items():
-            rows.append([fam, k, f"{o['decode_s']['median']:.2f}", f"{r['denoiser']['s']['median']:.2f}",
+            rows.append([fam, k, f"{o['decode_s']['median']:.3g}", f"{r['denoiser']['s']['median']:.3g}",
                          f"{o['decode_over_denoiser']['median']:.3f} ({o['decode_over_denoiser']['min']:.3f}-"
                          f"{o['decode_over_denoiser']['max']:.3f})", f"{o['flops']['decode_over_denoiser']:.3f}",
                          f"{o['preview_over_denoiser']['median']:.3f}", f"{o['flops']['preview_over_denoiser']:.3f}",
@@ -225,7 +259,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help=f"output folder (default benchmarks/results/{NAME})")
     p.add_argument("--no-plot", action="store_true")
+    p.add_argument("--summarize", default=None, metavar="JSON",
+                   help="measure nothing: recompute the tables and shares of a stored result into --out")
     args = p.parse_args(argv)
+    if args.summarize:
+        out = Path(args.out) if args.out else Path(args.summarize).parent
+        out.mkdir(parents=True, exist_ok=True)
+        return write(json.loads(Path(args.summarize).read_text()), out, args.no_plot)
     if args.repeats < 1 or args.warmup < 0:
         raise ValueError("--repeats >= 1 and --warmup >= 0 please")
     resolution = args.resolution or (512 if args.size == "full" else 64)
@@ -258,11 +298,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                                                  batch=args.batch)
         result["flop_extrapolation_check"][fam] = flop_extrapolation_check(fam, arch(fam, args.size), resolution)
     result["meta"]["load_average_end"] = os.getloadavg() if hasattr(os, "getloadavg") else None
-    tab = table(result)
+    return write(result, out, args.no_plot)
+
+
+def write(result: dict[str, Any], out: Path, no_plot: bool = False) -> dict[str, Any]:
+    """Add the schedule shares, print and write the table, the PNG and the JSON into ``out``."""
+    result["schedule_shares"] = schedule_shares(result)
+    tab = table(result) + "\n\n" + shares_table(result)
     print(tab)
     (out / f"{NAME}.md").write_text(tab + "\n")
     files = {"json": str(out / f"{NAME}.json"), "table": str(out / f"{NAME}.md")}
-    if not args.no_plot:
+    if not no_plot:
         plot(result, out / f"{NAME}.png")
         files["png"] = str(out / f"{NAME}.png")
     result["files"] = files
