@@ -266,8 +266,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         out = Path(args.out) if args.out else Path(args.summarize).parent
         out.mkdir(parents=True, exist_ok=True)
         return write(json.loads(Path(args.summarize).read_text()), out, args.no_plot)
-    if args.repeats < 1 or args.warmup < 0:
-        raise ValueError("--repeats >= 1 and --warmup >= 0 please")
+    if args.repeats < 1 or args.warmup < 0 or args.batch < 1:
+        raise ValueError(f"--repeats >= 1, --warmup >= 0 and --batch >= 1 please, got {args.repeats}, "
+                         f"{args.warmup}, {args.batch}")
     resolution = args.resolution or (512 if args.size == "full" else 64)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -286,7 +287,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "meta": {"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "git_commit": git_commit(),
                  "torch": torch.__version__, "python": platform.python_version(), "cpu_count": os.cpu_count(),
                  "load_average_start": os.getloadavg() if hasattr(os, "getloadavg") else None},
-        "settings": {"size": args.size, "resolution": resolution, "batch": args.batch, "repeats": args.repeats, "warmup": args.warmup,
+        "settings": {"size": args.size, "resolution": resolution, "batch": args.batch, "repeats": args.repeats,
+                     "warmup": args.warmup,
                      "threads": torch.get_num_threads(), "dtype": str(dtype).replace("torch.", ""),
                      "device": torch.cuda.get_device_name(0) if cuda else "cpu", "families": args.families,
                      "command": "python -m benchmarks.preview_cost " + " ".join(argv if argv is not None

@@ -190,10 +190,10 @@ def test_window_specs_and_presets():
     assert reference(window_schedules("flux", 10)).name == "plain"
 
 
-@pytest.mark.parametrize("cls,family,T,window", [(TinySD3Backend, "sd3", 4, None), (TinySD3Backend, "sd3", 4, (1, 3)),
-                                                 (TinySD3Backend, "sd3", 4, (1, 4)), (TinySD3Backend, "sd3", 4, (0, 1)),
-                                                 (TinyFluxBackend, "flux", 4, (2, 4)),
-                                                 (TinySD15Backend, "sd15", 4, None), (TinySD15Backend, "sd15", 4, (1, 4))])
+@pytest.mark.parametrize("cls,family,T,window", [
+    (TinySD3Backend, "sd3", 4, None), (TinySD3Backend, "sd3", 4, (1, 3)), (TinySD3Backend, "sd3", 4, (1, 4)),
+    (TinySD3Backend, "sd3", 4, (0, 1)), (TinyFluxBackend, "flux", 4, (2, 4)),
+    (TinySD15Backend, "sd15", 4, None), (TinySD15Backend, "sd15", 4, (1, 4))])
 def test_trainable_steps_and_the_window_context_equal_a_backend_built_with_the_window(cls, family, T, window):
     built = cls(seed=0, num_steps=T, sde_window=None if window is None else list(window))
     plain = cls(seed=0, num_steps=T)
