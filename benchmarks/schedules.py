@@ -69,10 +69,9 @@ def parse_schedule(text: str) -> NamedSchedule:
     ``c`` are 0-based step indices: ``k1@c1`` keeps k1 per prompt right after step c1.
     """
     name, spec = "", text.strip()
-    head = spec.split("/", 1)[0]
-    if "=" in head:  # a name: 'name=' before the kind (a window's '=' comes after a '/')
-        name, _, spec = spec.partition("=")
-        spec = spec.strip()
+    eq, colon = spec.find("="), spec.find(":")
+    if eq != -1 and (colon == -1 or eq < colon):  # 'name=' comes before the kind's ':', a window's '=' after
+        name, spec = spec[:eq], spec[eq + 1:].strip()
     kind, _, body = spec.partition(":")
     rule, window = "ovf", None
     hint = (f"bad schedule {text!r} ({{}}); write e.g. 'plain:24', 'static:48>12', 'pro:48>24@5>12@7' or "
