@@ -1,15 +1,20 @@
 """FLOPs of the real-size models per call, counted on the meta device (CPU, no memory, no weights),
 and what they make of each schedule: how much of a rollout's arithmetic the previews are at full size.
 
-    python -m benchmarks.flops [--steps-sd15 50] [--out DIR]
+    python -m benchmarks.flops [--steps-sd15 50 20] [--steps-flow 10] [--out DIR]
 
 Counted with ``torch.utils.flop_counter`` on ``benchmarks.models``' full-size architectures at 512 px:
 one denoiser call per trajectory (CFG: two rows; FLUX.1-dev: one, guidance embedding), the same with
 the backward pass to the inputs only (frozen base weights, as under LoRA; LoRA's own few FLOPs are
 left out), one VAE decode, one PickScore call (ViT-H/14 image tower at 224 px + text tower, 77
-tokens: the library scores text per image). Per schedule, in units of one denoiser call (F):
-    rollout  = nfe;  previews = (decode + reward) / F x previews;  final = (decode + reward) / F x decoded finals;
-    update   = c x pairs  with c = (forward + backward) / forward, every trainable step trained.
+tokens: the library scores text per image), and one preview decode per preview option
+(``PREVIEW_OPTIONS``: the VAE, the VAE at preview_scale 0.5, the family's public tiny decoder).
+Per schedule, in units of one denoiser call (F):
+    rollout  = nfe;  previews = (decode_option + reward) / F x previews;  final = (decode + reward) / F x finals;
+    update   = c x pairs  with c = (forward + backward) / forward, pairs = K x the trainable steps
+               (every step but a flow model's last; only the SDE window's steps under a window).
+"Previews add" = previews / (rollout + final decodes and rewards), per option. The window
+schedules (``schedules.window_schedules``) are counted for the flow models.
 This is arithmetic only: a GPU runs convolutions at high resolution (the VAE) less efficiently than
 transformer matmuls, so the measured preview share is expected above the FLOP share.
 """
@@ -23,55 +28,100 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import Tensor
 
 from .measure import FlopModel, count_flops
 from .report import ROOT, SCHEMA_VERSION, json_safe, markdown_table, new_figure, save_figure
-from .models import PICKSCORE_CLIP, arch
-from .schedules import paper_schedules
+from .models import MINI_CLIP, PICKSCORE_CLIP, arch, tiny_decoder_config
+from .schedules import NamedSchedule, paper_schedules, trainable_steps_in, window_schedules
 
 
 def _count(fn) -> int:
     return count_flops(fn)
 
 
-def unit_flops_full(family: str, resolution: int = 512) -> dict[str, float]:
-    """FLOPs per trajectory for the full-size ``family`` (see the module docstring)."""
-    from diffusers import AutoencoderKL, FluxTransformer2DModel, SD3Transformer2DModel, UNet2DConditionModel
+#: How a pruning preview can be decoded (the final images always use the real VAE):
+#:   vae      the family's VAE on the full latent (the default)
+#:   vae@0.5  the same VAE on the latent resized by 0.5 (``rollout.preview_scale``: a 256 px image at 512 px)
+#:   tiny     the family's public tiny decoder (``AutoencoderTiny``: TAESD / TAESD3 / TAEF1) on the full latent
+PREVIEW_OPTIONS = ("vae", "vae@0.5", "tiny")
+
+
+def denoiser_call(family: str, a: dict[str, Any], resolution: int,
+                  batch: int = 1) -> tuple[torch.nn.Module, Any, Tensor]:
+    """(net, call, x): the denoiser of ``arch`` ``a`` built on the current default device, frozen, and
+    ``call(x)``, one denoiser call for ``batch`` trajectories (CFG: two rows each; FLUX.1-dev: one,
+    guidance embedding) at ``resolution`` with the real sequence lengths."""
+    from diffusers import FluxTransformer2DModel, SD3Transformer2DModel, UNet2DConditionModel
+
+    side = resolution // 8
+    if family == "sd15":
+        net = UNet2DConditionModel(**a["unet"]).requires_grad_(False)
+        rows = 2 * batch
+        x = torch.randn(rows, 4, side, side)
+        inputs = dict(timestep=torch.full((rows,), 500.0),
+                      encoder_hidden_states=torch.randn(rows, 77, a["unet"]["cross_attention_dim"]))
+        return net, lambda h: net(h, **inputs).sample, x
+    if family == "sd3":
+        t = a["transformer"]
+        net = SD3Transformer2DModel(**t).requires_grad_(False)
+        rows = 2 * batch
+        x = torch.randn(rows, 16, side, side)
+        inputs = dict(timestep=torch.full((rows,), 500.0),
+                      encoder_hidden_states=torch.randn(rows, 77 + a["max_sequence_length"], t["joint_attention_dim"]),
+                      pooled_projections=torch.randn(rows, t["pooled_projection_dim"]))
+        return net, lambda h: net(hidden_states=h, **inputs, return_dict=False)[0], x
+    t = a["transformer"]
+    net = FluxTransformer2DModel(**t).requires_grad_(False)
+    rows, L = batch, a["max_sequence_length"]
+    x = torch.randn(rows, (side // 2) ** 2, 64)
+    inputs = dict(timestep=torch.full((rows,), 0.5), guidance=torch.full((rows,), 3.5),
+                  pooled_projections=torch.randn(rows, t["pooled_projection_dim"]),
+                  encoder_hidden_states=torch.randn(rows, L, t["joint_attention_dim"]),
+                  txt_ids=torch.zeros(L, 3), img_ids=torch.zeros((side // 2) ** 2, 3))
+    return net, lambda h: net(hidden_states=h, **inputs, return_dict=False)[0], x
+
+
+def preview_decoders(family: str, a: dict[str, Any], resolution: int, batch: int = 1) -> dict[str, Any]:
+    """Per preview option, a closure decoding ``batch`` previews (modules built on the current default device)."""
+    from diffusers import AutoencoderKL, AutoencoderTiny
+
+    vae = AutoencoderKL(**a["vae"]).requires_grad_(False)
+    tiny = AutoencoderTiny(**tiny_decoder_config(family)).requires_grad_(False)
+    side, ch = resolution // 8, a["vae"]["latent_channels"]
+    z = torch.randn(batch, ch, side, side)
+    z_half = torch.randn(batch, ch, side // 2, side // 2)  # what preview_scale 0.5 hands the decoder
+    return {"vae": lambda: vae.decode(z).sample, "vae@0.5": lambda: vae.decode(z_half).sample,
+            "tiny": lambda: tiny.decode(z).sample}
+
+
+def pickscore_clip(size: str = "full") -> Any:
+    """PickScore's architecture (CLIP ViT-H/14) on the current default device, frozen."""
     from transformers import CLIPConfig, CLIPModel
 
-    a = arch(family, "full")
-    side = resolution // 8
+    spec = PICKSCORE_CLIP if size == "full" else MINI_CLIP
+    proj = spec["projection_dim"]
+    return CLIPModel(CLIPConfig(text_config=dict(spec["text"], vocab_size=49408, projection_dim=proj),
+                                vision_config=dict(spec["vision"], projection_dim=proj),
+                                projection_dim=proj)).requires_grad_(False)
+
+
+def reward_calls(clip: Any, batch: int = 1) -> dict[str, Any]:
+    """One PickScore call for ``batch`` images: the image tower at 224 px and the text tower (77 tokens;
+    the library encodes the prompt per image)."""
+    pixels = torch.randn(batch, 3, 224, 224)
+    ids = torch.zeros(batch, 77, dtype=torch.long)
+    return {"image": lambda: clip.get_image_features(pixel_values=pixels),
+            "text": lambda: clip.get_text_features(input_ids=ids)}
+
+
+def unit_flops_full(family: str, resolution: int = 512, size: str = "full") -> dict[str, Any]:
+    """FLOPs per trajectory for ``family`` at ``size`` (see the module docstring), on the meta device."""
+    a = arch(family, size)
     with torch.device("meta"):
-        if family == "sd15":
-            net = UNet2DConditionModel(**a["unet"]).requires_grad_(False)
-            rows = 2
-            x = torch.randn(rows, 4, side, side)
-            inputs = dict(timestep=torch.full((rows,), 500.0), encoder_hidden_states=torch.randn(rows, 77, 768))
-            call = lambda h: net(h, **inputs).sample  # noqa: E731
-        elif family == "sd3":
-            net = SD3Transformer2DModel(**a["transformer"]).requires_grad_(False)
-            rows = 2
-            x = torch.randn(rows, 16, side, side)
-            inputs = dict(timestep=torch.full((rows,), 500.0),
-                          encoder_hidden_states=torch.randn(rows, 77 + a["max_sequence_length"], 4096),
-                          pooled_projections=torch.randn(rows, 2048))
-            call = lambda h: net(hidden_states=h, **inputs, return_dict=False)[0]  # noqa: E731
-        else:
-            net = FluxTransformer2DModel(**a["transformer"]).requires_grad_(False)
-            rows, L = 1, a["max_sequence_length"]
-            x = torch.randn(rows, (side // 2) ** 2, 64)
-            inputs = dict(timestep=torch.full((rows,), 0.5), guidance=torch.full((rows,), 3.5),
-                          pooled_projections=torch.randn(rows, 768), encoder_hidden_states=torch.randn(rows, L, 4096),
-                          txt_ids=torch.zeros(L, 3), img_ids=torch.zeros((side // 2) ** 2, 3))
-            call = lambda h: net(hidden_states=h, **inputs, return_dict=False)[0]  # noqa: E731
-        vae = AutoencoderKL(**a["vae"]).requires_grad_(False)
-        z = torch.randn(1, a["vae"]["latent_channels"], side, side)
-        spec = PICKSCORE_CLIP
-        clip = CLIPModel(CLIPConfig(text_config=dict(spec["text"], vocab_size=49408, projection_dim=1024),
-                                    vision_config=dict(spec["vision"], projection_dim=1024),
-                                    projection_dim=1024)).requires_grad_(False)
-        pixels = torch.randn(1, 3, 224, 224)
-        ids = torch.zeros(1, 77, dtype=torch.long)
+        net, call, x = denoiser_call(family, a, resolution)
+        decoders = preview_decoders(family, a, resolution)
+        reward = reward_calls(pickscore_clip(size))
 
     def fwd_bwd() -> None:
         h = x.clone().requires_grad_(True)
@@ -79,37 +129,82 @@ def unit_flops_full(family: str, resolution: int = 512) -> dict[str, float]:
 
     fwd = _count(lambda: call(x))
     train = _count(fwd_bwd)
-    decode = _count(lambda: vae.decode(z))
-    reward = _count(lambda: (clip.get_image_features(pixel_values=pixels), clip.get_text_features(input_ids=ids)))
-    return {"denoiser_call": fwd, "train_pair": train, "vae_decode": decode, "reward": reward,
-            "rows_per_call": rows, "params": sum(p.numel() for p in net.parameters())}
+    preview_decode = {k: _count(fn) for k, fn in decoders.items()}
+    reward_parts = {k: _count(fn) for k, fn in reward.items()}
+    return {"denoiser_call": fwd, "train_pair": train, "vae_decode": preview_decode["vae"],
+            "reward": sum(reward_parts.values()), "reward_parts": reward_parts, "preview_decode": preview_decode,
+            "rows_per_call": int(x.shape[0]), "params": sum(p.numel() for p in net.parameters())}
 
 
-def schedule_flops(family: str, T: int, units: dict[str, float], group_scale: float = 1.0) -> list[dict[str, Any]]:
+def preview_units(units: dict[str, Any]) -> dict[str, float]:
+    """One preview image (decode + reward) per preview option, in denoiser calls (F)."""
+    decode = units.get("preview_decode") or {"vae": units["vae_decode"]}
+    return {k: (d + units["reward"]) / units["denoiser_call"] for k, d in decode.items()}
+
+
+def schedule_flops(family: str, T: int, units: dict[str, Any], group_scale: float = 1.0,
+                   schedules: list[NamedSchedule] | None = None) -> list[dict[str, Any]]:
+    """Each schedule's FLOPs per prompt in units of F (the module docstring), the first schedule the
+    reference. Per preview option: the previews' FLOPs and what they add to the rest of the rollout
+    (denoiser calls + final decodes and rewards, which always use the real VAE)."""
     F = units["denoiser_call"]
     c = units["train_pair"] / F
-    n_train = T if family == "sd15" else T - 1
-    image = (units["vae_decode"] + units["reward"]) / F
-    model = FlopModel(train_cost=c, trainable_steps=n_train)
+    image = (units["vae_decode"] + units["reward"]) / F  # a final image: real VAE + reward
+    per_option = preview_units(units)
     out = []
-    for s in paper_schedules(family, T, group_scale):
+    for s in schedules if schedules is not None else paper_schedules(family, T, group_scale):
         sched = s.schedule
+        n_train = trainable_steps_in(family, T, s.window)
+        model = FlopModel(train_cost=c, trainable_steps=n_train)
         sizes = sched.group_sizes_per_step(T)
-        previews = sum(sizes[ck] for ck in sched.checkpoints)
+        previews = sum(sizes[ck] for ck in sched.checkpoints) if sched.rule not in ("none", "random") else 0
         finals = sizes[-1]
         rollout = model.rollout(sched, 1, T)
-        update = model.train_cost * model.pairs(sched, 1)
-        out.append({"name": s.name, "spec": s.spec, "nfe": rollout, "previews": previews, "final_decodes": finals,
-                    "units": {"rollout": rollout, "previews": previews * image, "final": finals * image,
+        pairs = sched.final_size * n_train
+        update = c * pairs
+        rest = rollout + finals * image  # the rollout without its previews
+        options = {k: {"units": previews * u, "share": previews * u / rest, "all_total": rest + update + previews * u}
+                   for k, u in per_option.items()}
+        out.append({"name": s.name, "spec": s.spec, "window": s.window, "nfe": rollout, "previews": previews,
+                    "final_decodes": finals, "trainable_steps": n_train, "update_pairs": pairs,
+                    "trained": sched.final_size,
+                    "units": {"rollout": rollout, "previews": options["vae"]["units"], "final": finals * image,
                               "update": update},
-                    "preview_share_of_rollout": previews * image / (rollout + finals * image),
+                    "preview_share_of_rollout": options["vae"]["share"], "preview_options": options,
                     "flop_model_total": rollout + update,
-                    "all_total": rollout + update + (previews + finals) * image})
+                    "all_total": options["vae"]["all_total"]})
     ref = out[0]
     for r in out:
         r["flop_ratio"] = r["flop_model_total"] / ref["flop_model_total"]
         r["all_ratio"] = r["all_total"] / ref["all_total"]
+        for k, o in r["preview_options"].items():  # the reference decodes its previews (if any) the same way
+            o["all_ratio"] = o["all_total"] / ref["preview_options"][k]["all_total"]
     return out
+
+
+def preview_option_rows(family: str, units: dict[str, Any]) -> list[list[Any]]:
+    """Table rows: one preview per option (decode, decode + reward, in TFLOP and in F)."""
+    F, rows = units["denoiser_call"], []
+    for k, d in units["preview_decode"].items():
+        rows.append([family, k, f"{d / 1e12:.3f}", f"{d / F:.3f}", f"{(d + units['reward']) / 1e12:.3f}",
+                     f"{(d + units['reward']) / F:.3f}", f"{d / units['preview_decode']['vae']:.3f}"])
+    return rows
+
+
+def preview_targets(result: dict[str, Any], limit: float = 0.03) -> dict[str, Any]:
+    """The issue's target: previews add < 3 % to a Pro-GRPO rollout's FLOPs, for every family and for
+    SD1.5 at T = 20, with the cheapest option (the paper's Pro-GRPO schedules: every ``pro-*`` preset)."""
+    out: dict[str, Any] = {}
+    for family, b in result["backends"].items():
+        for T, sched in b["schedules"].items():
+            pro = [r for r in sched if r["spec"].startswith("pro:") and r["name"] != "pro-early"]
+            for opt in PREVIEW_OPTIONS:
+                shares = {r["name"]: r["preview_options"][opt]["share"] for r in pro}
+                out.setdefault(f"{family}@T={T}", {})[opt] = {"shares": shares,
+                                                              "met": all(v < limit for v in shares.values())}
+    best = {key: min(v, key=lambda o: max(v[o]["shares"].values())) for key, v in out.items()}
+    return {"limit": limit, "by_family_and_T": out, "best_option": best,
+            "met_with_best_option": {key: out[key][best[key]]["met"] for key in out}}
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -117,57 +212,88 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--steps-sd15", type=int, nargs="+", default=[50, 20], help="T for SD1.5 (paper 50, GPU plan 20)")
     p.add_argument("--steps-flow", type=int, nargs="+", default=[10], help="T for SD3.5-M and FLUX (paper 10)")
     p.add_argument("--resolution", type=int, default=512)
+    p.add_argument("--size", choices=("full", "mini"), default="full",
+                   help="full: the real architectures; mini: the same builders at toy numbers (tests)")
+    p.add_argument("--families", nargs="+", choices=("sd15", "sd3", "flux"), default=["sd15", "sd3", "flux"])
     p.add_argument("--out", default=None)
     p.add_argument("--no-plot", action="store_true")
     args = p.parse_args(argv)
     out = Path(args.out) if args.out else ROOT / "results" / "flops"
     out.mkdir(parents=True, exist_ok=True)
     result: dict[str, Any] = {"benchmark": "flops", "schema_version": SCHEMA_VERSION, "resolution": args.resolution,
-                              "backends": {}}
-    rows_units, rows_sched = [], []
-    for family in ("sd15", "sd3", "flux"):
-        units = unit_flops_full(family, args.resolution)
+                              "size": args.size, "preview_options": list(PREVIEW_OPTIONS), "backends": {}}
+    rows_units, rows_preview, rows_sched, rows_window = [], [], [], []
+    for family in args.families:
+        units = unit_flops_full(family, args.resolution, args.size)
         F = units["denoiser_call"]
         rows_units.append([family, f"{units['params'] / 1e9:.2f} B", f"{F / units['rows_per_call'] / 1e12:.2f}",
                            units["rows_per_call"], f"{F / 1e12:.2f}", f"{units['train_pair'] / F:.2f}",
                            f"{units['vae_decode'] / 1e12:.2f}", f"{units['reward'] / 1e12:.3f}",
                            f"{(units['vae_decode'] + units['reward']) / F:.2f}"])
+        rows_preview += preview_option_rows(family, units)
         steps = args.steps_sd15 if family == "sd15" else args.steps_flow
-        per_T = {}
+        per_T, per_T_window = {}, {}
         for T in steps:
             sched = schedule_flops(family, T, units)
             per_T[str(T)] = sched
             for r in sched:
+                po = r["preview_options"]
                 rows_sched.append([family, T, r["name"], r["spec"], r["nfe"], r["previews"],
-                                   f"{r['units']['previews']:.1f}", f"{100 * r['preview_share_of_rollout']:.1f}%",
-                                   f"{r['flop_ratio']:.3f}", f"{r['all_ratio']:.3f}"])
-        result["backends"][family] = {"unit_flops": units, "schedules": per_T}
+                                   f"{r['units']['previews']:.1f}",
+                                   *[f"{100 * po[k]['share']:.2f}%" if r["previews"] else "-" for k in PREVIEW_OPTIONS],
+                                   f"{r['flop_ratio']:.3f}", f"{r['all_ratio']:.3f}",
+                                   f"{po['tiny']['all_ratio']:.3f}"])
+            if family != "sd15":  # SDE windows: the flow models (Flow-GRPO-Fast, MixGRPO)
+                win = schedule_flops(family, T, units, schedules=window_schedules(family, T))
+                per_T_window[str(T)] = win
+                for r in win:
+                    po = r["preview_options"]
+                    rows_window.append([family, T, r["name"], r["spec"], r["trained"], r["trainable_steps"],
+                                        r["update_pairs"], r["nfe"], f"{r['units']['update']:.0f}",
+                                        f"{r['flop_model_total']:.0f}", r["previews"],
+                                        *[f"{100 * po[k]['share']:.2f}%" if r["previews"] else "-"
+                                          for k in ("vae", "tiny")],
+                                        f"{r['flop_ratio']:.3f}", f"{po['tiny']['all_ratio']:.3f}",
+                                        f"{r['flop_model_total'] / win[1]['flop_model_total']:.3f}"])
+        result["backends"][family] = {"unit_flops": units, "schedules": per_T, "window_schedules": per_T_window}
+    result["targets"] = {"previews_add_under_3pct": preview_targets(result)}
     t1 = markdown_table(["model", "denoiser params", "TFLOP per row", "rows per call (CFG)", "F: TFLOP per call",
-                           "c = fwd+bwd / fwd", "VAE decode TFLOP", "PickScore TFLOP", "preview / F"], rows_units)
-    t2 = markdown_table(["model", "T", "schedule", "spec", "calls (F)", "previews", "previews (F)",
-                           "previews / rollout", "FLOPs / plain (model)", "FLOPs / plain (incl. decodes, rewards)"],
-                          rows_sched)
-    tab = t1 + "\n\n" + t2
+                         "c = fwd+bwd / fwd", "VAE decode TFLOP", "PickScore TFLOP", "preview / F"], rows_units)
+    t_prev = markdown_table(["model", "preview option", "decode TFLOP", "decode / F", "decode + PickScore TFLOP",
+                             "preview / F", "decode / VAE decode"], rows_preview)
+    t2 = markdown_table(["model", "T", "schedule", "spec", "calls (F)", "previews", "previews (F, VAE)",
+                         *[f"previews add ({k})" for k in PREVIEW_OPTIONS], "FLOPs / plain (model)",
+                         "FLOPs / plain (incl. decodes, rewards; VAE previews)", "same, tiny previews"], rows_sched)
+    t3 = markdown_table(["model", "T", "schedule", "spec", "trained K", "trained steps", "update pairs", "calls (F)",
+                         "update (F)", "FLOP model (F)", "previews", "previews add (vae)", "previews add (tiny)",
+                         "FLOPs / plain (model)", "incl. decodes+rewards, tiny previews",
+                         "FLOPs / plain-w2 (model)"], rows_window) if rows_window else ""
+    tab = "\n\n".join(x for x in (t1, t_prev, t2, t3) if x)
     print(tab)
     (out / "flops.md").write_text(tab + "\n")
     files = {"json": str(out / "flops.json"), "table": str(out / "flops.md")}
     if not args.no_plot:
-        plt, fig, axes = new_figure(3, width=13, height=4.0)
-        for ax, family in zip(axes, ("sd15", "sd3", "flux")):
+        fams = list(args.families)
+        plt, fig, axes = new_figure(len(fams), width=4.4 * len(fams), height=4.0)
+        axes = axes if len(fams) > 1 else [axes]
+        for ax, family in zip(axes, fams):
             T = str((args.steps_sd15 if family == "sd15" else args.steps_flow)[0])
             sched = result["backends"][family]["schedules"][T]
             names = [r["name"] for r in sched]
             bottom = [0.0] * len(sched)
-            for key, label in (("rollout", "denoiser calls"), ("previews", "previews"), ("final", "final decode+reward"),
-                               ("update", "update")):
+            for key, label in (("rollout", "denoiser calls"), ("previews", "previews (VAE)"),
+                               ("final", "final decode+reward"), ("update", "update")):
                 vals = [r["units"][key] for r in sched]
                 ax.bar(names, vals, bottom=bottom, label=label)
                 bottom = [b + v for b, v in zip(bottom, vals)]
+            ax.scatter(names, [r["units"]["rollout"] + r["preview_options"]["tiny"]["units"] for r in sched],
+                       color="black", marker="_", s=300, zorder=3, label="top of tiny-decoder previews")
             ax.set_title(f"{family}, T={T}", fontsize=9)
             ax.tick_params(axis="x", labelrotation=25, labelsize=7)
             ax.set_ylabel("FLOPs in denoiser calls (F)", fontsize=8)
         axes[0].legend(fontsize=7)
-        save_figure(plt, fig, out / "flops.png", f"full-size FLOPs per prompt and iteration ({args.resolution} px, counted on the meta device)")
+        save_figure(plt, fig, out / "flops.png", f"FLOPs per prompt and iteration ({args.size} size, "
+                                                 f"{args.resolution} px, counted on the meta device)")
         files["png"] = str(out / "flops.png")
     result["files"] = files
     (out / "flops.json").write_text(json.dumps(json_safe(result), indent=1) + "\n")

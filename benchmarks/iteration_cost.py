@@ -31,7 +31,7 @@ from pro_grpo_lightning.update import UpdateSettings, grpo_update
 from .harness import (Bench, add_update_args, base_parser, restored_lora, rollout_rows, run_entry_point,
                       update_chunks)
 from .measure import (FlopModel, PeakMemory, decoded_images, denoiser_forward, denoiser_train_step, interleaved,
-                      median, mem_str, paired_ratios, timed, trainable_step_indices, unit_flops)
+                      median, mem_str, paired_ratios, sde_window, timed, trainable_step_indices, unit_flops)
 from .report import markdown_table, new_figure, save_figure
 from .schedules import NamedSchedule, reference
 
@@ -42,6 +42,9 @@ def parser():
     p = base_parser(NAME, __doc__.split("\n\n")[0])
     add_update_args(p)
     p.add_argument("--lr", type=float, default=1e-5)
+    p.add_argument("--windows", action="store_true",
+                   help="presets: SDE windows alone and with Pro-GRPO (benchmarks.schedules.window_schedules) "
+                        "instead of the paper's schedules")
     return p
 
 
@@ -58,14 +61,16 @@ def iteration_task(bench: Bench, s: NamedSchedule, upd: UpdateSettings, opt: tor
 
     def run() -> dict[str, Any]:
         mem = PeakMemory(bench.device, cpu_sampling=False) if track_cuda_memory else None
-        with restored_lora(bench.backend):
+        with restored_lora(bench.backend), sde_window(bench.backend, s.window):
             if mem is not None:
                 with mem:
                     wall, (t_roll, t_upd, res, _) = timed(one, bench.device)
             else:
                 wall, (t_roll, t_upd, res, _) = timed(one, bench.device)
         rec = {"wall": wall, "rollout": t_roll, "update": t_upd, "preview": res.timings["preview"],
-               "nfe": res.nfe, "num_previews": res.num_previews, "trained": int(res.latents.shape[0])}
+               "nfe": res.nfe, "num_previews": res.num_previews, "trained": int(res.latents.shape[0]),
+               # steps that sampled stochastically (a non-zero log-prob in some trajectory): the window's
+               "stochastic_steps": int((res.log_probs != 0).any(0).sum())}
         if mem is not None:
             rec["memory"] = mem.result
         return rec
@@ -81,6 +86,12 @@ def run(bench: Bench, args, log=print) -> dict[str, Any]:
     c = counted_c if args.train_cost == "counted" else float(args.train_cost)
     model = FlopModel(train_cost=c, trainable_steps=n_trainable, timestep_fraction=args.timestep_fraction,
                         inner_epochs=args.inner_epochs)
+    models = {}  # per schedule: an SDE window trains only its steps (fewer pairs)
+    for s in bench.schedules:
+        with sde_window(bench.backend, s.window):
+            n = int(bench.backend.trainable_steps().sum())
+        models[s.name] = FlopModel(train_cost=c, trainable_steps=n, timestep_fraction=args.timestep_fraction,
+                                   inner_epochs=args.inner_epochs)
     upd = UpdateSettings(inner_epochs=args.inner_epochs, timestep_fraction=args.timestep_fraction,
                          train_batch_size=args.train_batch_size)
     opt = torch.optim.AdamW(bench.backend.trainable_parameters(), lr=args.lr)
@@ -89,7 +100,8 @@ def run(bench: Bench, args, log=print) -> dict[str, Any]:
     tasks: dict[str, Any] = {s.name: iteration_task(bench, s, upd, opt, args.seed, cuda) for s in bench.schedules}
     rows_needed = sorted({r for s in bench.schedules for r in rollout_rows(bench, s)})
     chunks = {s.name: [ch for _ in range(args.inner_epochs)
-                       for ch in update_chunks(model.pairs(s.schedule, P) // args.inner_epochs, args.train_batch_size)]
+                       for ch in update_chunks(models[s.name].pairs(s.schedule, P) // args.inner_epochs,
+                                               args.train_batch_size)]
               for s in bench.schedules}
     train_needed = sorted({ch for v in chunks.values() for ch in v})
     for B in rows_needed:
@@ -111,7 +123,7 @@ def run(bench: Bench, args, log=print) -> dict[str, Any]:
     sched_recs = {s.name: recs[s.name] for s in bench.schedules}
     wall_ratio = paired_ratios(sched_recs, "wall", ref.name)
     floor_ratio = paired_ratios(sched_recs, "floor", ref.name)
-    flops_ref = model.total(ref.schedule, P, T)
+    flops_ref = models[ref.name].total(ref.schedule, P, T)
     image_units = (units["vae_decode"] + units["reward"]) / units["denoiser_forward"]  # one decoded+scored image
     flops_ref_all = flops_ref + image_units * sum(decoded_images(ref.schedule, P, T))
 
@@ -119,6 +131,7 @@ def run(bench: Bench, args, log=print) -> dict[str, Any]:
     for s in bench.schedules:
         rr = recs[s.name]
         m = lambda k: median([x[k] for x in rr])  # noqa: E731
+        model = models[s.name]
         flops = model.total(s.schedule, P, T)
         flop_ratio = flops / flops_ref
         flops_all = flops + image_units * sum(decoded_images(s.schedule, P, T))
@@ -127,8 +140,10 @@ def run(bench: Bench, args, log=print) -> dict[str, Any]:
         peaks = [x["memory"] for x in rr if "memory" in x]
         results.append({
             "name": s.name, "spec": s.spec, "kind": s.kind, "describe": s.describe(T),
+            "window": list(s.window) if s.window else None, "trainable_steps": model.trainable_steps,
             "nfe": rr[0]["nfe"], "nfe_expected": P * s.schedule.nfe_per_prompt(T),
             "trained_trajectories": rr[0]["trained"], "update_pairs": model.pairs(s.schedule, P),
+            "stochastic_steps": rr[0]["stochastic_steps"],
             "flops_units": {"rollout": model.rollout(s.schedule, P, T), "update": c * model.pairs(s.schedule, P),
                             "total": flops},
             "flops": flops * units["denoiser_forward"],
@@ -147,6 +162,7 @@ def run(bench: Bench, args, log=print) -> dict[str, Any]:
             "flop_model": {"unit": "one denoiser call on one trajectory sample (CFG included)",
                            "train_cost": c, "train_cost_counted": counted_c, "train_cost_source": args.train_cost,
                            "trainable_steps": n_trainable, "steps_per_trajectory": model.steps_per_trajectory,
+                           "per_schedule_trainable_steps": {k: v.trainable_steps for k, v in models.items()},
                            "timestep_fraction": args.timestep_fraction, "inner_epochs": args.inner_epochs,
                            "train_batch_size": args.train_batch_size,
                            "formula": "nfe + train_cost * P * K * ceil(timestep_fraction * trainable_steps) * inner_epochs",

@@ -18,14 +18,14 @@ import os
 import statistics
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
 
-from pro_grpo_lightning.backends.base import select_rows
+from pro_grpo_lightning.backends.base import DiffusionBackend, select_rows
 from pro_grpo_lightning.backends.flow_base import FlowMatchingBackend
 from pro_grpo_lightning.backends.sd15 import SD15Backend
 from pro_grpo_lightning.schedules import GroupSchedule
@@ -196,6 +196,26 @@ def denoiser_forward(bench: Bench, rows: int) -> Callable[[], Tensor]:
 
 def trainable_step_indices(bench: Bench) -> Tensor:
     return bench.backend.trainable_steps().nonzero().flatten()
+
+
+@contextlib.contextmanager
+def sde_window(backend: DiffusionBackend, window: tuple[int, int] | None) -> Iterator[None]:
+    """Run the block as if ``backend`` had been built with ``sde_window=window`` (None: no window),
+    so schedules with and without a window are timed on one model, in the same rounds. The
+    backend keeps a per-device copy of the window's step mask (``_window_cache``): it is dropped on
+    entry and exit so the mask follows the window. A test checks the result against a backend
+    constructed with the window."""
+    if window is not None and not 0 <= window[0] < window[1] <= backend.num_steps:
+        raise ValueError(f"sde_window must be [start, end) with 0 <= start < end <= num_steps "
+                         f"({backend.num_steps}), got {list(window)}")
+    old = backend.sde_window
+    backend.sde_window = None if window is None else (int(window[0]), int(window[1]))
+    backend.__dict__.pop("_window_cache", None)
+    try:
+        yield
+    finally:
+        backend.sde_window = old
+        backend.__dict__.pop("_window_cache", None)
 
 
 def denoiser_train_step(bench: Bench, rows: int) -> Callable[[], None]:

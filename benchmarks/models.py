@@ -84,6 +84,23 @@ PICKSCORE_CLIP = dict(
                 image_size=224, patch_size=14, hidden_act="gelu"),
     projection_dim=1024)
 
+#: The public tiny preview decoders (diffusers ``AutoencoderTiny``, the TAESD family) per family:
+#: their hub ids and the config values that decide the architecture (the rest at diffusers' defaults:
+#: 64 channels, 3/3/3/1 decoder blocks, x2 upsampling three times). Stand-in for the package's
+#: tiny-decoder table (``pro_grpo_lightning/architectures.py``, being added in parallel): point
+#: ``tiny_decoder_config`` at that table when both are merged.
+TINY_DECODERS = {"sd15": dict(hub_id="madebyollin/taesd", latent_channels=4),
+                 "sd3": dict(hub_id="madebyollin/taesd3", latent_channels=16),
+                 "flux": dict(hub_id="madebyollin/taef1", latent_channels=16)}
+
+
+def tiny_decoder_config(family: str) -> dict[str, Any]:
+    """``AutoencoderTiny`` keyword arguments of ``family``'s public tiny decoder (architecture only)."""
+    if family not in TINY_DECODERS:
+        raise ValueError(f"unknown family {family!r}; choose one of {FAMILIES}")
+    return {"latent_channels": TINY_DECODERS[family]["latent_channels"]}
+
+
 #: Parameter counts the real models have (checked by tests on the meta device).
 REAL_PARAMS = {"sd15": 859.52e6, "sd3": 2.243e9, "flux": 11.90e9}
 

@@ -5,13 +5,15 @@ import math
 from pathlib import Path
 
 import pytest
+import torch
 
-from benchmarks import floor, flops, iteration_cost, rollout_cost
+from benchmarks import floor, flops, iteration_cost, preview_cost, rollout_cost
 from benchmarks.gpu import run_all
-from benchmarks.measure import FlopModel
-from benchmarks.models import REAL_PARAMS, count_params_on_meta
+from benchmarks.measure import FlopModel, count_flops, sde_window
+from benchmarks.models import REAL_PARAMS, arch, count_params_on_meta, tiny_decoder_config
 from benchmarks.report import SCHEMA_VERSION
-from benchmarks.schedules import paper_schedules, parse_schedule
+from benchmarks.schedules import paper_schedules, parse_schedule, reference, trainable_steps_in, window_schedules
+from pro_grpo_lightning.backends import TinyFluxBackend, TinySD3Backend, TinySD15Backend
 
 # Tiny SD3-architecture model, T = 4, the SD3.5-M paper schedules with every group size / 4.
 TOY = ["--backend", "sd3", "--steps", "4", "--group-scale", "0.25", "--repeats", "1", "--warmup", "0",
@@ -164,3 +166,168 @@ def test_gpu_plan_fits_and_its_python_runs_on_cpu(tmp_path):
         assert data["settings"]["backend_class"] == "RandomSD3Backend"
     text = run_all.summarize(tmp_path)
     assert "### iteration_cost" in text and "## flux" in text and (tmp_path / "summary.md").exists()
+
+
+# ---- SDE windows ----------------------------------------------------------------------------------
+def test_window_specs_and_presets():
+    s = parse_schedule("fast=pro:48>12@4/topk/window=2:4")
+    assert (s.name, s.schedule.checkpoints, s.schedule.keep, s.schedule.rule, s.window) == \
+        ("fast", [4], [12], "topk", (2, 4))
+    assert parse_schedule("plain:24/window=2:4").window == (2, 4) and parse_schedule("plain:24").window is None
+    for bad in ("plain:24/window=4:2", "plain:24/window=2", "plain:24/window=a:b"):
+        with pytest.raises(ValueError, match="window"):
+            parse_schedule(bad)
+    with pytest.raises(ValueError, match=r"window \[2, 12\)"):
+        parse_schedule("plain:24/window=2:12").validate_steps(10)
+    # Flow-GRPO-Fast-like windows at T = 10: [2, 4) and [2, 5); prune inside (at the last window step)
+    # or right after (at the first ODE step); the paper's G = 24, G_max = 48, K = 12
+    specs = {s.name: s.spec for s in window_schedules("sd3", 10)}
+    assert specs == {"plain": "plain:24",
+                     "plain-w2": "plain:24/window=2:4", "pro-w2-inside": "pro:48>12@3/window=2:4",
+                     "pro-w2-after": "pro:48>12@4/window=2:4", "flash-w2-after": "pro:24>12@4/window=2:4",
+                     "plain-w3": "plain:24/window=2:5", "pro-w3-inside": "pro:48>12@4/window=2:5",
+                     "pro-w3-after": "pro:48>12@5/window=2:5", "flash-w3-after": "pro:24>12@5/window=2:5"}
+    assert reference(window_schedules("flux", 10)).name == "plain"
+
+
+@pytest.mark.parametrize("cls,family,T,window", [
+    (TinySD3Backend, "sd3", 4, None), (TinySD3Backend, "sd3", 4, (1, 3)), (TinySD3Backend, "sd3", 4, (1, 4)),
+    (TinySD3Backend, "sd3", 4, (0, 1)), (TinyFluxBackend, "flux", 4, (2, 4)),
+    (TinySD15Backend, "sd15", 4, None), (TinySD15Backend, "sd15", 4, (1, 4))])
+def test_trainable_steps_and_the_window_context_equal_a_backend_built_with_the_window(cls, family, T, window):
+    built = cls(seed=0, num_steps=T, sde_window=None if window is None else list(window))
+    plain = cls(seed=0, num_steps=T)
+    for b in (built, plain):
+        b.configure_model()
+    n = int(built.trainable_steps().sum())
+    assert trainable_steps_in(family, T, window) == n
+    cond = plain.encode_prompts(["a red cube"])
+    x = plain.initial_latents(1, torch.Generator().manual_seed(0))
+    with sde_window(plain, window):
+        assert torch.equal(plain.trainable_steps(), built.trainable_steps())
+        for t in range(T):
+            idx = torch.full((1,), t, dtype=torch.long)
+            with torch.no_grad():
+                a = plain.step(x, idx, cond, generator=torch.Generator().manual_seed(t))
+                b = built.step(x, idx, cond, generator=torch.Generator().manual_seed(t))
+            torch.testing.assert_close(a.next_latents, b.next_latents)
+            torch.testing.assert_close(a.log_prob, b.log_prob)
+    assert plain.sde_window is None and int(plain.trainable_steps().sum()) == trainable_steps_in(family, T)
+
+
+def test_window_schedule_flops_by_hand():
+    # F = 10, a training pair 20 (c = 2); a final image: VAE 4 + reward 1 = 0.5 F; previews: VAE 0.5 F,
+    # VAE at 0.5: (1 + 1) / 10 = 0.2 F, tiny: (0.25 + 1) / 10 = 0.125 F
+    units = {"denoiser_call": 10.0, "train_pair": 20.0, "vae_decode": 4.0, "reward": 1.0,
+             "preview_decode": {"vae": 4.0, "vae@0.5": 1.0, "tiny": 0.25}}
+    res = {r["name"]: r for r in flops.schedule_flops("sd3", 10, units, schedules=window_schedules("sd3", 10))}
+    # (calls, trained steps, K, previews, final decodes), counted by hand; T = 10, 9 trainable steps
+    hand = {"plain": (240, 9, 24, 0, 24),
+            "plain-w2": (240, 2, 24, 0, 24),                  # same sampling, 2 trained steps
+            "pro-w2-inside": (48 * 4 + 12 * 6, 2, 12, 48, 12),  # steps 0-3 at 48, 4-9 at 12
+            "pro-w2-after": (48 * 5 + 12 * 5, 2, 12, 48, 12),
+            "flash-w2-after": (24 * 5 + 12 * 5, 2, 12, 24, 12),
+            "plain-w3": (240, 3, 24, 0, 24),
+            "pro-w3-inside": (48 * 5 + 12 * 5, 3, 12, 48, 12),
+            "pro-w3-after": (48 * 6 + 12 * 4, 3, 12, 48, 12),
+            "flash-w3-after": (24 * 6 + 12 * 4, 3, 12, 24, 12)}
+    assert set(res) == set(hand)
+    for name, (calls, steps, K, previews, finals) in hand.items():
+        r = res[name]
+        assert (r["nfe"], r["trainable_steps"], r["trained"], r["previews"], r["final_decodes"]) == \
+            (calls, steps, K, previews, finals), name
+        assert r["update_pairs"] == K * steps and r["flop_model_total"] == calls + 2 * K * steps
+        assert r["flop_ratio"] == pytest.approx((calls + 2 * K * steps) / (240 + 2 * 24 * 9))
+        rest = calls + 0.5 * finals
+        for opt, per in (("vae", 0.5), ("vae@0.5", 0.2), ("tiny", 0.125)):
+            assert r["preview_options"][opt]["share"] == pytest.approx(previews * per / rest)
+    assert res["pro-w2-after"]["preview_options"]["tiny"]["share"] == pytest.approx(6 / 306)
+
+
+# ---- preview options --------------------------------------------------------------------------------
+def test_preview_option_flops_equal_a_direct_count_of_the_decoders():
+    from diffusers import AutoencoderKL, AutoencoderTiny
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    units = flops.unit_flops_full("sd15", 64, size="mini")  # counted on the meta device
+    torch.manual_seed(0)
+    tiny = AutoencoderTiny(latent_channels=4).eval()  # TAESD's architecture, random weights
+    vae = AutoencoderKL(**arch("sd15", "mini")["vae"]).eval()
+    # the math attention kernel: its matmuls are counted (the meta count includes attention; the
+    # CPU's fused kernel has no FLOP formula registered)
+    with torch.no_grad(), sdpa_kernel(SDPBackend.MATH):
+        direct = {"vae": count_flops(lambda: vae.decode(torch.randn(1, 4, 8, 8))),
+                  "vae@0.5": count_flops(lambda: vae.decode(torch.randn(1, 4, 4, 4))),
+                  "tiny": count_flops(lambda: tiny.decode(torch.randn(1, 4, 8, 8)))}
+    assert units["preview_decode"] == direct and units["vae_decode"] == direct["vae"]
+    assert units["reward"] == sum(units["reward_parts"].values())
+    per = flops.preview_units(units)
+    for k, d in direct.items():
+        assert per[k] == pytest.approx((d + units["reward"]) / units["denoiser_call"])
+    assert tiny_decoder_config("sd15") == {"latent_channels": 4}
+    assert tiny_decoder_config("sd3") == tiny_decoder_config("flux") == {"latent_channels": 16}
+
+
+def test_flops_entry_point_preview_columns_and_windows_at_toy_size(tmp_path):
+    data = flops.main(["--size", "mini", "--resolution", "64", "--families", "sd15", "sd3", "--steps-sd15", "20",
+                       "--steps-flow", "10", "--out", str(tmp_path)])
+    assert (tmp_path / "flops.png").exists() and "previews add (tiny)" in (tmp_path / "flops.md").read_text()
+    sd15 = data["backends"]["sd15"]
+    units = sd15["unit_flops"]
+    pro = {r["name"]: r for r in sd15["schedules"]["20"]}["pro-paper"]  # 48 -> 32@12 -> 8@16: 48 + 32 previews
+    image = (units["vae_decode"] + units["reward"]) / units["denoiser_call"]
+    for opt in flops.PREVIEW_OPTIONS:
+        per = (units["preview_decode"][opt] + units["reward"]) / units["denoiser_call"]
+        assert pro["preview_options"][opt]["share"] == pytest.approx(80 * per / (776 + 8 * image))
+    target = data["targets"]["previews_add_under_3pct"]
+    assert set(target["best_option"]) == {"sd15@T=20", "sd3@T=10"}
+    shares = target["by_family_and_T"]["sd15@T=20"]
+    assert shares[target["best_option"]["sd15@T=20"]]["shares"]["pro-paper"] == \
+        min(v["shares"]["pro-paper"] for v in shares.values())
+    win = {r["name"]: r for r in data["backends"]["sd3"]["window_schedules"]["10"]}
+    assert win["flash-w2-after"]["nfe"] == 180 and win["plain-w2"]["update_pairs"] == 48
+    assert data["backends"]["sd15"]["window_schedules"] == {}
+
+
+def test_flux_depth_extrapolation_is_exact_in_flops():
+    # FLUX.1-dev = 19 units of (1 double + 2 single blocks): FLOPs(1) + 18 (FLOPs(2) - FLOPs(1)) = FLOPs(19)
+    check = preview_cost.flop_extrapolation_check("flux", arch("flux", "full"), 128)
+    assert check["units"] == 19 and check["extrapolated"] == check["counted"]
+    assert preview_cost.depth_units("sd3", arch("sd3", "full")) == (1, None)
+
+
+def test_preview_cost_toy(tmp_path):
+    data = preview_cost.main(["--size", "mini", "--families", "flux", "--repeats", "2", "--warmup", "0",
+                              "--threads", "0", "--out", str(tmp_path)])
+    assert (tmp_path / "preview_cost.png").exists() and (tmp_path / "preview_cost.md").read_text().startswith("|")
+    r = data["families"]["flux"]
+    assert r["denoiser"]["measured_as"].startswith("extrapolated") and len(r["rounds"]) == 2
+    units = flops.unit_flops_full("flux", 64, size="mini")
+    assert r["denoiser"]["flops"] == units["denoiser_call"]  # one unit at mini size: extrapolation = itself
+    for k in flops.PREVIEW_OPTIONS:
+        o = r["options"][k]
+        assert o["flops"]["decode"] == units["preview_decode"][k]
+        assert o["flops"]["preview_over_denoiser"] == pytest.approx(
+            (units["preview_decode"][k] + units["reward"]) / units["denoiser_call"])
+        for x in r["rounds"]:  # ratios taken within a round
+            assert x["times_s"][k] > 0 and x["denoiser_s"] == pytest.approx(x["times_s"]["denoiser@1"])
+        assert o["decode_over_denoiser"]["min"] <= o["decode_over_denoiser"]["median"] <= \
+            o["decode_over_denoiser"]["max"]
+
+
+def test_iteration_cost_window_rows_toy(tmp_path):
+    iteration_cost.main(TOY + ["--windows", "--train-cost", "2", "--timestep-fraction", "1", "--train-batch-size", "4",
+                               "--no-plot", "--out", str(tmp_path)])
+    data = json.loads((tmp_path / "iteration_cost.json").read_text())
+    res = {r["name"]: r for r in data["results"]}
+    # T = 4, G 6, G_max 12, K 3, window start round(0.8) = 1: [1, 3) and [1, 4); c = 2; by hand:
+    #   (calls, trained steps (the window's, not the last), stochastic steps sampled, FLOP model)
+    hand = {"plain": (24, 3, 4, 24 + 2 * 6 * 3), "plain-w2": (24, 2, 2, 24 + 2 * 6 * 2),
+            "pro-w2-inside": (12 * 3 + 3, 2, 2, 39 + 2 * 3 * 2), "pro-w2-after": (48, 2, 2, 48 + 12),
+            "flash-w2-after": (24, 2, 2, 24 + 12), "plain-w3": (24, 2, 3, 24 + 24), "pro-w3-inside": (48, 2, 3, 60)}
+    assert set(res) == set(hand)  # the 3-step window ends at T: no step after it to prune at
+    for name, (calls, steps, stochastic, total) in hand.items():
+        r = res[name]
+        assert (r["nfe"], r["trainable_steps"], r["stochastic_steps"]) == (calls, steps, stochastic), name
+        assert r["flops_units"]["total"] == total and r["flop_ratio"] == pytest.approx(total / 60)
+        assert r["update_pairs"] == r["trained_trajectories"] * steps
