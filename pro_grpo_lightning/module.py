@@ -269,8 +269,7 @@ class ProGRPOModule(pl.LightningModule):
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         self._eval_step(batch)
 
-    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        self._eval_step(batch)
+    test_step = validation_step
 
     def _eval_step(self, batch: dict[str, Any]) -> None:
         images, rows = evaluation.eval_batch(self, batch, self.sample_batch_size)  # [B, 3, H, W], [B, 2 + S]
