@@ -3,7 +3,6 @@
     rollout (expand, prune at the checkpoints, finish the survivors)   -> rollout.py
     group-relative advantages over the survivors' true rewards          -> objectives.py
     inner epochs of PPO-clipped updates with an optional KL             -> update.py
-
     non-finite rewards masked, bad rollouts counted                     -> health.py
 
 Manual optimization: one ``training_step`` is one rollout and (inner_epochs x optimizer steps)
