@@ -14,6 +14,14 @@ it is), so nothing needs configuring:
           naming the path (``CheckpointError``).
 
 Remote paths (``s3://`` ...) fall back to Lightning's own save.
+
+What a checkpoint holds and must match (``ProGRPOModule.on_save_checkpoint`` /
+``on_load_checkpoint`` call ``pack_checkpoint`` / ``unpack_checkpoint``): only what training
+changes (the adapter, the reward-normalisation statistics, Lightning's optimizer and scheduler
+state) and a ``pro_grpo`` record: the rollout counter, the seed, the run's identity
+(``run_identity``: backend, fine-tuning mode, LoRA rank/alpha/targets, schedule, optimizer class)
+and the resolved run config. ``check_identity`` refuses a checkpoint of another setup with one line
+naming both values, before any weights load when the CLI calls it.
 """
 
 from __future__ import annotations
@@ -139,6 +147,77 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             return super().load_checkpoint(path, map_location=map_location, weights_only=True)
         return load_checkpoint_file(path.removeprefix("file://"),
                                     map_location=map_location if map_location is not None else "cpu")
+
+
+# ---- what a checkpoint holds and must match -------------------------------------------------------
+#: identity fields every use of a checkpoint must match; resuming also checks the schedule and the optimizer
+IDENTITY_FIELDS = ("backend", "finetune", "lora.rank", "lora.alpha", "lora.target_modules")
+
+
+def adapter_names(module: torch.nn.Module) -> set[str]:
+    """The trainable parameters' names as a full state dict spells them (FSDP wrapper prefixes,
+    which never appear in a full state dict's keys, dropped)."""
+    return {n.replace("_fsdp_wrapped_module.", "") for n, p in module.named_parameters() if p.requires_grad}
+
+
+def run_identity(backend: Any, schedule: Any, optimizer_name: str) -> dict[str, Any]:
+    """What a checkpoint must match to be resumed or exported by a module (plain types)."""
+    lora = backend.lora
+    targets = None if lora.target_modules is None else sorted(lora.target_modules)
+    return {"backend": f"{type(backend).__module__}.{type(backend).__qualname__}",
+            "finetune": getattr(backend, "finetune", "lora"),
+            "lora.rank": int(lora.rank), "lora.alpha": float(lora.alpha), "lora.target_modules": targets,
+            "schedule": repr(schedule), "optimizer": optimizer_name}
+
+
+def check_identity(saved: dict[str, Any], mine: dict[str, Any], path: str, resume: bool = True,
+                   allow_schedule_change: bool = False) -> None:
+    """Refuse (``ConfigError``) a checkpoint whose ``saved`` identity differs from ``mine`` with
+    one line naming both values. ``resume`` also compares the schedule (unless
+    ``allow_schedule_change``) and the optimizer class; a field the checkpoint lacks is not compared."""
+    fields = list(IDENTITY_FIELDS)
+    if resume:
+        fields += ([] if allow_schedule_change else ["schedule"]) + ["optimizer"]
+    for key in fields:
+        if key in saved and saved[key] != mine[key]:
+            hint = (" (to change the schedule on purpose: --model.guards.allow_schedule_change true)"
+                    if key == "schedule" else "")
+            raise ConfigError(f"{path}: has {key}={saved[key]!r} but this run has "
+                              f"{key}={mine[key]!r}{hint}")
+
+
+def pack_checkpoint(module: Any, checkpoint: dict[str, Any]) -> None:
+    """``on_save_checkpoint``: keep only the adapter and the reward statistics of the state dict,
+    refuse non-finite weights or optimizer state (the previous, good checkpoint stays the latest),
+    and add the ``pro_grpo`` record (module docstring)."""
+    keep = adapter_names(module) | {n for n, _ in module.rewards.named_buffers(prefix="rewards")}
+    checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
+    check_finite_tensors(checkpoint["state_dict"], "checkpoint save")
+    check_finite_tensors(optimizer_tensors(checkpoint.get("optimizer_states", [])), "checkpoint save")
+    # No generator state: rollout k's RNG is re-seeded from (seed, k) (noise.py).
+    checkpoint["pro_grpo"] = {"rollouts_done": module.rollouts_done, "seed": module.seed,
+                              "rng": "per-rollout (seed, rollout index)",
+                              "schedule": repr(module.schedule), "identity": module.run_identity()}
+    if module.run_config is not None:  # export reads the run's own config from here
+        checkpoint["pro_grpo"]["config"] = module.run_config
+
+
+def unpack_checkpoint(module: Any, checkpoint: dict[str, Any], resume: bool) -> tuple[int, int]:
+    """``on_load_checkpoint``: refuse non-finite weights, another run setup (``module.check_identity``,
+    ``resume``: continuing training) and a checkpoint lacking any of the module's adapter weights;
+    load the module's weights first (the adapter must exist to receive them).
+
+    Returns (rollouts done, optimizer steps) of the checkpoint.
+    """
+    check_finite_tensors(checkpoint["state_dict"], "checkpoint load")
+    extra = checkpoint.get("pro_grpo") or {}
+    module.check_identity(extra.get("identity") or {}, "checkpoint", resume=resume)
+    module.configure_model()  # LoRA parameters must exist to receive the weights
+    missing = sorted(adapter_names(module) - set(checkpoint["state_dict"]))
+    if missing:
+        raise KeyError(f"checkpoint lacks {len(missing)} adapter weights of this model "
+                       f"(e.g. {missing[0]}): was it trained with another backend or LoRA setting?")
+    return int(extra.get("rollouts_done", 0)), int(checkpoint.get("global_step", 0))
 
 
 def install(trainer: Any) -> None:

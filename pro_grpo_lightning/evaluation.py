@@ -12,8 +12,11 @@
     write    ``write_eval_table``: ``<root>/eval/<stage>_step<N>.csv`` (one row per image) and
              ``.md`` (mean per prompt).
 
-``ProGRPOModule``'s ``validation_step`` / ``test_step`` and ``tasks.shapes_eval.evaluate_shapes``
-both sample through ``sample_items``, so "held-out score" means one thing everywhere.
+``ProGRPOModule``'s ``validation_step`` / ``test_step`` / ``predict_step`` (``eval_batch``) and
+``tasks.shapes_eval.evaluate_shapes`` all sample through ``sample_items``, so "held-out score"
+means one thing everywhere. At an epoch's end ``finish_eval`` gathers, logs and writes; the
+training loop asks for a stop on its last batch (``final_batch``) so that Lightning evaluates the
+final weights too.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from .backends.base import DiffusionBackend
 from .distributed import gather_rows
+from .logs import log_eval
 from .noise import mix_seed
 from .rewards.base import Reward
 from .rewards.combine import RewardSet
@@ -215,3 +219,59 @@ def write_score_table(base: str, title: str, rows: Tensor, names: Sequence[str],
     with open(base + ".md", "w", encoding="utf-8") as f:
         f.write("\n".join(lines) + "\n")
     return base
+
+
+# ---- the LightningModule's evaluation hooks ------------------------------------------------------
+def eval_batch(module: Any, batch: dict[str, Any], sample_batch_size: int | None = None) -> tuple[Tensor, Tensor]:
+    """One batch of items (``collate_items``) sampled and scored with ``module``'s policy and rewards:
+    images [B, 3, H, W] and item rows [B, 2 + S] (``item_rows``, columns ``module.eval_names``)."""
+    module.configure_model()
+    images = sample_items(module.backend, batch["prompts"], batch["seeds"], sample_batch_size)  # [B, 3, H, W]
+    scores = eval_scores(module.rewards, module.eval_rewards, images, batch["prompts"], batch.get("metadata"))
+    return images, item_rows(batch, scores, module.device)  # [B, 3, H, W], [B, 2 + S]
+
+
+def finish_eval(module: Any, stage: str, rows: Sequence[Tensor], images: list[Tensor]) -> None:
+    """The end of an evaluation epoch of ``stage`` ("val", "test", "val_ema"...): gather every
+    rank's item ``rows``, log the means as ``<stage>/<column>``, and on rank 0 write the table and
+    log the image grid (``images``: the first image of each prompt), at ``module.trained_steps()``.
+
+    A collective under DDP: every rank calls it, with its own (possibly empty) batches.
+    """
+    trainer, names = module.trainer, module.eval_names
+    rows = gather_items(rows, len(names), module.device)  # [N, 2 + S], every rank
+    dataloaders = trainer.val_dataloaders if stage.startswith("val") else trainer.test_dataloaders
+    dataset = getattr(dataloaders, "dataset", None)
+    # A sanity check over the *whole* held-out set (``num_sanity_val_steps: -1``) is the
+    # evaluation of the starting policy: log it, so curves start at the baseline. A partial
+    # one (Lightning's default, 2 batches) is not a score of anything: dropped.
+    starting_point = (trainer.sanity_checking and dataset is not None
+                      and rows.shape[0] == len(dataset) > 0)
+    if rows.shape[0] == 0 or (trainer.sanity_checking and not starting_point):
+        return
+    root = trainer.log_dir or trainer.default_root_dir  # a collective under DDP: every rank
+    means = rows[:, 2:].mean(0)  # [S]
+    metrics = {f"{stage}/{n}": means[i] for i, n in enumerate(names)}
+    fitting = trainer.state.fn == "fit"
+    if not starting_point:  # for callbacks (checkpoint monitor, progress bar) and the return value of
+        # trainer.validate/test. During fit not for the loggers: Lightning would log them at the
+        # training batch counter, one behind the trained step, so logs.log_eval logs them instead.
+        module.log_dict(metrics, on_step=False, on_epoch=True, batch_size=rows.shape[0], logger=not fitting)
+    if module.global_rank != 0:
+        return
+    write_eval_table(stage, module.trained_steps(), rows, names, getattr(dataset, "prompts", None), root,
+                     getattr(dataset, "metadata", None))
+    log_eval(module, stage, metrics, images, module.trained_steps(), f"{stage}/{EVAL_TOTAL}",
+             scalars=fitting or starting_point)
+
+
+def final_batch(trainer: Any, batch_idx: int) -> bool:
+    """Whether training batch ``batch_idx`` is the run's last: ``max_steps`` optimizer steps done,
+    or the last batch of the last of ``max_epochs``. Asking for a stop there makes Lightning run
+    the validation loop once more (its "stop requested" rule), so the final weights are evaluated
+    too; without held-out prompts that loop is empty and costs nothing."""
+    last_step = trainer.max_steps is not None and 0 < trainer.max_steps <= trainer.global_step
+    last_epoch = (trainer.max_epochs is not None and trainer.max_epochs > 0
+                  and trainer.current_epoch + 1 >= trainer.max_epochs
+                  and batch_idx + 1 >= trainer.num_training_batches)
+    return last_step or last_epoch

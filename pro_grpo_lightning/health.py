@@ -10,6 +10,7 @@ Policy (what the module does with these functions, once per rollout):
     - an optimizer step whose gradient norm is non-finite is skipped (``update.py``).
     - running reward statistics ignore non-finite scores (``rewards/combine.py``).
     - a rollout that changed nothing (no finite group, or every optimizer step skipped) is *bad*;
+      ``FiniteAdvantages.report`` says so and counts the faults (``health/*`` metrics);
       ``BadRolloutGuard`` stops the run after N consecutive bad rollouts with one line that names
       the reward(s) at fault. Weights are never updated by a bad rollout, so the last checkpoint
       stays good; checkpoints with non-finite tensors are refused at save, export and resume
@@ -21,12 +22,15 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
 
-from .objectives import STD_MODES
+from .objectives import STD_MODES, AdvantageSettings, group_advantages
+
+if TYPE_CHECKING:
+    from .rollout import RolloutResult
 
 
 class NonFiniteError(RuntimeError):
@@ -79,6 +83,61 @@ def masked_group_advantages(rewards: Tensor, valid: Tensor, *, std_mode: str = "
     if clip is not None:
         adv = adv.clamp(-clip, clip)
     return adv
+
+
+@dataclass
+class FiniteAdvantages:
+    """One rollout's group-relative advantages over its finite rewards (``finite_advantages``).
+
+    advantages: [P, K], exactly 0 for a masked trajectory; valid: [P, K] bool, the trajectories
+    kept; n_valid: how many are kept on all ranks together (0: nothing to train on anywhere).
+    """
+
+    advantages: Tensor
+    valid: Tensor
+    n_valid: float
+
+    def update_mask(self, world_size: int) -> Tensor | None:
+        """The update's ``valid`` [N] (None: every pair trains). Alone, masked trajectories' pairs
+        are left out; under DDP every rank must run the same number of backward passes, so they
+        stay in with advantage 0 (no policy gradient)."""
+        return None if bool(self.valid.all()) or world_size > 1 else self.valid.flatten()  # [N]
+
+    def report(self, result: RolloutResult, steps: float, skipped: float) -> tuple[bool, dict[str, float]]:
+        """(bad, ``health/*`` counts) after the update of ``steps`` optimizer steps, ``skipped`` of
+        them for a non-finite gradient. Bad: nothing finite to train on anywhere, or every step skipped."""
+        nothing = self.n_valid == 0
+        previews = sum(int((~c.scores.isfinite()).sum()) for c in result.checkpoints
+                       if c.scores is not None and c.step < result.num_steps)  # the final step is no preview
+        return nothing or skipped == steps, {
+            "health/nonfinite_rewards": float((~result.rewards.isfinite()).sum()),
+            "health/nonfinite_previews": float(previews),
+            "health/masked_trajectories": float((~self.valid).sum()),
+            "health/skipped_updates": skipped + (1.0 if nothing else 0.0)}
+
+
+def finite_advantages(rewards: Tensor, settings: AdvantageSettings, strategy: Any = None) -> FiniteAdvantages:
+    """``group_advantages`` of ``rewards`` [P, K], masking what is not finite (module docstring).
+
+    strategy: the run's Lightning strategy (None: one process). Under DDP the ``global`` std is
+    over every rank's rewards (an all-gather) and ``n_valid`` is summed over ranks (a reduce):
+    collectives, so every rank calls this once per rollout.
+    """
+    valid = finite_groups(rewards)  # [P, K]
+    distributed = strategy is not None and strategy.world_size > 1
+    global_std = None
+    if settings.std == "global" and distributed:
+        every = strategy.all_gather(rewards).float()  # [W, P, K]
+        global_std = every.std(unbiased=False) if bool(every.isfinite().all()) else finite_std(every)
+    kwargs = {"std_mode": settings.std, "eps": settings.eps, "clip": settings.clip, "global_std": global_std}
+    if bool(valid.all()):
+        advantages = group_advantages(rewards, **kwargs)  # [P, K]
+    else:
+        advantages = masked_group_advantages(rewards, valid, **kwargs)  # [P, K]
+    n_valid = valid.sum().float()
+    if strategy is not None:
+        n_valid = strategy.reduce(n_valid, reduce_op="sum")  # over all ranks
+    return FiniteAdvantages(advantages, valid, float(n_valid))
 
 
 def nonfinite_counts(components: Mapping[str, Tensor]) -> dict[str, int]:

@@ -19,11 +19,12 @@ client; a logger without an image API (``CSVLogger``, others with a ``log_dir``)
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import os
 import sys
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import lightning.pytorch as pl
@@ -37,6 +38,32 @@ from .rollout import RolloutResult, proxy_reward_correlation
 
 #: the metric TensorBoard's HParams view compares runs by: bound to the held-out total
 HP_METRIC = "hp_metric"
+
+DEFAULT_SAMPLE_PROMPTS = ["a cat", "a red square", "a horse", "a blue triangle"]
+
+
+@dataclasses.dataclass
+class SampleSettings:
+    """The image grid logged during training; YAML ``model.samples``.
+
+    every_n_rollouts: log a grid of ``prompts`` every N rollouts (0: never).
+    prompts: the fixed prompts of that grid (None: a default four).
+    seed: the grid's fixed seed (same noise every time: changes are the policy's).
+    """
+
+    every_n_rollouts: int = 0
+    prompts: list[str] | None = None
+    seed: int = 1234
+
+    def __post_init__(self) -> None:
+        if self.every_n_rollouts < 0:
+            raise ValueError(f"samples.every_n_rollouts must be >= 0, got {self.every_n_rollouts}")
+        if self.prompts is not None and len(self.prompts) == 0:
+            raise ValueError("samples.prompts must be None or non-empty, got []")
+
+    def due(self, rollout: int) -> bool:
+        """Whether rollout ``rollout`` (0-based) logs the grid: rollouts 0, N, 2N, ..."""
+        return bool(self.every_n_rollouts) and rollout % self.every_n_rollouts == 0
 
 
 # ---- rollout metrics -----------------------------------------------------------------------------
@@ -90,6 +117,28 @@ def rollout_metrics(r: RolloutResult, advantages: Tensor, stats: Mapping[str, fl
                          mins={"reward/min": r.rewards.masked_fill(~finite, float("inf")).min()}, device=device)
     out["compute/nfe_saved_frac"] = 1.0 - out["compute/nfe"] / out["compute/nfe_plain_gmax"]
     return out
+
+
+def log_rollout(module: pl.LightningModule, metrics: Mapping[str, Tensor], batch_size: int) -> None:
+    """A rollout's ``rollout_metrics`` through Lightning at its training step; ``reward`` (the
+    mean) also on the progress bar."""
+    module.log_dict(metrics, on_step=True, on_epoch=False, batch_size=batch_size)
+    module.log("reward", metrics["reward/mean"], prog_bar=True, on_step=True, batch_size=batch_size)
+
+
+@contextlib.contextmanager
+def written_if_raised(module: pl.LightningModule, metrics: Mapping[str, Tensor]) -> Iterator[None]:
+    """Send ``metrics`` to every logger at once (rank 0, at the trainer's step) if the body raises:
+    Lightning drops the metrics of a training step that fails, and the rollout that stopped a run
+    (``health.BadRolloutGuard``) is the one to look at."""
+    try:
+        yield
+    except Exception:
+        if module.global_rank == 0:
+            for logger in module.loggers:
+                logger.log_metrics({k: float(v) for k, v in metrics.items()}, step=module.trainer.global_step)
+                logger.save()
+        raise
 
 
 # ---- images --------------------------------------------------------------------------------------

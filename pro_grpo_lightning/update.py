@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from .backends.base import DiffusionBackend, select_rows
+from .errors import ConfigError
 from .objectives import flow_grpo_kl, gaussian_kl, output_kl, ppo_clip_loss
 from .rollout import RolloutResult
 
@@ -64,6 +65,38 @@ class UpdateSettings:
             raise ValueError(f"update.clip_range must be > 0, got {self.clip_range}")
         if self.max_grad_norm is not None and self.max_grad_norm < 0:
             raise ValueError(f"update.max_grad_norm must be >= 0 or None, got {self.max_grad_norm}")
+
+
+def check_optimizer(optimizer: Callable[[list[Tensor]], torch.optim.Optimizer]) -> str:
+    """Build the optimizer on a dummy parameter (no weights needed): its class name, and a
+    refusal of a learning rate that trains nothing."""
+    probe = optimizer([torch.nn.Parameter(torch.zeros(1))])
+    lr = probe.param_groups[0].get("lr")
+    if lr is not None and not (math.isfinite(float(lr)) and float(lr) > 0):
+        raise ConfigError(f"model.optimizer.init_args.lr={float(lr)}: must be a finite number > 0 "
+                          f"(a learning rate of 0 trains nothing)")
+    return f"{type(probe).__module__}.{type(probe).__qualname__}"
+
+
+def check_trainable(backend: DiffusionBackend, settings: UpdateSettings) -> None:
+    """Refuse, from the settings alone (no weights), an update with nothing to train or a KL the
+    backend cannot compute. At least one step must be trainable: a flow backend never trains its
+    last step (it ends on the data, std 0); a DDIM backend with eta 0 samples no step
+    stochastically. ``kl_type='flow_grpo'`` needs a flow backend's SDE coefficient."""
+    from .backends.flow_base import FlowMatchingBackend
+
+    steps = backend.window_steps()  # [T] bool
+    if isinstance(backend, FlowMatchingBackend):
+        steps[-1] = False
+    elif float(getattr(backend, "eta", 1.0)) == 0.0:
+        steps[:] = False
+    if not bool(steps.any()):
+        window = f", sde_window={list(backend.sde_window)}" if backend.sde_window is not None else ""
+        raise ConfigError(f"model.backend: num_steps={backend.num_steps}{window} leaves no trainable step "
+                          f"(the last step of a flow sampler and every step with eta=0 are deterministic)")
+    if settings.kl_type == "flow_grpo" and not hasattr(backend, "kl_std"):
+        raise ValueError(f"update.kl_type='flow_grpo' needs a flow-matching backend; {type(backend).__name__} "
+                         f"has no SDE coefficient: use kl_type 'exact' or 'output'")
 
 
 def training_pairs(num_traj: int, trainable: Tensor, fraction: float,
