@@ -227,3 +227,21 @@ def test_plan_counts_the_preview_decoders_weights(decoders):
     assert with_tiny.weights["preview_decoder"] == 4 * n  # float32
     assert "preview_decoder" not in without.weights
     assert with_tiny.resident(with_tiny.settings) - without.resident(without.settings) == 4 * n
+
+
+def test_proxy_quality_compares_preview_decoders_at_toy_size(decoders, tmp_path):
+    """``benchmarks.proxy_quality --preview-decoder``: the arms share trajectories (same final rewards),
+    the VAE arm's overlap difference with itself is 0, a half-size preview costs a quarter of the FLOPs."""
+    from benchmarks.proxy_quality import main
+
+    argv = ["--config", "configs/tiny_sd3.yaml", "--override=--model.backend.init_args.num_steps=4",
+            "--override=--model.schedule.init_args.checkpoints=[1, 2]",
+            "--preview-decoder", "vae", "--preview-decoder", "vae@0.5", "--preview-decoder", decoders["sd3"],
+            "--rollouts", "2", "--timed-rollouts", "1", "--repeats", "1", "--out", str(tmp_path)]
+    out = main(argv)
+    vae, half, tiny = (out["arms"][k] for k in ("vae", "vae@0.5", decoders["sd3"]))
+    assert vae["per_rollout"]["final_reward"] == half["per_rollout"]["final_reward"] == tiny["per_rollout"]["final_reward"]
+    assert vae["overlap_minus_vae"]["mean"] == 0.0
+    assert half["flops"] * 4 == vae["flops"]  # 4x4 -> 2x2 latents: a quarter of every conv's output
+    assert len(vae["proxy_corr_full"]) == 2 and 0 < vae["preview_share"]["mean"] < 1
+    assert (tmp_path / "summary.md").read_text().count("\n| `") == 3
