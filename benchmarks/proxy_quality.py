@@ -87,14 +87,18 @@ def build_arm(config: list[str], source: str, scale: float, overrides: list[str]
 
 
 def prompt_batches(datamodule: Any, n: int) -> list[tuple[list[str], Any]]:
-    """The first ``n`` prompt batches of the data module's train loader (its own shuffle and seed)."""
+    """The first ``n`` prompt batches of the data module's train loader, epoch after epoch (its own
+    shuffle and seed, as training draws them)."""
     datamodule.setup("fit")
-    out = []
-    for batch in datamodule.train_dataloader():
-        out.append((list(batch.prompts), batch.metadata) if hasattr(batch, "prompts") else (list(batch), None))
-        if len(out) == n:
-            return out
-    raise ValueError(f"the data module has fewer than {n} prompt batches")
+    loader = datamodule.train_dataloader()
+    out: list[tuple[list[str], Any]] = []
+    for epoch in range(n):
+        loader.sampler.set_epoch(epoch)
+        for batch in loader:
+            out.append((list(batch.prompts), batch.metadata) if hasattr(batch, "prompts") else (list(batch), None))
+            if len(out) == n:
+                return out
+    raise ValueError(f"the data module gave fewer than {n} prompt batches")
 
 
 def run_rollout(module: Any, index: int, prompts: list[str], metadata: Any, audit: bool) -> Any:
