@@ -339,7 +339,9 @@ def planned_preview_decoder(backend: Any) -> Callable[[], nn.Module]:
             raise UnknownArchitecture(f"preview_decoder={source!r}: unknown architecture (not a local folder, "
                                       f"not in pro_grpo_lightning/architectures.py)")
         with torch.device("meta"):
-            return AutoencoderTiny.from_config(cfg).to(backend.weight_dtype).eval()
+            net = AutoencoderTiny.from_config(cfg).eval()
+        # cast only when needed: diffusers warns on any ``to(dtype)`` of a model it built
+        return net if backend.weight_dtype == torch.float32 else net.to(backend.weight_dtype)
 
     return load
 
