@@ -126,7 +126,7 @@ def decode_cost(module: Any, rows: int, repeats: int) -> dict[str, float]:
 def compare(args: argparse.Namespace) -> dict[str, Any]:
     torch.set_num_threads(args.threads)
     arms = [parse_arm(a) for a in args.preview_decoder]
-    names = [a for a in args.preview_decoder]
+    names = list(args.preview_decoder)
     clis = [build_arm(args.config, src, scale, args.override) for src, scale in arms]
     batches = prompt_batches(clis[0].datamodule, max(args.rollouts, args.timed_rollouts))
     out: dict[str, Any] = {"command": "python -m benchmarks.proxy_quality " + " ".join(args.argv),

@@ -249,7 +249,7 @@ def load_preview_decoder(source: str, dtype: torch.dtype, what: str = "preview_d
     path = resolve_pretrained_source(source)
     try:  # diffusers refuses missing or mis-shaped weights (no silent random init)
         decoder = AutoencoderTiny.from_pretrained(path, torch_dtype=dtype)
-    except (OSError, ValueError, RuntimeError, EnvironmentError) as err:
+    except (OSError, ValueError, RuntimeError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise FileNotFoundError(f"{what}={source!r}: cannot load an AutoencoderTiny there ({first})") from None
     return decoder.requires_grad_(False).eval()

@@ -148,7 +148,8 @@ def main(argv=None) -> dict:
     half = args.batch_size // 2
     t1 = time.perf_counter()
     for step in range(args.steps):
-        lr = args.lr * min(1.0, (step + 1) / 50) * 0.5 * (1 + torch.cos(torch.tensor(torch.pi * step / args.steps)).item())
+        cosine = torch.cos(torch.tensor(torch.pi * step / args.steps)).item()  # float32, as the shipped run
+        lr = args.lr * min(1.0, (step + 1) / 50) * 0.5 * (1 + cosine)
         for g in opt.param_groups:
             g["lr"] = lr
         rows = torch.randint(pool_images.shape[0], (half,), generator=gen)
