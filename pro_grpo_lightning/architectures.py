@@ -9,6 +9,8 @@ the hub repository (only the fields that size the network; the rest keep the lib
     SD3.5-Medium    MMDiT-X 2.24 B, VAE 83.8 M, CLIP-L 123.7 M, CLIP-G 694.7 M, T5-XXL encoder 4.76 B
     FLUX.1-dev      transformer 11.9 B, VAE 83.8 M, CLIP-L 123.1 M, T5-XXL encoder 4.76 B
     rewards         PickScore / HPSv2.1 (CLIP ViT-H/14, 986 M), CLIP ViT-L/14 (428 M)
+    preview decoders TAESD / TAESD3 / TAEF1 (``AutoencoderTiny``, 2.45 M / 2.46 M / 2.46 M, half of
+                    it the decoder; ``PREVIEW_DECODERS``)
 
 The parameter counts above are checked against these tables in ``tests/test_plan.py``.
 """
@@ -95,6 +97,36 @@ PIPELINES: dict[str, dict[str, tuple[str, dict[str, Any] | None]]] = {
         "vae": ("AutoencoderKL", FLUX_VAE),
         "text_encoder": ("CLIPTextModel", CLIP_L_TEXT), "text_encoder_2": ("T5EncoderModel", T5_XXL),
         "scheduler": ("FlowMatchEulerDiscreteScheduler", dict(FLUX_SCHEDULER, use_dynamic_shifting=False))},
+}
+
+# ---- preview decoders (diffusers AutoencoderTiny) -----------------------------------------------------
+#: The public TAESD family (madebyollin/taesd, its diffusers exports): only the fields that decide the
+#: architecture. All three are the same network (64-wide blocks, 3-3-3-1 decoder blocks, 8x up-sampling:
+#: 3 nearest 2x up-samplings) and differ in latent channels only (4 for SD1.x's VAE, 16 for SD3's and
+#: FLUX's). They read the diffusion-space latents (``scaling_factor`` 1, ``shift_factor`` 0; see
+#: ``PipelineBackend.decode_preview``).
+TAESD: dict[str, Any] = dict(
+    in_channels=3, out_channels=3, encoder_block_out_channels=(64, 64, 64, 64),
+    decoder_block_out_channels=(64, 64, 64, 64), act_fn="relu", upsample_fn="nearest", latent_channels=4,
+    upsampling_scaling_factor=2, num_encoder_blocks=(1, 3, 3, 3), num_decoder_blocks=(3, 3, 3, 1),
+    latent_magnitude=3, latent_shift=0.5, scaling_factor=1.0, shift_factor=0.0)
+TAESD3: dict[str, Any] = dict(TAESD, latent_channels=16)
+TAEF1: dict[str, Any] = dict(TAESD, latent_channels=16)
+
+#: Preview decoders by hub id (``preview_decoder`` of a backend): AutoencoderTiny configs.
+PREVIEW_DECODERS: dict[str, dict[str, Any]] = {
+    "madebyollin/taesd": TAESD,
+    "madebyollin/taesd3": TAESD3,
+    "madebyollin/taef1": TAEF1,
+}
+#: The preview decoder that matches each pipeline's VAE (what the paper configs name).
+PREVIEW_DECODER_OF: dict[str, str] = {
+    "CompVis/stable-diffusion-v1-4": "madebyollin/taesd",
+    "runwayml/stable-diffusion-v1-5": "madebyollin/taesd",
+    "stable-diffusion-v1-5/stable-diffusion-v1-5": "madebyollin/taesd",
+    "stabilityai/stable-diffusion-3.5-medium": "madebyollin/taesd3",
+    "black-forest-labs/FLUX.1-dev": "madebyollin/taef1",
+    "black-forest-labs/FLUX.1-schnell": "madebyollin/taef1",
 }
 
 #: Reward models by hub id (``pretrained`` of the reward): CLIPConfig parts.

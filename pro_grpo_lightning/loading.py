@@ -7,6 +7,7 @@
 - ``check_tokenizer_vocab`` / ``load_tokenizer``: the guard against offline dummy tokenizers.
 - ``resolve_file``, ``load_state_dict_file``, ``save_state_dict_file``, ``from_pretrained_checked``,
   ``build_with_state_dict``: weight files and transformers models without silent random init.
+- ``load_preview_decoder``: a diffusers ``AutoencoderTiny`` (the pruning previews' cheaper decoder).
 
 Nothing here imports a backend or a reward: both build on this module.
 """
@@ -231,3 +232,24 @@ def build_with_state_dict(factory: Any, state: dict[str, Tensor], dtype: torch.d
         owner = model.get_submodule(owner_name)
         owner._buffers[leaf] = torch.arange(buf.shape[-1]).expand(buf.shape)
     return model.to(dtype)
+
+
+def load_preview_decoder(source: str, dtype: torch.dtype, what: str = "preview_decoder") -> nn.Module:
+    """A diffusers ``AutoencoderTiny`` from a folder, a ``pkg://`` folder or a hub id, frozen, in ``dtype``.
+
+    The TAESD family (``madebyollin/taesd`` for SD1.x, ``madebyollin/taesd3`` for SD3/SD3.5,
+    ``madebyollin/taef1`` for FLUX.1) or a distilled one (``pkg://pro_grpo_lightning/assets/
+    tiny_shapes_sd3_preview_decoder``). The source is checked first (``check_pretrained_source``);
+    a folder that holds no AutoencoderTiny, or weights that do not fit its config, fail in one
+    line naming ``what`` and the value.
+    """
+    check_pretrained_source(source, what=what)
+    from diffusers import AutoencoderTiny
+
+    path = resolve_pretrained_source(source)
+    try:  # diffusers refuses missing or mis-shaped weights (no silent random init)
+        decoder = AutoencoderTiny.from_pretrained(path, torch_dtype=dtype)
+    except (OSError, ValueError, RuntimeError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise FileNotFoundError(f"{what}={source!r}: cannot load an AutoencoderTiny there ({first})") from None
+    return decoder.requires_grad_(False).eval()

@@ -318,6 +318,34 @@ def to_fake(module: nn.Module, fake_mode: Any) -> None:
                 mod._buffers[name] = fake(b, False)
 
 
+def planned_preview_decoder(backend: Any) -> Callable[[], nn.Module]:
+    """A loader for the backend's ``preview_decoder`` that builds its AutoencoderTiny on the meta
+    device, from a local folder's config.json or ``architectures.PREVIEW_DECODERS`` (hub ids)."""
+    from .loading import resolve_pretrained_source
+
+    source = str(backend.preview_source)
+
+    def load() -> nn.Module:
+        from diffusers import AutoencoderTiny
+
+        from .architectures import PREVIEW_DECODERS
+
+        path = resolve_pretrained_source(source)
+        if os.path.isdir(path):
+            cfg = AutoencoderTiny.load_config(path)
+        elif source in PREVIEW_DECODERS:
+            cfg = PREVIEW_DECODERS[source]
+        else:
+            raise UnknownArchitecture(f"preview_decoder={source!r}: unknown architecture (not a local folder, "
+                                      f"not in pro_grpo_lightning/architectures.py)")
+        with torch.device("meta"):
+            net = AutoencoderTiny.from_config(cfg).eval()
+        # cast only when needed: diffusers warns on any ``to(dtype)`` of a model it built
+        return net if backend.weight_dtype == torch.float32 else net.to(backend.weight_dtype)
+
+    return load
+
+
 def fake_backend(backend: Any, fake_mode: Any) -> None:
     """``configure_model()`` with every network on the meta device, then all tensors fake (CPU)."""
     pretrained = str(getattr(backend, "pretrained", ""))
@@ -328,6 +356,8 @@ def fake_backend(backend: Any, fake_mode: Any) -> None:
             raise UnknownArchitecture(f"backend pretrained={pretrained!r}: unknown architecture (not a local "
                                       f"folder, not in pro_grpo_lightning/architectures.py)")
     setattr(backend, _loader_name(backend), planned_components(backend))
+    if getattr(backend, "preview_source", None) is not None:
+        backend._load_preview_decoder = planned_preview_decoder(backend)
     backend.configure_model()
     to_fake(backend, fake_mode)
     if hasattr(backend, "_text_encoders_on"):  # the plan counts offloading itself: never move modules
@@ -505,8 +535,9 @@ class Planner:
         return lambda: backend.encode_prompts(texts)
 
     def score_call(self, rows: int, chunk: int | None, preview_scale: float = 1.0, backend: Any = None,
-                   rewards: Sequence[Any] | None = None) -> Callable[[], Any]:
-        """Decode ``rows`` latents (``chunk`` per VAE call) and score the images with every reward."""
+                   rewards: Sequence[Any] | None = None, preview: bool = False) -> Callable[[], Any]:
+        """Decode ``rows`` latents (``chunk`` per VAE call; ``preview``: with the backend's preview
+        decoder, as the rollout's previews) and score the images with every reward."""
         backend = backend or self.backend
         rewards = self.rewards if rewards is None else rewards
         x = backend.initial_latents(rows)
@@ -517,7 +548,7 @@ class Planner:
             if preview_scale < 1.0 and z.ndim == 4:  # as ExpandPruneRollout.preview_images
                 z = torch.nn.functional.interpolate(z, scale_factor=preview_scale, mode="bilinear", antialias=True)
             backend.vae_decode_chunk = chunk
-            images = backend.decode(z)
+            images = backend.decode_preview(z) if preview else backend.decode(z)
             for r in rewards:
                 r(images, texts)
         return run
@@ -581,9 +612,10 @@ class Planner:
     def encode(self, prompts: int) -> int:
         return self._trace(("encode", prompts), lambda: self.encode_call(prompts))
 
-    def score(self, rows: int, chunk: int | None, preview_scale: float = 1.0) -> int:
+    def score(self, rows: int, chunk: int | None, preview_scale: float = 1.0, preview: bool = False) -> int:
         """Transient of decoding ``rows`` latents (``chunk`` per VAE call) and scoring the images."""
-        return self._trace(("score", rows, chunk, preview_scale), lambda: self.score_call(rows, chunk, preview_scale))
+        return self._trace(("score", rows, chunk, preview_scale, preview),
+                           lambda: self.score_call(rows, chunk, preview_scale, preview=preview))
 
     def update_traced(self, batch: int, checkpointing: bool) -> int:
         return self._trace(("update", batch, checkpointing), lambda: self.update_call(batch, checkpointing),
@@ -631,7 +663,7 @@ class Planner:
                 scale = self.module.rollout_settings.preview_scale
                 phases.append(Phase(f"{tag}: previews after step {t}, {rows[t]} rows", res,
                                     history + rows[t] * (self.cond_row_bytes + L),  # + the step's x0
-                                    self.score(rows[t], st.vae_decode_chunk, scale)))
+                                    self.score(rows[t], st.vae_decode_chunk, scale, preview=True)))
         phases.insert(0, best)
         final = rows[-1]
         survivors = P * self.K

@@ -39,9 +39,12 @@ class RolloutSettings:
     """How a rollout samples; YAML ``model.rollout``.
 
     preview_scale: resize factor of the x0 latents before the pruning previews' decode (1 = full
-        size). The VAE decoder is convolutional, so 0.5 decodes a half-resolution preview at about
-        a quarter of the decoder's cost; reward models resize to 224 px anyway. It trades proxy
-        quality for speed: watch ``pruning/proxy_true_corr_*`` when lowering it.
+        size). It resizes whatever decodes the previews: the VAE, or the backend's
+        ``preview_decoder`` (an ``AutoencoderTiny``) when one is set. Both decoders are
+        convolutional, so 0.5 decodes a half-resolution preview at about a quarter of the
+        decoder's cost; reward models resize to 224 px anyway. It trades proxy quality for speed:
+        watch ``pruning/proxy_true_corr_*`` when lowering it (``docs/benchmarks.md``, "Preview
+        decoders", measures both knobs on the quickstart's model).
     shared_initial_noise: every trajectory of a prompt's group starts from the *same* initial
         latent, so the group differs only by the SDE step noise, which is what the policy gradient
         credits (DanceGRPO, Xue et al. 2025, arXiv:2505.07818, shares the initialisation noise
@@ -214,11 +217,12 @@ class ExpandPruneRollout:
 
     def preview_images(self, x0: Tensor) -> Tensor:
         """Decode x0 previews [B, *latent] -> images [B, 3, H', W'] (smaller when preview_scale < 1),
-        ``sample_batch_size`` rows per decode."""
+        ``sample_batch_size`` rows per decode, with the backend's preview decoder
+        (``decode_preview``: the VAE unless a cheaper ``preview_decoder`` is configured)."""
         if self.preview_scale < 1.0 and x0.ndim == 4:
             x0 = torch.nn.functional.interpolate(x0, scale_factor=self.preview_scale, mode="bilinear",
                                                  antialias=True)  # [B, C, h', w']
-        return chunked(self.backend.decode, x0.shape[0], self.sample_batch_size, x0)
+        return chunked(self.backend.decode_preview, x0.shape[0], self.sample_batch_size, x0)
 
     @torch.no_grad()
     def run(self, prompts: Sequence[str], generator: torch.Generator | None = None, *,

@@ -35,7 +35,8 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from ..loading import check_pretrained_source, check_tokenizer_vocab, parse_dtype, resolve_pretrained_source
+from ..loading import (check_pretrained_source, check_tokenizer_vocab, load_preview_decoder, parse_dtype,
+                       resolve_pretrained_source)
 from ..steps import StepOutput, draw_noise, select_steps
 
 Conditioning = dict[str, Tensor]
@@ -145,6 +146,11 @@ class DiffusionBackend(nn.Module, abc.ABC):
     def decode(self, latents: Tensor) -> Tensor:
         """Latents (clean, or an x0 preview) -> images [B, 3, H, W] float32 in [0, 1], no grad."""
 
+    def decode_preview(self, latents: Tensor) -> Tensor:
+        """The pruning previews' decode (x0 previews -> images [B, 3, H, W] in [0, 1], no grad):
+        ``decode`` unless the backend has a cheaper preview decoder. Final images always use ``decode``."""
+        return self.decode(latents)
+
     # ---- schedule ----------------------------------------------------------------------------
     @abc.abstractmethod
     def trainable_steps(self) -> Tensor:
@@ -246,7 +252,18 @@ class PipelineBackend(DiffusionBackend):
             ``configure_model``.
         revision: hub revision of ``pretrained``.
         gradient_checkpointing: recompute the denoiser's activations in the backward pass.
-        vae_decode_chunk: decode at most this many latents per VAE call (memory); None: all.
+        vae_decode_chunk: decode at most this many latents per VAE call (memory); None: all. The
+            preview decoder decodes the same number per call.
+        preview_decoder: a diffusers ``AutoencoderTiny`` (local folder, ``pkg://`` folder or hub id)
+            that decodes the pruning previews instead of the VAE; the final images (true reward,
+            training, evaluation) always use the VAE. The TAESD family matches the families:
+            ``madebyollin/taesd`` (SD1.x), ``madebyollin/taesd3`` (SD3/SD3.5), ``madebyollin/taef1``
+            (FLUX.1); ``pkg://pro_grpo_lightning/assets/tiny_shapes_sd3_preview_decoder`` is the
+            quickstart model's. None: the VAE decodes the previews. Checked here like ``pretrained``,
+            loaded in ``configure_model`` in ``dtype``; its latent channels and up-sampling factor
+            must match the VAE's. It belongs to the backend, not to ``model.rollout``: it is a frozen
+            pipeline part tied to the family's latent space, loaded, cast and moved with the VAE
+            (``rollout.preview_scale`` still resizes whatever decodes the previews).
         finetune: "lora" trains the ``lora`` adapter (the default); "full" trains the denoiser's
             own weights (``lora`` is then unused). The denoiser stays in ``dtype``: for float32
             master weights with bf16 compute use ``dtype: float32`` and the Trainer's
@@ -267,7 +284,8 @@ class PipelineBackend(DiffusionBackend):
     default_lora_targets: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, pretrained: str, *, revision: str | None = None, gradient_checkpointing: bool = False,
-                 vae_decode_chunk: int | None = None, finetune: str = "lora", **kwargs: Any) -> None:
+                 vae_decode_chunk: int | None = None, finetune: str = "lora",
+                 preview_decoder: str | None = None, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         if finetune not in ("lora", "full"):
             raise ValueError(f"finetune must be 'lora' or 'full', got {finetune!r}")
@@ -282,6 +300,11 @@ class PipelineBackend(DiffusionBackend):
         self.gradient_checkpointing = gradient_checkpointing
         self.vae_decode_chunk = vae_decode_chunk
         self._check_source(pretrained)
+        #: ``preview_decoder`` as configured (the module that decodes is ``self.preview_decoder``)
+        self.preview_source = preview_decoder
+        if preview_decoder is not None:
+            check_pretrained_source(preview_decoder, what="preview_decoder")  # before any model loads
+        self.preview_decoder: nn.Module | None = None
         self._configured = False
 
     def _check_source(self, pretrained: str) -> None:
@@ -346,7 +369,32 @@ class PipelineBackend(DiffusionBackend):
         else:
             self.attach_lora(net)
         self._setup(comps)
+        if self.preview_source is not None:
+            self.preview_decoder = self._checked_preview_decoder(self._load_preview_decoder())
         self._configured = True
+
+    def _load_preview_decoder(self) -> nn.Module:
+        """The ``AutoencoderTiny`` named by ``preview_decoder``, frozen, in ``weight_dtype`` (the plan
+        replaces this loader by one that builds the architecture on the meta device)."""
+        return load_preview_decoder(self.preview_source, self.weight_dtype)
+
+    def _checked_preview_decoder(self, decoder: nn.Module) -> nn.Module:
+        """Refuse a preview decoder that cannot read this VAE's latents or would decode another size."""
+        cfg, vae_cfg = decoder.config, self.vae.config
+        where = f"preview_decoder={self.preview_source!r}"
+        if int(cfg.latent_channels) != int(vae_cfg.latent_channels):
+            raise ValueError(f"{where}: it reads {cfg.latent_channels} latent channels, the VAE of "
+                             f"{self.pretrained!r} writes {vae_cfg.latent_channels} (TAESD is for SD1.x, "
+                             f"TAESD3 for SD3/SD3.5, TAEF1 for FLUX.1)")
+        factor = int(cfg.upsampling_scaling_factor) ** (len(cfg.decoder_block_out_channels) - 1)
+        vae_factor = 2 ** (len(vae_cfg.block_out_channels) - 1)
+        if factor != vae_factor:
+            raise ValueError(f"{where}: it up-samples latents {factor}x, the VAE of {self.pretrained!r} "
+                             f"{vae_factor}x: its previews would not have the final images' size")
+        decoder.requires_grad_(False)
+        if any(p.dtype != self.weight_dtype for p in decoder.parameters()):
+            decoder.to(dtype=self.weight_dtype)
+        return decoder.eval()
 
     def attach_lora(self, net: nn.Module) -> None:
         """Add the policy adapter (``self.lora``) to ``net``, trained in float32 whatever the base dtype."""
@@ -369,6 +417,7 @@ class PipelineBackend(DiffusionBackend):
 
     def _frozen_modules(self) -> list[nn.Module]:
         frozen = [self.vae] + [getattr(self, n) for n in self.text_encoder_names()]
+        frozen += [self.preview_decoder] if self.preview_decoder is not None else []
         return frozen + ([self.reference_denoiser] if self.reference_denoiser is not None else [])
 
     @contextlib.contextmanager
@@ -438,6 +487,37 @@ class PipelineBackend(DiffusionBackend):
             out = select_steps(inside, out, ode)
         out.model_output = output
         return out
+
+    @torch.no_grad()
+    def decode_preview(self, latents: Tensor) -> Tensor:
+        """x0 previews [B, *latent] -> images [B, 3, H, W] in [0, 1]: the preview decoder when one is
+        configured (``vae_decode_chunk`` latents per call), else the VAE (``decode``).
+
+        Latent convention: diffusers' pipelines decode with whatever ``pipe.vae`` is, as
+        ``latents / vae.config.scaling_factor + vae.config.shift_factor`` (``StableDiffusion3Pipeline``
+        and ``FluxPipeline.__call__``; ``StableDiffusionPipeline`` divides only, and an
+        ``AutoencoderTiny``'s ``shift_factor`` defaults to 0), and the TAESD docs swap the tiny decoder
+        in as ``pipe.vae``. So the tiny decoder's *own* config is applied to the diffusion-space
+        latents, as here. The TAESD family reads the diffusion-space latents unchanged (the TAESD
+        README: its latent scale factor is 1, not the VAE's); its diffusers configs say so with
+        ``scaling_factor`` 1 and ``shift_factor`` 0 (TAEF1's config holds both; the TAESD3 model card
+        sets ``pipe.vae.config.shift_factor = 0.0`` after loading, which is also ``AutoencoderTiny``'s
+        default when a config has no such field).
+        ``AutoencoderTiny.decode`` returns [-1, 1] (``DecoderTiny`` maps its [0, 1] output), mapped
+        back to [0, 1] as the VAE's images are.
+        """
+        self._require_configured()
+        decoder = self.preview_decoder
+        if decoder is None:
+            return self.decode(latents)
+        cfg = decoder.config
+        shift = cfg.shift_factor if getattr(cfg, "shift_factor", None) is not None else 0.0
+        chunks = latents.split(self.vae_decode_chunk) if self.vae_decode_chunk else (latents,)
+        images = []
+        for part in chunks:  # a few calls, never one per sample
+            z = part.float().to(decoder.device) / cfg.scaling_factor + shift  # [b, C, h, w]
+            images.append(decoder.decode(z.to(decoder.dtype), return_dict=False)[0])  # [b, 3, H, W] in [-1, 1]
+        return (torch.cat(images).float() / 2 + 0.5).clamp(0, 1)  # [B, 3, H, W]
 
     # ---- loading helpers ----------------------------------------------------------------------
     def _load(self, cls: Any, subfolder: str, **kwargs: Any) -> Any:

@@ -73,6 +73,8 @@ class FluxBackend(FlowMatchingBackend):
         noise_level, sde_kind, max_sequence_length, gradient_checkpointing, offload_text_encoders,
             vae_decode_chunk: see ``FlowMatchingBackend`` (T5 tokens: dev 512, schnell 256 max).
         revision: hub revision of ``pretrained``.
+        preview_decoder: an ``AutoencoderTiny`` for the pruning previews (``madebyollin/taef1``);
+            see ``PipelineBackend``.
     """
 
     pipeline_class = "FluxPipeline"
@@ -83,13 +85,15 @@ class FluxBackend(FlowMatchingBackend):
                  noise_level: float = 0.7, sde_kind: str = "flow_grpo", max_sequence_length: int = 512,
                  gradient_checkpointing: bool = False, offload_text_encoders: bool = False,
                  vae_decode_chunk: int | None = None, revision: str | None = None,
-                 sde_window: list[int] | None = None, finetune: str = "lora") -> None:
+                 sde_window: list[int] | None = None, finetune: str = "lora",
+                 preview_decoder: str | None = None) -> None:
         super().__init__(
             pretrained=pretrained, revision=revision, num_steps=num_steps, guidance_scale=guidance_scale,
             resolution=resolution, lora=lora, dtype=dtype, negative_prompt="", noise_level=noise_level,
             sde_kind=sde_kind, max_sequence_length=max_sequence_length,
             gradient_checkpointing=gradient_checkpointing, offload_text_encoders=offload_text_encoders,
-            vae_decode_chunk=vae_decode_chunk, sde_window=sde_window, finetune=finetune)
+            vae_decode_chunk=vae_decode_chunk, sde_window=sde_window, finetune=finetune,
+            preview_decoder=preview_decoder)
 
     def _uses_cfg(self) -> bool:
         return False  # dev: guidance embedding; schnell: no guidance
@@ -228,13 +232,14 @@ class TinyFluxBackend(FluxBackend):
                  dtype: str = "float32", noise_level: float = 0.7, sde_kind: str = "flow_grpo",
                  max_sequence_length: int = 32, gradient_checkpointing: bool = False,
                  offload_text_encoders: bool = False, vae_decode_chunk: int | None = None,
-                 sde_window: list[int] | None = None, finetune: str = "lora") -> None:
+                 sde_window: list[int] | None = None, finetune: str = "lora",
+                 preview_decoder: str | None = None) -> None:
         super().__init__(
             TINY_FLUX_SOURCE, num_steps=num_steps, guidance_scale=guidance_scale, resolution=resolution,
             lora=lora, dtype=dtype, noise_level=noise_level, sde_kind=sde_kind,
             max_sequence_length=max_sequence_length, gradient_checkpointing=gradient_checkpointing,
             offload_text_encoders=offload_text_encoders, vae_decode_chunk=vae_decode_chunk, sde_window=sde_window,
-            finetune=finetune)
+            finetune=finetune, preview_decoder=preview_decoder)
         self.seed = seed
         self.guidance_embeds = guidance_embeds
 

@@ -54,6 +54,8 @@ class SD15Backend(PipelineBackend):
         gradient_checkpointing: recompute UNet activations in the backward pass.
         sde_window: ``[start, end)`` steps sampled with ``eta``; the others are DDIM with eta 0
             (see ``DiffusionBackend``).
+        preview_decoder: an ``AutoencoderTiny`` for the pruning previews (``madebyollin/taesd``);
+            see ``PipelineBackend``.
 
     The scheduler config's ``clip_sample``/``thresholding`` are ignored: x0 is never clipped
     (SD's own configs have clipping off).
@@ -68,7 +70,8 @@ class SD15Backend(PipelineBackend):
                  resolution: int = 512, eta: float = 1.0, lora: LoraSettings | None = None,
                  dtype: str = "float32", negative_prompt: str = "", revision: str | None = None,
                  vae_decode_chunk: int | None = None, gradient_checkpointing: bool = False,
-                 sde_window: list[int] | None = None, finetune: str = "lora") -> None:
+                 sde_window: list[int] | None = None, finetune: str = "lora",
+                 preview_decoder: str | None = None) -> None:
         if eta < 0:
             raise ValueError(f"eta must be >= 0, got {eta}")
         if resolution % 8:
@@ -76,7 +79,7 @@ class SD15Backend(PipelineBackend):
         super().__init__(pretrained, revision=revision, gradient_checkpointing=gradient_checkpointing,
                          vae_decode_chunk=vae_decode_chunk, num_steps=num_steps, guidance_scale=guidance_scale,
                          resolution=resolution, lora=lora, dtype=dtype, negative_prompt=negative_prompt,
-                         sde_window=sde_window, finetune=finetune)
+                         sde_window=sde_window, finetune=finetune, preview_decoder=preview_decoder)
         self.eta = float(eta)
         # Filled by configure_model().
         self.unet: nn.Module | None = None
@@ -258,11 +261,12 @@ class TinySD15Backend(SD15Backend):
                  eta: float = 1.0, lora: LoraSettings | None = None, dtype: str = "float32",
                  negative_prompt: str = "", seed: int = 0, vae_decode_chunk: int | None = None,
                  gradient_checkpointing: bool = False, sde_window: list[int] | None = None,
-                 finetune: str = "lora") -> None:
+                 finetune: str = "lora", preview_decoder: str | None = None) -> None:
         super().__init__(TINY_SD15_SOURCE, num_steps=num_steps, guidance_scale=guidance_scale,
                          resolution=resolution, eta=eta, lora=lora, dtype=dtype,
                          negative_prompt=negative_prompt, vae_decode_chunk=vae_decode_chunk,
-                         gradient_checkpointing=gradient_checkpointing, sde_window=sde_window, finetune=finetune)
+                         gradient_checkpointing=gradient_checkpointing, sde_window=sde_window, finetune=finetune,
+                         preview_decoder=preview_decoder)
         self.seed = seed
 
     def _check_source(self, pretrained: str) -> None:

@@ -51,6 +51,8 @@ class SD3Backend(FlowMatchingBackend):
         revision: hub revision of ``pretrained``.
         drop_t5: never load T5 (saves ~9 GB in bf16); its tokens become zeros, as diffusers does
             when ``text_encoder_3`` is None.
+        preview_decoder: an ``AutoencoderTiny`` for the pruning previews (``madebyollin/taesd3``);
+            see ``PipelineBackend``.
     """
 
     pipeline_class = "StableDiffusion3Pipeline"
@@ -63,13 +65,15 @@ class SD3Backend(FlowMatchingBackend):
                  max_sequence_length: int = 256, drop_t5: bool = False,
                  gradient_checkpointing: bool = False, offload_text_encoders: bool = False,
                  vae_decode_chunk: int | None = None, revision: str | None = None,
-                 sde_window: list[int] | None = None, finetune: str = "lora") -> None:
+                 sde_window: list[int] | None = None, finetune: str = "lora",
+                 preview_decoder: str | None = None) -> None:
         super().__init__(
             pretrained=pretrained, revision=revision, num_steps=num_steps, guidance_scale=guidance_scale,
             resolution=resolution, lora=lora, dtype=dtype, negative_prompt=negative_prompt,
             noise_level=noise_level, sde_kind=sde_kind, max_sequence_length=max_sequence_length,
             gradient_checkpointing=gradient_checkpointing, offload_text_encoders=offload_text_encoders,
-            vae_decode_chunk=vae_decode_chunk, sde_window=sde_window, finetune=finetune)
+            vae_decode_chunk=vae_decode_chunk, sde_window=sde_window, finetune=finetune,
+            preview_decoder=preview_decoder)
         self.drop_t5 = drop_t5
 
     # ---- components ------------------------------------------------------------------------
@@ -217,13 +221,15 @@ class TinySD3Backend(SD3Backend):
                  noise_level: float = 0.7, sde_kind: str = "flow_grpo", max_sequence_length: int = 32,
                  drop_t5: bool = False, gradient_checkpointing: bool = False,
                  offload_text_encoders: bool = False, vae_decode_chunk: int | None = None,
-                 sde_window: list[int] | None = None, finetune: str = "lora") -> None:
+                 sde_window: list[int] | None = None, finetune: str = "lora",
+                 preview_decoder: str | None = None) -> None:
         super().__init__(
             TINY_SD3_SOURCE, num_steps=num_steps, guidance_scale=guidance_scale, resolution=resolution,
             lora=lora, dtype=dtype, negative_prompt=negative_prompt, noise_level=noise_level,
             sde_kind=sde_kind, max_sequence_length=max_sequence_length, drop_t5=drop_t5,
             gradient_checkpointing=gradient_checkpointing, offload_text_encoders=offload_text_encoders,
-            vae_decode_chunk=vae_decode_chunk, sde_window=sde_window, finetune=finetune)
+            vae_decode_chunk=vae_decode_chunk, sde_window=sde_window, finetune=finetune,
+            preview_decoder=preview_decoder)
         self.seed = seed
 
     def _check_source(self, pretrained: str) -> None:
