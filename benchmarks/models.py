@@ -84,21 +84,18 @@ PICKSCORE_CLIP = dict(
                 image_size=224, patch_size=14, hidden_act="gelu"),
     projection_dim=1024)
 
-#: The public tiny preview decoders (diffusers ``AutoencoderTiny``, the TAESD family) per family:
-#: their hub ids and the config values that decide the architecture (the rest at diffusers' defaults:
-#: 64 channels, 3/3/3/1 decoder blocks, x2 upsampling three times). Stand-in for the package's
-#: tiny-decoder table (``pro_grpo_lightning/architectures.py``, being added in parallel): point
-#: ``tiny_decoder_config`` at that table when both are merged.
-TINY_DECODERS = {"sd15": dict(hub_id="madebyollin/taesd", latent_channels=4),
-                 "sd3": dict(hub_id="madebyollin/taesd3", latent_channels=16),
-                 "flux": dict(hub_id="madebyollin/taef1", latent_channels=16)}
+#: The public tiny preview decoder (diffusers ``AutoencoderTiny``, the TAESD family) of each family:
+#: its hub id in the package's table (``pro_grpo_lightning/architectures.py: PREVIEW_DECODERS``).
+TINY_DECODERS = {"sd15": "madebyollin/taesd", "sd3": "madebyollin/taesd3", "flux": "madebyollin/taef1"}
 
 
 def tiny_decoder_config(family: str) -> dict[str, Any]:
     """``AutoencoderTiny`` keyword arguments of ``family``'s public tiny decoder (architecture only)."""
+    from pro_grpo_lightning.architectures import PREVIEW_DECODERS
+
     if family not in TINY_DECODERS:
         raise ValueError(f"unknown family {family!r}; choose one of {FAMILIES}")
-    return {"latent_channels": TINY_DECODERS[family]["latent_channels"]}
+    return dict(PREVIEW_DECODERS[TINY_DECODERS[family]])
 
 
 #: Parameter counts the real models have (checked by tests on the meta device).
