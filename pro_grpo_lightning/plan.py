@@ -58,8 +58,6 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
-from torch.utils.weak import WeakIdKeyDictionary
 
 GiB = 1024 ** 3
 MiB = 1024 ** 2
@@ -80,7 +78,12 @@ class LiveBytes(TorchDispatchMode):
 
     Storages that existed before (weights, inputs) are not counted, nor are views and in-place
     results of them (an output sharing an input's storage allocates nothing). ``block`` rounds each
-    allocation up (512 for the CUDA caching allocator, 1 for the CPU allocator).
+    allocation up (512 for the CUDA caching allocator, 1 for the CPU allocator). ``mark()`` starts a
+    new segment: ``peaks[i]`` is the peak within segment i, ``starts[i]`` the live bytes when it began.
+
+    It runs once per op of every trace, so it does as little as it can: outputs the op's schema
+    marks as aliases of an input (views, in-place and ``out=`` ops) are skipped without looking at
+    them, and a storage is known by its ``id`` while a weak reference to it is alive.
     """
 
     def __init__(self, block: int = 1) -> None:
@@ -88,26 +91,53 @@ class LiveBytes(TorchDispatchMode):
         self.block = block
         self.current = 0
         self.peak = 0
-        self._seen: WeakIdKeyDictionary = WeakIdKeyDictionary()
+        self.peaks: list[int] = [0]
+        self.starts: list[int] = [0]
+        self._live: dict[int, weakref.ref] = {}  # id(storage) -> its weak reference (callback: freed)
 
-    def _freed(self, nbytes: int, _ref: Any) -> None:
+    def mark(self) -> None:
+        """Start a new segment (its peak is counted from the bytes alive now)."""
+        self.peaks.append(self.current)
+        self.starts.append(self.current)
+
+    def _freed(self, key: int, nbytes: int) -> None:
+        self._live.pop(key, None)
         self.current -= nbytes
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
         out = func(*args, **(kwargs or {}))
-        inputs = {id(t.untyped_storage()) for t in tree_flatten((args, kwargs))[0] if isinstance(t, Tensor)}
-        for t in tree_flatten(out)[0]:
-            if not isinstance(t, Tensor):
-                continue
-            st = t.untyped_storage()
-            if id(st) in inputs or st in self._seen:
-                continue
-            n = st.nbytes()
-            n = -(-n // self.block) * self.block if n else 0
-            self._seen[st] = weakref.ref(st, lambda r, n=n: self._freed(n, r))
-            self.current += n
-        self.peak = max(self.peak, self.current)
+        fresh = _FRESH.get(func)
+        if fresh is None:  # per return value: may it be a new storage (no alias annotation)?
+            fresh = _FRESH[func] = tuple(r.alias_info is None for r in func._schema.returns)
+        if not any(fresh):
+            return out
+        outs = (out,) if len(fresh) == 1 else out
+        for o, new in zip(outs, fresh):
+            if new:
+                for t in (o if isinstance(o, (list, tuple)) else (o,)):
+                    if isinstance(t, Tensor):
+                        self._count(t, args)
+        if self.current > self.peaks[-1]:
+            self.peaks[-1] = self.current
+            self.peak = max(self.peak, self.current)
         return out
+
+    def _count(self, t: Tensor, args: tuple) -> None:
+        st = t.untyped_storage()
+        key = id(st)
+        if key in self._live:
+            return
+        # an op without an alias annotation may still return an input's storage (``_unsafe_view``)
+        if any(isinstance(a, Tensor) and id(a.untyped_storage()) == key for a in args):
+            return
+        n = st.nbytes()
+        n = -(-n // self.block) * self.block if n else 0
+        self._live[key] = weakref.ref(st, lambda _r, key=key, n=n: self._freed(key, n))
+        self.current += n
+
+
+#: Per op (``OpOverload``): for each return value, whether it may be a fresh storage.
+_FRESH: dict[Any, tuple[bool, ...]] = {}
 
 #: The weights-table row of what the optimizer trains: the LoRA adapter, or the whole denoiser
 #: with ``finetune: full`` (then its frozen copy, the KL reference, is the ``reference_denoiser`` row).
