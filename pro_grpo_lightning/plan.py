@@ -330,12 +330,17 @@ def to_fake(module: nn.Module, fake_mode: Any) -> None:
     Unlike ``Module.to_empty`` this keeps tied weights tied (T5's shared embedding): one fake
     tensor per original tensor, set on every module that holds it.
     """
+    from torch._subclasses.fake_tensor import FakeTensor
+
     memo: dict[int, tuple[Tensor, Tensor]] = {}  # id -> (original, fake); the original kept alive
 
     def fake(t: Tensor, param: bool) -> Tensor:
         if id(t) not in memo:
-            with fake_mode:
-                new = torch.empty_like(t, device="cpu")
+            if t.device.type == "meta":  # wrap it as is: what ``empty_like`` under the mode makes, 100x faster
+                new = FakeTensor(fake_mode, t.detach(), torch.device("cpu"))
+            else:
+                with fake_mode:
+                    new = torch.empty_like(t, device="cpu")
             memo[id(t)] = (t, nn.Parameter(new, requires_grad=t.requires_grad) if param else new)
         return memo[id(t)][1]
 
@@ -444,8 +449,8 @@ class Planner:
                 self.notes.append(str(err))
                 continue
             self.reward_bytes[f"reward {r.name}"] = _module_bytes(r)
-            if r in list(module.rewards.rewards) and self._traceable(r):
-                self.rewards.append(r)
+            if r in list(module.rewards.rewards):
+                self.rewards.append(r)  # until a trace finds that it cannot score fake images
         b = self.backend
         self.schedule = module.schedule
         self.T = b.num_steps
@@ -458,14 +463,27 @@ class Planner:
             offload_text_encoders=bool(getattr(b, "offload_text_encoders", False)),
             vae_decode_chunk=getattr(b, "vae_decode_chunk", None), drop_t5=bool(getattr(b, "drop_t5", False)))
         self.weights = self._weights()
-        self._cond: dict[int, dict[str, Tensor]] = {}
+        self._cache: dict[tuple, int] = {}
+        #: Fake-tensor traces run so far (each runs one library call op by op; the plan's cost).
+        self.traces = 0
+        self.cond1 = self._encode_one()  # {k: [1, ...]}
+        self._cond: dict[int, dict[str, Tensor]] = {id(b): self.cond1}
         with self.fake_mode, torch.no_grad():
-            self.cond1 = b.encode_prompts([self.prompt])  # {k: [1, ...]}
             self.latent_bytes = b.initial_latents(1).numel() * 4  # float32 latents
-            side = b.resolution
+        side = b.resolution
         self.cond_row_bytes = sum(v[0].numel() * v.element_size() for v in self.cond1.values())
         self.image_bytes = 3 * side * side * 4  # float32 images in [0, 1]
-        self._cache: dict[tuple, int] = {}
+
+    def _encode_one(self) -> dict[str, Tensor]:
+        """The conditioning of one prompt, traced: it is also the plan's ``encode(1)``."""
+        out: dict[str, Any] = {}
+
+        def make() -> Callable[[], Any]:
+            call = self.encode_call(1)
+            return lambda: out.update(call())
+
+        self._trace(("encode", 1), make)
+        return out
 
     def _traceable(self, reward: Any) -> bool:
         """Whether ``reward`` scores fake images (a reward whose control flow reads pixel values,
@@ -505,6 +523,7 @@ class Planner:
     # ---- measured calls (cached) -------------------------------------------------------------
     def _trace(self, key: tuple, make: Callable[[], Callable[[], Any]], grad: bool = False) -> int:
         if key not in self._cache:
+            self.traces += 1
             with self.fake_mode:
                 fn = make()  # inputs: created before tracking (counted as persistent, not transient)
                 tracker = LiveBytes(self.block)
@@ -612,8 +631,25 @@ class Planner:
         return self._trace(("encode", prompts), lambda: self.encode_call(prompts))
 
     def score(self, rows: int, chunk: int | None, preview_scale: float = 1.0) -> int:
-        """Transient of decoding ``rows`` latents (``chunk`` per VAE call) and scoring the images."""
-        return self._trace(("score", rows, chunk, preview_scale), lambda: self.score_call(rows, chunk, preview_scale))
+        """Transient of decoding ``rows`` latents (``chunk`` per VAE call) and scoring the images.
+
+        In one VAE call (``chunk`` None or >= rows) every activation is [rows, ...], decoder and
+        rewards alike: linear in rows (``_linear``, two traces for every row count). In chunks,
+        traced as it runs (the earlier chunks' images stay alive during the later calls)."""
+        if chunk is None or chunk >= rows:
+            return self._linear(lambda n: self.score_traced(n, None, preview_scale), rows)
+        return self.score_traced(rows, chunk, preview_scale)
+
+    def score_traced(self, rows: int, chunk: int | None, preview_scale: float = 1.0) -> int:
+        key = ("score", rows, chunk, preview_scale)
+        try:
+            return self._trace(key, lambda: self.score_call(rows, chunk, preview_scale))
+        except Exception:  # a reward that cannot score fake images: find it, leave it out, trace again
+            kept = [r for r in self.rewards if self._traceable(r)]
+            if len(kept) == len(self.rewards):
+                raise
+            self.rewards = kept
+            return self._trace(key, lambda: self.score_call(rows, chunk, preview_scale))
 
     def update_traced(self, batch: int, checkpointing: bool) -> int:
         return self._trace(("update", batch, checkpointing), lambda: self.update_call(batch, checkpointing),
@@ -817,6 +853,7 @@ def report(config: str | Sequence[str], gpu_memory: int | None = None, overrides
         "peak": peak, "overhead": RUNTIME_OVERHEAD if target == "cuda" else 0,
         "levers": [dataclasses.asdict(lv) for lv in planner.levers(st)],
         "notes": planner.notes,
+        "traces": planner.traces,  # fake-tensor traces the plan ran (its cost)
     }
     if gpu_memory is not None:
         budget = gpu_memory - out["overhead"]

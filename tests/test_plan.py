@@ -93,6 +93,8 @@ def test_plan_matches_cpu_allocator(size, family, one_thread):
 
     checks = {
         "denoise 12 rows": (planner.denoise(12), no_grad(planner.denoise_call(12, backend=real))),
+        "decode+reward 6 rows, one VAE call": (planner.score(6, None),
+                                               no_grad(planner.score_call(6, None, backend=real, rewards=rewards))),
         "decode+reward 6 rows, chunk 4": (planner.score(6, 4),
                                           no_grad(planner.score_call(6, 4, backend=real, rewards=rewards))),
         "update 6, no checkpointing": (planner.update(6, False), planner.update_call(6, False, backend=real)),
@@ -102,6 +104,32 @@ def test_plan_matches_cpu_allocator(size, family, one_thread):
         measured = plan.measured_peak_bytes(fn)
         assert measured > 0, what
         assert _close(planned, measured), f"{size} {family} {what}: plan {planned} vs measured {measured}"
+
+
+@pytest.mark.parametrize("size,family", CASES[:3])
+def test_linear_extrapolation_matches_a_direct_trace(size, family, one_thread):
+    """The denoiser, decode + reward and update figures come from traces at 1 and 2 rows; at 6 and
+    12 rows they agree with a direct trace at that row count within the stated tolerance."""
+    planner = _planner(size, family, 0.01 if family == "sd3" else 0.0)
+    pairs = {"denoise 12": (planner.denoise(12), planner.denoise_traced(12)),
+             "score 6": (planner.score(6, None), planner.score_traced(6, None)),
+             "update 6": (planner.update(6, False), planner.update_traced(6, False)),
+             "update 6, checkpointing": (planner.update(6, True), planner.update_traced(6, True))}
+    for what, (linear, direct) in pairs.items():
+        assert direct > 0, what
+        assert _close(linear, direct), f"{size} {family} {what}: extrapolated {linear} vs traced {direct}"
+
+
+def test_plan_of_a_paper_config_is_a_bounded_number_of_traces(one_thread):
+    """The plan's cost is its fake-tensor traces: each network call is traced at 1 and 2 rows and
+    every other row count (the rollout's calls, the audit, each lever) is extrapolated, so the
+    count does not grow with the schedule or the levers. For this config: prompt encoding 1,
+    denoiser 2, decode + reward 2, update 2 with and 2 without gradient checkpointing, and the
+    ``vae_decode_chunk: 4`` lever's chunked decodes of the 48 / 32 / 8 rows the schedule scores 3."""
+    r = plan.report("configs/sd15_hps_pro_grpo.yaml", gpu_memory=plan.parse_memory("24GB"))
+    assert r["traces"] <= 12, r["traces"]
+    assert r["peak"] == max(p["peak"] for p in r["phases"]) > 2 * 2**30
+    assert {lv["name"] for lv in r["levers"]} >= {"gradient_checkpointing", "vae_decode_chunk"}
 
 
 def test_gradient_checkpointing_and_chunks_lower_the_plan(one_thread):
