@@ -34,8 +34,12 @@ Phases (each: resident weights + what lives through the phase + the call's trans
                            ``train_batch_size`` (trajectory, step) pairs (+ the reference forward
                            when ``kl_beta > 0``), with and without gradient checkpointing
 
-Denoiser calls and update minibatches are traced at 1 and 2 rows and extrapolated linearly
-(``Planner._linear``: every activation is [batch, ...]), so every chunk size a lever tries is free.
+Denoiser calls, update minibatches and one-call decodes + rewards are traced at 1 and 2 rows and
+extrapolated linearly (``Planner._linear``: every activation is [batch, ...]), so every row count
+of the schedule and every chunk size a lever tries is free; a decode in ``vae_decode_chunk`` chunks
+is traced as it runs. Prompt encoding is traced once when the planner is built, a reward's
+traceability is checked only when a trace fails, and ``Planner.traces`` counts the traces run
+(the plan's cost: a handful of seconds of CPU each at real size).
 Rows per denoiser call come from ``--sample-batch-size``, else the run's ``model.rollout.sample_batch_size``
 (None: all live rows). A reward whose scoring branches on pixel values
 cannot run on fake tensors: its activations are left out, with a note in the output.

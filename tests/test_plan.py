@@ -4,8 +4,8 @@ Tolerance: 2% of the measured peak + 16 KiB. Both sides run the same library cal
 (``Planner.*_call``); the plan counts the storages each op creates on fake tensors, the
 measurement sums the CPU allocator's own alloc/free events (``torch.profiler``) on real ones. A
 direct trace agrees with the measurement to ~100 bytes (~10 KiB with gradient checkpointing: the
-checkpoint's own bookkeeping, hence the fixed 16 KiB). The denoiser and update figures are the
-linear extrapolation from 1 and 2 rows (``Planner._linear``), which on the tiny FLUX model is
+checkpoint's own bookkeeping, hence the fixed 16 KiB). The denoiser, update and one-call decode + reward
+figures are the linear extrapolation from 1 and 2 rows (``Planner._linear``), which on the tiny FLUX model is
 1.4% high at 6 rows (the peak moves between ops); 2% covers it. At real size the per-row part
 dominates and the relative error shrinks.
 """
