@@ -385,6 +385,37 @@ def fake_reward(reward: Any, fake_mode: Any) -> None:
     to_fake(reward, fake_mode)
 
 
+# ---- depth: stacks of identical blocks ---------------------------------------------------------------
+def _signature(block: nn.Module) -> tuple:
+    """What makes two blocks compute the same thing: class, parameter names, shapes and dtypes."""
+    return (type(block).__name__,
+            tuple((n, tuple(p.shape), p.dtype, p.requires_grad) for n, p in block.named_parameters()))
+
+
+def block_stacks(net: nn.Module) -> list[tuple[nn.Module, str, list[tuple[int, int]]]]:
+    """The network's stacks of blocks: (owner, attribute, runs), one per ``nn.ModuleList`` child of
+    ``net`` (a transformer's ``transformer_blocks``, FLUX's ``single_transformer_blocks``), where a
+    run is a stretch of consecutive blocks of one signature, as (start, length). SD3.5-M's 24
+    blocks are three runs (13 with dual attention, 10 without, the last one without a context
+    output); a UNet's down and up blocks differ level by level (runs of one: nothing to extrapolate)."""
+    out = []
+    for attr, child in net.named_children():
+        if not isinstance(child, nn.ModuleList) or len(child) < 2:
+            continue
+        runs: list[tuple[int, int]] = []
+        last = None
+        for i, block in enumerate(child):
+            sig = _signature(block)
+            if sig == last:
+                runs[-1] = (runs[-1][0], runs[-1][1] + 1)
+            else:
+                runs.append((i, 1))
+            last = sig
+        if any(n > 1 for _, n in runs):
+            out.append((net, attr, runs))
+    return out
+
+
 # ---- the plan ------------------------------------------------------------------------------------------
 @dataclasses.dataclass
 class Settings:
@@ -467,7 +498,10 @@ class Planner:
             offload_text_encoders=bool(getattr(b, "offload_text_encoders", False)),
             vae_decode_chunk=getattr(b, "vae_decode_chunk", None), drop_t5=bool(getattr(b, "drop_t5", False)))
         self.weights = self._weights()
+        self._depth_setup()
         self._cache: dict[tuple, int] = {}
+        self.image_row_bytes: dict[float, int] = {}  # preview_scale -> bytes of one decoded image
+        self.latent_row_bytes: dict[float, int] = {}  # preview_scale -> bytes of one latent decoded
         #: Fake-tensor traces run so far (each runs one library call op by op; the plan's cost).
         self.traces = 0
         self.cond1 = self._encode_one()  # {k: [1, ...]}
@@ -524,11 +558,68 @@ class Planner:
     def text_encoder_names(self) -> list[str]:
         return [n for n in self.weights if n.startswith("text_encoder")]
 
+    # ---- depth ---------------------------------------------------------------------------------
+    def _depth_setup(self) -> None:
+        """The denoiser's stacks (``block_stacks``) and the shallow copies its calls are traced at.
+
+        ``depth_base`` keeps one block of every run; each of ``depth_steps`` adds a second block to
+        one run, with the number of blocks that run has beyond its first. A call's figure at full
+        depth is then ``base + sum(extra * (step - base))`` (``_deep``): each block of a run adds
+        the same stored activations (without gradient checkpointing everything its backward
+        needs, with it only its input), and the peak's transient, one block's working set on top
+        of what is stored, is in every shallow trace, at the same place as at full depth (the
+        top block, the same in every copy). Without grad nothing is stored: the steps add 0."""
+        nets = [self.backend.denoiser()]
+        ref = getattr(self.backend, "reference_denoiser", None)
+        if ref is not None:  # fully fine-tuned: the KL reference is a frozen copy of the same stack
+            nets.append(ref)
+        self.stacks = [st for net in nets for st in block_stacks(net)]
+        n = len(block_stacks(nets[0]))
+        base = [tuple(start for start, _ in runs) for _, _, runs in self.stacks[:n]]
+        self.depth_base: tuple | None = None
+        self.depth_steps: list[tuple[tuple, int]] = []
+        if not base:
+            return
+        self.depth_base = tuple(base)
+        for i, (_, _, runs) in enumerate(self.stacks[:n]):
+            for j, (start, length) in enumerate(runs):
+                if length > 1:
+                    deeper = list(base)
+                    deeper[i] = base[i][:j + 1] + (start + 1,) + base[i][j + 1:]
+                    self.depth_steps.append((tuple(deeper), length - 1))
+
+    @contextlib.contextmanager
+    def _at_depth(self, depth: tuple | None):  # noqa: ANN202
+        """The denoiser (and its reference copy) with only the blocks ``depth`` names (None: all)."""
+        if depth is None:
+            yield
+            return
+        n = len(depth)
+        saved = []
+        for k, (owner, attr, _) in enumerate(self.stacks):
+            blocks = owner._modules[attr]
+            saved.append((owner, attr, blocks))
+            owner._modules[attr] = nn.ModuleList([blocks[i] for i in depth[k % n]])
+        try:
+            yield
+        finally:
+            for owner, attr, blocks in saved:
+                owner._modules[attr] = blocks
+
+    def _deep(self, measure: Callable[[tuple | None], int]) -> int:
+        """``measure`` of the full-depth denoiser from its shallow copies (see ``_depth_setup``)."""
+        if self.depth_base is None:
+            return measure(None)
+        base = measure(self.depth_base)
+        return base + sum(extra * (measure(depth) - base) for depth, extra in self.depth_steps)
+
     # ---- measured calls (cached) -------------------------------------------------------------
-    def _trace(self, key: tuple, make: Callable[[], Callable[[], Any]], grad: bool = False) -> int:
+    def _trace(self, key: tuple, make: Callable[[], Callable[[], Any]], grad: bool = False,
+               depth: tuple | None = None) -> int:
+        key = (*key, depth)
         if key not in self._cache:
             self.traces += 1
-            with self.fake_mode:
+            with self.fake_mode, self._at_depth(depth):
                 fn = make()  # inputs: created before tracking (counted as persistent, not transient)
                 tracker = LiveBytes(self.block)
                 with torch.set_grad_enabled(grad), tracker:
@@ -558,19 +649,53 @@ class Planner:
         return lambda: backend.encode_prompts(texts)
 
     def score_call(self, rows: int, chunk: int | None, preview_scale: float = 1.0, backend: Any = None,
-                   rewards: Sequence[Any] | None = None) -> Callable[[], Any]:
-        """Decode ``rows`` latents (``chunk`` per VAE call) and score the images with every reward."""
+                   rewards: Sequence[Any] | None = None, sample_batch_size: int | None = None) -> Callable[[], Any]:
+        """Decode ``rows`` latents and score the images with every reward, as the rollout does:
+        ``sample_batch_size`` rows per ``backend.decode`` call (its outputs concatenated) and per
+        reward call, ``chunk`` (``vae_decode_chunk``) latents per VAE call inside ``decode``."""
+        from .rollout import chunked
+
         backend = backend or self.backend
         rewards = self.rewards if rewards is None else rewards
         x = backend.initial_latents(rows)
         texts = [self.prompt] * rows
+        m = rows if sample_batch_size is None else min(sample_batch_size, rows)
 
         def run():
             z = x
             if preview_scale < 1.0 and z.ndim == 4:  # as ExpandPruneRollout.preview_images
                 z = torch.nn.functional.interpolate(z, scale_factor=preview_scale, mode="bilinear", antialias=True)
             backend.vae_decode_chunk = chunk
-            images = backend.decode(z)
+            images = chunked(backend.decode, rows, m, z)  # [rows, 3, H, W]
+            for r in rewards:  # as RewardSet.forward with chunk=sample_batch_size
+                if m < rows:
+                    torch.cat([r(images[i:i + m], texts[i:i + m]) for i in range(0, rows, m)])
+                else:
+                    r(images, texts)
+        return run
+
+    def decode_call(self, rows: int, chunk: int | None, preview_scale: float = 1.0) -> Callable[[], Any]:
+        """One ``backend.decode`` of ``rows`` latents, ``chunk`` per VAE call (its output is counted)."""
+        backend = self.backend
+        x = backend.initial_latents(rows)
+        if preview_scale < 1.0 and x.ndim == 4:
+            x = torch.nn.functional.interpolate(x, scale_factor=preview_scale, mode="bilinear", antialias=True)
+        self.latent_row_bytes[preview_scale] = x[0].numel() * x.element_size()
+
+        def run():
+            backend.vae_decode_chunk = chunk
+            images = backend.decode(x)  # [rows, 3, H, W]
+            self.image_row_bytes[preview_scale] = images[0].numel() * images.element_size()
+        return run
+
+    def reward_call(self, rows: int, preview_scale: float = 1.0) -> Callable[[], Any]:
+        """Every reward on ``rows`` decoded images (created before the call: not counted)."""
+        side = self.decoded_side(preview_scale)
+        images = torch.zeros(rows, 3, side, side)  # [rows, 3, H, W]
+        texts = [self.prompt] * rows
+        rewards = list(self.rewards)
+
+        def run():
             for r in rewards:
                 r(images, texts)
         return run
@@ -622,42 +747,89 @@ class Planner:
 
     def denoise(self, rows: int) -> int:
         """Transient of one sampling call ``backend.step`` on ``rows`` samples (no grad)."""
-        return self._linear(self.denoise_traced, rows)
+        return self._linear(lambda n: self._deep(lambda d: self.denoise_traced(n, d)), rows)
 
     def update(self, batch: int, checkpointing: bool) -> int:
         """Transient of one update minibatch of ``batch`` pairs (see ``update_call``)."""
-        return self._linear(lambda b: self.update_traced(b, checkpointing), batch)
+        return self._linear(lambda n: self._deep(lambda d: self.update_traced(n, checkpointing, d)), batch)
 
-    def denoise_traced(self, rows: int) -> int:
-        return self._trace(("denoise", rows), lambda: self.denoise_call(rows))
+    def denoise_traced(self, rows: int, depth: tuple | None = None) -> int:
+        """One sampling call traced as it runs (``depth`` None: the whole denoiser)."""
+        return self._trace(("denoise", rows), lambda: self.denoise_call(rows), depth=depth)
 
     def encode(self, prompts: int) -> int:
         return self._trace(("encode", prompts), lambda: self.encode_call(prompts))
 
-    def score(self, rows: int, chunk: int | None, preview_scale: float = 1.0) -> int:
-        """Transient of decoding ``rows`` latents (``chunk`` per VAE call) and scoring the images.
+    def decoded_side(self, preview_scale: float = 1.0) -> int:
+        """Side of a decoded image (previews at ``preview_scale`` are smaller), from a decode of 1 row."""
+        if preview_scale not in self.image_row_bytes:
+            self.decode(1, None, preview_scale)
+        return int(round((self.image_row_bytes[preview_scale] / 12) ** 0.5))  # 3 float32 channels
 
-        In one VAE call (``chunk`` None or >= rows) every activation is [rows, ...], decoder and
-        rewards alike: linear in rows (``_linear``, two traces for every row count). In chunks,
-        traced as it runs (the earlier chunks' images stay alive during the later calls)."""
+    def decode(self, rows: int, chunk: int | None, preview_scale: float = 1.0) -> int:
+        """Transient of one ``backend.decode`` of ``rows`` latents, ``chunk`` per VAE call, its
+        images included. In one VAE call every activation is [rows, ...]: linear in rows
+        (``_linear``). In ``q`` chunks and a last one of ``r`` rows (1 <= r <= chunk), each chunk
+        adds the same (its images, kept for the final ``torch.cat``): linear in ``q`` from the
+        traces at ``chunk + r`` and ``2 * chunk + r`` rows, so the levers' chunked decodes of many
+        rows cost two traces of two and three VAE calls."""
         if chunk is None or chunk >= rows:
-            return self._linear(lambda n: self.score_traced(n, None, preview_scale), rows)
-        return self.score_traced(rows, chunk, preview_scale)
+            return self._linear(lambda n: self._trace(("decode", n, None, preview_scale),
+                                                      lambda: self.decode_call(n, None, preview_scale)), rows)
+        q, r = divmod(rows - 1, chunk)  # rows = q * chunk + (r + 1)
+        r += 1
 
-    def score_traced(self, rows: int, chunk: int | None, preview_scale: float = 1.0) -> int:
-        key = ("score", rows, chunk, preview_scale)
-        try:
-            return self._trace(key, lambda: self.score_call(rows, chunk, preview_scale))
-        except Exception:  # a reward that cannot score fake images: find it, leave it out, trace again
-            kept = [r for r in self.rewards if self._traceable(r)]
-            if len(kept) == len(self.rewards):
-                raise
-            self.rewards = kept
-            return self._trace(key, lambda: self.score_call(rows, chunk, preview_scale))
+        def traced(k: int) -> int:
+            n = k * chunk + r
+            return self._trace(("decode", n, chunk, preview_scale), lambda: self.decode_call(n, chunk, preview_scale))
 
-    def update_traced(self, batch: int, checkpointing: bool) -> int:
+        return traced(1) + (q - 1) * (traced(2) - traced(1)) if q > 1 else traced(q)
+
+    def reward(self, rows: int, preview_scale: float = 1.0) -> int:
+        """Transient of every reward on ``rows`` images (linear in rows: ``_linear``)."""
+        def traced(n: int) -> int:
+            key = ("reward", n, preview_scale)
+            try:
+                return self._trace(key, lambda: self.reward_call(n, preview_scale))
+            except Exception:  # a reward that cannot score fake images: find it, leave it out, trace again
+                kept = [rw for rw in self.rewards if self._traceable(rw)]
+                if len(kept) == len(self.rewards):
+                    raise
+                self.rewards = kept
+                return self._trace(key, lambda: self.reward_call(n, preview_scale))
+        return self._linear(traced, rows)
+
+    def score(self, rows: int, chunk: int | None, preview_scale: float = 1.0,
+              sample_batch_size: int | None = None) -> int:
+        """Transient of decoding ``rows`` latents and scoring the images as the rollout does
+        (``score_call``): ``sample_batch_size`` rows per ``decode`` and per reward call. The decodes'
+        images accumulate for the final ``torch.cat`` (2 x the images at its end); the rewards then
+        run on slices of the images, one slice at a time. Previews (``preview_scale`` < 1) are
+        decoded from resized latents, alive through the decodes."""
+        m = rows if sample_batch_size is None else min(sample_batch_size, rows)
+        self.decoded_side(preview_scale)
+        img = self.image_row_bytes[preview_scale]  # one decoded image, float32
+        if m == rows:
+            dec = self.decode(rows, chunk, preview_scale)
+        else:
+            q, r = divmod(rows, m)  # q calls of m rows, a last one of r
+            dec = max((q - 1) * m * img + self.decode(m, chunk, preview_scale), 2 * rows * img)
+            if r:
+                dec = max(dec, q * m * img + self.decode(r, chunk, preview_scale))
+        if preview_scale < 1.0:
+            dec += rows * self.latent_row_bytes[preview_scale]
+        return max(dec, rows * img + self.reward(m, preview_scale))
+
+    def score_traced(self, rows: int, chunk: int | None, preview_scale: float = 1.0,
+                     sample_batch_size: int | None = None) -> int:
+        """``score_call`` traced as it runs (a check of ``score``)."""
+        key = ("score", rows, chunk, preview_scale, sample_batch_size)
+        return self._trace(key, lambda: self.score_call(rows, chunk, preview_scale, sample_batch_size=sample_batch_size))
+
+    def update_traced(self, batch: int, checkpointing: bool, depth: tuple | None = None) -> int:
+        """One update minibatch traced as it runs (``depth`` None: the whole denoiser)."""
         return self._trace(("update", batch, checkpointing), lambda: self.update_call(batch, checkpointing),
-                           grad=True)
+                           grad=True, depth=depth)
 
     # ---- assembling ----------------------------------------------------------------------------
     def resident(self, st: Settings, offloaded: bool = True) -> int:
@@ -701,13 +873,14 @@ class Planner:
                 scale = self.module.rollout_settings.preview_scale
                 phases.append(Phase(f"{tag}: previews after step {t}, {rows[t]} rows", res,
                                     history + rows[t] * (self.cond_row_bytes + L),  # + the step's x0
-                                    self.score(rows[t], st.vae_decode_chunk, scale)))
+                                    self.score(rows[t], st.vae_decode_chunk, scale, st.sample_batch_size)))
         phases.insert(0, best)
         final = rows[-1]
         survivors = P * self.K
         result = survivors * ((T + 1) * L + 4 * T + self.image_bytes)
         phases.append(Phase(f"{tag}: final decode + reward, {final} rows", res,
-                            history + final * self.cond_row_bytes, self.score(final, st.vae_decode_chunk)))
+                            history + final * self.cond_row_bytes,
+                            self.score(final, st.vae_decode_chunk, 1.0, st.sample_batch_size)))
         phases.append(Phase(f"{tag}: gather survivors ({survivors} trajectories)", res,
                             history + final * self.image_bytes, result))
         return phases
