@@ -27,20 +27,30 @@ Phases (each: resident weights + what lives through the phase + the call's trans
     encode prompts         text encoders on the device (offloaded ones too, while they encode)
     rollout denoiser call  the stored trajectory so far + one denoiser call on ``sample_batch_size``
                            rows (CFG doubles the network batch inside the call)
-    rollout previews       x0 previews decoded (``vae_decode_chunk`` per VAE call) and scored
-    rollout final          final images decoded and scored, survivors' trajectories gathered
+    rollout previews       x0 previews decoded and scored (``sample_batch_size`` rows per decode and
+                           per reward call, ``vae_decode_chunk`` per VAE call inside a decode)
+    rollout final          final images decoded and scored (the same), survivors' trajectories gathered
     audit rollout          the same with the whole group alive (``audit_every_n_rollouts``)
     update minibatch       the stored rollout + LoRA gradients + forward and backward of
                            ``train_batch_size`` (trajectory, step) pairs (+ the reference forward
                            when ``kl_beta > 0``), with and without gradient checkpointing
 
-Denoiser calls, update minibatches and one-call decodes + rewards are traced at 1 and 2 rows and
-extrapolated linearly (``Planner._linear``: every activation is [batch, ...]), so every row count
-of the schedule and every chunk size a lever tries is free; a decode in ``vae_decode_chunk`` chunks
-is traced as it runs. Prompt encoding is traced once when the planner is built, a reward's
-traceability is checked only when a trace fails, and ``Planner.traces`` counts the traces run
-(the plan's cost: a handful of seconds of CPU each at real size).
-Rows per denoiser call come from ``--sample-batch-size``, else the run's ``model.rollout.sample_batch_size``
+The plan's cost is its traces (``Planner.traces`` counts them; each runs one library call op by op,
+~0.1 ms per op), so every figure is made of a few small ones:
+
+- rows: denoiser calls, update minibatches, decodes in one VAE call and reward calls are traced at
+  1 and 2 rows and extrapolated linearly (``Planner._linear``: every activation is [batch, ...]),
+  so every row count of the schedule and every chunk size a lever tries is free; a decode in
+  ``vae_decode_chunk`` chunks is extrapolated in the number of chunks (``Planner.decode``), and a
+  decode + reward split by ``sample_batch_size`` is assembled from those (``Planner.score``);
+- depth: the denoiser's calls are traced on shallow copies of it, one block of every run of
+  identical blocks (``block_stacks``: SD3.5-M's 13 + 10 + 1, FLUX's 19 double and 38 single
+  blocks), then one more block of each run in turn, and extended to full depth
+  (``Planner._deep``); a UNet has no such run and is traced whole;
+- prompt encoding is traced once when the planner is built, and a reward's traceability is
+  checked only when a trace fails.
+
+Rows per denoiser, decode and reward call come from ``--sample-batch-size``, else the run's ``model.rollout.sample_batch_size``
 (None: all live rows). A reward whose scoring branches on pixel values
 cannot run on fake tensors: its activations are left out, with a note in the output.
 Levers (``Planner.levers`` / ``advice``): each lever alone, then the ones to pull in order until
@@ -367,7 +377,17 @@ def fake_backend(backend: Any, fake_mode: Any) -> None:
             raise UnknownArchitecture(f"backend pretrained={pretrained!r}: unknown architecture (not a local "
                                       f"folder, not in pro_grpo_lightning/architectures.py)")
     setattr(backend, _loader_name(backend), planned_components(backend))
-    backend.configure_model()
+    attach = backend.attach_lora
+
+    def attach_on_meta(net: nn.Module) -> None:  # peft builds the adapter on the CPU and zeroes it: 1-2 s
+        with torch.device("meta"):
+            attach(net)
+
+    backend.attach_lora = attach_on_meta
+    try:
+        backend.configure_model()
+    finally:
+        del backend.attach_lora  # the class's own again
     to_fake(backend, fake_mode)
     if hasattr(backend, "_text_encoders_on"):  # the plan counts offloading itself: never move modules
         backend._text_encoders_on = lambda device: contextlib.nullcontext()
@@ -422,7 +442,7 @@ class Settings:
     """The levers: what the plan is computed for."""
 
     prompts_per_step: int
-    sample_batch_size: int | None  # rows per denoiser call (None: all live rows at once)
+    sample_batch_size: int | None  # rows per denoiser, decode and reward call (None: all live rows at once)
     train_batch_size: int
     gradient_checkpointing: bool
     offload_text_encoders: bool
@@ -459,7 +479,7 @@ class Planner:
         module: a ``ProGRPOModule`` built from a config (nothing loaded yet; it is configured here
             on fake tensors and is of no further use for training).
         prompts_per_step: P, prompts per rollout on one device.
-        sample_batch_size: rows per denoiser call in the rollout (None: all live rows).
+        sample_batch_size: rows per denoiser, decode and reward call in the rollout (None: all live rows).
         prompt: a prompt of the run's task (task rewards may parse it).
         target: "cuda" (round allocations to CUDA blocks) or "cpu" (exact bytes).
     """
@@ -917,10 +937,6 @@ class Planner:
         rows0 = st.prompts_per_step * self.G
         current = rows0 if st.sample_batch_size is None else min(st.sample_batch_size, rows0)
         options: list[tuple[str, str, dict[str, Any], bool]] = []
-        smaller = self.G if current > self.G else max(1, current // 2)
-        if smaller < current:
-            options.append(("sample_batch_size", f"model.rollout.sample_batch_size: {smaller} (rows per denoiser call)",
-                            {"sample_batch_size": smaller}, False))
         if st.train_batch_size > 1:
             tb = max(1, st.train_batch_size // 4)
             options.append(("train_batch_size", f"model.update.train_batch_size: {tb}", {"train_batch_size": tb}, False))
@@ -934,6 +950,12 @@ class Planner:
         if st.vae_decode_chunk is None or st.vae_decode_chunk > 4:
             options.append(("vae_decode_chunk", "model.backend.init_args.vae_decode_chunk: 4",
                             {"vae_decode_chunk": 4}, False))
+        # after vae_decode_chunk: on a tie (both split the decodes) the one that leaves the denoiser
+        # and reward calls whole, which costs less time, comes first
+        smaller = self.G if current > self.G else max(1, current // 2)
+        if smaller < current:
+            options.append(("sample_batch_size", f"model.rollout.sample_batch_size: {smaller} (rows per denoiser, "
+                            "decode and reward call)", {"sample_batch_size": smaller}, False))
         if "text_encoder_3" in self.weights and not st.drop_t5:
             options.append(("drop_t5", "model.backend.init_args.drop_t5: true (T5 tokens become zeros: "
                             "changes the model's conditioning)", {"drop_t5": True}, True))
@@ -1050,7 +1072,7 @@ def format_report(r: dict[str, Any]) -> str:
              ""]
     st = r["settings"]
     rows = "all live rows" if st["sample_batch_size"] is None else str(st["sample_batch_size"])
-    lines.append(f"settings: prompts_per_step {st['prompts_per_step']}, rows per denoiser call {rows}, "
+    lines.append(f"settings: prompts_per_step {st['prompts_per_step']}, rows per denoiser / decode / reward call {rows}, "
                  f"train_batch_size {st['train_batch_size']}, gradient_checkpointing "
                  f"{st['gradient_checkpointing']}, offload_text_encoders {st['offload_text_encoders']}, "
                  f"vae_decode_chunk {st['vae_decode_chunk']}")
@@ -1098,7 +1120,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="the run's YAML, as given to `fit` (repeatable: a base config, then its overlay)")
     parser.add_argument("--gpu-memory", default=None, help="e.g. 24GB: say whether it fits and what to change")
     parser.add_argument("--sample-batch-size", type=int, default=None,
-                        help="rows per denoiser call in the rollout (default: the config's, else all rows)")
+                        help="rows per denoiser, decode and reward call in the rollout (default: the config's, else all rows)")
     parser.add_argument("--json", action="store_true", help="print the plan as JSON")
     args, overrides = parser.parse_known_args(argv)
     gpu = parse_memory(args.gpu_memory) if args.gpu_memory else None
