@@ -50,8 +50,8 @@ The plan's cost is its traces (``Planner.traces`` counts them; each runs one lib
 - prompt encoding is traced once when the planner is built, and a reward's traceability is
   checked only when a trace fails.
 
-Rows per denoiser, decode and reward call come from ``--sample-batch-size``, else the run's ``model.rollout.sample_batch_size``
-(None: all live rows). A reward whose scoring branches on pixel values
+Rows per denoiser, decode and reward call come from ``--sample-batch-size``, else the run's
+``model.rollout.sample_batch_size`` (None: all live rows). A reward whose scoring branches on pixel values
 cannot run on fake tensors: its activations are left out, with a note in the output.
 Levers (``Planner.levers`` / ``advice``): each lever alone, then the ones to pull in order until
 the peak fits, those that leave the results unchanged first.
@@ -844,7 +844,8 @@ class Planner:
                      sample_batch_size: int | None = None) -> int:
         """``score_call`` traced as it runs (a check of ``score``)."""
         key = ("score", rows, chunk, preview_scale, sample_batch_size)
-        return self._trace(key, lambda: self.score_call(rows, chunk, preview_scale, sample_batch_size=sample_batch_size))
+        return self._trace(key, lambda: self.score_call(rows, chunk, preview_scale,
+                                                        sample_batch_size=sample_batch_size))
 
     def update_traced(self, batch: int, checkpointing: bool, depth: tuple | None = None) -> int:
         """One update minibatch traced as it runs (``depth`` None: the whole denoiser)."""
@@ -1072,7 +1073,8 @@ def format_report(r: dict[str, Any]) -> str:
              ""]
     st = r["settings"]
     rows = "all live rows" if st["sample_batch_size"] is None else str(st["sample_batch_size"])
-    lines.append(f"settings: prompts_per_step {st['prompts_per_step']}, rows per denoiser / decode / reward call {rows}, "
+    lines.append(f"settings: prompts_per_step {st['prompts_per_step']}, "
+                 f"rows per denoiser / decode / reward call {rows}, "
                  f"train_batch_size {st['train_batch_size']}, gradient_checkpointing "
                  f"{st['gradient_checkpointing']}, offload_text_encoders {st['offload_text_encoders']}, "
                  f"vae_decode_chunk {st['vae_decode_chunk']}")
@@ -1120,7 +1122,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="the run's YAML, as given to `fit` (repeatable: a base config, then its overlay)")
     parser.add_argument("--gpu-memory", default=None, help="e.g. 24GB: say whether it fits and what to change")
     parser.add_argument("--sample-batch-size", type=int, default=None,
-                        help="rows per denoiser, decode and reward call in the rollout (default: the config's, else all rows)")
+                        help="rows per denoiser, decode and reward call in the rollout "
+                             "(default: the config's, else all rows)")
     parser.add_argument("--json", action="store_true", help="print the plan as JSON")
     args, overrides = parser.parse_known_args(argv)
     gpu = parse_memory(args.gpu_memory) if args.gpu_memory else None

@@ -138,8 +138,9 @@ def test_depth_extrapolation_matches_a_full_depth_trace(family, finetune, monkey
     """The denoiser's calls are traced on shallow copies (one block per run of identical blocks,
     plus one more block of each run in turn) and extended to full depth. On mini transformers with
     runs of two and three blocks (SD3: 2 dual-attention, 2 plain, the last one; FLUX: 3 double
-    and 3 single blocks; fully fine-tuned, the KL reference copy is cut the same way) the plan's figure (depth and rows extrapolated) is within the stated
-    tolerance of a trace of the whole network; at a traced row count the depth extension alone is
+    and 3 single blocks; fully fine-tuned, the KL reference copy is cut the same way) the plan's
+    figure (depth and rows extrapolated) is within the stated tolerance of a trace of the whole
+    network; at a traced row count the depth extension alone is
     exact without gradient checkpointing and without grad (with it, measured 0.2% high for SD3 at
     2 and 6 rows: a checkpointed block's recompute peak sits on different stored inputs)."""
     import benchmarks.models as bm
