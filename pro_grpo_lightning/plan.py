@@ -27,17 +27,31 @@ Phases (each: resident weights + what lives through the phase + the call's trans
     encode prompts         text encoders on the device (offloaded ones too, while they encode)
     rollout denoiser call  the stored trajectory so far + one denoiser call on ``sample_batch_size``
                            rows (CFG doubles the network batch inside the call)
-    rollout previews       x0 previews decoded (``vae_decode_chunk`` per VAE call) and scored
-    rollout final          final images decoded and scored, survivors' trajectories gathered
+    rollout previews       x0 previews decoded and scored (``sample_batch_size`` rows per decode and
+                           per reward call, ``vae_decode_chunk`` per VAE call inside a decode)
+    rollout final          final images decoded and scored (the same), survivors' trajectories gathered
     audit rollout          the same with the whole group alive (``audit_every_n_rollouts``)
     update minibatch       the stored rollout + LoRA gradients + forward and backward of
                            ``train_batch_size`` (trajectory, step) pairs (+ the reference forward
                            when ``kl_beta > 0``), with and without gradient checkpointing
 
-Denoiser calls and update minibatches are traced at 1 and 2 rows and extrapolated linearly
-(``Planner._linear``: every activation is [batch, ...]), so every chunk size a lever tries is free.
-Rows per denoiser call come from ``--sample-batch-size``, else the run's ``model.rollout.sample_batch_size``
-(None: all live rows). A reward whose scoring branches on pixel values
+The plan's cost is its traces (``Planner.traces`` counts them; each runs one library call op by op,
+~0.1 ms per op), so every figure is made of a few small ones:
+
+- rows: denoiser calls, update minibatches, decodes in one VAE call and reward calls are traced at
+  1 and 2 rows and extrapolated linearly (``Planner._linear``: every activation is [batch, ...]),
+  so every row count of the schedule and every chunk size a lever tries is free; a decode in
+  ``vae_decode_chunk`` chunks is extrapolated in the number of chunks (``Planner.decode``), and a
+  decode + reward split by ``sample_batch_size`` is assembled from those (``Planner.score``);
+- depth: the denoiser's calls are traced on shallow copies of it, one block of every run of
+  identical blocks (``block_stacks``: SD3.5-M's 13 + 10 + 1, FLUX's 19 double and 38 single
+  blocks), then one more block of each run in turn, and extended to full depth
+  (``Planner._deep``); a UNet has no such run and is traced whole;
+- prompt encoding is traced once when the planner is built, and a reward's traceability is
+  checked only when a trace fails.
+
+Rows per denoiser, decode and reward call come from ``--sample-batch-size``, else the run's
+``model.rollout.sample_batch_size`` (None: all live rows). A reward whose scoring branches on pixel values
 cannot run on fake tensors: its activations are left out, with a note in the output.
 Levers (``Planner.levers`` / ``advice``): each lever alone, then the ones to pull in order until
 the peak fits, those that leave the results unchanged first.
@@ -58,8 +72,6 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
-from torch.utils.weak import WeakIdKeyDictionary
 
 GiB = 1024 ** 3
 MiB = 1024 ** 2
@@ -80,7 +92,12 @@ class LiveBytes(TorchDispatchMode):
 
     Storages that existed before (weights, inputs) are not counted, nor are views and in-place
     results of them (an output sharing an input's storage allocates nothing). ``block`` rounds each
-    allocation up (512 for the CUDA caching allocator, 1 for the CPU allocator).
+    allocation up (512 for the CUDA caching allocator, 1 for the CPU allocator). ``mark()`` starts a
+    new segment: ``peaks[i]`` is the peak within segment i, ``starts[i]`` the live bytes when it began.
+
+    It runs once per op of every trace, so it does as little as it can: outputs the op's schema
+    marks as aliases of an input (views, in-place and ``out=`` ops) are skipped without looking at
+    them, and a storage is known by its ``id`` while a weak reference to it is alive.
     """
 
     def __init__(self, block: int = 1) -> None:
@@ -88,26 +105,53 @@ class LiveBytes(TorchDispatchMode):
         self.block = block
         self.current = 0
         self.peak = 0
-        self._seen: WeakIdKeyDictionary = WeakIdKeyDictionary()
+        self.peaks: list[int] = [0]
+        self.starts: list[int] = [0]
+        self._live: dict[int, weakref.ref] = {}  # id(storage) -> its weak reference (callback: freed)
 
-    def _freed(self, nbytes: int, _ref: Any) -> None:
+    def mark(self) -> None:
+        """Start a new segment (its peak is counted from the bytes alive now)."""
+        self.peaks.append(self.current)
+        self.starts.append(self.current)
+
+    def _freed(self, key: int, nbytes: int) -> None:
+        self._live.pop(key, None)
         self.current -= nbytes
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
         out = func(*args, **(kwargs or {}))
-        inputs = {id(t.untyped_storage()) for t in tree_flatten((args, kwargs))[0] if isinstance(t, Tensor)}
-        for t in tree_flatten(out)[0]:
-            if not isinstance(t, Tensor):
-                continue
-            st = t.untyped_storage()
-            if id(st) in inputs or st in self._seen:
-                continue
-            n = st.nbytes()
-            n = -(-n // self.block) * self.block if n else 0
-            self._seen[st] = weakref.ref(st, lambda r, n=n: self._freed(n, r))
-            self.current += n
-        self.peak = max(self.peak, self.current)
+        fresh = _FRESH.get(func)
+        if fresh is None:  # per return value: may it be a new storage (no alias annotation)?
+            fresh = _FRESH[func] = tuple(r.alias_info is None for r in func._schema.returns)
+        if not any(fresh):
+            return out
+        outs = (out,) if len(fresh) == 1 else out
+        for o, new in zip(outs, fresh):
+            if new:
+                for t in (o if isinstance(o, (list, tuple)) else (o,)):
+                    if isinstance(t, Tensor):
+                        self._count(t, args)
+        if self.current > self.peaks[-1]:
+            self.peaks[-1] = self.current
+            self.peak = max(self.peak, self.current)
         return out
+
+    def _count(self, t: Tensor, args: tuple) -> None:
+        st = t.untyped_storage()
+        key = id(st)
+        if key in self._live:
+            return
+        # an op without an alias annotation may still return an input's storage (``_unsafe_view``)
+        if any(isinstance(a, Tensor) and id(a.untyped_storage()) == key for a in args):
+            return
+        n = st.nbytes()
+        n = -(-n // self.block) * self.block if n else 0
+        self._live[key] = weakref.ref(st, lambda _r, key=key, n=n: self._freed(key, n))
+        self.current += n
+
+
+#: Per op (``OpOverload``): for each return value, whether it may be a fresh storage.
+_FRESH: dict[Any, tuple[bool, ...]] = {}
 
 #: The weights-table row of what the optimizer trains: the LoRA adapter, or the whole denoiser
 #: with ``finetune: full`` (then its frozen copy, the KL reference, is the ``reference_denoiser`` row).
@@ -300,12 +344,17 @@ def to_fake(module: nn.Module, fake_mode: Any) -> None:
     Unlike ``Module.to_empty`` this keeps tied weights tied (T5's shared embedding): one fake
     tensor per original tensor, set on every module that holds it.
     """
+    from torch._subclasses.fake_tensor import FakeTensor
+
     memo: dict[int, tuple[Tensor, Tensor]] = {}  # id -> (original, fake); the original kept alive
 
     def fake(t: Tensor, param: bool) -> Tensor:
         if id(t) not in memo:
-            with fake_mode:
-                new = torch.empty_like(t, device="cpu")
+            if t.device.type == "meta":  # wrap it as is: what ``empty_like`` under the mode makes, 100x faster
+                new = FakeTensor(fake_mode, t.detach(), torch.device("cpu"))
+            else:
+                with fake_mode:
+                    new = torch.empty_like(t, device="cpu")
             memo[id(t)] = (t, nn.Parameter(new, requires_grad=t.requires_grad) if param else new)
         return memo[id(t)][1]
 
@@ -358,7 +407,17 @@ def fake_backend(backend: Any, fake_mode: Any) -> None:
     setattr(backend, _loader_name(backend), planned_components(backend))
     if getattr(backend, "preview_source", None) is not None:
         backend._load_preview_decoder = planned_preview_decoder(backend)
-    backend.configure_model()
+    attach = backend.attach_lora
+
+    def attach_on_meta(net: nn.Module) -> None:  # peft builds the adapter on the CPU and zeroes it: 1-2 s
+        with torch.device("meta"):
+            attach(net)
+
+    backend.attach_lora = attach_on_meta
+    try:
+        backend.configure_model()
+    finally:
+        del backend.attach_lora  # the class's own again
     to_fake(backend, fake_mode)
     if hasattr(backend, "_text_encoders_on"):  # the plan counts offloading itself: never move modules
         backend._text_encoders_on = lambda device: contextlib.nullcontext()
@@ -376,13 +435,44 @@ def fake_reward(reward: Any, fake_mode: Any) -> None:
     to_fake(reward, fake_mode)
 
 
+# ---- depth: stacks of identical blocks ---------------------------------------------------------------
+def _signature(block: nn.Module) -> tuple:
+    """What makes two blocks compute the same thing: class, parameter names, shapes and dtypes."""
+    return (type(block).__name__,
+            tuple((n, tuple(p.shape), p.dtype, p.requires_grad) for n, p in block.named_parameters()))
+
+
+def block_stacks(net: nn.Module) -> list[tuple[nn.Module, str, list[tuple[int, int]]]]:
+    """The network's stacks of blocks: (owner, attribute, runs), one per ``nn.ModuleList`` child of
+    ``net`` (a transformer's ``transformer_blocks``, FLUX's ``single_transformer_blocks``), where a
+    run is a stretch of consecutive blocks of one signature, as (start, length). SD3.5-M's 24
+    blocks are three runs (13 with dual attention, 10 without, the last one without a context
+    output); a UNet's down and up blocks differ level by level (runs of one: nothing to extrapolate)."""
+    out = []
+    for attr, child in net.named_children():
+        if not isinstance(child, nn.ModuleList) or len(child) < 2:
+            continue
+        runs: list[tuple[int, int]] = []
+        last = None
+        for i, block in enumerate(child):
+            sig = _signature(block)
+            if sig == last:
+                runs[-1] = (runs[-1][0], runs[-1][1] + 1)
+            else:
+                runs.append((i, 1))
+            last = sig
+        if any(n > 1 for _, n in runs):
+            out.append((net, attr, runs))
+    return out
+
+
 # ---- the plan ------------------------------------------------------------------------------------------
 @dataclasses.dataclass
 class Settings:
     """The levers: what the plan is computed for."""
 
     prompts_per_step: int
-    sample_batch_size: int | None  # rows per denoiser call (None: all live rows at once)
+    sample_batch_size: int | None  # rows per denoiser, decode and reward call (None: all live rows at once)
     train_batch_size: int
     gradient_checkpointing: bool
     offload_text_encoders: bool
@@ -419,7 +509,7 @@ class Planner:
         module: a ``ProGRPOModule`` built from a config (nothing loaded yet; it is configured here
             on fake tensors and is of no further use for training).
         prompts_per_step: P, prompts per rollout on one device.
-        sample_batch_size: rows per denoiser call in the rollout (None: all live rows).
+        sample_batch_size: rows per denoiser, decode and reward call in the rollout (None: all live rows).
         prompt: a prompt of the run's task (task rewards may parse it).
         target: "cuda" (round allocations to CUDA blocks) or "cpu" (exact bytes).
     """
@@ -444,8 +534,8 @@ class Planner:
                 self.notes.append(str(err))
                 continue
             self.reward_bytes[f"reward {r.name}"] = _module_bytes(r)
-            if r in list(module.rewards.rewards) and self._traceable(r):
-                self.rewards.append(r)
+            if r in list(module.rewards.rewards):
+                self.rewards.append(r)  # until a trace finds that it cannot score fake images
         b = self.backend
         self.schedule = module.schedule
         self.T = b.num_steps
@@ -458,14 +548,30 @@ class Planner:
             offload_text_encoders=bool(getattr(b, "offload_text_encoders", False)),
             vae_decode_chunk=getattr(b, "vae_decode_chunk", None), drop_t5=bool(getattr(b, "drop_t5", False)))
         self.weights = self._weights()
-        self._cond: dict[int, dict[str, Tensor]] = {}
+        self._depth_setup()
+        self._cache: dict[tuple, int] = {}
+        self.image_row_bytes: dict[tuple[float, bool], int] = {}  # (preview_scale, preview) -> one image's bytes
+        self.latent_row_bytes: dict[float, int] = {}  # preview_scale -> bytes of one latent decoded
+        #: Fake-tensor traces run so far (each runs one library call op by op; the plan's cost).
+        self.traces = 0
+        self.cond1 = self._encode_one()  # {k: [1, ...]}
+        self._cond: dict[int, dict[str, Tensor]] = {id(b): self.cond1}
         with self.fake_mode, torch.no_grad():
-            self.cond1 = b.encode_prompts([self.prompt])  # {k: [1, ...]}
             self.latent_bytes = b.initial_latents(1).numel() * 4  # float32 latents
-            side = b.resolution
+        side = b.resolution
         self.cond_row_bytes = sum(v[0].numel() * v.element_size() for v in self.cond1.values())
         self.image_bytes = 3 * side * side * 4  # float32 images in [0, 1]
-        self._cache: dict[tuple, int] = {}
+
+    def _encode_one(self) -> dict[str, Tensor]:
+        """The conditioning of one prompt, traced: it is also the plan's ``encode(1)``."""
+        out: dict[str, Any] = {}
+
+        def make() -> Callable[[], Any]:
+            call = self.encode_call(1)
+            return lambda: out.update(call())
+
+        self._trace(("encode", 1), make)
+        return out
 
     def _traceable(self, reward: Any) -> bool:
         """Whether ``reward`` scores fake images (a reward whose control flow reads pixel values,
@@ -502,10 +608,68 @@ class Planner:
     def text_encoder_names(self) -> list[str]:
         return [n for n in self.weights if n.startswith("text_encoder")]
 
+    # ---- depth ---------------------------------------------------------------------------------
+    def _depth_setup(self) -> None:
+        """The denoiser's stacks (``block_stacks``) and the shallow copies its calls are traced at.
+
+        ``depth_base`` keeps one block of every run; each of ``depth_steps`` adds a second block to
+        one run, with the number of blocks that run has beyond its first. A call's figure at full
+        depth is then ``base + sum(extra * (step - base))`` (``_deep``): each block of a run adds
+        the same stored activations (without gradient checkpointing everything its backward
+        needs, with it only its input), and the peak's transient, one block's working set on top
+        of what is stored, is in every shallow trace, at the same place as at full depth (the
+        top block, the same in every copy). Without grad nothing is stored: the steps add 0."""
+        nets = [self.backend.denoiser()]
+        ref = getattr(self.backend, "reference_denoiser", None)
+        if ref is not None:  # fully fine-tuned: the KL reference is a frozen copy of the same stack
+            nets.append(ref)
+        self.stacks = [st for net in nets for st in block_stacks(net)]
+        n = len(block_stacks(nets[0]))
+        base = [tuple(start for start, _ in runs) for _, _, runs in self.stacks[:n]]
+        self.depth_base: tuple | None = None
+        self.depth_steps: list[tuple[tuple, int]] = []
+        if not base:
+            return
+        self.depth_base = tuple(base)
+        for i, (_, _, runs) in enumerate(self.stacks[:n]):
+            for j, (start, length) in enumerate(runs):
+                if length > 1:
+                    deeper = list(base)
+                    deeper[i] = base[i][:j + 1] + (start + 1,) + base[i][j + 1:]
+                    self.depth_steps.append((tuple(deeper), length - 1))
+
+    @contextlib.contextmanager
+    def _at_depth(self, depth: tuple | None):  # noqa: ANN202
+        """The denoiser (and its reference copy) with only the blocks ``depth`` names (None: all)."""
+        if depth is None:
+            yield
+            return
+        n = len(depth)
+        saved = []
+        for k, (owner, attr, _) in enumerate(self.stacks):
+            blocks = owner._modules[attr]
+            saved.append((owner, attr, blocks))
+            owner._modules[attr] = nn.ModuleList([blocks[i] for i in depth[k % n]])
+        try:
+            yield
+        finally:
+            for owner, attr, blocks in saved:
+                owner._modules[attr] = blocks
+
+    def _deep(self, measure: Callable[[tuple | None], int]) -> int:
+        """``measure`` of the full-depth denoiser from its shallow copies (see ``_depth_setup``)."""
+        if self.depth_base is None:
+            return measure(None)
+        base = measure(self.depth_base)
+        return base + sum(extra * (measure(depth) - base) for depth, extra in self.depth_steps)
+
     # ---- measured calls (cached) -------------------------------------------------------------
-    def _trace(self, key: tuple, make: Callable[[], Callable[[], Any]], grad: bool = False) -> int:
+    def _trace(self, key: tuple, make: Callable[[], Callable[[], Any]], grad: bool = False,
+               depth: tuple | None = None) -> int:
+        key = (*key, depth)
         if key not in self._cache:
-            with self.fake_mode:
+            self.traces += 1
+            with self.fake_mode, self._at_depth(depth):
                 fn = make()  # inputs: created before tracking (counted as persistent, not transient)
                 tracker = LiveBytes(self.block)
                 with torch.set_grad_enabled(grad), tracker:
@@ -535,20 +699,59 @@ class Planner:
         return lambda: backend.encode_prompts(texts)
 
     def score_call(self, rows: int, chunk: int | None, preview_scale: float = 1.0, backend: Any = None,
-                   rewards: Sequence[Any] | None = None, preview: bool = False) -> Callable[[], Any]:
-        """Decode ``rows`` latents (``chunk`` per VAE call; ``preview``: with the backend's preview
-        decoder, as the rollout's previews) and score the images with every reward."""
+                   rewards: Sequence[Any] | None = None, sample_batch_size: int | None = None,
+                   preview: bool = False) -> Callable[[], Any]:
+        """Decode ``rows`` latents and score the images with every reward, as the rollout does:
+        ``sample_batch_size`` rows per decode call (its outputs concatenated) and per reward call,
+        ``chunk`` (``vae_decode_chunk``) latents per VAE call inside the decode; ``preview``: with
+        the backend's preview decoder (``decode_preview``), as the rollout's previews."""
+        from .rollout import chunked
+
         backend = backend or self.backend
         rewards = self.rewards if rewards is None else rewards
         x = backend.initial_latents(rows)
         texts = [self.prompt] * rows
+        m = rows if sample_batch_size is None else min(sample_batch_size, rows)
 
         def run():
             z = x
             if preview_scale < 1.0 and z.ndim == 4:  # as ExpandPruneRollout.preview_images
                 z = torch.nn.functional.interpolate(z, scale_factor=preview_scale, mode="bilinear", antialias=True)
             backend.vae_decode_chunk = chunk
-            images = backend.decode_preview(z) if preview else backend.decode(z)
+            decode = backend.decode_preview if preview else backend.decode
+            images = chunked(decode, rows, m, z)  # [rows, 3, H, W]
+            for r in rewards:  # as RewardSet.forward with chunk=sample_batch_size
+                if m < rows:
+                    torch.cat([r(images[i:i + m], texts[i:i + m]) for i in range(0, rows, m)])
+                else:
+                    r(images, texts)
+        return run
+
+    def decode_call(self, rows: int, chunk: int | None, preview_scale: float = 1.0,
+                    preview: bool = False) -> Callable[[], Any]:
+        """One ``backend.decode`` (``preview``: ``decode_preview``) of ``rows`` latents, ``chunk`` per
+        VAE call (its output is counted)."""
+        backend = self.backend
+        x = backend.initial_latents(rows)
+        if preview_scale < 1.0 and x.ndim == 4:
+            x = torch.nn.functional.interpolate(x, scale_factor=preview_scale, mode="bilinear", antialias=True)
+        self.latent_row_bytes[preview_scale] = x[0].numel() * x.element_size()
+        decode = backend.decode_preview if preview else backend.decode
+
+        def run():
+            backend.vae_decode_chunk = chunk
+            images = decode(x)  # [rows, 3, H, W]
+            self.image_row_bytes[preview_scale, preview] = images[0].numel() * images.element_size()
+        return run
+
+    def reward_call(self, rows: int, preview_scale: float = 1.0, preview: bool = False) -> Callable[[], Any]:
+        """Every reward on ``rows`` decoded images (created before the call: not counted)."""
+        side = self.decoded_side(preview_scale, preview)
+        images = torch.zeros(rows, 3, side, side)  # [rows, 3, H, W]
+        texts = [self.prompt] * rows
+        rewards = list(self.rewards)
+
+        def run():
             for r in rewards:
                 r(images, texts)
         return run
@@ -600,26 +803,92 @@ class Planner:
 
     def denoise(self, rows: int) -> int:
         """Transient of one sampling call ``backend.step`` on ``rows`` samples (no grad)."""
-        return self._linear(self.denoise_traced, rows)
+        return self._linear(lambda n: self._deep(lambda d: self.denoise_traced(n, d)), rows)
 
     def update(self, batch: int, checkpointing: bool) -> int:
         """Transient of one update minibatch of ``batch`` pairs (see ``update_call``)."""
-        return self._linear(lambda b: self.update_traced(b, checkpointing), batch)
+        return self._linear(lambda n: self._deep(lambda d: self.update_traced(n, checkpointing, d)), batch)
 
-    def denoise_traced(self, rows: int) -> int:
-        return self._trace(("denoise", rows), lambda: self.denoise_call(rows))
+    def denoise_traced(self, rows: int, depth: tuple | None = None) -> int:
+        """One sampling call traced as it runs (``depth`` None: the whole denoiser)."""
+        return self._trace(("denoise", rows), lambda: self.denoise_call(rows), depth=depth)
 
     def encode(self, prompts: int) -> int:
         return self._trace(("encode", prompts), lambda: self.encode_call(prompts))
 
-    def score(self, rows: int, chunk: int | None, preview_scale: float = 1.0, preview: bool = False) -> int:
-        """Transient of decoding ``rows`` latents (``chunk`` per VAE call) and scoring the images."""
-        return self._trace(("score", rows, chunk, preview_scale, preview),
-                           lambda: self.score_call(rows, chunk, preview_scale, preview=preview))
+    def decoded_side(self, preview_scale: float = 1.0, preview: bool = False) -> int:
+        """Side of a decoded image (previews at ``preview_scale`` are smaller), from a decode of 1 row."""
+        if (preview_scale, preview) not in self.image_row_bytes:
+            self.decode(1, None, preview_scale, preview)
+        return int(round((self.image_row_bytes[preview_scale, preview] / 12) ** 0.5))  # 3 float32 channels
 
-    def update_traced(self, batch: int, checkpointing: bool) -> int:
+    def decode(self, rows: int, chunk: int | None, preview_scale: float = 1.0, preview: bool = False) -> int:
+        """Transient of one ``backend.decode`` of ``rows`` latents, ``chunk`` per VAE call, its
+        images included. In one VAE call every activation is [rows, ...]: linear in rows
+        (``_linear``). In ``q`` chunks and a last one of ``r`` rows (1 <= r <= chunk), each chunk
+        adds the same (its images, kept for the final ``torch.cat``): linear in ``q`` from the
+        traces at ``chunk + r`` and ``2 * chunk + r`` rows, so the levers' chunked decodes of many
+        rows cost two traces of two and three VAE calls."""
+        if chunk is None or chunk >= rows:
+            return self._linear(lambda n: self._trace(("decode", n, None, preview_scale, preview),
+                                                      lambda: self.decode_call(n, None, preview_scale, preview)),
+                                rows)
+        q, r = divmod(rows - 1, chunk)  # rows = q * chunk + (r + 1)
+        r += 1
+
+        def traced(k: int) -> int:
+            n = k * chunk + r
+            return self._trace(("decode", n, chunk, preview_scale, preview),
+                               lambda: self.decode_call(n, chunk, preview_scale, preview))
+
+        return traced(1) + (q - 1) * (traced(2) - traced(1)) if q > 1 else traced(q)
+
+    def reward(self, rows: int, preview_scale: float = 1.0, preview: bool = False) -> int:
+        """Transient of every reward on ``rows`` images (linear in rows: ``_linear``)."""
+        def traced(n: int) -> int:
+            key = ("reward", n, preview_scale, preview)
+            try:
+                return self._trace(key, lambda: self.reward_call(n, preview_scale, preview))
+            except Exception:  # a reward that cannot score fake images: find it, leave it out, trace again
+                kept = [rw for rw in self.rewards if self._traceable(rw)]
+                if len(kept) == len(self.rewards):
+                    raise
+                self.rewards = kept
+                return self._trace(key, lambda: self.reward_call(n, preview_scale, preview))
+        return self._linear(traced, rows)
+
+    def score(self, rows: int, chunk: int | None, preview_scale: float = 1.0,
+              sample_batch_size: int | None = None, preview: bool = False) -> int:
+        """Transient of decoding ``rows`` latents and scoring the images as the rollout does
+        (``score_call``): ``sample_batch_size`` rows per ``decode`` and per reward call. The decodes'
+        images accumulate for the final ``torch.cat`` (2 x the images at its end); the rewards then
+        run on slices of the images, one slice at a time. Previews (``preview_scale`` < 1) are
+        decoded from resized latents, alive through the decodes."""
+        m = rows if sample_batch_size is None else min(sample_batch_size, rows)
+        self.decoded_side(preview_scale, preview)
+        img = self.image_row_bytes[preview_scale, preview]  # one decoded image, float32
+        if m == rows:
+            dec = self.decode(rows, chunk, preview_scale, preview)
+        else:
+            q, r = divmod(rows, m)  # q calls of m rows, a last one of r
+            dec = max((q - 1) * m * img + self.decode(m, chunk, preview_scale, preview), 2 * rows * img)
+            if r:
+                dec = max(dec, q * m * img + self.decode(r, chunk, preview_scale, preview))
+        if preview_scale < 1.0:
+            dec += rows * self.latent_row_bytes[preview_scale]
+        return max(dec, rows * img + self.reward(m, preview_scale, preview))
+
+    def score_traced(self, rows: int, chunk: int | None, preview_scale: float = 1.0,
+                     sample_batch_size: int | None = None, preview: bool = False) -> int:
+        """``score_call`` traced as it runs (a check of ``score``)."""
+        key = ("score", rows, chunk, preview_scale, sample_batch_size, preview)
+        return self._trace(key, lambda: self.score_call(rows, chunk, preview_scale,
+                                                        sample_batch_size=sample_batch_size, preview=preview))
+
+    def update_traced(self, batch: int, checkpointing: bool, depth: tuple | None = None) -> int:
+        """One update minibatch traced as it runs (``depth`` None: the whole denoiser)."""
         return self._trace(("update", batch, checkpointing), lambda: self.update_call(batch, checkpointing),
-                           grad=True)
+                           grad=True, depth=depth)
 
     # ---- assembling ----------------------------------------------------------------------------
     def resident(self, st: Settings, offloaded: bool = True) -> int:
@@ -663,13 +932,15 @@ class Planner:
                 scale = self.module.rollout_settings.preview_scale
                 phases.append(Phase(f"{tag}: previews after step {t}, {rows[t]} rows", res,
                                     history + rows[t] * (self.cond_row_bytes + L),  # + the step's x0
-                                    self.score(rows[t], st.vae_decode_chunk, scale, preview=True)))
+                                    self.score(rows[t], st.vae_decode_chunk, scale, st.sample_batch_size,
+                                               preview=True)))
         phases.insert(0, best)
         final = rows[-1]
         survivors = P * self.K
         result = survivors * ((T + 1) * L + 4 * T + self.image_bytes)
         phases.append(Phase(f"{tag}: final decode + reward, {final} rows", res,
-                            history + final * self.cond_row_bytes, self.score(final, st.vae_decode_chunk)))
+                            history + final * self.cond_row_bytes,
+                            self.score(final, st.vae_decode_chunk, 1.0, st.sample_batch_size)))
         phases.append(Phase(f"{tag}: gather survivors ({survivors} trajectories)", res,
                             history + final * self.image_bytes, result))
         return phases
@@ -706,10 +977,6 @@ class Planner:
         rows0 = st.prompts_per_step * self.G
         current = rows0 if st.sample_batch_size is None else min(st.sample_batch_size, rows0)
         options: list[tuple[str, str, dict[str, Any], bool]] = []
-        smaller = self.G if current > self.G else max(1, current // 2)
-        if smaller < current:
-            options.append(("sample_batch_size", f"model.rollout.sample_batch_size: {smaller} (rows per denoiser call)",
-                            {"sample_batch_size": smaller}, False))
         if st.train_batch_size > 1:
             tb = max(1, st.train_batch_size // 4)
             options.append(("train_batch_size", f"model.update.train_batch_size: {tb}", {"train_batch_size": tb}, False))
@@ -723,6 +990,12 @@ class Planner:
         if st.vae_decode_chunk is None or st.vae_decode_chunk > 4:
             options.append(("vae_decode_chunk", "model.backend.init_args.vae_decode_chunk: 4",
                             {"vae_decode_chunk": 4}, False))
+        # after vae_decode_chunk: on a tie (both split the decodes) the one that leaves the denoiser
+        # and reward calls whole, which costs less time, comes first
+        smaller = self.G if current > self.G else max(1, current // 2)
+        if smaller < current:
+            options.append(("sample_batch_size", f"model.rollout.sample_batch_size: {smaller} (rows per denoiser, "
+                            "decode and reward call)", {"sample_batch_size": smaller}, False))
         if "text_encoder_3" in self.weights and not st.drop_t5:
             options.append(("drop_t5", "model.backend.init_args.drop_t5: true (T5 tokens become zeros: "
                             "changes the model's conditioning)", {"drop_t5": True}, True))
@@ -819,6 +1092,7 @@ def report(config: str | Sequence[str], gpu_memory: int | None = None, overrides
         "peak": peak, "overhead": RUNTIME_OVERHEAD if target == "cuda" else 0,
         "levers": [dataclasses.asdict(lv) for lv in planner.levers(st)],
         "notes": planner.notes,
+        "traces": planner.traces,  # fake-tensor traces the plan ran (its cost)
     }
     if gpu_memory is not None:
         budget = gpu_memory - out["overhead"]
@@ -838,7 +1112,8 @@ def format_report(r: dict[str, Any]) -> str:
              ""]
     st = r["settings"]
     rows = "all live rows" if st["sample_batch_size"] is None else str(st["sample_batch_size"])
-    lines.append(f"settings: prompts_per_step {st['prompts_per_step']}, rows per denoiser call {rows}, "
+    lines.append(f"settings: prompts_per_step {st['prompts_per_step']}, "
+                 f"rows per denoiser / decode / reward call {rows}, "
                  f"train_batch_size {st['train_batch_size']}, gradient_checkpointing "
                  f"{st['gradient_checkpointing']}, offload_text_encoders {st['offload_text_encoders']}, "
                  f"vae_decode_chunk {st['vae_decode_chunk']}")
@@ -886,7 +1161,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="the run's YAML, as given to `fit` (repeatable: a base config, then its overlay)")
     parser.add_argument("--gpu-memory", default=None, help="e.g. 24GB: say whether it fits and what to change")
     parser.add_argument("--sample-batch-size", type=int, default=None,
-                        help="rows per denoiser call in the rollout (default: the config's, else all rows)")
+                        help="rows per denoiser, decode and reward call in the rollout "
+                             "(default: the config's, else all rows)")
     parser.add_argument("--json", action="store_true", help="print the plan as JSON")
     args, overrides = parser.parse_known_args(argv)
     gpu = parse_memory(args.gpu_memory) if args.gpu_memory else None

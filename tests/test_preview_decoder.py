@@ -227,6 +227,13 @@ def test_plan_counts_the_preview_decoders_weights(decoders):
     assert with_tiny.weights["preview_decoder"] == 4 * n  # float32
     assert "preview_decoder" not in without.weights
     assert with_tiny.resident(with_tiny.settings) - without.resident(without.settings) == 4 * n
+    # the preview phases decode with it: the extrapolated figure matches a direct trace of the
+    # rollout's own preview path (decode_preview), and differs from the VAE's
+    for rows in (3, 6):
+        est, traced = with_tiny.score(rows, None, preview=True), with_tiny.score_traced(rows, None, preview=True)
+        assert abs(est - traced) <= 0.02 * traced + 16 * 1024, (rows, est, traced)
+    assert with_tiny.score(6, None, preview=True) != with_tiny.score(6, None)
+    assert without.score(6, None, preview=True) == without.score(6, None)  # no preview decoder: the VAE
 
 
 def test_proxy_quality_compares_preview_decoders_at_toy_size(decoders, tmp_path):
