@@ -816,8 +816,14 @@ class Planner:
     def encode(self, prompts: int) -> int:
         return self._trace(("encode", prompts), lambda: self.encode_call(prompts))
 
+    def _previews_differ(self, preview: bool) -> bool:
+        """Whether ``preview`` decodes differ from ``decode``'s: only with a preview decoder (else the
+        preview and final decodes are one cached trace)."""
+        return preview and getattr(self.backend, "preview_decoder", None) is not None
+
     def decoded_side(self, preview_scale: float = 1.0, preview: bool = False) -> int:
         """Side of a decoded image (previews at ``preview_scale`` are smaller), from a decode of 1 row."""
+        preview = self._previews_differ(preview)
         if (preview_scale, preview) not in self.image_row_bytes:
             self.decode(1, None, preview_scale, preview)
         return int(round((self.image_row_bytes[preview_scale, preview] / 12) ** 0.5))  # 3 float32 channels
@@ -829,6 +835,7 @@ class Planner:
         adds the same (its images, kept for the final ``torch.cat``): linear in ``q`` from the
         traces at ``chunk + r`` and ``2 * chunk + r`` rows, so the levers' chunked decodes of many
         rows cost two traces of two and three VAE calls."""
+        preview = self._previews_differ(preview)
         if chunk is None or chunk >= rows:
             return self._linear(lambda n: self._trace(("decode", n, None, preview_scale, preview),
                                                       lambda: self.decode_call(n, None, preview_scale, preview)),
@@ -845,6 +852,7 @@ class Planner:
 
     def reward(self, rows: int, preview_scale: float = 1.0, preview: bool = False) -> int:
         """Transient of every reward on ``rows`` images (linear in rows: ``_linear``)."""
+        preview = self._previews_differ(preview)
         def traced(n: int) -> int:
             key = ("reward", n, preview_scale, preview)
             try:
@@ -865,6 +873,7 @@ class Planner:
         run on slices of the images, one slice at a time. Previews (``preview_scale`` < 1) are
         decoded from resized latents, alive through the decodes."""
         m = rows if sample_batch_size is None else min(sample_batch_size, rows)
+        preview = self._previews_differ(preview)
         self.decoded_side(preview_scale, preview)
         img = self.image_row_bytes[preview_scale, preview]  # one decoded image, float32
         if m == rows:
