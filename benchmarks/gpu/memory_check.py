@@ -43,14 +43,15 @@ LEVERS_ON = ["--model.backend.init_args.gradient_checkpointing=true",
 LEVERS_OFF = ["--model.backend.init_args.gradient_checkpointing=false",
               "--model.backend.init_args.offload_text_encoders=false",
               "--model.backend.init_args.vae_decode_chunk=null"]
-#: name -> (configs, overrides, iterations). Order: value per second of device time.
+#: name -> (configs, overrides, iterations). Order: what no GPU run has measured yet first (the
+#: SD3.5-M variants were measured on 2026-11-30: docs/results/gpu_memory/).
 VARIANTS: dict[str, tuple[list[str], list[str], int]] = {
-    "sd35m_pro": ([C + "sd35m_pickscore_base.yaml", C + "sd35m_pickscore_pro_grpo.yaml"], [], 2),
-    "sd35m_pro_levers": ([C + "sd35m_pickscore_base.yaml", C + "sd35m_pickscore_pro_grpo.yaml"],
-                         LEVERS_ON + ["--model.rollout.sample_batch_size=48"], 1),
     "flux_pro": ([C + "flux_dev_pickscore_pro_grpo.yaml"], [], 1),
     "sd15_hps_pro": ([C + "sd15_hps_pro_grpo.yaml"], [], 1),
     "flux_pro_no_levers": ([C + "flux_dev_pickscore_pro_grpo.yaml"], LEVERS_OFF, 1),
+    "sd35m_pro": ([C + "sd35m_pickscore_base.yaml", C + "sd35m_pickscore_pro_grpo.yaml"], [], 2),
+    "sd35m_pro_levers": ([C + "sd35m_pickscore_base.yaml", C + "sd35m_pickscore_pro_grpo.yaml"],
+                         LEVERS_ON + ["--model.rollout.sample_batch_size=48"], 1),
 }
 SMOKE: dict[str, tuple[list[str], list[str], int]] = {
     "tiny_sd3": ([C + "tiny_sd3.yaml"], [], 2),
