@@ -31,11 +31,11 @@ from pro_grpo_lightning.health import (BadRolloutGuard, NonFiniteError, finite_g
 from pro_grpo_lightning.objectives import group_advantages
 from pro_grpo_lightning.rewards.combine import RewardSet
 from pro_grpo_lightning.rollout import ExpandPruneRollout
-from pro_grpo_lightning.schedules import PlainGRPOSchedule, ProGRPOSchedule
+from pro_grpo_lightning.schedules import ProGRPOSchedule
 from pro_grpo_lightning.selection import select_indices
 from pro_grpo_lightning.update import UpdateSettings, grpo_update
 from tests.cli_runs import ROOT, config_args
-from tests.fakes import AffineBackend, FaultyBrightness, MeanPixel
+from tests.fakes import AffineBackend, MeanPixel
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 NAN, INF = float("nan"), float("inf")

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from pro_grpo_lightning.backends.tokenizers import byte_level_clip_tokenizer
-from pro_grpo_lightning.loading import load_state_dict_file, save_state_dict_file
+from pro_grpo_lightning.loading import save_state_dict_file
 from pro_grpo_lightning.rewards.aesthetic import LaionAesthetic
 from pro_grpo_lightning.rewards.clip_common import (OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, RewardMLP, _features,
                                                     center_crop, clip_preprocess, resize_shortest_side)
