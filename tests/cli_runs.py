@@ -6,6 +6,8 @@ model that logs to CSV and checkpoints every step into ``<out>``), and the test'
 
 from __future__ import annotations
 
+import csv
+import glob
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -61,3 +63,11 @@ def config_command(config: Path) -> list[str]:
     args = first.split(" fit ", 1)[1].split("  ")[0].split()  # two spaces start a remark
     assert args[-1] == f"configs/{config.name}" and args[::2] == ["--config"] * (len(args) // 2), first
     return [str(ROOT / a) if a.startswith("configs/") else a for a in args]
+
+
+def run_metrics(out: Path, key: str) -> list[dict[str, float]]:
+    """The rows of the run's CSV log (``<out>/run/<version>/metrics.csv``, one run) where ``key``
+    was logged, each as its non-empty cells in float."""
+    (path,) = glob.glob(str(out / "run" / "*" / "metrics.csv"))
+    with open(path) as f:
+        return [{k: float(v) for k, v in r.items() if v != ""} for r in csv.DictReader(f) if r.get(key)]

@@ -19,7 +19,7 @@ import torch
 
 from pro_grpo_lightning.cli import main
 from pro_grpo_lightning.data import PromptDataModule, ResumableDataLoader, ResumableShuffleSampler
-from tests.cli_runs import CALLBACKS_WITH_EXPORT, ROOT, config_args
+from tests.cli_runs import CALLBACKS_WITH_EXPORT, ROOT, config_args, run_metrics
 
 
 # Tiny SD1.5 at 32 px, 4 steps, groups of 4 pruned to 2 after step 1. SGD, not Adam: Adam's first
@@ -44,11 +44,6 @@ data:
 
 def run_args(tmp_path: Path, name: str) -> list[str]:
     return config_args(tmp_path, name, OVERRIDE, out=tmp_path / name)
-
-
-def run_metrics(out: Path) -> list[dict[str, str]]:
-    with open(glob.glob(str(out / "run" / "*" / "metrics.csv"))[0]) as f:
-        return [r for r in csv.DictReader(f) if r.get("reward/mean")]
 
 
 def test_sampler_shards_each_global_batch_by_rank_and_resumes_mid_epoch():
@@ -123,7 +118,7 @@ def test_two_gloo_ranks_equal_one_process_with_the_same_global_batch(tmp_path):
     assert moved > 1e-3
 
     # same groups (rewards), same global counts, same synchronised gradient, rollout by rollout
-    rows_single, rows_two = run_metrics(tmp_path / "single"), run_metrics(tmp_path / "ddp")
+    rows_single, rows_two = run_metrics(tmp_path / "single", "reward/mean"), run_metrics(tmp_path / "ddp", "reward/mean")
     assert len(rows_single) == len(rows_two) == 2
     for a, b in zip(rows_single, rows_two):
         # the raw reward to float precision; the batch-z-scored total (O(1) values, whose global

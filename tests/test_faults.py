@@ -8,7 +8,6 @@ only the kill test uses a subprocess.
 
 from __future__ import annotations
 
-import csv
 import glob
 import itertools
 import math
@@ -34,7 +33,7 @@ from pro_grpo_lightning.rollout import ExpandPruneRollout
 from pro_grpo_lightning.schedules import ProGRPOSchedule
 from pro_grpo_lightning.selection import select_indices
 from pro_grpo_lightning.update import UpdateSettings, grpo_update
-from tests.cli_runs import ROOT, config_args
+from tests.cli_runs import ROOT, config_args, run_metrics
 from tests.fakes import AffineBackend, MeanPixel
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -78,9 +77,7 @@ PRO = ("{class_path: pro_grpo_lightning.schedules.ProGRPOSchedule, "
 
 
 def metrics(out: Path) -> list[dict[str, float]]:
-    (path,) = glob.glob(str(out / "run" / "*" / "metrics.csv"))
-    with open(path) as f:
-        return [{k: float(v) for k, v in r.items() if v != ""} for r in csv.DictReader(f) if r.get("rollouts")]
+    return run_metrics(out, "rollouts")
 
 
 def assert_finite_checkpoint(path: Path) -> dict:

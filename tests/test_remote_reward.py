@@ -8,8 +8,6 @@ server killed mid-run (retries, then a clean one-line stop, the last checkpoint 
 
 from __future__ import annotations
 
-import csv
-import glob
 import logging
 import os
 import socket
@@ -17,7 +15,6 @@ import subprocess
 import sys
 import threading
 from contextlib import contextmanager
-from pathlib import Path
 
 import pytest
 import torch
@@ -26,7 +23,7 @@ from pro_grpo_lightning.cli import main
 from pro_grpo_lightning.reward_server import load_reward
 from pro_grpo_lightning.rewards.image_stats import Brightness
 from pro_grpo_lightning.rewards.remote import RemoteReward, RemoteRewardError, decode_request, encode_request
-from tests.cli_runs import ROOT, config_args
+from tests.cli_runs import ROOT, config_args, run_metrics
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -175,18 +172,12 @@ REMOTE = ("    - class_path: pro_grpo_lightning.rewards.remote.RemoteReward\n"
           "      init_args: {{url: \"{url}\", name: brightness, retries: 2, backoff: 0.05, timeout: 30}}\n")
 
 
-def train_metrics(out: Path) -> list[dict[str, str]]:
-    (path,) = glob.glob(str(out / "run" / "*" / "metrics.csv"))
-    with open(path) as f:
-        return [r for r in csv.DictReader(f) if r.get("reward/mean")]
-
-
 @pytest.mark.slow
 def test_training_against_the_served_reward_equals_in_process(tmp_path, brightness_url):
     for name, block in (("local", IN_PROCESS), ("remote", REMOTE)):
         main(["fit", *config_args(tmp_path, name, rewards_override(block), out=tmp_path / name,
                                   max_steps=2, url=brightness_url)])
-    local, remote = train_metrics(tmp_path / "local"), train_metrics(tmp_path / "remote")
+    local, remote = run_metrics(tmp_path / "local", "reward/mean"), run_metrics(tmp_path / "remote", "reward/mean")
     assert len(local) == len(remote) == 2
     # The server scores a contiguous copy of the decoded images, the in-process reward the VAE's
     # output as laid out in memory: a reduction in another order, so scores agree to float32
