@@ -16,7 +16,7 @@ is an audit rollout). Each variant runs in its own process: a CUDA error costs t
     python -m benchmarks.gpu.memory_check --plan DIR                      # the plan of each variant (CPU)
     python -m benchmarks.gpu.memory_check --compare DIR                   # DIR/comparison.md
 
-``--plan`` runs ``python -m pro_grpo_lightning plan`` for each variant (no GPU, no weights) and
+``--plan`` writes each variant's ``plan --json`` report (``plan.report``; no GPU, no weights) and
 ``--compare`` joins the two into a table of measured vs planned peak.
 """
 
@@ -190,7 +190,8 @@ def run(out: Path, variants: dict[str, tuple[list[str], list[str], int]], device
     """Measure each variant into ``out/<name>.json`` (or ``<name>.error.txt``). ``isolate``: each in its
     own process, so a CUDA error (which leaves the process's context unusable) costs one variant only."""
     out.mkdir(parents=True, exist_ok=True)
-    (out / "versions.json").write_text(json.dumps(versions(), indent=1))
+    if isolate or not (out / "versions.json").exists():  # once per run, not again in each variant's process
+        (out / "versions.json").write_text(json.dumps(versions(), indent=1))
     for name, (configs, overrides, iterations) in variants.items():
         left = deadline - time.time()
         if left < 30:
