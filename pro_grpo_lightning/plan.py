@@ -305,13 +305,20 @@ def planned_components(backend: Any) -> Callable[[], dict[str, Any]]:
                 comps["scheduler"] = type(sched).from_config(sched.config)
             return comps
         with torch.device("meta"):
-            if os.path.isdir(pretrained):
-                comps = _folder_components(backend, pretrained)
-            else:
-                comps = _table_components(backend, pretrained)
-        return _with_tokenizers(backend, comps)
+            return architecture_components(backend, pretrained)
 
     return load
+
+
+def architecture_components(backend: Any, pretrained: str) -> dict[str, Any]:
+    """The components of ``pretrained`` (a local diffusers folder's config files, else the hub id's
+    row of ``architectures.PIPELINES``) with no weights read, networks on the current device, and
+    offline shape-equivalent tokenizers."""
+    if os.path.isdir(pretrained):
+        comps = _folder_components(backend, pretrained)
+    else:
+        comps = _table_components(backend, pretrained)
+    return _with_tokenizers(backend, comps)
 
 
 def reward_architecture(reward: Any) -> nn.Module:

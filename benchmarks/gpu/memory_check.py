@@ -72,9 +72,10 @@ def _precision(configs: list[str]) -> str:
 def random_weights(module: Any, device: str, seed: int = 0) -> None:
     """Make ``module`` build every network of the real architecture on ``device``, random values.
 
-    The backend's components come from ``architectures.PIPELINES`` (as ``plan`` builds them on the
-    meta device), the pretrained rewards' CLIP from ``architectures.REWARD_MODELS``; tokenizers are
-    the offline shape-equivalent ones ``plan`` uses. Models built in code (``<tiny...>``) keep their
+    The backend's components come from its architecture as ``plan`` reads it (a local folder's
+    config files or ``architectures.PIPELINES``: ``plan.architecture_components``), the pretrained
+    rewards' CLIP from ``plan.reward_architecture``; tokenizers are the offline shape-equivalent ones
+    ``plan`` uses. Models built in code (``<tiny...>``) keep their
     own loader.
     """
     from transformers import CLIPModel
@@ -88,8 +89,7 @@ def random_weights(module: Any, device: str, seed: int = 0) -> None:
     if not pretrained.startswith("<"):
         def load() -> dict[str, Any]:
             with built_on(device, backend.weight_dtype, seed):
-                comps = plan._table_components(backend, pretrained)
-            return plan._with_tokenizers(backend, comps)
+                return plan.architecture_components(backend, pretrained)
 
         backend.load_components = load
     for reward in [*module.rewards.rewards, *module.eval_rewards]:
