@@ -6,6 +6,7 @@ from its own ``config.json`` files instead. Each entry is the ``config.json`` of
 the hub repository (only the fields that size the network; the rest keep the library defaults):
 
     SD1.4 / SD1.5   UNet 859.5 M, VAE 83.7 M, CLIP-L text 123.1 M
+    SDXL base 1.0   UNet 2.57 B, VAE 83.7 M, CLIP-L text 123.1 M, OpenCLIP-bigG text 694.7 M
     SD3.5-Medium    MMDiT-X 2.24 B, VAE 83.8 M, CLIP-L 123.7 M, CLIP-G 694.7 M, T5-XXL encoder 4.76 B
     FLUX.1-dev      transformer 11.9 B, VAE 83.8 M, CLIP-L 123.1 M, T5-XXL encoder 4.76 B
     rewards         PickScore / HPSv2.1 (CLIP ViT-H/14, 986 M), CLIP ViT-L/14 (428 M)
@@ -44,9 +45,23 @@ FLUX_DEV_TRANSFORMER: dict[str, Any] = dict(
     num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True,
     axes_dims_rope=(16, 56, 56))
 FLUX_VAE: dict[str, Any] = dict(SD3_VAE, scaling_factor=0.3611, shift_factor=0.1159)
+SDXL_UNET: dict[str, Any] = dict(
+    sample_size=128, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280),
+    norm_num_groups=32, cross_attention_dim=2048, attention_head_dim=(5, 10, 20), use_linear_projection=True,
+    transformer_layers_per_block=(1, 2, 10), addition_embed_type="text_time", addition_time_embed_dim=256,
+    projection_class_embeddings_input_dim=2816, act_fn="silu", flip_sin_to_cos=True, freq_shift=0,
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"))
+SDXL_VAE: dict[str, Any] = dict(SD15_VAE, sample_size=1024, scaling_factor=0.13025, force_upcast=True)
 
 # ---- schedulers -------------------------------------------------------------------------------------
 SD3_SCHEDULER: dict[str, Any] = dict(shift=3.0)
+#: SDXL base's DDPM schedule (its scheduler_config.json ships an EulerDiscreteScheduler with these
+#: numbers), for ``DDIMScheduler``: the stochastic policy is DDIM with eta, as for SD1.x.
+SDXL_SCHEDULER: dict[str, Any] = dict(
+    num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+    set_alpha_to_one=False, steps_offset=1, clip_sample=False, prediction_type="epsilon",
+    timestep_spacing="leading")
 FLUX_SCHEDULER: dict[str, Any] = dict(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
                                       base_image_seq_len=256, max_image_seq_len=4096)
 
@@ -92,6 +107,11 @@ PIPELINES: dict[str, dict[str, tuple[str, dict[str, Any] | None]]] = {
         "transformer": ("FluxTransformer2DModel", FLUX_DEV_TRANSFORMER), "vae": ("AutoencoderKL", FLUX_VAE),
         "text_encoder": ("CLIPTextModel", CLIP_L_TEXT), "text_encoder_2": ("T5EncoderModel", T5_XXL),
         "scheduler": ("FlowMatchEulerDiscreteScheduler", FLUX_SCHEDULER)},
+    "stabilityai/stable-diffusion-xl-base-1.0": {
+        "unet": ("UNet2DConditionModel", SDXL_UNET), "vae": ("AutoencoderKL", SDXL_VAE),
+        "text_encoder": ("CLIPTextModel", CLIP_L_TEXT),
+        "text_encoder_2": ("CLIPTextModelWithProjection", CLIP_G_TEXT),
+        "scheduler": ("DDIMScheduler", SDXL_SCHEDULER)},
     "black-forest-labs/FLUX.1-schnell": {
         "transformer": ("FluxTransformer2DModel", dict(FLUX_DEV_TRANSFORMER, guidance_embeds=False)),
         "vae": ("AutoencoderKL", FLUX_VAE),
@@ -116,6 +136,7 @@ TAEF1: dict[str, Any] = dict(TAESD, latent_channels=16)
 #: Preview decoders by hub id (``preview_decoder`` of a backend): AutoencoderTiny configs.
 PREVIEW_DECODERS: dict[str, dict[str, Any]] = {
     "madebyollin/taesd": TAESD,
+    "madebyollin/taesdxl": TAESD,  # TAESD's network trained on SDXL's VAE (same config)
     "madebyollin/taesd3": TAESD3,
     "madebyollin/taef1": TAEF1,
 }
@@ -124,6 +145,7 @@ PREVIEW_DECODER_OF: dict[str, str] = {
     "CompVis/stable-diffusion-v1-4": "madebyollin/taesd",
     "runwayml/stable-diffusion-v1-5": "madebyollin/taesd",
     "stable-diffusion-v1-5/stable-diffusion-v1-5": "madebyollin/taesd",
+    "stabilityai/stable-diffusion-xl-base-1.0": "madebyollin/taesdxl",
     "stabilityai/stable-diffusion-3.5-medium": "madebyollin/taesd3",
     "black-forest-labs/FLUX.1-dev": "madebyollin/taef1",
     "black-forest-labs/FLUX.1-schnell": "madebyollin/taef1",
