@@ -65,6 +65,15 @@ SDXL_SCHEDULER: dict[str, Any] = dict(
 FLUX_SCHEDULER: dict[str, Any] = dict(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
                                       base_image_seq_len=256, max_image_seq_len=4096)
 
+#: Qwen/Qwen-Image's scheduler_config.json: resolution-dependent exponential shift, sigmas stretched
+#: to end at 0.02 (``shift_terminal``).
+QWENIMAGE_SCHEDULER: dict[str, Any] = dict(
+    base_image_seq_len=256, base_shift=0.5, max_image_seq_len=8192, max_shift=0.9, num_train_timesteps=1000,
+    shift=1.0, shift_terminal=0.02, time_shift_type="exponential", use_dynamic_shifting=True)
+
+#: Tongyi-MAI/Z-Image-Turbo's scheduler_config.json: a static shift of 3.
+ZIMAGE_SCHEDULER: dict[str, Any] = dict(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=False)
+
 # ---- text encoders (transformers configs) -----------------------------------------------------------
 CLIP_L_TEXT: dict[str, Any] = dict(vocab_size=49408, hidden_size=768, intermediate_size=3072,
                                    num_hidden_layers=12, num_attention_heads=12, max_position_embeddings=77,

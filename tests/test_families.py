@@ -66,12 +66,23 @@ def _sdxl_call(pipe, prompts, backend, x):
                 latents=x, eta=0.0, output_type="pt").images
 
 
+def _qwenimage_call(pipe, prompts, backend, x):
+    from pro_grpo_lightning.backends.flux import pack_latents
+
+    return pipe(prompts, negative_prompt=backend.negative_prompt, true_cfg_scale=backend.guidance_scale,
+                num_inference_steps=backend.num_steps, height=backend.resolution, width=backend.resolution,
+                latents=pack_latents(x), max_sequence_length=backend.max_sequence_length, output_type="pt").images
+
+
 def _families() -> dict[str, Family]:
+    from pro_grpo_lightning.backends.qwenimage import TinyQwenImageBackend, build_tiny_qwenimage_components
     from pro_grpo_lightning.backends.sdxl import TinySDXLBackend, build_tiny_sdxl_components
 
     return {
         "sdxl": Family(TinySDXLBackend, build_tiny_sdxl_components, "StableDiffusionXLPipeline",
                        {"eta": 0.0}, _sdxl_call, "tiny_sdxl.yaml"),
+        "qwenimage": Family(TinyQwenImageBackend, build_tiny_qwenimage_components, "QwenImagePipeline",
+                            {"noise_level": 0.0}, _qwenimage_call, "tiny_qwenimage.yaml"),
     }
 
 

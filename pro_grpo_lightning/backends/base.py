@@ -396,13 +396,18 @@ class PipelineBackend(DiffusionBackend):
             decoder.to(dtype=self.weight_dtype)
         return decoder.eval()
 
+    def lora_targets(self, net: nn.Module) -> list[str]:
+        """The names peft adapts: ``lora.target_modules`` (or the family's default) expanded against
+        ``net`` (``expand_lora_targets``)."""
+        return expand_lora_targets(net, self.lora.target_modules or self.default_lora_targets)
+
     def attach_lora(self, net: nn.Module) -> None:
         """Add the policy adapter (``self.lora``) to ``net``, trained in float32 whatever the base dtype."""
         from peft import LoraConfig
 
         settings = self.lora
         init = {"true": True, "default": True, "false": False}.get(str(settings.init).lower(), settings.init)
-        targets = expand_lora_targets(net, settings.target_modules or self.default_lora_targets)
+        targets = self.lora_targets(net)
         net.add_adapter(LoraConfig(r=settings.rank, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
                                    init_lora_weights=init, target_modules=targets))
         for p in net.parameters():  # peft creates the adapter in the base dtype
@@ -463,10 +468,21 @@ class PipelineBackend(DiffusionBackend):
             return run(latents, times, cond)
         B, device = latents.shape[0], latents.device
         neg = self._negative_rows(B, device)
-        both = {k: torch.cat([neg[k].to(device), v.to(device)]) for k, v in cond.items()}  # [2B, ...] each
+        both = self.stack_cfg_rows({k: v.to(device) for k, v in neg.items()},
+                                   {k: v.to(device) for k, v in cond.items()})  # [2B, ...] each
         out = run(torch.cat([latents, latents]), torch.cat([times, times]), both)  # [2B, *latent]
         uncond, text = out.chunk(2)  # [B, *latent] each
-        return uncond + self.guidance_scale * (text - uncond)  # [B, *latent]
+        return self.combine_guidance(uncond, text)  # [B, *latent]
+
+    def stack_cfg_rows(self, negative: Conditioning, cond: Conditioning) -> Conditioning:
+        """CFG's one batch: the negative rows, then the prompts' rows (a family whose text length
+        varies per prompt batch pads both to one length here)."""
+        return {k: torch.cat([negative[k], v]) for k, v in cond.items()}  # [2B, ...] each
+
+    def combine_guidance(self, uncond: Tensor, text: Tensor) -> Tensor:
+        """The guided output from the two branches [B, ...]: uncond + scale * (text - uncond), the
+        rule of the SD, SD3 and SDXL pipelines (a family whose pipeline does more overrides it)."""
+        return uncond + self.guidance_scale * (text - uncond)  # [B, ...]
 
     def step(self, latents: Tensor, step_index: Tensor, cond: Conditioning, *,
              noise: Tensor | None = None, next_latents: Tensor | None = None,

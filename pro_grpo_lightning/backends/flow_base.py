@@ -21,11 +21,53 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from ..steps import StepOutput, draw_noise
 from ..steps.flow import FLOW_STEP_KINDS, flow_grpo_kl_std, flow_sde_step, flow_step_std
 from .base import Conditioning, LoraSettings, PipelineBackend
+
+
+def calculate_shift(image_seq_len: int, base_seq_len: int, max_seq_len: int, base_shift: float,
+                    max_shift: float) -> float:
+    """mu, linear in the image token count (diffusers' ``calculate_shift``: SD3, FLUX, Qwen-Image, Z-Image)."""
+    m = (max_shift - base_shift) / (max_seq_len - base_seq_len)
+    return image_seq_len * m + base_shift - m * base_seq_len
+
+
+def shifted_sigma_table(scheduler: Any, num_steps: int, image_seq_len: int, max_shift: float = 1.15,
+                        sigmas: Any = None) -> Tensor:
+    """[T + 1]: the sigma table the FLUX, Qwen-Image and Z-Image pipelines set: ``sigmas`` (default
+    ``linspace(1, 1 / T, T)``, FluxPipeline's and QwenImagePipeline's) and ``mu`` from the image token
+    count with the scheduler config's ``base_*`` / ``max_*`` values (``max_shift`` is the pipeline's
+    default when the config has none); the scheduler applies ``mu`` iff ``use_dynamic_shifting``."""
+    import numpy as np
+
+    cfg = scheduler.config
+    mu = calculate_shift(image_seq_len, cfg.get("base_image_seq_len", 256), cfg.get("max_image_seq_len", 4096),
+                         cfg.get("base_shift", 0.5), cfg.get("max_shift", max_shift))
+    if sigmas is None:
+        sigmas = np.linspace(1.0, 1.0 / num_steps, num_steps)
+    scheduler.set_timesteps(sigmas=sigmas, device="cpu", mu=mu)
+    return scheduler.sigmas.clone()  # [T + 1]
+
+
+def pad_text_rows(cond: Conditioning, length: int) -> Conditioning:
+    """Text rows ``prompt_embeds`` [B, L, D] and ``prompt_embeds_mask`` [B, L] padded to ``length``
+    tokens (zero embeddings, mask 0): the layout of the families whose text length varies with the
+    prompt batch (Qwen-Image, Z-Image)."""
+    extra = length - cond["prompt_embeds"].shape[1]
+    return {"prompt_embeds": F.pad(cond["prompt_embeds"], (0, 0, 0, extra)),  # [B, length, D]
+            "prompt_embeds_mask": F.pad(cond["prompt_embeds_mask"], (0, extra))}  # [B, length]
+
+
+class VariableTextMixin:
+    """CFG's one batch for text rows of varying length: both sides padded to the longer (``pad_text_rows``)."""
+
+    def stack_cfg_rows(self, negative: Conditioning, cond: Conditioning) -> Conditioning:
+        length = max(negative["prompt_embeds"].shape[1], cond["prompt_embeds"].shape[1])
+        return super().stack_cfg_rows(pad_text_rows(negative, length), pad_text_rows(cond, length))
 
 
 class FlowMatchingBackend(PipelineBackend):

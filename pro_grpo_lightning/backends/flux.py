@@ -23,13 +23,11 @@ number of image tokens, with the scheduler's base/max shift and sequence lengths
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 from torch import Tensor
 
 from .base import Conditioning, LoraSettings
-from .flow_base import FlowMatchingBackend
-from .sd3 import _calculate_shift
+from .flow_base import FlowMatchingBackend, shifted_sigma_table
 
 #: The ``pretrained`` value of the code-built tiny model (nothing to load).
 TINY_FLUX_SOURCE = "<tiny-flux>"
@@ -127,13 +125,7 @@ class FluxBackend(FlowMatchingBackend):
 
     def _sigma_table(self, scheduler) -> Tensor:
         side = self.resolution // self.vae_scale_factor
-        tokens = (side // 2) ** 2  # packed image tokens
-        cfg = scheduler.config
-        mu = _calculate_shift(tokens, cfg.get("base_image_seq_len", 256), cfg.get("max_image_seq_len", 4096),
-                              cfg.get("base_shift", 0.5), cfg.get("max_shift", 1.15))
-        sigmas = np.linspace(1.0, 1.0 / self.num_steps, self.num_steps)  # FluxPipeline's default table
-        scheduler.set_timesteps(sigmas=sigmas, device="cpu", mu=mu)  # mu used iff use_dynamic_shifting
-        return scheduler.sigmas.clone()  # [T + 1]
+        return shifted_sigma_table(scheduler, self.num_steps, (side // 2) ** 2)  # packed image tokens
 
     # ---- text --------------------------------------------------------------------------------
     def _encode(self, prompts: list[str], device: torch.device) -> Conditioning:

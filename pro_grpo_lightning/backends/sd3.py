@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from .base import Conditioning, LoraSettings
-from .flow_base import FlowMatchingBackend
+from .flow_base import FlowMatchingBackend, calculate_shift
 
 #: The ``pretrained`` value of the code-built tiny model (nothing to load).
 TINY_SD3_SOURCE = "<tiny-sd3>"
@@ -30,13 +30,6 @@ TINY_SD3_SOURCE = "<tiny-sd3>"
 #: shares the image-stream names). Checked against diffusers 0.42.1 module names.
 SD3_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0",
                     "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
-
-
-def _calculate_shift(image_seq_len: int, base_seq_len: int, max_seq_len: int, base_shift: float,
-                     max_shift: float) -> float:
-    """mu, linear in the image token count (diffusers' ``calculate_shift``, SD3 and FLUX pipelines)."""
-    m = (max_shift - base_shift) / (max_seq_len - base_seq_len)
-    return image_seq_len * m + base_shift - m * base_seq_len
 
 
 class SD3Backend(FlowMatchingBackend):
@@ -109,7 +102,7 @@ class SD3Backend(FlowMatchingBackend):
         kwargs = {}
         if scheduler.config.get("use_dynamic_shifting", False):
             tokens = (self.resolution // self.vae_scale_factor // self.transformer.config.patch_size) ** 2
-            kwargs["mu"] = _calculate_shift(tokens, scheduler.config.get("base_image_seq_len", 256),
+            kwargs["mu"] = calculate_shift(tokens, scheduler.config.get("base_image_seq_len", 256),
                                             scheduler.config.get("max_image_seq_len", 4096),
                                             scheduler.config.get("base_shift", 0.5),
                                             scheduler.config.get("max_shift", 1.16))
