@@ -74,7 +74,15 @@ def _qwenimage_call(pipe, prompts, backend, x):
                 latents=pack_latents(x), max_sequence_length=backend.max_sequence_length, output_type="pt").images
 
 
+def _zimage_call(pipe, prompts, backend, x):
+    return pipe(list(prompts), negative_prompt=[backend.negative_prompt] * len(prompts),
+                guidance_scale=backend.guidance_scale, cfg_normalization=backend.cfg_normalization or False,
+                num_inference_steps=backend.num_steps, height=backend.resolution, width=backend.resolution,
+                latents=x, max_sequence_length=backend.max_sequence_length, output_type="pt").images
+
+
 def _families() -> dict[str, Family]:
+    from pro_grpo_lightning.backends.zimage import TinyZImageBackend, build_tiny_zimage_components
     from pro_grpo_lightning.backends.qwenimage import TinyQwenImageBackend, build_tiny_qwenimage_components
     from pro_grpo_lightning.backends.sdxl import TinySDXLBackend, build_tiny_sdxl_components
 
@@ -83,6 +91,9 @@ def _families() -> dict[str, Family]:
                        {"eta": 0.0}, _sdxl_call, "tiny_sdxl.yaml"),
         "qwenimage": Family(TinyQwenImageBackend, build_tiny_qwenimage_components, "QwenImagePipeline",
                             {"noise_level": 0.0}, _qwenimage_call, "tiny_qwenimage.yaml"),
+        # CFG with the pipeline's norm cap on, so both of Z-Image's guidance rules are compared
+        "zimage": Family(TinyZImageBackend, build_tiny_zimage_components, "ZImagePipeline",
+                         {"noise_level": 0.0}, _zimage_call, "tiny_zimage.yaml", {"cfg_normalization": 1.0}),
     }
 
 
@@ -241,3 +252,34 @@ def test_plan_of_the_tiny_config(name, capsys):
     denoiser = FAMILIES[name].backend.denoiser_component
     assert r["weights"][denoiser] > 0 and r["fits"] is True
     assert any(p["name"].startswith("update") for p in r["phases"])
+
+
+#: Published parameter counts of the real architectures the configs name (``architectures.PIPELINES``
+#: builds them on the meta device for the plan and the GPU memory check).
+REAL_COUNTS = {
+    ("stabilityai/stable-diffusion-xl-base-1.0", "unet"): 2.567e9,
+    ("stabilityai/stable-diffusion-xl-base-1.0", "text_encoder_2"): 0.6947e9,
+    ("stabilityai/stable-diffusion-3.5-large", "transformer"): 8.06e9,
+    ("Qwen/Qwen-Image", "transformer"): 20.43e9,
+    ("Qwen/Qwen-Image", "text_encoder"): 8.29e9,  # Qwen2.5-VL-7B with its vision tower and LM head
+    ("Tongyi-MAI/Z-Image-Turbo", "transformer"): 6.15e9,
+    ("Tongyi-MAI/Z-Image-Turbo", "text_encoder"): 4.02e9,  # Qwen3-4B
+}
+
+
+@pytest.mark.parametrize("hub_id, name", list(REAL_COUNTS))
+def test_architecture_table_matches_the_published_sizes(hub_id, name):
+    import diffusers
+    import transformers
+
+    from pro_grpo_lightning.architectures import PIPELINES
+
+    cls_name, cfg = PIPELINES[hub_id][name]
+    with torch.device("meta"):
+        if hasattr(diffusers, cls_name):
+            net = getattr(diffusers, cls_name)(**cfg)
+        else:
+            cls = getattr(transformers, cls_name)
+            net = cls(cls.config_class(**cfg))
+    n = sum(p.numel() for p in net.parameters())
+    assert abs(n - REAL_COUNTS[hub_id, name]) < 3e-3 * REAL_COUNTS[hub_id, name], n
