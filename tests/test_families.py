@@ -254,6 +254,34 @@ def test_plan_of_the_tiny_config(name, capsys):
     assert any(p["name"].startswith("update") for p in r["phases"])
 
 
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_real_backend_builds_the_architecture_with_random_weights(name, tmp_path):
+    """The path of the GPU memory check and the plan for a real model, on a saved tiny folder: the
+    family's real backend class builds every network from the folder's config files alone, with
+    seeded random values and stand-in tokenizers (``NetworkSource("random")``), and samples."""
+    import importlib
+
+    from pro_grpo_lightning.networks import NetworkSource
+
+    fam = FAMILIES[name]
+    module = importlib.import_module(fam.backend.__module__)
+    save = getattr(module, f"save_tiny_{name}_pipeline")
+    real = fam.backend.__mro__[1]  # the real-model class the tiny twin specialises
+    folder = save(str(tmp_path / name), resolution=RES)
+    backend = real(folder, num_steps=3, resolution=RES, **fam.settings)
+    backend.use_networks(NetworkSource("random", "cpu", seed=1))
+    backend.configure_model()
+    saved = make(name).denoiser()
+    built = backend.denoiser()
+    first = next(n for n, p in saved.named_parameters() if p.ndim == 2 and p.std() > 0)
+    assert dict(built.named_parameters())[first].shape == dict(saved.named_parameters())[first].shape
+    assert not torch.equal(dict(built.named_parameters())[first], dict(saved.named_parameters())[first])
+    cond = backend.encode_prompts(PROMPTS)
+    with torch.no_grad():
+        out = backend.step(backend.initial_latents(2, torch.Generator().manual_seed(0)), torch.tensor([0, 1]), cond)
+    assert torch.isfinite(out.log_prob).all() and out.next_latents.shape[0] == 2
+
+
 #: Published parameter counts of the real architectures the configs name (``architectures.PIPELINES``
 #: builds them on the meta device for the plan and the GPU memory check).
 REAL_COUNTS = {

@@ -53,10 +53,18 @@ VARIANTS: dict[str, tuple[list[str], list[str], int]] = {
     "sd35m_pro": ([C + "sd35m_pickscore_base.yaml", C + "sd35m_pickscore_pro_grpo.yaml"], [], 2),
     "sd35m_pro_levers": ([C + "sd35m_pickscore_base.yaml", C + "sd35m_pickscore_pro_grpo.yaml"],
                          LEVERS_ON + ["--model.rollout.sample_batch_size=48"], 1),
+    # the families of issue 26 (never run on a GPU yet): each shipped Pro-GRPO config as it is
+    "sdxl_pro": ([C + "sdxl_hps_pro_grpo.yaml"], [], 1),
+    "zimage_pro": ([C + "zimage_pickscore_pro_grpo.yaml"], [], 1),
+    "sd35l_pro": ([C + "sd35l_pickscore_base.yaml", C + "sd35l_pickscore_pro_grpo.yaml"], [], 1),
+    "qwenimage_pro": ([C + "qwenimage_pickscore_pro_grpo.yaml"], [], 1),
 }
 SMOKE: dict[str, tuple[list[str], list[str], int]] = {
     "tiny_sd3": ([C + "tiny_sd3.yaml"], [], 2),
     "tiny_flux": ([C + "tiny_flux.yaml"], LEVERS_ON, 1),
+    "tiny_sdxl": ([C + "tiny_sdxl.yaml"], [], 1),
+    "tiny_qwenimage": ([C + "tiny_qwenimage.yaml"], [], 1),
+    "tiny_zimage": ([C + "tiny_zimage.yaml"], [], 1),
 }
 
 

@@ -192,7 +192,7 @@ def build_tiny_qwenimage_components(resolution: int = 64, seed: int = 0) -> dict
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
     from ..architectures import QWENIMAGE_SCHEDULER
-    from .tokenizers import byte_level_qwen_tokenizer
+    from ..offline_tokenizers import byte_level_qwen_tokenizer
 
     tok = byte_level_qwen_tokenizer()
     n = len(tok)
@@ -230,6 +230,8 @@ def save_tiny_qwenimage_pipeline(path: str, resolution: int = 64, seed: int = 0)
 class TinyQwenImageBackend(QwenImageBackend):
     """Qwen-Image architecture at toy size, random weights built in code (no files); seeded."""
 
+    built_in_code = True
+
     def __init__(self, seed: int = 0, num_steps: int = 4, guidance_scale: float = 4.0, resolution: int = 64,
                  lora: LoraSettings | None = None, dtype: str = "float32", negative_prompt: str = " ",
                  noise_level: float = 0.7, sde_kind: str = "flow_grpo", max_sequence_length: int = 512,
@@ -244,8 +246,6 @@ class TinyQwenImageBackend(QwenImageBackend):
             sde_window=sde_window, finetune=finetune)
         self.seed = seed
 
-    def _check_source(self, pretrained: str) -> None:
-        pass  # built in code
 
     def load_components(self) -> dict[str, object]:
         return build_tiny_qwenimage_components(self.resolution, self.seed)

@@ -110,12 +110,21 @@ class SD15Backend(PipelineBackend):
     def _setup(self, components: dict[str, Any]) -> None:
         self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
         self.latent_channels = int(self.unet.config.in_channels)
-        if self.resolution % self.vae_scale_factor:
-            raise ValueError(f"resolution {self.resolution} is not a multiple of the VAE factor "
-                             f"{self.vae_scale_factor} of {self.pretrained!r}")
+        multiple = self.resolution_multiple()
+        if self.resolution % multiple:
+            raise ValueError(f"resolution {self.resolution} is not a multiple of {multiple} (the VAE factor"
+                             f"{'' if multiple == self.vae_scale_factor else ' x the UNet down-sampling'}) "
+                             f"of {self.pretrained!r}")
         self.tokenizer = components["tokenizer"]
         self._set_schedule(components["scheduler"])
-        # CFG's unconditional embedding: computed once, moves with the module, never trained.
+        self._setup_negative(components)
+
+    def resolution_multiple(self) -> int:
+        """What the image side must be a multiple of: the VAE factor (SD1.x's UNet pads odd sizes)."""
+        return self.vae_scale_factor
+
+    def _setup_negative(self, components: dict[str, Any]) -> None:
+        """CFG's unconditional embedding: computed once, moves with the module, never trained."""
         neg = self._encode([self.negative_prompt])  # [1, L, D]
         self.register_buffer("negative_embeds", neg, persistent=False)
 

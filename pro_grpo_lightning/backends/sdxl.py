@@ -87,15 +87,13 @@ class SDXLBackend(SD15Backend):
             scheduler=self._load(DDIMScheduler, "scheduler"),
         )
 
-    def _setup(self, components: dict[str, Any]) -> None:
-        self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
-        self.latent_channels = int(self.unet.config.in_channels)
-        down = 2 ** (len(self.unet.config.block_out_channels) - 1)
-        if self.resolution % (self.vae_scale_factor * down):
-            raise ValueError(f"resolution {self.resolution} is not a multiple of {self.vae_scale_factor * down} "
-                             f"(VAE factor x UNet down-sampling) of {self.pretrained!r}")
-        self.tokenizer, self.tokenizer_2 = components["tokenizer"], components["tokenizer_2"]
-        self._set_schedule(components["scheduler"])
+    def resolution_multiple(self) -> int:
+        """The VAE factor times the UNet's down-sampling (SDXL's UNet does not pad odd sizes)."""
+        return self.vae_scale_factor * 2 ** (len(self.unet.config.block_out_channels) - 1)
+
+    def _setup_negative(self, components: dict[str, Any]) -> None:
+        """The second tokenizer, the micro-conditioning and CFG's unconditional rows, once."""
+        self.tokenizer_2 = components["tokenizer_2"]
         side = float(self.resolution)
         time_ids = torch.tensor([[side, side, 0.0, 0.0, side, side]])  # [1, 6] (original, crop, target)
         expected = self.unet.add_embedding.linear_1.in_features
@@ -163,7 +161,7 @@ def build_tiny_sdxl_components(resolution: int = 64, seed: int = 0) -> dict[str,
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-    from .tokenizers import byte_level_clip_tokenizer
+    from ..offline_tokenizers import byte_level_clip_tokenizer
 
     if resolution % 16:
         raise ValueError(f"resolution must be a multiple of 16, got {resolution}")
@@ -206,6 +204,8 @@ def save_tiny_sdxl_pipeline(path: str, resolution: int = 64, seed: int = 0) -> s
 class TinySDXLBackend(SDXLBackend):
     """``SDXLBackend`` on the code-built tiny model (``build_tiny_sdxl_components``): no files."""
 
+    built_in_code = True
+
     def __init__(self, num_steps: int = 4, guidance_scale: float = 3.0, resolution: int = 64,
                  eta: float = 1.0, lora: LoraSettings | None = None, dtype: str = "float32",
                  negative_prompt: str | None = None, seed: int = 0, vae_decode_chunk: int | None = None,
@@ -217,8 +217,6 @@ class TinySDXLBackend(SDXLBackend):
                          sde_window=sde_window, finetune=finetune, preview_decoder=preview_decoder)
         self.seed = seed
 
-    def _check_source(self, pretrained: str) -> None:
-        pass  # built in code
 
     def load_components(self) -> dict[str, Any]:
         return build_tiny_sdxl_components(self.resolution, self.seed)

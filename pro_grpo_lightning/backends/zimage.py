@@ -37,22 +37,6 @@ TINY_ZIMAGE_SOURCE = "<tiny-zimage>"
 ZIMAGE_LORA_TARGETS = ("attention.to_q", "attention.to_k", "attention.to_v", "attention.to_out.0",
                        "feed_forward.w1", "feed_forward.w2", "feed_forward.w3")
 
-#: A Qwen-style chat template for the tiny byte-level tokenizer (the real tokenizer ships Qwen3's).
-TINY_CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
-                      "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
-
-
-def row_lengths(mask: Tensor) -> list[int]:
-    """Real tokens per row of a text mask [B, L], as host ints (the transformer takes a list of
-    rows). Under the memory plan's fake tensors (shapes without values) every row counts as its
-    padded length: an upper bound."""
-    from torch._subclasses.fake_tensor import is_fake
-
-    if is_fake(mask):
-        return [mask.shape[1]] * mask.shape[0]
-    return mask.sum(1).tolist()
-
-
 class ZImageBackend(VariableTextMixin, FlowMatchingBackend):
     """Z-Image (Turbo) from a diffusers folder or hub id ("Tongyi-MAI/Z-Image-Turbo"); see the module docstring.
 
@@ -120,15 +104,23 @@ class ZImageBackend(VariableTextMixin, FlowMatchingBackend):
                                    output_hidden_states=True).hidden_states[-2]  # [B, L0, D]
         # each row's real tokens first (stable sort: padding on either side), then cut to the longest
         order = torch.sort((~mask).to(torch.int8), dim=1, stable=True).indices  # [B, L0]
-        keep = max(row_lengths(mask))
+        keep = max(self.row_lengths(mask))
         order = order[:, :keep]  # [B, L]
         embeds = hidden.gather(1, order.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))  # [B, L, D]
         mask = mask.gather(1, order)  # [B, L]
         embeds = embeds * mask.unsqueeze(-1).to(embeds.dtype)  # padding zeroed
         return {"prompt_embeds": embeds.to(self.weight_dtype), "prompt_embeds_mask": mask.long()}
 
+    def row_lengths(self, mask: Tensor) -> list[int]:
+        """Real tokens per row of a text mask [B, L], as host ints (the transformer takes a list of
+        rows). Built empty (``NetworkSource("empty")``: the memory plan's shapes without values),
+        every row counts as its padded length: an upper bound."""
+        if self.networks.weights == "empty":
+            return [mask.shape[1]] * mask.shape[0]
+        return mask.sum(1).tolist()
+
     # ---- guidance -----------------------------------------------------------------------------
-    def _uses_cfg(self) -> bool:
+    def uses_cfg(self) -> bool:
         return self.guidance_scale > 0  # ZImagePipeline.do_classifier_free_guidance
 
     def combine_guidance(self, uncond: Tensor, text: Tensor) -> Tensor:
@@ -148,7 +140,7 @@ class ZImageBackend(VariableTextMixin, FlowMatchingBackend):
 
         def run(x: Tensor, s: Tensor, c: Conditioning) -> Tensor:  # rows: [negative; positive] with CFG
             embeds = c["prompt_embeds"].to(device, dt)  # [b, L, D], each row's real tokens first
-            lengths = row_lengths(c["prompt_embeds_mask"])
+            lengths = self.row_lengths(c["prompt_embeds_mask"])
             texts = [e[:n] for e, n in zip(embeds, lengths)]  # b x [L_i, D] views: the model takes a list
             out = self.transformer(list(x.to(device, dt).unsqueeze(2).unbind(0)),  # b x [C, 1, h, w]
                                    1 - s.to(device),  # [b]  the pipeline's (1000 - t) / 1000
@@ -175,10 +167,9 @@ def build_tiny_zimage_components(resolution: int = 64, seed: int = 0) -> dict[st
     from transformers import Qwen3Config, Qwen3Model
 
     from ..architectures import ZIMAGE_SCHEDULER
-    from .tokenizers import byte_level_qwen_tokenizer
+    from ..offline_tokenizers import QWEN_CHAT_TEMPLATE, byte_level_qwen_tokenizer
 
-    tok = byte_level_qwen_tokenizer()
-    tok.chat_template = TINY_CHAT_TEMPLATE
+    tok = byte_level_qwen_tokenizer(chat_template=QWEN_CHAT_TEMPLATE)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         transformer = ZImageTransformer2DModel(
@@ -213,6 +204,8 @@ class TinyZImageBackend(ZImageBackend):
     """Z-Image architecture at toy size, random weights built in code (no files); seeded. CFG on by
     default (``guidance_scale`` 2.0), so the tests exercise it (Turbo runs without)."""
 
+    built_in_code = True
+
     def __init__(self, seed: int = 0, num_steps: int = 4, guidance_scale: float = 2.0, resolution: int = 64,
                  lora: LoraSettings | None = None, dtype: str = "float32", negative_prompt: str = "",
                  noise_level: float = 0.7, sde_kind: str = "flow_grpo", max_sequence_length: int = 128,
@@ -229,8 +222,6 @@ class TinyZImageBackend(ZImageBackend):
             preview_decoder=preview_decoder)
         self.seed = seed
 
-    def _check_source(self, pretrained: str) -> None:
-        pass  # built in code
 
     def load_components(self) -> dict[str, object]:
         return build_tiny_zimage_components(self.resolution, self.seed)
