@@ -184,7 +184,8 @@ def _module(name: str, **backend_kw) -> ProGRPOModule:
 
 def _fit(module, root: Path, run: str, max_steps: int, ckpt_path=None, export=False) -> pl.Trainer:
     pl.seed_everything(0)
-    callbacks = [pl.callbacks.ModelCheckpoint(dirpath=root / run / "ckpt", save_last=True, every_n_train_steps=1),
+    callbacks = [pl.callbacks.ModelCheckpoint(dirpath=root / run / "ckpt", filename="{step}", save_top_k=-1,
+                                              save_last=True, every_n_train_steps=1),
                  EMA(decay=0.5, export=False)]
     if export:
         callbacks.append(ExportLoRA(dirpath=str(root / run / "lora")))
@@ -199,9 +200,8 @@ def _fit(module, root: Path, run: str, max_steps: int, ckpt_path=None, export=Fa
 def test_fit_resumes_exports_to_the_stock_pipeline_and_predicts(name, tmp_path):
     straight = _module(name)
     _fit(straight, tmp_path, "straight", 2, export=True)
-    _fit(_module(name), tmp_path, "part", 1)
-    resumed = _module(name)
-    trainer = _fit(resumed, tmp_path, "resumed", 2, ckpt_path=str(tmp_path / "part" / "ckpt" / "last.ckpt"))
+    resumed = _module(name)  # from the straight run's first checkpoint to its second rollout
+    _fit(resumed, tmp_path, "resumed", 2, ckpt_path=str(tmp_path / "straight" / "ckpt" / "step=1.ckpt"))
     a, b = straight.backend.lora_state_dict(), resumed.backend.lora_state_dict()
     assert max(float(v.abs().max()) for k, v in a.items() if "lora_B" in k) > 0  # it trained
     for k in a:

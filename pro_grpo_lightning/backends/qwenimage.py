@@ -166,6 +166,7 @@ class QwenImageBackend(VariableTextMixin, FlowMatchingBackend):
     def _velocity(self, latents: Tensor, sigma: Tensor, cond: Conditioning) -> Tensor:
         device, dt = self.device, self.weight_dtype
         _, _, h, w = latents.shape
+
         def run(x: Tensor, s: Tensor, c: Conditioning) -> Tensor:  # rows: [negative; positive] with CFG
             return self.transformer(
                 hidden_states=pack_latents(x.to(device, dt)),  # [b, hw/4, 64]
