@@ -64,7 +64,7 @@ class ProGRPOModule(pl.LightningModule):
     """Pro-GRPO (and its baselines, by schedule) on a LoRA policy.
 
     Args:
-        backend: the model family, by ``class_path`` (SD1.5, SD3, FLUX, or a tiny variant).
+        backend: the model family, by ``class_path`` (SD1.5, SDXL, SD3, FLUX, Qwen-Image, Z-Image, or a tiny variant).
         rewards: one or more rewards; the total is their weighted sum.
         schedule: group sizes, pruning checkpoints and selection rule, by ``class_path``.
         optimizer: optimizer over the LoRA parameters (``class_path`` + ``init_args``).

@@ -82,9 +82,9 @@ def _zimage_call(pipe, prompts, backend, x):
 
 
 def _families() -> dict[str, Family]:
-    from pro_grpo_lightning.backends.zimage import TinyZImageBackend, build_tiny_zimage_components
     from pro_grpo_lightning.backends.qwenimage import TinyQwenImageBackend, build_tiny_qwenimage_components
     from pro_grpo_lightning.backends.sdxl import TinySDXLBackend, build_tiny_sdxl_components
+    from pro_grpo_lightning.backends.zimage import TinyZImageBackend, build_tiny_zimage_components
 
     return {
         "sdxl": Family(TinySDXLBackend, build_tiny_sdxl_components, "StableDiffusionXLPipeline",
@@ -141,6 +141,15 @@ def test_sampling_with_the_sde_off_is_the_stock_pipeline(name):
     backend = make(name, **FAMILIES[name].sde_off)
     assert backend.trainable_steps().sum() == 0  # the SDE is off: nothing to train
     assert_pipeline_equal(name, backend, stock(name))
+
+
+def test_sdxl_negative_prompt_text_is_encoded_as_the_pipeline_does():
+    """The default zeroes the unconditional rows (``force_zeros_for_empty_prompt``); a negative
+    prompt is encoded by both text encoders, as the pipeline's ``negative_prompt``."""
+    backend = make("sdxl", eta=0.0, negative_prompt="blurry")
+    assert backend.negative_embeds.abs().sum() > 0 and backend.negative_pooled.abs().sum() > 0
+    assert make("sdxl").negative_embeds.abs().sum() == 0
+    assert_pipeline_equal("sdxl", backend, stock("sdxl"))
 
 
 @pytest.mark.parametrize("name", list(FAMILIES))
