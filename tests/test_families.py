@@ -56,7 +56,7 @@ class Family:
     sde_off: dict[str, Any]  #: backend settings that make every step the deterministic ODE step
     #: (pipe, prompts, backend, initial latents) -> images [B, 3, H, W] in [0, 1]
     call: Callable[[Any, list[str], Any, torch.Tensor], torch.Tensor]
-    config: str  #: the tiny config in configs/
+    config: str | None  #: the tiny config in configs/ (None: the family's plan is its real configs')
     settings: dict[str, Any] = field(default_factory=dict)  #: extra backend settings for every test
 
 
@@ -81,8 +81,15 @@ def _zimage_call(pipe, prompts, backend, x):
                 latents=x, max_sequence_length=backend.max_sequence_length, output_type="pt").images
 
 
+def _sd3_call(pipe, prompts, backend, x):
+    return pipe(prompts, negative_prompt=backend.negative_prompt, num_inference_steps=backend.num_steps,
+                guidance_scale=backend.guidance_scale, height=backend.resolution, width=backend.resolution,
+                latents=x, max_sequence_length=backend.max_sequence_length, output_type="pt").images
+
+
 def _families() -> dict[str, Family]:
     from pro_grpo_lightning.backends.qwenimage import TinyQwenImageBackend, build_tiny_qwenimage_components
+    from pro_grpo_lightning.backends.sd3 import TinySD35LBackend, build_tiny_sd35l_components
     from pro_grpo_lightning.backends.sdxl import TinySDXLBackend, build_tiny_sdxl_components
     from pro_grpo_lightning.backends.zimage import TinyZImageBackend, build_tiny_zimage_components
 
@@ -94,6 +101,9 @@ def _families() -> dict[str, Family]:
         # CFG with the pipeline's norm cap on, so both of Z-Image's guidance rules are compared
         "zimage": Family(TinyZImageBackend, build_tiny_zimage_components, "ZImagePipeline",
                          {"noise_level": 0.0}, _zimage_call, "tiny_zimage.yaml", {"cfg_normalization": 1.0}),
+        # SD3.5-Large: the SD3 backend on SD3.5-L's block type (its plan: configs/sd35l_* in docs/results/plan)
+        "sd35l": Family(TinySD35LBackend, build_tiny_sd35l_components, "StableDiffusion3Pipeline",
+                        {"noise_level": 0.0}, _sd3_call, None),
     }
 
 
@@ -254,7 +264,7 @@ def test_full_finetuning_exports_a_pipeline_folder(name, tmp_path):
     assert_pipeline_equal(name, backend, stock(name, folder))
 
 
-@pytest.mark.parametrize("name", list(FAMILIES))
+@pytest.mark.parametrize("name", [n for n, f in FAMILIES.items() if f.config])
 def test_plan_of_the_tiny_config(name, capsys):
     assert plan.main(["--config", str(ROOT / "configs" / FAMILIES[name].config), "--json", "--gpu-memory", "2GB"]) == 0
     r = json.loads(capsys.readouterr().out)
@@ -275,7 +285,7 @@ def test_real_backend_builds_the_architecture_with_random_weights(name, tmp_path
     fam = FAMILIES[name]
     module = importlib.import_module(fam.backend.__module__)
     save = getattr(module, f"save_tiny_{name}_pipeline")
-    real = fam.backend.__mro__[1]  # the real-model class the tiny twin specialises
+    real = next(c for c in fam.backend.__mro__ if not c.built_in_code)  # the real-model class of the twin
     folder = save(str(tmp_path / name), resolution=RES)
     backend = real(folder, num_steps=3, resolution=RES, **fam.settings)
     backend.use_networks(NetworkSource("random", "cpu", seed=1))

@@ -17,6 +17,8 @@ negative prompt is encoded once and cached.
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 from torch import Tensor
 
@@ -149,8 +151,10 @@ class SD3Backend(FlowMatchingBackend):
 
 
 # ---- tiny offline model --------------------------------------------------------------------------
-def build_tiny_sd3_components(resolution: int = 64, seed: int = 0) -> dict[str, object]:
+def build_tiny_sd3_components(resolution: int = 64, seed: int = 0, qk_norm: str | None = None) -> dict[str, object]:
     """Random-init SD3-architecture components (~0.3 M-param MMDiT), built in code, seeded.
+
+    ``qk_norm="rms_norm"``: the attention of SD3.5's blocks (RMS-normed queries and keys).
 
     Size rules the architecture imposes: T5 d_model = joint_attention_dim (64) >= sum of the CLIP
     hidden sizes (16 + 32, zero-padded), pooled_projection_dim = sum of the CLIP projections (16 + 32).
@@ -169,7 +173,7 @@ def build_tiny_sd3_components(resolution: int = 64, seed: int = 0) -> dict[str, 
         transformer = SD3Transformer2DModel(
             sample_size=latent_side, patch_size=2, in_channels=16, out_channels=16, num_layers=2,
             attention_head_dim=16, num_attention_heads=4, joint_attention_dim=64, caption_projection_dim=64,
-            pooled_projection_dim=48, pos_embed_max_size=latent_side)
+            pooled_projection_dim=48, pos_embed_max_size=latent_side, qk_norm=qk_norm)
         vae = AutoencoderKL(
             in_channels=3, out_channels=3, latent_channels=16, layers_per_block=1, norm_num_groups=8,
             down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
@@ -194,12 +198,22 @@ def build_tiny_sd3_components(resolution: int = 64, seed: int = 0) -> dict[str, 
             "text_encoder_3": t5, "tokenizer_3": t5_tok}
 
 
-def save_tiny_sd3_pipeline(path: str, resolution: int = 64, seed: int = 0) -> str:
+def save_tiny_sd3_pipeline(path: str, resolution: int = 64, seed: int = 0, qk_norm: str | None = None) -> str:
     """Write the tiny components as a diffusers folder (``StableDiffusion3Pipeline.save_pretrained``)."""
     from diffusers import StableDiffusion3Pipeline
 
-    StableDiffusion3Pipeline(**build_tiny_sd3_components(resolution, seed)).save_pretrained(path)
+    StableDiffusion3Pipeline(**build_tiny_sd3_components(resolution, seed, qk_norm)).save_pretrained(path)
     return path
+
+
+def build_tiny_sd35l_components(resolution: int = 64, seed: int = 0) -> dict[str, object]:
+    """The tiny SD3 components with SD3.5-Large's block type: RMS-normed q/k, no dual-attention blocks."""
+    return build_tiny_sd3_components(resolution, seed, qk_norm="rms_norm")
+
+
+def save_tiny_sd35l_pipeline(path: str, resolution: int = 64, seed: int = 0) -> str:
+    """Write ``build_tiny_sd35l_components`` as a diffusers folder."""
+    return save_tiny_sd3_pipeline(path, resolution, seed, qk_norm="rms_norm")
 
 
 class TinySD3Backend(SD3Backend):
@@ -210,6 +224,8 @@ class TinySD3Backend(SD3Backend):
     """
 
     built_in_code = True
+    #: the blocks' q/k normalisation (None: SD3's; "rms_norm": SD3.5's, ``TinySD35LBackend``)
+    qk_norm: ClassVar[str | None] = None
 
     def __init__(self, seed: int = 0, num_steps: int = 4, guidance_scale: float = 4.5, resolution: int = 64,
                  lora: LoraSettings | None = None, dtype: str = "float32", negative_prompt: str = "",
@@ -228,7 +244,14 @@ class TinySD3Backend(SD3Backend):
         self.seed = seed
 
     def load_components(self) -> dict[str, object]:
-        comps = build_tiny_sd3_components(self.resolution, self.seed)
+        comps = build_tiny_sd3_components(self.resolution, self.seed, self.qk_norm)
         if self.drop_t5:
             comps.pop("text_encoder_3"), comps.pop("tokenizer_3")
         return comps
+
+
+class TinySD35LBackend(TinySD3Backend):
+    """``TinySD3Backend`` with SD3.5-Large's block type (RMS-normed q/k, no dual attention): the tiny
+    twin of ``configs/sd35l_pickscore_base.yaml``, whose model is this backend's class at 38 blocks."""
+
+    qk_norm = "rms_norm"
