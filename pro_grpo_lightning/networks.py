@@ -125,7 +125,7 @@ def _table_components(pretrained: str, text_encoders: Sequence[str]) -> dict[str
     for name, (cls_name, cfg) in PIPELINES[pretrained].items():
         if name == "scheduler" or (name.startswith("text_encoder") and name not in text_encoders):
             continue
-        if cls_name.startswith(("CLIP", "T5", "Qwen")):
+        if name.startswith("text_encoder"):  # transformers models; the rest are diffusers'
             comps[name] = transformers_model(cls_name, cfg).eval()
         else:
             comps[name] = diffusers_model(cls_name, cfg)

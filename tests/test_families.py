@@ -316,17 +316,28 @@ REAL_COUNTS = {
 
 @pytest.mark.parametrize("hub_id, name", list(REAL_COUNTS))
 def test_architecture_table_matches_the_published_sizes(hub_id, name):
-    import diffusers
-    import transformers
-
     from pro_grpo_lightning.architectures import PIPELINES
+    from pro_grpo_lightning.networks import diffusers_model, transformers_model
 
-    cls_name, cfg = PIPELINES[hub_id][name]
+    build = transformers_model if name.startswith("text_encoder") else diffusers_model
     with torch.device("meta"):
-        if hasattr(diffusers, cls_name):
-            net = getattr(diffusers, cls_name)(**cfg)
-        else:
-            cls = getattr(transformers, cls_name)
-            net = cls(cls.config_class(**cfg))
+        net = build(*PIPELINES[hub_id][name])
     n = sum(p.numel() for p in net.parameters())
     assert abs(n - REAL_COUNTS[hub_id, name]) < 3e-3 * REAL_COUNTS[hub_id, name], n
+
+
+@pytest.mark.parametrize("hub_id", sorted({h for h, _ in REAL_COUNTS}))
+def test_hub_architectures_build_on_meta_with_stand_in_tokenizers(hub_id):
+    """What ``plan`` and the GPU memory check build for a hub id: every component of the table row
+    (transformers text encoders, diffusers networks) and a stand-in tokenizer per text encoder."""
+    from pro_grpo_lightning.architectures import PIPELINES
+    from pro_grpo_lightning.networks import architecture_components
+
+    names = tuple(n for n in PIPELINES[hub_id] if n.startswith("text_encoder"))
+    with torch.device("meta"):
+        comps = architecture_components(hub_id, names)
+    assert set(PIPELINES[hub_id]) <= set(comps)
+    for name in names:
+        tok = comps["tokenizer" + name[len("text_encoder"):]]
+        assert len(tok(["a red cube"]).input_ids[0]) > 0
+    assert all(type(comps[n]).__name__ == PIPELINES[hub_id][n][0] for n in PIPELINES[hub_id])
