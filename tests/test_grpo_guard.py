@@ -269,3 +269,61 @@ def test_guard_trains_every_flow_kind_after_pruning(tiny_lora, kind):
 @pytest.mark.slow
 def test_guard_trains_full_fine_tuning():
     guard_round(tiny_flow("full"))
+
+
+# ---- DDP: 2 gloo ranks equal 1 process with the same global batch (as tests/test_ddp.py) ------------
+GUARD_DDP = """\
+trainer:
+  max_steps: 2
+model:
+  backend:
+    class_path: pro_grpo_lightning.backends.sd3.TinySD3Backend
+    init_args: {{num_steps: 4, resolution: 32, guidance_scale: 1.0, seed: 0, max_sequence_length: 8,
+                lora: {{rank: 2, alpha: 2}}}}
+  optimizer:
+    class_path: torch.optim.SGD
+    init_args: {{lr: 1.0}}
+  reward_normalize: batch
+  update: {{train_batch_size: 6, ratio_norm: grpo_guard}}
+data:
+  val_prompts: null
+"""
+
+
+@pytest.mark.slow
+def test_guard_under_two_gloo_ranks_equals_one_process(tmp_path):
+    """The guarded loss is a mean over (trajectory, step) pairs like the plain one, so DDP's gradient
+    average over equal-sized ranks is the single process's; the per-step statistics have the same
+    keys on every rank (the metric reduction lines up)."""
+    import os
+    import subprocess
+    import sys
+
+    from pro_grpo_lightning.cli import main
+    from tests.cli_runs import ROOT, config_args, run_metrics
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    args = {n: config_args(tmp_path, n, GUARD_DDP, out=tmp_path / n) for n in ("ddp", "single")}
+    with open(tmp_path / "ddp.log", "w") as log:
+        ddp = subprocess.Popen([sys.executable, "-m", "pro_grpo_lightning", "fit", *args["ddp"],
+                                "--data.prompts_per_step", "1", "--trainer.strategy", "ddp",
+                                "--trainer.devices", "2", "--trainer.accelerator", "cpu"],
+                               cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            main(["fit", *args["single"], "--data.prompts_per_step", "2"])
+            ddp.wait(timeout=600)
+        finally:
+            ddp.kill()
+    assert ddp.returncode == 0, (tmp_path / "ddp.log").read_text()[-3000:]
+    ckpts = [torch.load(tmp_path / n / "ckpt/last.ckpt", weights_only=False) for n in ("single", "ddp")]
+    assert all(c["hyper_parameters"]["update"]["ratio_norm"] == "grpo_guard" for c in ckpts)
+    single, two = (c["state_dict"] for c in ckpts)
+    assert set(single) == set(two) and any("lora_B" in k for k in single)
+    for k, v in single.items():
+        torch.testing.assert_close(two[k], v, rtol=0, atol=2e-6)
+    assert max(v.abs().max().item() for k, v in single.items() if "lora_B" in k) > 1e-4  # it trained
+    rows = [run_metrics(tmp_path / n, "train/log_ratio_mean/step_00") for n in ("single", "ddp")]
+    assert len(rows[0]) == len(rows[1]) == 2
+    for a, b in zip(*rows):
+        for key in ("train/grad_norm", "train/ratio_mean", "train/clip_frac_low/step_02"):
+            assert float(a[key]) == pytest.approx(float(b[key]), rel=1e-5, abs=1e-6), key
