@@ -1,6 +1,6 @@
 """GRPO-Guard on the shapes task: the log-ratio's distribution per step, and the held-out reward.
 
-    python -m benchmarks.grpo_guard [--config configs/quickstart.yaml] [--seeds 5] [--rollouts 30]
+    python -m benchmarks.grpo_guard [--config configs/quickstart.yaml] [--seeds 5] [--first-seed 0] [--rollouts 30]
         [--eval-samples 2] [--eval-prompts N] [--jobs 2] [--set KEY=VALUE ...] [--out DIR]
     python -m benchmarks.grpo_guard --report DIR      (re-aggregate stored run files only)
 
@@ -51,7 +51,8 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=f"python -m benchmarks.{NAME}", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--config", default=DEFAULT_CONFIG, help="a shapes-task training config")
-    p.add_argument("--seeds", type=int, default=5, help="seeds 0..N-1 per arm")
+    p.add_argument("--seeds", type=int, default=5, help="seeds per arm: first-seed .. first-seed + N - 1")
+    p.add_argument("--first-seed", type=int, default=0, help="the first seed (to add seeds in another process)")
     p.add_argument("--rollouts", type=int, default=30, help="rollouts per run (equal for both arms)")
     p.add_argument("--eval-samples", type=int, default=2, help="held-out samples per prompt")
     p.add_argument("--eval-prompts", type=int, default=None, help="only the first N held-out prompts (quick runs)")
@@ -204,7 +205,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     out = Path(args.out)
     (out / "runs").mkdir(parents=True, exist_ok=True)
     tasks = []
-    for seed in range(args.seeds):  # seed-major: the machine's load spreads evenly over the arms
+    for seed in range(args.first_seed, args.first_seed + args.seeds):  # seed-major: the machine's load spreads evenly over the arms
         for arm, mode in ARMS.items():
             path = out / "runs" / f"{arm}_seed{seed}.json"
             settings = run_settings(args, arm, seed, spec, [*sets, ("model.update.ratio_norm", mode)], config_sha)
