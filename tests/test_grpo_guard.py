@@ -327,3 +327,18 @@ def test_guard_under_two_gloo_ranks_equals_one_process(tmp_path):
     for a, b in zip(*rows):
         for key in ("train/grad_norm", "train/ratio_mean", "train/clip_frac_low/step_02"):
             assert float(a[key]) == pytest.approx(float(b[key]), rel=1e-5, abs=1e-6), key
+
+
+def test_memory_plan_counts_the_recorded_means(one_thread):
+    """``plan`` adds the recorded means: one latent per survivor and step (tiny SD3: 4 survivors x
+    6 steps x a 16x4x4 float32 latent) to the gathered trajectories and the update's stored rollout."""
+    from pro_grpo_lightning import plan
+
+    phases = [{p["name"]: p for p in plan.report("configs/tiny_sd3.yaml", overrides=o)["phases"]}
+              for o in ([], ["--model.update.ratio_norm=grpo_guard"])]
+    grown = 4 * 6 * 16 * 4 * 4 * 4
+    gather = next(n for n in phases[0] if n.startswith("rollout: gather survivors"))
+    update = next(n for n in phases[0] if n.startswith("update:"))
+    assert phases[1][gather]["transient"] - phases[0][gather]["transient"] == grown
+    assert phases[1][update]["persistent"] - phases[0][update]["persistent"] == grown
+    assert phases[1][gather]["peak"] > phases[0][gather]["peak"]
