@@ -45,6 +45,9 @@ from .stats import mean_ci, welch_interval
 NAME = "grpo_guard"
 ARMS = {"plain": "none", "guard": "grpo_guard"}  # arm name -> model.update.ratio_norm
 STATS = ("log_ratio_mean", "log_ratio_skew", "clip_frac_low", "clip_frac_high", "raw_log_ratio_mean")
+#: per-rollout scalars over all trained pairs (``train/<name>``), compared guard - plain
+POOLED = ("log_ratio_mean", "raw_log_ratio_mean", "log_ratio_std", "log_ratio_skew", "clip_frac_low",
+          "clip_frac_high", "clip_frac", "grad_norm")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -94,8 +97,31 @@ def seed_means(run: dict[str, Any]) -> dict[str, dict[int, float]]:
     return {s: {t: sum(v) / len(v) for t, v in sorted(d.items())} for s, d in out.items()}
 
 
+def pooled_means(run: dict[str, Any]) -> dict[str, float]:
+    """{name: mean over the run's rollouts of ``train/<name>``} for ``POOLED`` (finite values only),
+    plus ``clip_frac_low_minus_high``: the clip's asymmetry."""
+    out = {}
+    for name in POOLED:
+        vals = [float(r[f"train/{name}"]) for r in run["train_log"]
+                if r.get(f"train/{name}") is not None and math.isfinite(r[f"train/{name}"])]
+        if vals:
+            out[name] = sum(vals) / len(vals)
+    if "clip_frac_low" in out and "clip_frac_high" in out:
+        out["clip_frac_low_minus_high"] = out["clip_frac_low"] - out["clip_frac_high"]
+    return out
+
+
 def aggregate(runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
-    """Per arm, stat and step the seeds' means with a 95 % interval; held-out rewards and their comparison."""
+    """Per arm, stat and step the seeds' means with a 95 % interval; the same over all trained pairs
+    (``pooled``, with guard - plain Welch intervals); held-out rewards and their comparison."""
+    pooled = {arm: [pooled_means(r) for r in rs] for arm, rs in runs.items()}
+    pooled_ci = {arm: {k: mean_ci([m[k] for m in ms if k in m]) for k in sorted({k for m in ms for k in m})}
+                 for arm, ms in pooled.items()}
+    pooled_cmp = {}
+    if {"plain", "guard"} <= set(pooled):
+        for k in pooled_ci["plain"]:
+            pooled_cmp[k] = welch_interval([m[k] for m in pooled["guard"] if k in m],
+                                           [m[k] for m in pooled["plain"] if k in m])
     per_step: dict[str, dict[str, dict[str, Any]]] = {}
     for arm, rs in runs.items():
         means = [seed_means(r) for r in rs]
@@ -128,7 +154,8 @@ def aggregate(runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
                     cmp["plain_gain"] = gain
                     cmp["power_at_plain_gain"] = power(abs(gain), se, df)
             comparison[key] = cmp
-    return {"per_step": per_step, "heldout": held, "guard_minus_plain": comparison}
+    return {"per_step": per_step, "pooled": pooled_ci, "pooled_guard_minus_plain": pooled_cmp, "heldout": held,
+            "guard_minus_plain": comparison, "seeds": {arm: sorted(r["seed"] for r in rs) for arm, rs in runs.items()}}
 
 
 def _var(x: list[float]) -> float:
@@ -149,6 +176,12 @@ def table(result: dict[str, Any]) -> str:
                 c = stats[s].get(str(t))
                 cells.append("" if c is None else _fmt(c))
             lines.append(f"| {t} | " + " | ".join(cells) + " |")
+    lines += ["", "All trained pairs (each seed's mean over its rollouts; mean [95 % CI] over seeds):", "",
+              "| stat | " + " | ".join(result["pooled"]) + " | guard - plain |", "|---" * (len(result["pooled"]) + 2) + "|"]
+    for k in next(iter(result["pooled"].values())):
+        cells = [_fmt(result["pooled"][arm][k]) if k in result["pooled"][arm] else "" for arm in result["pooled"]]
+        diff = result["pooled_guard_minus_plain"].get(k)
+        lines.append(f"| {k} | " + " | ".join(cells) + f" | {'' if diff is None else _fmt(diff)} |")
     lines.append("")
     for arm, h in result["heldout"].items():
         lines.append(f"{arm}: held-out reward {_fmt(h['reward_start'])} -> {_fmt(h['reward_end'])} after "

@@ -329,16 +329,24 @@ def test_guard_under_two_gloo_ranks_equals_one_process(tmp_path):
             assert float(a[key]) == pytest.approx(float(b[key]), rel=1e-5, abs=1e-6), key
 
 
-def test_memory_plan_counts_the_recorded_means(one_thread):
-    """``plan`` adds the recorded means: one latent per survivor and step (tiny SD3: 4 survivors x
-    6 steps x a 16x4x4 float32 latent) to the gathered trajectories and the update's stored rollout."""
-    from pro_grpo_lightning import plan
+def test_benchmark_aggregates_per_step_ratio_statistics_and_the_heldout_comparison():
+    from benchmarks.grpo_guard import aggregate, schedule_spec, table
 
-    phases = [{p["name"]: p for p in plan.report("configs/tiny_sd3.yaml", overrides=o)["phases"]}
-              for o in ([], ["--model.update.ratio_norm=grpo_guard"])]
-    grown = 4 * 6 * 16 * 4 * 4 * 4
-    gather = next(n for n in phases[0] if n.startswith("rollout: gather survivors"))
-    update = next(n for n in phases[0] if n.startswith("update:"))
-    assert phases[1][gather]["transient"] - phases[0][gather]["transient"] == grown
-    assert phases[1][update]["persistent"] - phases[0][update]["persistent"] == grown
-    assert phases[1][gather]["peak"] > phases[0][gather]["peak"]
+    def run(arm, seed, lr_means, start, end):
+        log = [{"rollouts": r + 1, **{f"train/log_ratio_mean/step_{t:02d}": v + 0.1 * r for t, v in enumerate(lr_means)},
+                "train/clip_frac_low/step_00": float("nan")} for r in range(2)]
+        curve = [{"kind": "start", "rollouts": 0, "reward": start, "exact": 0.5},
+                 {"kind": "end", "rollouts": 2, "reward": end, "exact": 0.5}]
+        return {"arm": arm, "seed": seed, "train_log": log, "curve": curve}
+
+    runs = {"plain": [run("plain", 0, [0.0, -1.0], 0.5, 0.6), run("plain", 1, [0.0, -3.0], 0.5, 0.8)],
+            "guard": [run("guard", 0, [0.0, 0.0], 0.5, 0.7), run("guard", 1, [0.0, 0.0], 0.5, 0.7)]}
+    r = aggregate(runs)
+    step1 = r["per_step"]["plain"]["log_ratio_mean"]["1"]
+    assert step1["mean"] == pytest.approx(-1.95) and step1["n"] == 2  # seeds' means over rollouts: -0.95, -2.95
+    assert r["per_step"]["plain"]["clip_frac_low"] == {}  # NaN entries are skipped
+    assert r["heldout"]["plain"]["gain"]["mean"] == pytest.approx(0.2)
+    cmp = r["guard_minus_plain"]["reward"]
+    assert cmp["diff"] == pytest.approx(0.0) and cmp["mdd80"] > 0 and 0 < cmp["power_at_plain_gain"] < 1
+    assert "| 1 | -1.95" in table(r)
+    assert schedule_spec(ProGRPOSchedule(16, [4, 6], [10, 6])) == "pro:16>10@4>6@6/ovf"
