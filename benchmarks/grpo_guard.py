@@ -84,51 +84,58 @@ def schedule_spec(schedule: Any) -> str:
     return f"pro:{sizes[0]}" + "".join(f">{k}@{c}" for k, c in zip(sizes[1:], cps)) + f"/{schedule.rule}"
 
 
-def seed_means(run: dict[str, Any]) -> dict[str, dict[int, float]]:
-    """{stat: {step: mean over the run's rollouts}} from its ``train_log`` (NaN entries skipped)."""
-    out: dict[str, dict[int, list[float]]] = {s: {} for s in STATS}
+def rollout_values(run: dict[str, Any]) -> tuple[dict[str, dict[int, list[float]]], dict[str, list[float]]]:
+    """A run's per-rollout values from its ``train_log`` (NaN entries skipped): per step
+    ``{stat: {step: [..]}}`` for ``STATS``, and over all trained pairs ``{name: [..]}`` for ``POOLED``
+    plus ``clip_frac_low_minus_high`` (the clip's asymmetry)."""
+    steps: dict[str, dict[int, list[float]]] = {s: {} for s in STATS}
+    pooled: dict[str, list[float]] = {}
     for row in run["train_log"]:
         for key, val in row.items():
-            if not key.startswith("train/") or "/step_" not in key:
+            if not key.startswith("train/") or val is None or not math.isfinite(val):
                 continue
-            stat, step = key[len("train/"):].split("/step_")
-            if stat in out and val is not None and math.isfinite(val):
-                out[stat].setdefault(int(step), []).append(float(val))
-    return {s: {t: sum(v) / len(v) for t, v in sorted(d.items())} for s, d in out.items()}
+            name = key[len("train/"):]
+            if "/step_" in name:
+                stat, step = name.split("/step_")
+                if stat in steps:
+                    steps[stat].setdefault(int(step), []).append(float(val))
+            elif name in POOLED:
+                pooled.setdefault(name, []).append(float(val))
+        if all(isinstance(row.get(f"train/clip_frac_{side}"), float) for side in ("low", "high")):
+            pooled.setdefault("clip_frac_low_minus_high", []).append(row["train/clip_frac_low"] - row["train/clip_frac_high"])
+    return steps, pooled
 
 
-def pooled_means(run: dict[str, Any]) -> dict[str, float]:
-    """{name: mean over the run's rollouts of ``train/<name>``} for ``POOLED`` (finite values only),
-    plus ``clip_frac_low_minus_high``: the clip's asymmetry."""
-    out = {}
-    for name in POOLED:
-        vals = [float(r[f"train/{name}"]) for r in run["train_log"]
-                if r.get(f"train/{name}") is not None and math.isfinite(r[f"train/{name}"])]
-        if vals:
-            out[name] = sum(vals) / len(vals)
-    if "clip_frac_low" in out and "clip_frac_high" in out:
-        out["clip_frac_low_minus_high"] = out["clip_frac_low"] - out["clip_frac_high"]
-    return out
+def units(runs: list[dict[str, Any]], unit: str) -> tuple[dict[str, dict[int, list[float]]], dict[str, list[float]]]:
+    """The samples an interval is over: each seed's mean over its rollouts (``unit='seeds'``) or
+    every rollout of every seed (``'rollouts'``: consecutive rollouts of one run share a policy, so
+    such an interval is optimistic; used only when an arm has fewer than 2 seeds)."""
+    steps: dict[str, dict[int, list[float]]] = {s: {} for s in STATS}
+    pooled: dict[str, list[float]] = {}
+    for run in runs:
+        st, po = rollout_values(run)
+        for stat, by_step in st.items():
+            for t, vals in by_step.items():
+                steps[stat].setdefault(t, []).extend([sum(vals) / len(vals)] if unit == "seeds" else vals)
+        for name, vals in po.items():
+            pooled.setdefault(name, []).extend([sum(vals) / len(vals)] if unit == "seeds" else vals)
+    return steps, pooled
 
 
 def aggregate(runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
-    """Per arm, stat and step the seeds' means with a 95 % interval; the same over all trained pairs
-    (``pooled``, with guard - plain Welch intervals); held-out rewards and their comparison."""
-    pooled = {arm: [pooled_means(r) for r in rs] for arm, rs in runs.items()}
-    pooled_ci = {arm: {k: mean_ci([m[k] for m in ms if k in m]) for k in sorted({k for m in ms for k in m})}
-                 for arm, ms in pooled.items()}
+    """Per arm, stat and step the mean with a 95 % interval over seeds (over rollouts when an arm has
+    a single seed: ``unit``); the same over all trained pairs (``pooled``, with guard - plain Welch
+    intervals); held-out rewards and their comparison."""
+    unit = "seeds" if min(len(rs) for rs in runs.values()) >= 2 else "rollouts"
+    samples = {arm: units(rs, unit) for arm, rs in runs.items()}
+    per_step = {arm: {stat: {str(t): mean_ci(v) for t, v in sorted(by_step.items())} for stat, by_step in st.items()}
+                for arm, (st, _) in samples.items()}
+    pooled_ci = {arm: {k: mean_ci(v) for k, v in sorted(po.items())} for arm, (_, po) in samples.items()}
     pooled_cmp = {}
-    if {"plain", "guard"} <= set(pooled):
-        for k in pooled_ci["plain"]:
-            pooled_cmp[k] = welch_interval([m[k] for m in pooled["guard"] if k in m],
-                                           [m[k] for m in pooled["plain"] if k in m])
-    per_step: dict[str, dict[str, dict[str, Any]]] = {}
-    for arm, rs in runs.items():
-        means = [seed_means(r) for r in rs]
-        per_step[arm] = {}
-        for stat in STATS:
-            steps = sorted({t for m in means for t in m[stat]})
-            per_step[arm][stat] = {str(t): mean_ci([m[stat][t] for m in means if t in m[stat]]) for t in steps}
+    if {"plain", "guard"} <= set(samples):
+        for k, v in samples["plain"][1].items():
+            if k in samples["guard"][1]:
+                pooled_cmp[k] = welch_interval(samples["guard"][1][k], v)
     held: dict[str, dict[str, Any]] = {}
     for arm, rs in runs.items():
         start = [next(p for p in r["curve"] if p["kind"] == "start") for r in rs]
@@ -154,7 +161,7 @@ def aggregate(runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
                     cmp["plain_gain"] = gain
                     cmp["power_at_plain_gain"] = power(abs(gain), se, df)
             comparison[key] = cmp
-    return {"per_step": per_step, "pooled": pooled_ci, "pooled_guard_minus_plain": pooled_cmp, "heldout": held,
+    return {"unit": unit, "per_step": per_step, "pooled": pooled_ci, "pooled_guard_minus_plain": pooled_cmp, "heldout": held,
             "guard_minus_plain": comparison, "seeds": {arm: sorted(r["seed"] for r in rs) for arm, rs in runs.items()}}
 
 
@@ -165,7 +172,7 @@ def _var(x: list[float]) -> float:
 
 def table(result: dict[str, Any]) -> str:
     """A markdown table per arm: step, then each stat's mean [95 % interval] over seeds."""
-    lines = []
+    lines = [f"Per trained step: mean [95 % CI] over {result['unit']} (seeds: {result['seeds']})"]
     for arm, stats in result["per_step"].items():
         lines += [f"\n{arm} (ratio_norm={ARMS.get(arm, arm)}):", "",
                   "| step | " + " | ".join(STATS) + " |", "|---" * (len(STATS) + 1) + "|"]
@@ -176,7 +183,7 @@ def table(result: dict[str, Any]) -> str:
                 c = stats[s].get(str(t))
                 cells.append("" if c is None else _fmt(c))
             lines.append(f"| {t} | " + " | ".join(cells) + " |")
-    lines += ["", "All trained pairs (each seed's mean over its rollouts; mean [95 % CI] over seeds):", "",
+    lines += ["", f"All trained pairs: mean [95 % CI] over {result['unit']}:", "",
               "| stat | " + " | ".join(result["pooled"]) + " | guard - plain |", "|---" * (len(result["pooled"]) + 2) + "|"]
     for k in next(iter(result["pooled"].values())):
         cells = [_fmt(result["pooled"][arm][k]) if k in result["pooled"][arm] else "" for arm in result["pooled"]]
@@ -192,6 +199,11 @@ def table(result: dict[str, Any]) -> str:
         if "power_at_plain_gain" in c:
             extra += f", power at the plain gain ({c['plain_gain']:+.4f}): {c['power_at_plain_gain']:.2f}"
         lines.append(f"guard - plain, held-out {key}: {_fmt(c)}{extra}")
+    d = result.get("design")
+    if d is not None:
+        lines.append(f"design: held-out reward SD over seeds after {d['rollouts']} rollouts in {d['reference']} "
+                     f"({d['arm']}, {len(d['values'])} seeds): {d['sd']:.4f}; MDD80 with n seeds per arm: "
+                     + ", ".join(f"n={n}: {v:.4f}" for n, v in d["mdd80_by_seeds"].items()))
     return "\n".join(lines)
 
 
@@ -205,6 +217,24 @@ def _fmt(c: dict[str, Any]) -> str:
     return f"{m:+.4g} [{c['lo']:+.3g}, {c['hi']:+.3g}]"
 
 
+REFERENCE = "docs/results/learning_efficiency/main/run_files"  # the 5-seed quickstart runs (issue 6)
+
+
+def design(reference: Path, rollouts: int, arm: str = "pro") -> dict[str, Any]:
+    """What a held-out comparison at ``rollouts`` rollouts can resolve, from the seed-to-seed SD of
+    the held-out reward after that many rollouts in stored learning-efficiency runs of the same task
+    (``reference``, arm ``arm``; interpolated between snapshots, ``evidence_power.at_rollouts``):
+    the smallest difference a two-sided 5 % Welch test detects with 80 % power (MDD80) with n seeds
+    per arm, both arms with that SD (df = 2n - 2)."""
+    from .evidence_power import at_rollouts
+
+    runs = [json.loads(f.read_text()) for f in sorted(reference.glob(f"{arm}_seed*.json"))]
+    values = [at_rollouts(r, rollouts) for r in runs]
+    sd = math.sqrt(_var(values))
+    return {"reference": REFERENCE, "arm": arm, "rollouts": rollouts, "values": values, "sd": sd,
+            "mdd80_by_seeds": {n: mdd80(sd * math.sqrt(2 / n), 2 * n - 2) for n in (2, 3, 5, 10, 20)}}
+
+
 def report(out: Path) -> dict[str, Any]:
     runs: dict[str, list[dict[str, Any]]] = {}
     for f in sorted((out / "runs").glob("*_seed*.json")):
@@ -213,6 +243,10 @@ def report(out: Path) -> dict[str, Any]:
     if not runs:
         raise FileNotFoundError(f"{out / 'runs'}: no run files")
     result = aggregate(runs)
+    reference = Path(__file__).resolve().parent.parent / REFERENCE
+    if reference.is_dir():
+        rollouts = min(min(h["rollouts"]) for h in result["heldout"].values())
+        result["design"] = design(reference, rollouts)
     tab = table(result)
     print(tab)
     (out / f"{NAME}.json").write_text(json.dumps(json_safe(result), indent=1) + "\n")
