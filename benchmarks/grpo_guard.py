@@ -24,7 +24,8 @@ Aggregation: per arm and step, each seed's mean over its rollouts, then the mean
 with a Welch interval (``benchmarks.stats.welch_interval``), the smallest difference detectable
 with 80 % power (``benchmarks.evidence_power.mdd80``) and the power to detect a difference as
 large as the plain arm's whole training gain (``evidence_power.power``). Run files
-(``runs/<arm>_seed<k>.json``) are reused when their settings match, so an interrupted benchmark resumes.
+(``runs/<arm>_seed<k>.json``; ``--report`` also reads ``run_files/``, the name stored results use
+since ``runs/`` is git-ignored) are reused when their settings match, so an interrupted benchmark resumes.
 """
 
 from __future__ import annotations
@@ -237,11 +238,11 @@ def design(reference: Path, rollouts: int, arm: str = "pro") -> dict[str, Any]:
 
 def report(out: Path) -> dict[str, Any]:
     runs: dict[str, list[dict[str, Any]]] = {}
-    for f in sorted((out / "runs").glob("*_seed*.json")):
+    for f in sorted([*(out / "runs").glob("*_seed*.json"), *(out / "run_files").glob("*_seed*.json")]):
         run = json.loads(f.read_text())
         runs.setdefault(run["arm"], []).append(run)
     if not runs:
-        raise FileNotFoundError(f"{out / 'runs'}: no run files")
+        raise FileNotFoundError(f"{out}: no run files in runs/ or run_files/")
     result = aggregate(runs)
     reference = Path(__file__).resolve().parent.parent / REFERENCE
     if reference.is_dir():
