@@ -33,3 +33,63 @@ def test_compare_divides_measured_by_planned(tmp_path):
 def test_unknown_variant_is_refused():
     with pytest.raises(SystemExit):
         memory_check.main(["--only", "nope", "--out", "x"])
+
+
+# ---- benchmarks/gpu/kernel_calls.py: the GEMM / attention calls of an update, against kernel limits ----
+from benchmarks.gpu import kernel_calls  # noqa: E402
+
+
+def _record(fn):
+    rec = kernel_calls.KernelCalls()
+    with rec:
+        fn()
+    return rec.calls
+
+
+def test_limit_violations_flag_each_limit_and_pass_small_calls():
+    import torch
+
+    big = torch.empty(2**16, 2**15 + 1, device="meta", dtype=torch.bfloat16)  # 2^31 + 2^16 elements
+    (call,) = _record(lambda: torch.mm(big, torch.empty(2**15 + 1, 8, device="meta", dtype=torch.bfloat16)))
+    assert call["gemm"] == {"m": 2**16, "n": 8, "k": 2**15 + 1, "batch": 1, "lda": 2**15 + 1, "ldb": 8}
+    assert call["violations"] == [f"in[0] numel {2**31 + 2**16} > 2^31-1"]
+    (call,) = _record(lambda: torch.bmm(torch.empty(70000, 2, 3, device="meta"), torch.empty(70000, 3, 4, device="meta")))
+    assert call["violations"] == ["gemm batch 70000 > 65535"]
+    wide = torch.empty(4, 2**31, device="meta", dtype=torch.bfloat16)[:, :8]  # 32 elements, a span past 2^31
+    (call,) = _record(lambda: torch.mm(wide.t(), torch.empty(4, 4, device="meta", dtype=torch.bfloat16)))
+    assert call["violations"] == [f"in[0] span {3 * 2**31 + 8} > 2^31-1", f"gemm lda {2**31} > 2^31-1"]
+    (call,) = _record(lambda: torch.mm(torch.empty(8, 4, device="meta"), torch.empty(4, 2, device="meta")))
+    assert call["violations"] == [] and call["phase"] == "forward"
+    attention = {"inputs": [], "outputs": [], "attention": {"batch": 3000, "heads": 24}}
+    assert kernel_calls.limit_violations(attention) == ["attention batch x heads 72000 > 65535"]
+
+
+def test_shipped_flux_update_issues_no_call_beyond_a_kernel_limit():
+    """The FLUX.1-dev config's update minibatch (one block of each stack, real widths) on fake tensors:
+    every GEMM and attention call of its forward and backward (gradient checkpointing's recompute
+    included) within every limit, all in bf16 under bf16-mixed, and nothing of the timestep / guidance
+    embedding in the backward; the rollout call (which ran on the GPU) is the larger one."""
+    result = kernel_calls.trace(["configs/flux_dev_pickscore_pro_grpo.yaml"])
+    summary = kernel_calls.summarize(result)
+    assert result["gradient_checkpointing"] and result["train_batch_size"] == 2 and result["precision"] == "bf16-mixed"
+    back = [c for c in result["calls"] if c["phase"] == "backward"]
+    assert sum("gemm" in c for c in back) > 50 and any("attention" in c and "backward" in c["op"] for c in back)
+    assert any(c["module"] for c in back)  # the checkpointed blocks' forward, recomputed in the backward
+    for phase in ("rollout", "forward", "backward"):
+        assert summary[phase]["violations"] == []
+    assert {s["dtype"] for c in result["calls"] if "gemm" in c for s in c["inputs"]} == {"bfloat16"}
+    embed = summary["forward"]["grad_by_module"]["time_text_embed"]
+    assert embed["calls"] > 0 and embed["requires_grad"] == 0
+    assert summary["rollout"]["largest"]["tensor numel"]["value"] > 4 * summary["backward"]["largest"]["tensor numel"]["value"]
+
+
+def test_update_check_and_replay_run_on_cpu(tmp_path):
+    """The GPU checks' code paths at toy size on CPU: one real update minibatch, and the replay of
+    every distinct call of a trace."""
+    r = kernel_calls.update_check(["configs/tiny_flux.yaml"], [], "cpu", repeats=1)
+    assert r["minibatches"] == 1 and r["grad_tensors"] > 0 and r["finite_grad_norm"]
+    result = kernel_calls.trace(["configs/tiny_flux.yaml"])
+    distinct = kernel_calls.distinct_calls(result["calls"])
+    assert 0 < len(distinct) < len(result["calls"])
+    replayed = kernel_calls.replay(result["calls"], device="cpu")
+    assert len(replayed) == len(distinct) and all(e["ok"] for e in replayed)

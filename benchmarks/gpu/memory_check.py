@@ -59,7 +59,8 @@ SMOKE: dict[str, tuple[list[str], list[str], int]] = {
 }
 
 
-def _precision(configs: list[str]) -> str:
+def config_precision(configs: list[str]) -> str:
+    """The ``trainer.precision`` of a base config and its overlays (the last one that sets it)."""
     import yaml
 
     precision = "32-true"
@@ -136,7 +137,7 @@ def measure(name: str, configs: list[str], overrides: list[str], iterations: int
     module, datamodule = build_run([str(ROOT / c) for c in configs], overrides)
     random_weights(module, device)
     timer = IterationTimer()
-    precision = _precision(configs)
+    precision = config_precision(configs)
     trainer = pl.Trainer(accelerator="gpu" if device == "cuda" else "cpu", devices=1, precision=precision,
                          max_steps=iterations, logger=False, enable_checkpointing=False,
                          num_sanity_val_steps=0, limit_val_batches=0, enable_progress_bar=False,
