@@ -26,7 +26,7 @@ def test_compare_divides_measured_by_planned(tmp_path):
     (tmp_path / "b.plan.json").write_text(json.dumps({"peak": 2 * g}))
     (tmp_path / "b.error.txt").write_text("RuntimeError: boom\n\ntraceback")
     rows = memory_check.compare(tmp_path, variants).splitlines()
-    assert rows[2] == "| a | x.yaml  | 4.00 | 3.00 | 0.75 | 5.00 | 2.0, 1.5 |"
+    assert rows[2] == "| a | x.yaml  | 4.00 | 3.00 | 0.75 | 5.00 | 2.0, 1.5 |  |  |"
     assert rows[3].startswith("| b | y.yaml --z | 2.00 | RuntimeError: boom |")
 
 
@@ -93,3 +93,28 @@ def test_update_check_and_replay_run_on_cpu(tmp_path):
     assert 0 < len(distinct) < len(result["calls"])
     replayed = kernel_calls.replay(result["calls"], device="cpu")
     assert len(replayed) == len(distinct) and all(e["ok"] for e in replayed)
+
+
+def test_allocator_variants_derive_from_the_table(tmp_path, capsys):
+    """``NAME+expandable+capNN`` runs the table's NAME with the allocator settings; ``--unmeasured``
+    leaves out what has a result; a derived variant compares against its table variant's plan."""
+    assert memory_check.allocator_settings("sd35m_pro+expandable+cap80") == (
+        {"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}, 80.0)
+    assert memory_check.allocator_settings("flux_pro") == ({}, None)
+    with pytest.raises(ValueError, match="unknown setting 'nope'"):
+        memory_check.allocator_settings("flux_pro+nope")
+    table = memory_check.with_derived(memory_check.VARIANTS, memory_check.DERIVED)
+    assert all(table[n] == memory_check.VARIANTS[n.split("+")[0]] for n in memory_check.DERIVED)
+    (tmp_path / "flux_pro.json").write_text("{}")
+    memory_check.main(["--unmeasured", str(tmp_path), "--list"])
+    listed = capsys.readouterr().out.split()
+    assert "flux_pro" not in listed and "sd15_hps_pro" in listed and "sd35m_pro+cap80" in listed
+    memory_check.main(["--only", "flux_pro+expandable", "--list"])
+    assert capsys.readouterr().out.split() == ["flux_pro+expandable"]
+    g = 2**30
+    (tmp_path / "a.plan.json").write_text(json.dumps({"peak": 4 * g}))
+    (tmp_path / "a+cap80.json").write_text(json.dumps({
+        "peak_allocated": 3 * g, "peak_reserved": 3.5 * g, "seconds_per_iteration": [2.0],
+        "device_used_after_each_iteration": [4 * g], "alloc_retries": 2}))
+    rows = memory_check.compare(tmp_path, {"a+cap80": (["configs/x.yaml"], [], 1)}).splitlines()
+    assert rows[2] == "| a+cap80 | x.yaml  | 4.00 | 3.00 | 0.75 | 3.50 | 2.0 | 4.0 | 2 |"
