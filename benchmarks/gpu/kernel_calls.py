@@ -138,6 +138,8 @@ class KernelCalls(TorchDispatchMode):
         self.calls: list[dict[str, Any]] = []
         self.largest: dict[str, dict[str, Any]] = {}  # phase -> the largest tensor seen
         self.modules: list[str] = []
+        #: (phase, top-level module of the denoiser) -> [forward calls, calls whose output requires grad]
+        self.module_grad: dict[tuple[str, str], list[int]] = {}
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
         kwargs = kwargs or {}
@@ -158,7 +160,6 @@ class KernelCalls(TorchDispatchMode):
             "phase": self.phase, "op": str(func), "module": self.modules[-1] if self.modules else None,
             "inputs": [tensor_spec(t) for t in tensors_in], "outputs": [tensor_spec(t) for t in tensors_out],
             "values": {k: v for k, v in kwargs.items() if isinstance(v, (bool, int, float, type(None)))},
-            "requires_grad": any(t.requires_grad for t in tensors_out),  # whether a backward flows into it
         }
         if gemm:
             call["gemm"] = gemm_dims(name, call["inputs"])
@@ -190,6 +191,10 @@ class KernelCalls(TorchDispatchMode):
         def post(mod: nn.Module, args: Any, out: Any) -> None:
             if id(mod) in names and self.modules:
                 self.modules.pop()
+                outs = out if isinstance(out, (tuple, list)) else (out,)
+                row = self.module_grad.setdefault((self.phase, names[id(mod)].split(".")[0]), [0, 0])
+                row[0] += 1  # autograd's view (a dispatch mode runs below autograd: it cannot see it)
+                row[1] += int(any(isinstance(o, Tensor) and o.requires_grad for o in outs))
 
         handles = [register_module_forward_pre_hook(pre), register_module_forward_hook(post)]
         try:
@@ -288,6 +293,8 @@ def trace(configs: Sequence[str], overrides: Sequence[str] = (), blocks: int = 1
         "gradient_checkpointing": ckpt, "kl_beta": settings.kl_beta, "step": step,
         "lora_dtypes": sorted({str(p.dtype).replace("torch.", "") for p in lora}),
         "largest_tensor": rec.largest, "calls": rec.calls,
+        "module_grad": [{"phase": ph, "module": m, "calls": n, "requires_grad": g}
+                        for (ph, m), (n, g) in rec.module_grad.items()],
     }
 
 
@@ -327,25 +334,12 @@ def summarize(result: dict[str, Any]) -> dict[str, Any]:
             "headroom": {k: limits[k] / v["value"] for k, v in largest.items() if k in limits and v["value"] > 0},
             "violations": [{"op": c["op"], "module": c["module"], "violations": c["violations"]}
                            for c in calls if c["violations"]],
-            "grad_by_module": _grad_by_module(calls),
+            "grad_by_module": {r["module"]: {"calls": r["calls"], "requires_grad": r["requires_grad"]}
+                               for r in result["module_grad"] if r["phase"] == phase},
             "misaligned_16B": sum(1 for c in calls for s in c["inputs"]
                                   if s["offset"] * _itemsize(s["dtype"]) % 16),
             "largest_tensor_any_op": result["largest_tensor"].get(phase),
         }
-    return out
-
-
-def _grad_by_module(calls: list[dict[str, Any]]) -> dict[str, dict[str, int]]:
-    """Per top-level module of the denoiser: its calls, and how many produce a tensor a backward
-    flows into (a module with 0, such as the timestep and guidance embedding, has no backward)."""
-    out: dict[str, dict[str, int]] = {}
-    for c in calls:
-        if c["module"] is None:
-            continue
-        top = c["module"].split(".")[0]
-        row = out.setdefault(top, {"calls": 0, "requires_grad": 0})
-        row["calls"] += 1
-        row["requires_grad"] += int(c["requires_grad"])
     return out
 
 
@@ -375,7 +369,8 @@ def table(result: dict[str, Any], summary: dict[str, Any]) -> str:
         big = s["largest_tensor_any_op"] or {}
         lines.append(f"| {phase} | {s['calls']} | {len(s['violations'])} | {s['misaligned_16B']} | "
                      f"{big.get('numel', 0):,} elements {big.get('shape')} {big.get('dtype')} (`{big.get('op')}`) |")
-    lines += ["", "| phase | top-level module | calls | calls whose output a backward flows into |", "|---|---|---|---|"]
+    lines += ["", "| phase | top-level module of the denoiser | module calls (every submodule) | "
+              "of them with an output that requires grad |", "|---|---|---|---|"]
     for phase, s in summary.items():
         for mod, row in s["grad_by_module"].items():
             lines.append(f"| {phase} | {mod} | {row['calls']} | {row['requires_grad']} |")

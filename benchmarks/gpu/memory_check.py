@@ -80,6 +80,10 @@ ALLOCATOR_ENV = {"expandable": {"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:
 #: Derived variants measured by default (``--unmeasured``): does SD3.5-M as shipped fit an 80 GiB card,
 #: with the default allocator and with expandable segments?
 DERIVED = ["sd35m_pro+cap80", "sd35m_pro+expandable", "sd35m_pro+expandable+cap80"]
+#: ``NAME+compiled``: NAME with these overrides added, the CLI setting that compiles the denoiser. Empty
+#: while the library has no compile option; the branch that adds one sets it here, and the session's
+#: ``compile`` stage then measures NAME and NAME+compiled side by side.
+COMPILE_OVERRIDES: list[str] = []
 SMOKE_DERIVED = ["tiny_sd3+expandable+cap80"]
 
 
@@ -88,6 +92,8 @@ def allocator_settings(name: str) -> tuple[dict[str, str], float | None]:
     env: dict[str, str] = {}
     cap = None
     for mod in name.split("+")[1:]:
+        if mod == "compiled":  # not an allocator setting: overrides added by ``with_derived``
+            continue
         if mod in ALLOCATOR_ENV:
             env.update(ALLOCATOR_ENV[mod])
         elif mod.startswith("cap") and mod[3:].replace(".", "", 1).isdigit():
@@ -107,7 +113,12 @@ def with_derived(table: dict[str, tuple[list[str], list[str], int]],
         if base not in table:
             raise ValueError(f"variant {name!r}: no variant {base!r} in the table")
         allocator_settings(name)  # refuse unknown settings now
-        out[name] = table[base]
+        configs, overrides, iterations = table[base]
+        if "compiled" in name.split("+")[1:]:
+            if not COMPILE_OVERRIDES:
+                raise ValueError(f"variant {name!r}: this version has no compile option (COMPILE_OVERRIDES is empty)")
+            overrides = overrides + COMPILE_OVERRIDES
+        out[name] = (configs, overrides, iterations)
     return out
 
 
