@@ -119,3 +119,82 @@ def test_allocator_variants_derive_from_the_table(tmp_path, capsys):
         "device_used_after_each_iteration": [4 * g], "alloc_retries": 2}))
     rows = memory_check.compare(tmp_path, {"a+cap80": (["configs/x.yaml"], [], 1)}).splitlines()
     assert rows[2] == "| a+cap80 | x.yaml  | 4.00 | 3.00 | 0.75 | 3.50 | 2.0 | 4.0 | 2 |"
+
+
+# ---- benchmarks/gpu/session_results.py and session.sh: the archive back into docs/results ----------------
+import subprocess  # noqa: E402
+import tarfile  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+from benchmarks.gpu import session_results  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _archive(tmp_path, files):
+    res = tmp_path / "res"
+    for name, text in files.items():
+        (res / name).parent.mkdir(parents=True, exist_ok=True)
+        (res / name).write_text(text if isinstance(text, str) else json.dumps(text))
+    path = tmp_path / "results.tgz"
+    with tarfile.open(path, "w:gz") as tar:
+        tar.add(res, arcname=".")
+    return path
+
+
+def test_session_results_writes_tables_from_the_archive(tmp_path):
+    g = 2**30
+    archive = _archive(tmp_path, {
+        "gpu.txt": "name, memory.total [MiB], driver_version\nNVIDIA H100 80GB HBM3, 81559 MiB, 580\n",
+        "git_commit.txt": "abc123\n",
+        "stages.tsv": "stage\texit\tseconds\tleft\nflux_check\t1\t150\t330\nrun_all\tskipped\t0\t40\n",
+        "flux_check/replay.json": {"calls": "c.json", "sdpa": None, "results": [
+            {"index": 0, "op": "aten.mm.default", "phase": "forward", "module": "m", "inputs": [], "ok": True},
+            {"index": 1, "op": "aten.addmm.default", "phase": "backward", "module": None,
+             "inputs": [[[2, 3], [3, 1], 0, "bfloat16"]], "ok": False, "error": "RuntimeError: CUBLAS boom"}]},
+        "flux_check/update.json": {"overrides": [], "sdpa": None, "ok": False, "error": "RuntimeError: CUBLAS x\ntb"},
+        "flux_check/update_no_kl.json": {"overrides": ["--model.update.kl_beta=0"], "sdpa": None, "ok": True,
+                                         "peak_allocated": 30 * g, "seconds": [1.5, 1.25]},
+        "fsdp/fsdp_smoke.json": {"tested_strategy": "fsdp", "ok": True, "steps_compared": [0, 1],
+                                 "max_relative_difference": {"train/loss": 1e-6}, "adapter_max_abs_difference": 0.0,
+                                 "runs": [{"returncode": 0}, {"returncode": 0}]},
+        "memory/sd15_hps_pro.json": {"peak_allocated": 20 * g, "peak_reserved": 24 * g,
+                                     "seconds_per_iteration": [9.0], "device_used_after_each_iteration": [25 * g],
+                                     "alloc_retries": 0},
+        "memory/flux_pro+cap80.error.txt": "OutOfMemoryError: CUDA out of memory\n\ntraceback",
+    })
+    into = tmp_path / "docs" / "gpu_session"
+    assert session_results.main([str(archive), "--into", str(into)]) == 0
+    text = (into / "README.md").read_text()
+    assert "Device: NVIDIA H100 80GB HBM3, 81559 MiB, 580; commit abc123" in text
+    assert "| flux_check | 1 | 150 | 330 |" in text and "| run_all | skipped | 0 | 40 |" in text
+    assert "**failed at call 1**, `aten.addmm.default` (backward, backward)" in text and "CUBLAS boom" in text
+    assert "| update | (as shipped) | default | **RuntimeError: CUBLAS x** |  |  |" in text
+    assert "| update_no_kl | --model.update.kl_beta=0 | default | ok | 30.00 | 1.50, 1.25 |" in text
+    assert "**agree**" in text and "## Cost tables\n\nNot run in this session." in text
+    plan = json.loads((ROOT / "docs/results/gpu_memory/sd15_hps_pro.plan.json").read_text())["peak"] / g
+    assert f"| sd15_hps_pro | sd15_hps_pro_grpo.yaml  | {plan:.2f} | 20.00 |" in text
+    assert "| flux_pro+cap80 | flux_dev_pickscore_pro_grpo.yaml  |" in text and "OutOfMemoryError" in text
+    assert (into / "flux_check" / "update.json").exists()  # the raw files stay beside the README
+    assert session_results.main([str(archive), "--into", str(into)]) == 2  # never over a filled folder
+    assert session_results.main([str(tmp_path / "nope.tgz"), "--into", str(tmp_path / "x")]) == 2
+
+
+@pytest.mark.session
+def test_session_script_smoke_end_to_end(tmp_path):
+    """``SMOKE=1 benchmarks/gpu/session.sh``: every stage on CPU at toy size, then its archive read back.
+    Minutes on a busy 2-core machine: outside the default suite (``pytest -m session``)."""
+    out = tmp_path / "out"
+    env = {**__import__("os").environ, "SMOKE": "1", "PYTHON": __import__("sys").executable}
+    proc = subprocess.run(["bash", str(ROOT / "benchmarks/gpu/session.sh"), str(out), "2400"], env=env,
+                          capture_output=True, text=True, timeout=2700)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    into = tmp_path / "read"
+    assert session_results.main([str(out / "results.tgz"), "--into", str(into)]) == 0
+    text = (into / "README.md").read_text()
+    for stage in ("flux_check", "run_all", "fsdp", "memory", "compile"):
+        assert f"| {stage} |" in text
+    assert "all " in text and "| update | (as shipped) | default | ok |" in text  # the tiny FLUX check ran
+    assert "**agree**" in text  # ddp vs the plain strategy on CPU
+    assert "| tiny_sd3 |" in text and "| tiny_sd3+expandable+cap80 |" in text
+    assert "compile | unavailable" in text
