@@ -68,7 +68,8 @@ def run(strategy: str, accelerator: str, out: Path, steps: int, timeout: float) 
         proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env)
         code, text = proc.returncode, proc.stdout + proc.stderr
     except subprocess.TimeoutExpired as err:
-        code, text = -1, f"{err.stdout or ''}{err.stderr or ''}\nTimeoutExpired: stopped after {timeout:.0f}s"
+        outs = [o.decode(errors="replace") if isinstance(o, bytes) else (o or "") for o in (err.stdout, err.stderr)]
+        code, text = -1, "".join(outs) + f"\nTimeoutExpired: stopped after {timeout:.0f}s"
     (out / "log.txt").write_text(text if isinstance(text, str) else str(text))
     result: dict[str, Any] = {"strategy": strategy, "accelerator": accelerator, "returncode": code,
                               "seconds": time.perf_counter() - t0, "command": " ".join(cmd[1:])}
@@ -122,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--smoke", action="store_true", help="CPU: ddp instead of fsdp (FSDP runs on CUDA only)")
     p.add_argument("--steps", type=int, default=2)
     p.add_argument("--tolerance", type=float, default=1e-3)
-    p.add_argument("--timeout-s", type=float, default=240.0, help="per run")
+    p.add_argument("--timeout-s", type=float, default=None, help="per run (default 240 on a GPU, 900 on CPU)")
     args = p.parse_args(argv)
     accelerator, strategy = ("cpu", "ddp") if args.smoke else ("gpu", "fsdp")
     if not args.smoke:
@@ -130,8 +131,9 @@ def main(argv: list[str] | None = None) -> int:
 
         if not torch.cuda.is_available():
             p.error("no CUDA device: FSDP runs on CUDA only (use --smoke for the CPU check of this script)")
-    plain = run("auto", accelerator, args.out / "auto", args.steps, args.timeout_s)
-    tested = run(strategy, accelerator, args.out / strategy, args.steps, args.timeout_s)
+    timeout = args.timeout_s or (900.0 if args.smoke else 240.0)
+    plain = run("auto", accelerator, args.out / "auto", args.steps, timeout)
+    tested = run(strategy, accelerator, args.out / strategy, args.steps, timeout)
     verdict = compare(plain, tested, args.tolerance)
     verdict["adapter_max_abs_difference"] = adapter_difference(args.out / "auto" / "lora", args.out / strategy / "lora")
     verdict["ok"] = verdict["ok"] and verdict["adapter_max_abs_difference"] is not None and \
