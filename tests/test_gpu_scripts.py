@@ -198,3 +198,11 @@ def test_session_script_smoke_end_to_end(tmp_path):
     assert "**agree**" in text  # ddp vs the plain strategy on CPU
     assert "| tiny_sd3 |" in text and "| tiny_sd3+expandable+cap80 |" in text
     assert "compile | unavailable" in text
+
+
+def test_plan_output_says_what_the_caching_allocator_adds(capsys):
+    from pro_grpo_lightning import plan
+
+    assert plan.main(["--config", "configs/tiny_sd3.yaml", "--gpu-memory", "2GB"]) == 0
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert last == f"note: {plan.allocator_note()}" and "expandable_segments:True" in last
