@@ -74,7 +74,8 @@ def test_shipped_flux_update_issues_no_call_beyond_a_kernel_limit():
     assert result["gradient_checkpointing"] and result["train_batch_size"] == 2 and result["precision"] == "bf16-mixed"
     back = [c for c in result["calls"] if c["phase"] == "backward"]
     assert sum("gemm" in c for c in back) > 50 and any("attention" in c and "backward" in c["op"] for c in back)
-    assert any(c["module"] for c in back)  # the checkpointed blocks' forward, recomputed in the backward
+    recomputed = [c for c in back if c["op"] == "aten.addmm.default" or ("attention" in c and "backward" not in c["op"])]
+    assert recomputed  # the checkpointed blocks' forward ops, recomputed in the backward
     for phase in ("rollout", "forward", "backward"):
         assert summary[phase]["violations"] == []
     assert {s["dtype"] for c in result["calls"] if "gemm" in c for s in c["inputs"]} == {"bfloat16"}

@@ -128,8 +128,8 @@ class KernelCalls(TorchDispatchMode):
     """Records every GEMM and attention op dispatched inside it, and the largest tensor of any op.
 
     ``phase`` is set by the caller ("rollout", "forward", "backward"); ``module`` (a stack kept by
-    global module hooks, ``watch``) names the module of a forward call (a backward op has none,
-    except the recompute of a checkpointed block, which runs the block's forward again).
+    global module hooks, ``watch``) names the module of a forward call; a backward op has none (the
+    recompute of a checkpointed block shows as forward ops, addmm and attention, in the backward).
     """
 
     def __init__(self) -> None:
@@ -157,7 +157,8 @@ class KernelCalls(TorchDispatchMode):
         if not (gemm or attention):
             return out
         call: dict[str, Any] = {
-            "phase": self.phase, "op": str(func), "module": self.modules[-1] if self.modules else None,
+            "phase": self.phase, "op": str(func),
+            "module": self.modules[-1] if self.modules and self.phase != "backward" else None,
             "inputs": [tensor_spec(t) for t in tensors_in], "outputs": [tensor_spec(t) for t in tensors_out],
             "values": {k: v for k, v in kwargs.items() if isinstance(v, (bool, int, float, type(None)))},
         }
@@ -184,12 +185,14 @@ class KernelCalls(TorchDispatchMode):
 
         names = {id(m): prefix + n for n, m in net.named_modules()}
 
+        # Not in the backward: gradient checkpointing's recompute stops a block's forward as soon as
+        # it has what the backward needs, so its modules' post-hooks may never run.
         def pre(mod: nn.Module, args: Any) -> None:
-            if id(mod) in names:
+            if id(mod) in names and self.phase != "backward":
                 self.modules.append(names[id(mod)])
 
         def post(mod: nn.Module, args: Any, out: Any) -> None:
-            if id(mod) in names and self.modules:
+            if id(mod) in names and self.modules and self.phase != "backward":
                 self.modules.pop()
                 outs = out if isinstance(out, (tuple, list)) else (out,)
                 row = self.module_grad.setdefault((self.phase, names[id(mod)].split(".")[0]), [0, 0])
