@@ -217,6 +217,10 @@ def grpo_update(backend: DiffusionBackend, rollout: RolloutResult, advantages: T
                     continue
                 add("grad_norm", torch.as_tensor(norm))
                 optimizer.step()
+                # Autocast keeps the low-precision copy of each fp32 weight it cast for as long as its
+                # region lasts (Lightning's mixed precision: the whole training step), so without this
+                # the next minibatch would run on the weights of before this step (ratio stuck at 1).
+                torch.clear_autocast_cache()
                 optimizer.zero_grad(set_to_none=True)
                 if after_step is not None:
                     after_step()
