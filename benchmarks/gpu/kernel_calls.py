@@ -11,9 +11,9 @@ the denoiser cut to the first block of every run of identical blocks (each block
 the same calls). ``KernelCalls``, a ``TorchDispatchMode``, records every mm / addmm / bmm / baddbmm
 and scaled-dot-product-attention call (forward, or backward including the recompute of gradient
 checkpointing): shapes, strides, storage offsets, dtypes, the module that issued it (forward), and
-the largest tensor any op touched. ``limit_violations`` checks each call against the limits where
-kernels are known to fail (int32 element counts and spans, cuBLAS's int m/n/k/ld, 65535 grid
-dimensions for batched GEMMs and attention). The rollout's denoiser call (no grad, all live rows)
+the largest activation (not a weight) any op touched. ``limit_violations`` checks each call
+against the limits where kernels are known to fail (int32 element counts and spans, cuBLAS's int
+m/n/k/ld, 65535 grid dimensions for batched GEMMs and attention). The rollout's denoiser call (no grad, all live rows)
 is traced too: it ran on the GPU, so it shows which sizes the same kernels handled.
 
 ``replay`` (CUDA): every distinct GEMM call of a trace on random tensors of exactly those shapes,
@@ -125,18 +125,21 @@ def limit_violations(call: dict[str, Any]) -> list[str]:
 
 
 class KernelCalls(TorchDispatchMode):
-    """Records every GEMM and attention op dispatched inside it, and the largest tensor of any op.
+    """Records every GEMM and attention op dispatched inside it, and the largest activation of any op.
 
     ``phase`` is set by the caller ("rollout", "forward", "backward"); ``module`` (a stack kept by
     global module hooks, ``watch``) names the module of a forward call; a backward op has none (the
     recompute of a checkpointed block shows as forward ops, addmm and attention, in the backward).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, weights: Sequence[Tensor] = ()) -> None:
         super().__init__()
+        #: storages of the network's weights: the largest *activation* is what ``largest`` tracks
+        self._weights = [t.untyped_storage() for t in weights]  # kept alive: their ids stay theirs
+        self._weight_ids = {id(st) for st in self._weights}
         self.phase = "forward"
         self.calls: list[dict[str, Any]] = []
-        self.largest: dict[str, dict[str, Any]] = {}  # phase -> the largest tensor seen
+        self.largest: dict[str, dict[str, Any]] = {}  # phase -> the largest activation seen
         self.modules: list[str] = []
         #: (phase, top-level module of the denoiser) -> [forward calls, calls whose output requires grad]
         self.module_grad: dict[tuple[str, str], list[int]] = {}
@@ -148,7 +151,8 @@ class KernelCalls(TorchDispatchMode):
         tensors_in = [a for a in args if isinstance(a, Tensor)]
         outs = out if isinstance(out, (tuple, list)) else (out,)
         tensors_out = [o for o in outs if isinstance(o, Tensor)]
-        biggest = max(tensors_in + tensors_out, key=lambda t: t.numel(), default=None)
+        acts = [t for t in tensors_in + tensors_out if id(t.untyped_storage()) not in self._weight_ids]
+        biggest = max(acts, key=lambda t: t.numel(), default=None)
         if biggest is not None and func.namespace != "prim":  # prim ops (``device``) compute nothing
             best = self.largest.get(self.phase)
             if best is None or biggest.numel() > best["numel"]:
@@ -267,8 +271,8 @@ def trace(configs: Sequence[str], overrides: Sequence[str] = (), blocks: int = 1
     rows = rollout_rows or module.rollout_settings.sample_batch_size or \
         datamodule.prompts_per_step * module.schedule.group_size
     ckpt = bool(getattr(backend, "gradient_checkpointing", False)) if checkpointing is None else checkpointing
-    rec = KernelCalls()
     with mode, shallow(net, blocks) as kept:
+        rec = KernelCalls([*net.parameters(), *net.buffers()])
         with torch.no_grad():
             cond1 = backend.encode_prompts([prompt])  # {k: [1, ...]}
         x, cond = _rows(backend, cond1, rows)
@@ -366,7 +370,7 @@ def table(result: dict[str, Any], summary: dict[str, Any]) -> str:
             lines.append(f"| {phase} | {key} | {v['value']:,} | {limit if limit == '' else f'{limit:,}'} | "
                          f"{'' if head is None else f'{head:,.0f}'} | `{v['op']}` | {v['module'] or '-'} | "
                          f"{' '.join(str(x) for x in v['shapes'])} |")
-    lines += ["", "| phase | calls | limits exceeded | operands not 16-byte aligned | largest tensor of any op |",
+    lines += ["", "| phase | calls | limits exceeded | operands not 16-byte aligned | largest activation of any op |",
               "|---|---|---|---|---|"]
     for phase, s in summary.items():
         big = s["largest_tensor_any_op"] or {}
