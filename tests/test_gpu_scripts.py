@@ -207,3 +207,29 @@ def test_plan_output_says_what_the_caching_allocator_adds(capsys):
     assert plan.main(["--config", "configs/tiny_sd3.yaml", "--gpu-memory", "2GB"]) == 0
     last = capsys.readouterr().out.strip().splitlines()[-1]
     assert last == f"note: {plan.allocator_note()}" and "expandable_segments:True" in last
+
+
+def test_fsdp_smoke_verdict_needs_equal_logs_and_adapters(tmp_path):
+    """The FSDP smoke's comparison (the runs themselves need CUDA; ``pytest -m session`` runs the
+    script's CPU path): every key within tolerance at the common steps, both exits clean, and the
+    exported adapters equal."""
+    import torch
+    from safetensors.torch import save_file
+
+    from benchmarks.gpu import fsdp_smoke
+
+    steps = {0: {"train/loss": -0.5, "train/grad_norm": 0.2, "reward/mean": 0.5},
+             1: {"train/loss": -0.4, "train/grad_norm": 0.3, "reward/mean": 0.6}}
+    plain = {"returncode": 0, "steps": steps}
+    same = fsdp_smoke.compare(plain, {"returncode": 0, "steps": {k: dict(v) for k, v in steps.items()}}, 1e-3)
+    assert same["ok"] and same["steps_compared"] == [0, 1]
+    moved = {k: dict(v) for k, v in steps.items()}
+    moved[1]["train/grad_norm"] = 0.31
+    assert not fsdp_smoke.compare(plain, {"returncode": 0, "steps": moved}, 1e-3)["ok"]
+    assert not fsdp_smoke.compare(plain, {"returncode": -1, "steps": steps}, 1e-3)["ok"]
+    for name, value in (("a", 1.0), ("b", 1.0), ("c", 1.5)):
+        (tmp_path / name).mkdir()
+        save_file({"w": torch.full((2, 2), value)}, str(tmp_path / name / "adapter.safetensors"))
+    assert fsdp_smoke.adapter_difference(tmp_path / "a", tmp_path / "b") == 0.0
+    assert fsdp_smoke.adapter_difference(tmp_path / "a", tmp_path / "c") == 0.5
+    assert fsdp_smoke.adapter_difference(tmp_path / "a", tmp_path / "missing") is None

@@ -30,38 +30,36 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[2]
 KEYS = ("train/loss", "train/grad_norm", "reward/mean")
-OVERLAY = """\
-trainer:
-  max_steps: {steps}
-  enable_progress_bar: false
-  enable_model_summary: false
-  logger:
-    class_path: lightning.pytorch.loggers.CSVLogger
-    init_args: {{save_dir: "{out}", name: run}}
-  callbacks:
-    - class_path: lightning.pytorch.callbacks.ModelCheckpoint
-      init_args: {{dirpath: "{out}/ckpt", save_last: true}}
-    - class_path: pro_grpo_lightning.export.ExportLoRA
-      init_args: {{dirpath: "{out}/lora"}}
-model:
-  backend:
-    class_path: pro_grpo_lightning.backends.sd15.TinySD15Backend
-    init_args: {{num_steps: 4, resolution: 32, guidance_scale: 3.0, seed: 0, lora: {{rank: 4, alpha: 4}}}}
-  schedule:
-    class_path: pro_grpo_lightning.schedules.ProGRPOSchedule
-    init_args: {{group_size: 4, checkpoints: [1], keep: [2], rule: ovf}}
-  samples: {{every_n_rollouts: 0}}
-"""
+
+
+def overlay(out: Path, steps: int) -> dict[str, Any]:
+    """The config layered on the tiny SD1.5 one: a CSV log, a last checkpoint and the LoRA export in
+    ``out``, no sample images (a YAML file may be JSON)."""
+    return {"trainer": {
+        "max_steps": steps, "enable_progress_bar": False, "enable_model_summary": False,
+        "logger": {"class_path": "lightning.pytorch.loggers.CSVLogger",
+                   "init_args": {"save_dir": out.as_posix(), "name": "run"}},
+        "callbacks": [{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+                       "init_args": {"dirpath": (out / "ckpt").as_posix(), "save_last": True}},
+                      {"class_path": "pro_grpo_lightning.export.ExportLoRA",
+                       "init_args": {"dirpath": (out / "lora").as_posix()}}]},
+        "model": {"samples": {"every_n_rollouts": 0}}}
+
+
+#: a smaller run than the config's: T = 4, 32 px, 4 -> 2 trajectories (minutes on a busy CPU, seconds on a GPU)
+SMALLER = ["--model.backend.init_args.num_steps=4", "--model.backend.init_args.resolution=32",
+           "--model.schedule.init_args.group_size=4", "--model.schedule.init_args.checkpoints=[1]",
+           "--model.schedule.init_args.keep=[2]"]
 
 
 def run(strategy: str, accelerator: str, out: Path, steps: int, timeout: float) -> dict[str, Any]:
     """One CLI fit of the tiny SD1.5 config under ``strategy``; its CSV rows by step."""
     out.mkdir(parents=True, exist_ok=True)
-    overlay = out / "overlay.yaml"
-    overlay.write_text(OVERLAY.format(out=out.as_posix(), steps=steps))
+    extra = out / "overlay.yaml"
+    extra.write_text(json.dumps(overlay(out, steps), indent=1))
     cmd = [sys.executable, "-m", "pro_grpo_lightning", "fit", "--config", str(ROOT / "configs/tiny_sd15.yaml"),
-           "--config", str(overlay), f"--trainer.strategy={strategy}", f"--trainer.accelerator={accelerator}",
-           "--trainer.devices=1"]
+           "--config", str(extra), f"--trainer.strategy={strategy}", f"--trainer.accelerator={accelerator}",
+           "--trainer.devices=1", *SMALLER]
     t0 = time.perf_counter()
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     try:
