@@ -3,7 +3,8 @@
 # stopped cleanly (SIGINT, then SIGKILL 15 s later) when the session's time budget runs out, and
 # skipped when less than its minimum is left. Default STAGES: "flux_check run_all fsdp memory compile".
 #   flux_check  FLUX.1-dev's failing update backward (issue 29), every step under CUDA_LAUNCH_BLOCKING=1
-#               and in its own process: (1) every distinct GEMM / attention call of the stored trace
+#               and in its own process, FLUX_CHECK_S seconds at most (default 240): (1) every distinct
+#               GEMM / attention call of the stored trace
 #               (docs/results/flux_backward/) replayed on random tensors; (2) one real update minibatch
 #               at full size without the rollout (benchmarks/gpu/kernel_calls.py update); if (2) fails,
 #               one variant per process: no gradient checkpointing, kl_beta 0, math attention,
@@ -42,8 +43,9 @@ pack() { cp "$OUT/session.log" "$RES/session.log" 2>/dev/null
 trap pack EXIT
 left() { echo $(( BUDGET - ($(date +%s) - START) )); }
 RESERVE=25  # seconds kept for packing the archive at the end
-# cap N: N seconds, or what is left of the budget (less the reserve) if that is less
-cap() { local l=$(( $(left) - RESERVE )); echo $(( $1 < l ? $1 : l )); }
+SLOW=${SLOW:-1}; [ -n "${SMOKE:-}" ] && SLOW=${SLOW_SMOKE:-4}  # a stage's limits x SLOW (a CPU smoke run is slower)
+# cap N: N x SLOW seconds, or what is left of the budget (less the reserve) if that is less
+cap() { local l=$(( $(left) - RESERVE )) n=$(( $1 * SLOW )); echo $(( n < l ? n : l )); }
 # run_for SECONDS CMD...: the command under a limit (SIGINT first, so Python writes what it has)
 run_for() { local s=$1; shift; if [ "$s" -lt 5 ]; then echo "[session] no time left for: $*"; return 124; fi
             timeout --signal=INT --kill-after=15 "$s" "$@"; }
@@ -89,6 +91,8 @@ fi
 # ---- 1. FLUX.1-dev's update backward, one variant per process, blocking launches -------------------
 if begin flux_check 90; then
   FC="$RES/flux_check"; mkdir -p "$FC"
+  SDL=$(( $(date +%s) + ${FLUX_CHECK_S:-240} * SLOW ))  # the stage's own deadline: run_all comes next
+  scap() { local n r; n=$(cap "$1"); r=$(( SDL - $(date +%s) )); echo $(( n < r ? n : r )); }
   if [ -n "${SMOKE:-}" ]; then
     FCFG=(--config configs/tiny_flux.yaml); FVAR=tiny_flux; CALLS="$FC/trace/calls.json"
     "$PY" -m benchmarks.gpu.kernel_calls trace --config configs/tiny_flux.yaml --out "$FC/trace" > "$FC/trace.log" 2>&1
@@ -96,24 +100,23 @@ if begin flux_check 90; then
     FCFG=(--config configs/flux_dev_pickscore_pro_grpo.yaml); FVAR=flux_pro
     CALLS=docs/results/flux_backward/checkpointing_on/calls.json
   fi
-  CUDA_LAUNCH_BLOCKING=1 run_for "$(cap 90)" "$PY" -m benchmarks.gpu.kernel_calls replay --calls "$CALLS" \
+  CUDA_LAUNCH_BLOCKING=1 run_for "$(scap 60)" "$PY" -m benchmarks.gpu.kernel_calls replay --calls "$CALLS" \
     --out "$FC/replay.json" "${DEV[@]}"
   echo "[session] flux_check replay exit $?"
-  CUDA_LAUNCH_BLOCKING=1 run_for "$(cap 150)" "$PY" -m benchmarks.gpu.kernel_calls update "${FCFG[@]}" \
+  CUDA_LAUNCH_BLOCKING=1 run_for "$(scap 120)" "$PY" -m benchmarks.gpu.kernel_calls update "${FCFG[@]}" \
     --out "$FC/update.json" "${DEV[@]}"
   rc=$?
   echo "[session] flux_check update exit $rc"
-  if [ $rc -ne 0 ]; then  # bisect: which setting does the failure need?
-    for v in "no_checkpointing --model.backend.init_args.gradient_checkpointing=false" \
-             "no_kl --model.update.kl_beta=0" "sdpa_math --sdpa math" \
-             "train_batch_1 --model.update.train_batch_size=1"; do
+  if [ $rc -ne 0 ]; then  # bisect: which setting does the failure need? (most telling first)
+    for v in "no_checkpointing --model.backend.init_args.gradient_checkpointing=false" "sdpa_math --sdpa math" \
+             "no_kl --model.update.kl_beta=0" "train_batch_1 --model.update.train_batch_size=1"; do
       read -r name args <<< "$v"
-      CUDA_LAUNCH_BLOCKING=1 run_for "$(cap 120)" "$PY" -m benchmarks.gpu.kernel_calls update "${FCFG[@]}" \
+      CUDA_LAUNCH_BLOCKING=1 run_for "$(scap 90)" "$PY" -m benchmarks.gpu.kernel_calls update "${FCFG[@]}" \
         --out "$FC/update_$name.json" "${DEV[@]}" $args
       echo "[session] flux_check update_$name exit $?"
     done
   else  # the minibatch alone passes: the whole loop (rollout, then update) in a fresh process
-    CUDA_LAUNCH_BLOCKING=1 run_for "$(cap 200)" "$PY" -m benchmarks.gpu.memory_check "${SM[@]}" --only "$FVAR" \
+    CUDA_LAUNCH_BLOCKING=1 run_for "$(scap 200)" "$PY" -m benchmarks.gpu.memory_check "${SM[@]}" --only "$FVAR" \
       --out "$FC/memory"
     echo "[session] flux_check memory_check $FVAR exit $?"
   fi
@@ -126,8 +129,8 @@ if begin run_all 100; then
   declare -A LIMIT=([sd3]=180 [sd15]=110 [flux]=240)
   rc=0
   for b in ${RUN_ALL:-sd3 sd15 flux}; do
-    limit=${LIMIT[$b]}; [ -n "${SMOKE:-}" ] && limit=300
-    if [ "$(cap "$limit")" -lt 60 ]; then echo "[session] run_all $b: skipped, $(left)s left"; continue; fi
+    limit=${LIMIT[$b]}; [ -n "${SMOKE:-}" ] && limit=75  # run_all.sh's own limit on CPU: 300 s
+    if [ "$(cap "$limit")" -lt $(( 60 * SLOW )) ]; then echo "[session] run_all $b: skipped, $(left)s left"; continue; fi
     BACKENDS=$b run_for "$(cap $(( limit + 20 )))" bash benchmarks/gpu/run_all.sh "$RES/run_all" "${RA[@]}"
     r=$?; [ $r -ne 0 ] && rc=$r
     echo "[session] run_all $b exit $r ($(left)s left)"
