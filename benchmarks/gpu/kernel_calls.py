@@ -22,9 +22,9 @@ strides, offsets and dtypes, and every attention call through ``F.scaled_dot_pro
 ``CUDA_LAUNCH_BLOCKING=1`` so the first failing call is the one named.
 
 ``update`` (CUDA, or CPU for the smoke test): one real update minibatch at full size, random
-weights of the real architecture (``memory_check.random_weights``), forward and backward under the
-config's autocast, nothing else of the run (no rollout): whether the failure needs the rollout
-before it. ``--sdpa`` forces one attention backend. One variant per process.
+weights of the real architecture (``NetworkSource("random")``, as memory_check builds them),
+forward and backward under the config's autocast, nothing else of the run (no rollout): whether
+the failure needs the rollout before it. ``--sdpa`` forces one attention backend. One variant per process.
 
     python -m benchmarks.gpu.kernel_calls trace --config configs/flux_dev_pickscore_pro_grpo.yaml \
         --out docs/results/flux_backward
@@ -263,6 +263,8 @@ def trace(configs: Sequence[str], overrides: Sequence[str] = (), blocks: int = 1
     backend, settings = module.backend, module.settings
     mode = FakeTensorMode(allow_non_fake_inputs=True)
     fake_backend(backend, mode)
+    if getattr(backend, "offload_text_encoders", False):  # fake tensors never move (as the plan does)
+        backend.set_offload_text_encoders(False)
     net = backend.denoiser()
     trainable = backend.trainable_steps().nonzero().flatten()
     step = int(trainable[min(1, trainable.numel() - 1)])  # a trained step (sigma, not the shapes, varies)
@@ -467,13 +469,14 @@ def update_check(configs: Sequence[str], overrides: Sequence[str], device: str, 
                  repeats: int = 2, prompt: str = "a photo of a cat") -> dict[str, Any]:
     """``repeats`` update minibatches (forward + backward, gradients kept as the update keeps them)
     of a config at full size with random weights on ``device``; see the module docstring."""
-    from benchmarks.gpu.memory_check import config_precision, random_weights
+    from benchmarks.gpu.memory_check import config_precision
+    from pro_grpo_lightning.networks import NetworkSource
     from pro_grpo_lightning.plan import build_run
     from pro_grpo_lightning.update import minibatch_loss
 
     t0 = time.perf_counter()
     module, _ = build_run([str(ROOT / c) for c in configs], overrides)
-    random_weights(module, device)
+    module.use_networks(NetworkSource("random", device, seed=0))  # as memory_check builds them
     backend, settings = module.backend, module.settings
     backend.configure_model()
     backend.to(device)
