@@ -99,9 +99,8 @@ def memory_section(root: Path, sub: str) -> list[str]:
     names = sorted({p.name[:-len(".error.txt")] if p.name.endswith(".error.txt") else p.stem
                     for p in list(d.glob("*.json")) + list(d.glob("*.error.txt"))
                     if p.name != "versions.json" and not p.name.endswith(".plan.json")})
-    table = memory_check.with_derived(memory_check.VARIANTS, [n for n in names if "+" in n and
-                                                              n.split("+")[0] in memory_check.VARIANTS])
-    table = {**memory_check.SMOKE, **table}
+    base = {**memory_check.SMOKE, **memory_check.VARIANTS}  # a CPU smoke run's variants too
+    table = memory_check.with_derived(base, [n for n in names if "+" in n and n.split("+")[0] in base])
     known = {n: table[n] for n in names if n in table}
     for n in known:
         plan = PLANS / f"{n.split('+')[0]}.plan.json"
