@@ -562,7 +562,8 @@ def main(argv: list[str] | None = None) -> int:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps({"calls": str(args.calls), "sdpa": args.sdpa, "results": results}, indent=1))
         bad = [e for e in results if not e["ok"]]
-        print(f"[replay] {len(results)} calls, {'FAILED at ' + bad[0]['op'] + ' ' + str(bad[0]['inputs']) + ': ' + bad[0]['error'] if bad else 'all ran'}")
+        verdict = f"FAILED at {bad[0]['op']} {bad[0]['inputs']}: {bad[0]['error']}" if bad else "all ran"
+        print(f"[replay] {len(results)} calls, {verdict}")
         return 1 if bad else 0
     args.out.parent.mkdir(parents=True, exist_ok=True)
     try:
