@@ -138,14 +138,13 @@ def training_pairs(num_traj: int, trainable: Tensor, fraction: float,
     return traj[perm], step[perm]
 
 
-def guard_terms(backend: DiffusionBackend, rollout: RolloutResult, out, traj: Tensor, step: Tensor,
-                next_latents: Tensor, reweight: bool) -> tuple[Tensor, Tensor | None]:
-    """GRPO-Guard's (normalised log-ratio [b], loss weight [b] or None) of a minibatch's pairs
-    (traj [b], step [b]), from the re-scored step ``out`` and the rollout's recorded means."""
-    if rollout.means is None:
+def guard_terms(backend: DiffusionBackend, out, step: Tensor, old_mean: Tensor | None, next_latents: Tensor,
+                reweight: bool) -> tuple[Tensor, Tensor | None]:
+    """GRPO-Guard's (normalised log-ratio [b], loss weight [b] or None) of a minibatch's pairs at
+    ``step`` [b], from the re-scored step ``out`` and the rollout's recorded means ``old_mean``."""
+    if old_mean is None:
         raise ValueError("update.ratio_norm='grpo_guard' needs the rollout's step means: "
                          "sample with ExpandPruneRollout(..., record_means=True)")
-    old_mean = rollout.means[traj, step]  # [b, *latent]
     log_ratio = guard_log_ratio(out.mean, old_mean, next_latents, out.std)  # [b]
     weight = guard_step_weight(backend.sigma_decrement(step)) if reweight else None  # [b]
     return log_ratio, weight
@@ -164,6 +163,39 @@ def ratio_log_stats(sums: Tensor, raw_sums: Tensor, trainable: Tensor) -> dict[s
             out[f"{name}/step_{t:02d}"] = summary[name][t]
         out[f"raw_log_ratio_mean/step_{t:02d}"] = raw["log_ratio_mean"][t]
     return {k: float(v) for k, v in out.items()}
+
+
+def minibatch_loss(backend: DiffusionBackend, x_t: Tensor, step: Tensor, cond: dict[str, Tensor],
+                   x_next: Tensor, old_log_prob: Tensor, advantages: Tensor,
+                   settings: UpdateSettings, old_mean: Tensor | None = None,
+                   ) -> tuple[Tensor, Tensor, dict[str, Tensor], Tensor | None, tuple[Tensor, Tensor]]:
+    """The loss of one minibatch of b (trajectory, step) pairs, forward only (the caller runs the
+    backward): the policy re-scores the stored transitions x_t [b, *latent] -> x_next at ``step`` [b],
+    the PPO-clip loss against ``old_log_prob`` [b] with ``advantages`` [b] (with
+    ``ratio_norm='grpo_guard'``: on GRPO-Guard's normalised log-ratio against the recorded means
+    ``old_mean`` [b, *latent], weighted per step), plus ``kl_beta`` times the KL to the reference (a
+    no-grad forward with the adapter off). One function, so the update and the diagnostics that
+    trace its calls (``benchmarks/gpu/kernel_calls.py``) run the same code.
+    Returns (loss, policy_loss, stats, kl [b] or None, (raw, clipped) detached log-ratios [b])."""
+    out = backend.step(x_t, step, cond, next_latents=x_next)
+    log_ratio = weight = None
+    if settings.ratio_norm == "grpo_guard":
+        log_ratio, weight = guard_terms(backend, out, step, old_mean, x_next, settings.guard_reweight)
+    policy_loss, stats = ppo_clip_loss(out.log_prob, old_log_prob, advantages, settings.clip_range,
+                                       log_ratio=log_ratio, weight=weight)
+    raw = (out.log_prob - old_log_prob).detach()  # [b]
+    ratios = (raw, raw if log_ratio is None else log_ratio.detach())  # [b], [b]
+    if settings.kl_beta <= 0:
+        return policy_loss, policy_loss, stats, None, ratios
+    with torch.no_grad(), backend.reference():
+        ref = backend.step(x_t, step, cond, next_latents=x_next)
+    if settings.kl_type == "exact":
+        kl = gaussian_kl(out.mean, ref.mean, out.std)  # [b]
+    elif settings.kl_type == "flow_grpo":
+        kl = flow_grpo_kl(out.mean, ref.mean, backend.kl_std(step))  # [b]
+    else:
+        kl = output_kl(out.model_output, ref.model_output)  # [b]
+    return policy_loss + settings.kl_beta * kl.mean(), policy_loss, stats, kl, ratios
 
 
 def grpo_update(backend: DiffusionBackend, rollout: RolloutResult, advantages: Tensor,
@@ -218,26 +250,13 @@ def grpo_update(backend: DiffusionBackend, rollout: RolloutResult, advantages: T
             x_next = rollout.latents[tr, st + 1]  # [b, *latent]
             old_log_prob = rollout.log_probs[tr, st]  # [b]
             cond = select_rows(rollout.cond, rollout.prompt_index.index_select(0, tr))
-            out = backend.step(x_t, st, cond, next_latents=x_next)
-            log_ratio = weight = None
-            if settings.ratio_norm == "grpo_guard":
-                log_ratio, weight = guard_terms(backend, rollout, out, tr, st, x_next, settings.guard_reweight)
-            policy_loss, stats = ppo_clip_loss(out.log_prob, old_log_prob, advantages[tr], settings.clip_range,
-                                               log_ratio=log_ratio, weight=weight)
-            raw = out.log_prob - old_log_prob  # [b]
+            guarded = settings.ratio_norm == "grpo_guard" and rollout.means is not None
+            old_mean = rollout.means[tr, st] if guarded else None  # [b, *latent] GRPO-Guard's mu_old
+            loss, policy_loss, stats, kl, (raw, used) = minibatch_loss(
+                backend, x_t, st, cond, x_next, old_log_prob, advantages[tr], settings, old_mean=old_mean)
             raw_sums += ratio_step_sums(raw, st, T, settings.clip_range)
-            ratio_sums += ratio_step_sums(raw if log_ratio is None else log_ratio, st, T, settings.clip_range)
-            loss = policy_loss
-            if settings.kl_beta > 0:
-                with torch.no_grad(), backend.reference():
-                    ref = backend.step(x_t, st, cond, next_latents=x_next)
-                if settings.kl_type == "exact":
-                    kl = gaussian_kl(out.mean, ref.mean, out.std)  # [b]
-                elif settings.kl_type == "flow_grpo":
-                    kl = flow_grpo_kl(out.mean, ref.mean, backend.kl_std(st))  # [b]
-                else:
-                    kl = output_kl(out.model_output, ref.model_output)  # [b]
-                loss = loss + settings.kl_beta * kl.mean()
+            ratio_sums += ratio_step_sums(used, st, T, settings.clip_range)
+            if kl is not None:
                 add("kl", kl.mean().detach())
             # scale so an optimizer step sees the mean over its minibatches
             n_in_step = min(per_step, len(chunks) - (i // per_step) * per_step)
@@ -260,6 +279,10 @@ def grpo_update(backend: DiffusionBackend, rollout: RolloutResult, advantages: T
                     continue
                 add("grad_norm", torch.as_tensor(norm))
                 optimizer.step()
+                # Autocast keeps the low-precision copy of each fp32 weight it cast for as long as its
+                # region lasts (Lightning's mixed precision: the whole training step), so without this
+                # the next minibatch would run on the weights of before this step (ratio stuck at 1).
+                torch.clear_autocast_cache()
                 optimizer.zero_grad(set_to_none=True)
                 if after_step is not None:
                     after_step()
