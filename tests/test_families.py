@@ -275,10 +275,11 @@ def test_plan_of_the_tiny_config(name, capsys):
 
 
 @pytest.mark.parametrize("name", list(FAMILIES))
-def test_real_backend_builds_the_architecture_with_random_weights(name, tmp_path):
-    """The path of the GPU memory check and the plan for a real model, on a saved tiny folder: the
-    family's real backend class builds every network from the folder's config files alone, with
-    seeded random values and stand-in tokenizers (``NetworkSource("random")``), and samples."""
+def test_real_backend_loads_a_folder_and_builds_its_architecture_with_random_weights(name, tmp_path):
+    """On a saved tiny folder, the family's real backend class loads the weights (``load_components``:
+    the denoiser equals the twin's), and builds every network from the folder's config files alone
+    with seeded random values and stand-in tokenizers (``NetworkSource("random")``: the path of the
+    GPU memory check), and samples."""
     import importlib
 
     from pro_grpo_lightning.networks import NetworkSource
@@ -288,6 +289,10 @@ def test_real_backend_builds_the_architecture_with_random_weights(name, tmp_path
     save = getattr(module, f"save_tiny_{name}_pipeline")
     real = next(c for c in fam.backend.__mro__ if not c.built_in_code)  # the real-model class of the twin
     folder = save(str(tmp_path / name), resolution=RES)
+    loaded = real(folder, num_steps=3, resolution=RES, **fam.settings)  # the real loading path first
+    loaded.configure_model()
+    base = {n: p for n, p in make(name).denoiser().state_dict().items() if "lora_" not in n}  # not the adapter
+    assert base and all(torch.equal(loaded.denoiser().state_dict()[n], p) for n, p in base.items())
     backend = real(folder, num_steps=3, resolution=RES, **fam.settings)
     backend.use_networks(NetworkSource("random", "cpu", seed=1))
     backend.configure_model()

@@ -125,6 +125,21 @@ class FlowMatchingBackend(PipelineBackend):
         """[T + 1] float32: the scheduler's sigmas for ``num_steps``, ending at 0."""
 
     # ---- lifecycle ---------------------------------------------------------------------------
+    def load_flow_components(self, transformer_cls: Any, vae_cls: Any, text_encoders: dict[str, Any]) -> dict[str, Any]:
+        """The part of ``load_components`` every flow family shares: ``transformer`` and ``vae`` in
+        ``weight_dtype``, the ``FlowMatchEulerDiscreteScheduler`` (read for its sigma table), and each
+        named text encoder class from its subfolder; the family adds its tokenizers."""
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
+        dt = self.weight_dtype
+        comps: dict[str, Any] = {
+            "transformer": self._load(transformer_cls, "transformer", torch_dtype=dt),
+            "vae": self._load(vae_cls, "vae", torch_dtype=dt),
+            "scheduler": self._load(FlowMatchEulerDiscreteScheduler, "scheduler"),
+        }
+        comps.update({name: self._load(cls, name, dtype=dt) for name, cls in text_encoders.items()})
+        return comps
+
     def _setup(self, components: dict[str, Any]) -> None:
         self._tokenizers = {k: v for k, v in components.items() if k.startswith("tokenizer") and v is not None}
         self.scheduler = components["scheduler"]

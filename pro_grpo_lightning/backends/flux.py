@@ -106,17 +106,11 @@ class FluxBackend(FlowMatchingBackend):
         return ("text_encoder", "text_encoder_2")
 
     def load_components(self) -> dict[str, object]:
-        from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
+        from diffusers import AutoencoderKL, FluxTransformer2DModel
         from transformers import CLIPTextModel, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
 
-        dt = self.weight_dtype
-        comps: dict[str, object] = {
-            "transformer": self._load(FluxTransformer2DModel, "transformer", torch_dtype=dt),
-            "vae": self._load(AutoencoderKL, "vae", torch_dtype=dt),
-            "scheduler": self._load(FlowMatchEulerDiscreteScheduler, "scheduler"),
-            "text_encoder": self._load(CLIPTextModel, "text_encoder", dtype=dt),
-            "text_encoder_2": self._load(T5EncoderModel, "text_encoder_2", dtype=dt),
-        }
+        comps = self.load_flow_components(FluxTransformer2DModel, AutoencoderKL,
+                                          {"text_encoder": CLIPTextModel, "text_encoder_2": T5EncoderModel})
         comps["tokenizer"] = self._load_tokenizer(CLIPTokenizer, "tokenizer",
                                                   comps["text_encoder"].config.vocab_size)
         comps["tokenizer_2"] = self._load_tokenizer(T5TokenizerFast, "tokenizer_2",

@@ -88,16 +88,11 @@ class QwenImageBackend(VariableTextMixin, FlowMatchingBackend):
 
     # ---- the one place the networks come from -------------------------------------------------
     def load_components(self) -> dict[str, object]:
-        from diffusers import AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler, QwenImageTransformer2DModel
+        from diffusers import AutoencoderKLQwenImage, QwenImageTransformer2DModel
         from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2Tokenizer
 
-        dt = self.weight_dtype
-        comps: dict[str, object] = {
-            "transformer": self._load(QwenImageTransformer2DModel, "transformer", torch_dtype=dt),
-            "vae": self._load(AutoencoderKLQwenImage, "vae", torch_dtype=dt),
-            "scheduler": self._load(FlowMatchEulerDiscreteScheduler, "scheduler"),
-            "text_encoder": self._load(Qwen2_5_VLForConditionalGeneration, "text_encoder", dtype=dt),
-        }
+        comps = self.load_flow_components(QwenImageTransformer2DModel, AutoencoderKLQwenImage,
+                                          {"text_encoder": Qwen2_5_VLForConditionalGeneration})
         vocab = comps["text_encoder"].config.get_text_config().vocab_size
         comps["tokenizer"] = self._load_tokenizer(Qwen2Tokenizer, "tokenizer", vocab)
         return comps

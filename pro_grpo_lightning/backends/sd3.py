@@ -77,17 +77,13 @@ class SD3Backend(FlowMatchingBackend):
         return clips if self.drop_t5 else (*clips, "text_encoder_3")
 
     def load_components(self) -> dict[str, object]:
-        from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
+        from diffusers import AutoencoderKL, SD3Transformer2DModel
         from transformers import CLIPTextModelWithProjection, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
 
         dt = self.weight_dtype
-        comps: dict[str, object] = {
-            "transformer": self._load(SD3Transformer2DModel, "transformer", torch_dtype=dt),
-            "vae": self._load(AutoencoderKL, "vae", torch_dtype=dt),
-            "scheduler": self._load(FlowMatchEulerDiscreteScheduler, "scheduler"),
-            "text_encoder": self._load(CLIPTextModelWithProjection, "text_encoder", dtype=dt),
-            "text_encoder_2": self._load(CLIPTextModelWithProjection, "text_encoder_2", dtype=dt),
-        }
+        comps = self.load_flow_components(SD3Transformer2DModel, AutoencoderKL,
+                                          {"text_encoder": CLIPTextModelWithProjection,
+                                           "text_encoder_2": CLIPTextModelWithProjection})
         comps["tokenizer"] = self._load_tokenizer(CLIPTokenizer, "tokenizer",
                                                   comps["text_encoder"].config.vocab_size)
         comps["tokenizer_2"] = self._load_tokenizer(CLIPTokenizer, "tokenizer_2",

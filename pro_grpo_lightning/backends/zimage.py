@@ -74,16 +74,10 @@ class ZImageBackend(VariableTextMixin, FlowMatchingBackend):
 
     # ---- the one place the networks come from -------------------------------------------------
     def load_components(self) -> dict[str, object]:
-        from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, ZImageTransformer2DModel
+        from diffusers import AutoencoderKL, ZImageTransformer2DModel
         from transformers import AutoTokenizer, Qwen3Model
 
-        dt = self.weight_dtype
-        comps: dict[str, object] = {
-            "transformer": self._load(ZImageTransformer2DModel, "transformer", torch_dtype=dt),
-            "vae": self._load(AutoencoderKL, "vae", torch_dtype=dt),
-            "scheduler": self._load(FlowMatchEulerDiscreteScheduler, "scheduler"),
-            "text_encoder": self._load(Qwen3Model, "text_encoder", dtype=dt),
-        }
+        comps = self.load_flow_components(ZImageTransformer2DModel, AutoencoderKL, {"text_encoder": Qwen3Model})
         comps["tokenizer"] = self._load_tokenizer(AutoTokenizer, "tokenizer", comps["text_encoder"].config.vocab_size)
         return comps
 
