@@ -33,9 +33,10 @@ ADV = dict(std_mode="global", eps=1e-4, clip=5.0)  # configs/quickstart.yaml's a
 
 
 def simulate_run(rollouts: int, prompts: int, dim: int, K: int, G_static: int, schedules: list[str],
-                 seed: int) -> dict[str, Any]:
-    """One zero-signal run in the benchmark's result format (costs: the stored run's relative ones are
-    not needed; every arm costs its trained trajectories, so equal-FLOP n differ as in the benchmark)."""
+                 seed: int, signal: float = 0.0) -> dict[str, Any]:
+    """One simulated run in the benchmark's result format. ``signal`` > 0 adds signal x (reward - 0.5)
+    along the first coordinate to every h (a policy gradient that exists: tests use it). Costs: each
+    arm's denoiser calls + 5 per trained trajectory, so the equal-FLOP n differ as in the benchmark."""
     arms = arm_schedules(K, G_static, [parse_schedule(s) for s in schedules])
     G = max(a.schedule.group_size for a in arms)
     steps = sorted({c for a in arms for c in a.schedule.checkpoints})
@@ -48,6 +49,7 @@ def simulate_run(rollouts: int, prompts: int, dim: int, K: int, G_static: int, s
         previews = {c: 0.7 * final + 0.3 * torch.rand(prompts, G, generator=gen) for c in steps}  # [P, G]
         size = torch.exp(0.5 * torch.randn(prompts, G, 1, generator=gen, dtype=torch.float64))  # [P, G, 1]
         H = torch.randn(prompts, G, dim, generator=gen, dtype=torch.float64) * scale * size  # [P, G, D]
+        H[..., 0] += signal * (final.double() - 0.5)
         full.append(arm_gradient(H, torch.arange(G).expand(prompts, -1), final, 1, ADV))
         arm_gen = torch.Generator().manual_seed(seed * 1_000_003 + r)
         for a in arms:
@@ -84,6 +86,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--rollouts", type=int, default=128)
     p.add_argument("--prompts", type=int, default=4)
     p.add_argument("--dim", type=int, default=400)
+    p.add_argument("--schedule", nargs="+", default=DEFAULT_SCHEDULES, help="as gradient_quality's --schedule")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default=str(ROOT / "benchmarks/results/gradient_quality_sim"))
@@ -91,7 +94,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.rollouts < 6 or args.reps < 1 or args.dim < 1:
         p.error(f"--rollouts must be >= 6, --reps and --dim >= 1; got {args.rollouts}, {args.reps}, {args.dim}")
     torch.set_num_threads(args.threads)
-    res = coverage(args.reps, args.rollouts, args.prompts, args.dim, seed=args.seed)
+    res = coverage(args.reps, args.rollouts, args.prompts, args.dim, schedules=args.schedule, seed=args.seed)
     res["command"] = ["python", "-m", "benchmarks.gradient_quality_sim", *(argv if argv is not None else sys.argv[1:])]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
