@@ -19,6 +19,10 @@ render); KEY says where the text comes from, and this module recomputes it. Keys
                                          mean rollouts in the budget / wall s per rollout / their ratio
     json:PATH|KEY|KEY...@FMT             any value of a JSON file under docs/results (format spec FMT)
     summary:PATH|NAME@D                  a "NAME: mean [lo, hi]" line of a summary.txt, as mean [lo, hi]
+    gpumem:VARIANT:planned|measured|gap_pct  gpu_memory: the plan's and the measured allocator peak
+                                         (GiB), and |measured - planned| / planned in %
+    previewcorr:ARM:CKPT                 preview_decoders: ARM's whole-group proxy correlation at
+                                         checkpoint CKPT minus the VAE preview's, paired by rollout
     flops:CONFIG:FIELD@FMT               the shipped SD3.5-M configs' FLOP table (flops/flops.json)
 
 ``tests/test_docs_numbers.py`` runs the check, so a number edited by hand, or a result changed under
@@ -151,6 +155,19 @@ def value(key: str) -> str:
                 m, lo, hi = (float(x) for x in re.findall(r"[-+]?\d+\.\d+", line.split(":", 1)[1])[:3])
                 return f"{m:.{d}f} [{lo:.{d}f}, {hi:.{d}f}]"
         raise KeyError(f"{path}: no line {name!r}")
+    if kind == "gpumem":  # a GPU memory variant: planned / measured allocator peak (GiB), their gap in %
+        variant, field = rest.split(":")
+        planned = _json(f"gpu_memory/{variant}.plan.json")["peak"] / 2 ** 30
+        measured = _json(f"gpu_memory/{variant}.json")["peak_allocated"] / 2 ** 30
+        return {"planned": f"{planned:.2f}", "measured": f"{measured:.2f}",
+                "gap_pct": f"{100 * abs(measured - planned) / planned:.1f}"}[field]
+    if kind == "previewcorr":  # paired whole-group proxy correlation, a preview decoder minus the VAE
+        from benchmarks.stats import mean_ci
+
+        arm, ck = rest.split(":")
+        arms = _json("preview_decoders/results.json")["arms"]
+        a, v = arms[arm]["per_rollout"]["corr"], arms["vae"]["per_rollout"]["corr"]
+        return ci(mean_ci([x[int(ck)] - y[int(ck)] for x, y in zip(a, v)]), 3)
     if kind == "flops":
         body, fmt = rest.rsplit("@", 1) if "@" in rest else (rest, ".3f")
         cfg, field = body.split(":")
