@@ -19,6 +19,8 @@ render); KEY says where the text comes from, and this module recomputes it. Keys
                                          mean rollouts in the budget / wall s per rollout / their ratio
     json:PATH|KEY|KEY...@FMT             any value of a JSON file under docs/results (format spec FMT)
     summary:PATH|NAME@D                  a "NAME: mean [lo, hi]" line of a summary.txt, as mean [lo, hi]
+    table:sd35m_configs | table:gq | table:gq:FAMILY   a generated table (the SD3.5-M config FLOPs; the
+                                         mechanism's arms and families, or one part: "arms" or a family)
     gpumem:VARIANT:planned|measured|gap_pct  gpu_memory: the plan's and the measured allocator peak
                                          (GiB), and |measured - planned| / planned in %
     previewcorr:ARM:CKPT                 preview_decoders: ARM's whole-group proxy correlation at
@@ -155,6 +157,14 @@ def value(key: str) -> str:
                 m, lo, hi = (float(x) for x in re.findall(r"[-+]?\d+\.\d+", line.split(":", 1)[1])[:3])
                 return f"{m:.{d}f} [{lo:.{d}f}, {hi:.{d}f}]"
         raise KeyError(f"{path}: no line {name!r}")
+    if kind == "table":  # a whole generated Markdown table
+        if rest == "sd35m_configs":
+            from benchmarks.flops import shipped_config_markdown
+
+            return "\n" + shipped_config_markdown(_json("flops/flops.json")["sd35m_configs"]) + "\n\n"
+        from benchmarks.gradient_quality import table
+
+        return "\n" + table(_gq(), only=None if rest == "gq" else rest.split(":", 1)[1]) + "\n\n"
     if kind == "gpumem":  # a GPU memory variant: planned / measured allocator peak (GiB), their gap in %
         variant, field = rest.split(":")
         planned = _json(f"gpu_memory/{variant}.plan.json")["peak"] / 2 ** 30

@@ -348,8 +348,8 @@ def summarize(res: dict[str, Any], budget_arm: str = "plain-2K") -> dict[str, An
     return out
 
 
-def table(summary: dict[str, Any]) -> str:
-    """Markdown: the arms, then each family's comparisons."""
+def table(summary: dict[str, Any], only: str | None = None) -> str:
+    """Markdown: the arms, then each family's comparisons (``only``: "arms" or one family's name)."""
     from benchmarks.report import markdown_table
 
     arms = markdown_table(["arm", "schedule", "cost (F/prompt)", "trained spread", "cos per rollout (± jackknife SE)",
@@ -358,8 +358,12 @@ def table(summary: dict[str, Any]) -> str:
                             f"{s['per_rollout']['est']:+.4f} ± {s['per_rollout']['se']:.4f}",
                             f"{s['n_at_equal_flops']:.2f}", f"{s['per_flop']['est']:+.4f} ± {s['per_flop']['se']:.4f}"]
                            for a, s in summary["arms"].items()])
-    parts = [arms]
+    if only == "arms":
+        return arms
+    parts = [arms] if only is None else []
     for fam, comps in summary["families"].items():
+        if only is not None and fam != only:
+            continue
         parts.append(f"**{fam}** (Holm over {len(comps)}; power against the positive control's effect "
                      f"{summary['positive_control_effect']:+.4f})\n\n" + markdown_table(
             ["difference", "estimate", "95 % interval", "Holm-level interval", "p", "p (Holm)", "resolved",
