@@ -122,7 +122,10 @@ def _le_value(folder: str, rest: list[str]) -> str:
     kind, arm = what.split(".", 1)
     if kind == "pair":
         return ci(m["pairs"][arm], d, ("diff", "lo", "hi"))
-    return ci(m["arms"][arm][kind], d)
+    c = m["arms"][arm][kind]
+    if kind == "final":  # a level, not a change: no sign
+        return f"{c['mean']:.{d}f} [{c['lo']:.{d}f}, {c['hi']:.{d}f}]"
+    return ci(c, d)
 
 
 def value(key: str) -> str:
