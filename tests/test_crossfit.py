@@ -62,3 +62,24 @@ def test_zero_signal_simulation_covers_and_a_signal_is_found():
     pc = s["families"]["positive_control/per_rollout"]["plain-2K - plain-K"]
     assert pc["est"] > 0 and pc["resolved"]
     assert abs(s["families"]["positive_control/per_flop"]["plain-2K - plain-K"]["est"]) < pc["est"]
+
+
+def test_equal_flop_quality_is_the_cosine_of_an_actual_aggregate():
+    """At integer n the moment formula predicts the cosine of a real sum of n rollouts' gradients
+    (scored against the same cross-fitted reference)."""
+    rng = np.random.default_rng(3)
+    R, D, n = 600, 40, 3
+    mu = np.zeros(D)
+    mu[0] = 1.0
+    g = mu + 3.0 * rng.normal(size=(1, R, D))  # one arm; signal share 1 / 361 per rollout: cos grows ~ sqrt(n)
+    f = mu + 3.0 * rng.normal(size=(R, D))
+    GF, GG, FF = np.einsum("ard,jd->arj", g, f), np.einsum("ard,asd->ars", g, g), f @ f.T
+    predicted = quality(GF, GG, FF, float(n))[0]
+    empirical = []
+    for h in (0, 1):
+        S, O = np.arange(h, R, 2), np.arange(1 - h, R, 2)
+        ref = f[O].sum(0)
+        sums = g[0, S][: len(S) // n * n].reshape(-1, n, D).sum(1)  # disjoint aggregates of n rollouts
+        empirical.append(np.mean(sums @ ref / (np.linalg.norm(sums, axis=1) * np.linalg.norm(ref))))
+    assert predicted == pytest.approx(np.mean(empirical), abs=0.02)
+    assert predicted > 1.5 * quality(GF, GG, FF, 1.0)[0]  # more compute, a better aggregate
