@@ -10,7 +10,8 @@ render); KEY says where the text comes from, and this module recomputes it. Keys
                                          the summary recomputed from grams.npz); FIELD one of ci, est,
                                          p_holm, power, mde80, family_ci, resolved
     gqarm:ARM:FIELD                      per arm: per_rollout, per_flop (estimate ± SE), spread, cost, n
-    gq:rollouts | gq:effect              rollouts joined; the positive control's effect
+    gq:rollouts | gq:effect | gq:needed  rollouts joined; the positive control's effect; the rollouts
+                                         80 % power at that effect would take (SE ~ 1 / sqrt(R), to 10)
     cov:FAMILY/MEASURE:coverage|fwe      the zero-signal simulation (gradient_quality/coverage)
     cov:all                              its coverage over every interval
     le:FOLDER:BUDGET:MEASURE:WHAT@D      benchmarks.evidence_stats of learning_efficiency/FOLDER at
@@ -85,6 +86,9 @@ def _gq_value(parts: list[str]) -> str:
         return str(s["rollouts"])
     if parts == ["effect"]:
         return f"{s['positive_control_effect']:+.3f}"
+    if parts == ["needed"]:  # rollouts for 80 % power at the observed control effect (SE ~ 1 / sqrt(R))
+        c = s["families"]["positive_control/per_rollout"]["plain-2K - plain-K"]
+        return str(int(round(s["rollouts"] * (c["mde80"] / abs(c["est"])) ** 2, -1)))
     fam, comp, field = parts
     c = s["families"][fam][comp]
     return {"ci": lambda: ci(c, 3, ("est", "lo", "hi")), "est": lambda: f"{c['est']:+.3f}",
