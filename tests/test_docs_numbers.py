@@ -12,7 +12,7 @@ from benchmarks.docs_numbers import DOCS, MARK, ROOT, main, render
 def test_every_marked_number_in_the_docs_matches_the_stored_results(capsys):
     assert main(["--check"]) == 0, capsys.readouterr().out
     counts = {d: len(MARK.findall((ROOT / d).read_text())) for d in DOCS}
-    assert counts["docs/evidence.md"] >= 60 and counts["README.md"] >= 4, counts
+    assert counts["docs/evidence.md"] >= 50 and counts["README.md"] >= 4, counts
 
 
 def test_an_edited_number_fails_the_check_and_the_command_restores_it(tmp_path, capsys):
