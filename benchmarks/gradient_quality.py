@@ -1,6 +1,6 @@
 """Gradient quality per FLOP of each selection arm, on shared trajectories (common random numbers).
 
-    python -m benchmarks.gradient_quality [--config configs/quickstart.yaml] [--rollouts 8] [--prompts 8]
+    python -m benchmarks.gradient_quality [--config configs/quickstart.yaml] [--rollouts 8] [--prompts 8] [--reward brightness]
                                           [--schedule NAME=pro:16>10@4>6@6 ...] [--out DIR]
 
 Each rollout samples G_sample trajectories for each of the same P training prompts to the end
@@ -17,20 +17,19 @@ they train on (and what that costs):
 
 For every arm and rollout: its exact policy gradient on-policy (the GRPO loss's gradient before any
 optimizer step, ratio 1, with the config's advantages on the arm's rewards and one random subset
-of ``timestep_fraction`` of the trainable steps per trajectory, the same subset in every arm);
-the cosine with a reference that excludes this rollout (the sum of the *other* rollouts'
-gradients of the whole sampled group, G_sample trained); the trained group's true-reward spread;
-the cost in units of F = one denoiser call on one trajectory (denoiser calls + previews and final
-images x (decode + reward) / F + c x training pairs, c = (forward + backward) / F; each counted with
-``torch.utils.flop_counter`` on this model, as ``benchmarks.measure`` does).
+of ``timestep_fraction`` of the trainable steps per trajectory, the same subset in every arm); the
+trained group's true-reward spread; the cost in units of F = one denoiser call on one trajectory
+(denoiser calls + previews and final images x (decode + reward) / F + c x training pairs, c =
+(forward + backward) / F; each counted with ``torch.utils.flop_counter`` on this model, as
+``benchmarks.measure`` does). The random arms draw their subsets from a stream of their own.
 
 Because the GRPO gradient is linear in the advantages, each arm's gradient is a weighted sum of
 per-trajectory gradients h_i = d/dtheta sum_{t in S_i} log p(x_{t+1} | x_t): one backward per
-trajectory serves every arm. Across rollouts, an arm's signal share |s|^2 / E|g|^2 is estimated as
-in ``benchmarks.gradient_snr`` (point estimate). Quality per FLOP: the cosine per 1000 F of cost
-per prompt, with paired t intervals over rollouts against plain-K and plain-2K. The reference is
-itself noisy, which shrinks every arm's cosine by the same factor: differences between arms keep
-their sign, and their size is a lower bound.
+trajectory serves every arm. Scoring (``benchmarks.crossfit``): each arm's gradients in one half of
+the rollouts against the other half's whole-group reference (cross-fitting), per rollout and at
+equal FLOPs (every arm given the FLOPs of one plain-2K rollout), with delete-one-rollout jackknife
+intervals, Holm across each family of comparisons, and power against the positive control's effect
+(plain-2K - plain-K). The inner products this needs are saved as ``grams.npz``.
 """
 
 from __future__ import annotations
@@ -57,12 +56,6 @@ ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_SCHEDULES = ["quickstart=pro:16>10@4>6@6",  # configs/quickstart.yaml
                      "paper=pro:24>12@5>6@7",  # the paper's 48 -> 24 @5 -> 12 @7 (T = 10), sizes x 0.5
                      "early=pro:16>6@2"]  # one prune at round(0.2 T) (benchmarks.schedules' pro-early)
-
-
-def cosine(a: Tensor, b: Tensor) -> float:
-    """Cosine of two flat vectors (0 if either is zero)."""
-    den = a.double().norm() * b.double().norm()
-    return float(a.double() @ b.double() / den) if den > 0 else 0.0
 
 
 def arm_schedules(K: int, G_static: int, schedules: list[NamedSchedule]) -> list[NamedSchedule]:

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from benchmarks.gradient_quality import (arm_gradient, arm_schedules, cosine, main, sample, select_arm,
+from benchmarks.gradient_quality import (arm_gradient, arm_schedules, main, sample, select_arm,
                                          trajectory_gradients)
 from benchmarks.gradient_snr import GradientCapture
 from benchmarks.schedules import parse_schedule
@@ -30,12 +30,6 @@ def affine_module(T=5, G=6):
         backend.net.delta.copy_(torch.tensor([[0.1, -0.2], [0.3, 0.05]]))  # a non-trivial policy
     return SimpleNamespace(backend=backend,
                            rollout=ExpandPruneRollout(backend, RewardSet([MeanPixel()]), PlainGRPOSchedule(G)))
-
-
-def test_cosine_by_hand():
-    a = torch.tensor([3.0, 4.0])
-    assert cosine(a, a) == pytest.approx(1.0) and cosine(a, -2 * a) == pytest.approx(-1.0)
-    assert cosine(a, torch.tensor([-4.0, 3.0])) == pytest.approx(0.0) and cosine(a, torch.zeros(2)) == 0.0
 
 
 def test_arms_select_as_their_rules_say():
