@@ -19,6 +19,8 @@ render); KEY says where the text comes from, and this module recomputes it. Keys
     le:FOLDER:rollouts.ARM | le:FOLDER:wall.ARM | le:FOLDER:rollout_ratio.A/B
                                          mean rollouts in the budget / wall s per rollout / their ratio
     json:PATH|KEY|KEY...@FMT             any value of a JSON file under docs/results (format spec FMT)
+    txt:PATH|PREFIX|I[@D]                the I-th number after PREFIX on the line of a stored text output
+                                         that starts with PREFIX (as written, or to D decimals); PREFIX#N: its N-th such line
     summary:PATH|NAME@D                  a "NAME: mean [lo, hi]" line of a summary.txt, as mean [lo, hi]
     table:sd35m_configs | table:gq | table:gq:FAMILY   a generated table (the SD3.5-M config FLOPs; the
                                          mechanism's arms and families, or one part: "arms" or a family)
@@ -156,6 +158,18 @@ def value(key: str) -> str:
         for k in keys:
             v = v[int(k)] if isinstance(v, list) else v[k]
         return format(v, fmt)
+    if kind == "txt":  # the I-th number of the line of a stored text output that starts with PREFIX
+        body, fmt = rest.rsplit("@", 1) if "@" in rest else (rest, "")
+        path, prefix, i = body.split("|")
+        prefix, _, nth = prefix.partition("#")  # "PREFIX#2": the second line that starts with PREFIX
+        lines = [ln for ln in (RESULTS / path).read_text().splitlines() if ln.startswith(prefix)]
+        for line in lines[int(nth or 1) - 1:int(nth or 1)]:
+            if line.startswith(prefix):
+                tok = re.findall(r"[-+]?\d+(?:\.\d+)?", line[len(prefix):])[int(i)]
+                if not fmt:
+                    return tok
+                return format(float(tok), ("+" if tok[0] in "+-" else "") + f".{int(fmt)}f")
+        raise KeyError(f"{path}: no line starting {prefix!r}")
     if kind == "summary":
         body, d = _digits(rest)
         path, name = body.split("|")
