@@ -28,6 +28,8 @@ render); KEY says where the text comes from, and this module recomputes it. Keys
                                          (GiB), and |measured - planned| / planned in %
     previewcorr:ARM:CKPT                 preview_decoders: ARM's whole-group proxy correlation at
                                          checkpoint CKPT minus the VAE preview's, paired by rollout
+    flopunit:FAMILY:FIELD@D              flops/flops.json unit FLOPs: F, row (TFLOP per CFG row), c, vae,
+                                         reward (TFLOP) and preview_over_F
     flops:CONFIG:FIELD@FMT               the shipped SD3.5-M configs' FLOP table (flops/flops.json)
 
 ``tests/test_docs_numbers.py`` runs the check, so a number edited by hand, or a result changed under
@@ -199,6 +201,15 @@ def value(key: str) -> str:
         arms = _json("preview_decoders/results.json")["arms"]
         a, v = arms[arm]["per_rollout"]["corr"], arms["vae"]["per_rollout"]["corr"]
         return ci(mean_ci([x[int(ck)] - y[int(ck)] for x, y in zip(a, v)]), 3)
+    if kind == "flopunit":  # benchmarks.flops' unit FLOPs of a family (TFLOP, or in F)
+        body, d = _digits(rest, 2)
+        family, field = body.split(":")
+        u = _json("flops/flops.json")["backends"][family]["unit_flops"]
+        F = u["denoiser_call"]
+        v = {"F": F / 1e12, "row": F / u["rows_per_call"] / 1e12, "c": u["train_pair"] / F,
+             "vae": u["vae_decode"] / 1e12, "reward": u["reward"] / 1e12,
+             "preview_over_F": (u["vae_decode"] + u["reward"]) / F}[field]
+        return f"{v:.{d}f}"
     if kind == "flops":
         body, fmt = rest.rsplit("@", 1) if "@" in rest else (rest, ".3f")
         cfg, field = body.split(":")
