@@ -84,14 +84,15 @@ def test_adapt_command_writes_an_overlay_that_fit_accepts(tmp_path):
     from pro_grpo_lightning.cli import main as cli_main
 
     out = tmp_path / "adapt"
-    args = ["--config", "configs/tiny_sd15.yaml", "--rollouts", "2", "--out", str(out),
-            "--data.prompts_per_step=2"]
+    small = ["--data.prompts_per_step=2", "--model.backend.init_args.resolution=32",
+             "--model.backend.init_args.num_steps=4", "--model.schedule.init_args.checkpoints=[1, 2]"]
+    args = ["--config", "configs/tiny_sd15.yaml", "--rollouts", "2", "--out", str(out), *small]
     assert main(args) == 0
     result = json.loads((out / "adaptive.json").read_text())
     assert result["rollouts"] == 2 and len(result["per_step"]) == result["num_steps"]
     assert result["chosen"] in [t["checkpoints"] for t in result["tuples"]]
-    cli = cli_main(["--config", "configs/tiny_sd15.yaml", "--config", str(out / "schedule.yaml")], run=False,
-                   save_config=False)
+    cli = cli_main(["--config", "configs/tiny_sd15.yaml", *small, "--config", str(out / "schedule.yaml")],
+                   run=False, save_config=False)
     assert cli.model.schedule.checkpoints == result["chosen"]
     with pytest.raises(ValueError, match="already holds"):  # nothing is replaced
         main(args)

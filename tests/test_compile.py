@@ -97,3 +97,38 @@ def test_compile_backend_is_checked_before_any_model_loads():
     with pytest.raises(ValueError, match="compile_backend='no_such'"):
         TinySD3Backend(compile=True, compile_backend="no_such")
     assert DenoiserCompiler("aot_eager").metrics() == {"compile/graphs": 0.0}
+
+
+@pytest.mark.heavy
+def test_compiled_ddp_run_matches_the_eager_single_process_run(tmp_path):
+    """Two gloo ranks with the compiled denoiser (aot_eager) train the same LoRA as one eager process
+    with the same global batch (as ``test_ddp.py`` checks for eager ranks), and compile nothing after
+    the first rollout. Outside the default suite (4 compiling processes' worth of CPU): ``-m heavy``."""
+    import os
+    import subprocess
+    import sys
+
+    from pro_grpo_lightning.cli import main
+    from tests.cli_runs import ROOT, run_metrics
+    from tests.test_ddp import run_args
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    compiled = ["--model.backend.init_args.compile=true", "--model.backend.init_args.compile_backend=aot_eager"]
+    with open(tmp_path / "ddp.log", "w") as log:
+        ddp = subprocess.Popen(
+            [sys.executable, "-m", "pro_grpo_lightning", "fit", *run_args(tmp_path, "ddp"), *compiled,
+             "--data.prompts_per_step", "1", "--trainer.strategy", "ddp", "--trainer.devices", "2",
+             "--trainer.accelerator", "cpu"], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            main(["fit", *run_args(tmp_path, "single"), "--data.prompts_per_step", "2"])
+            ddp.wait(timeout=900)
+        finally:
+            ddp.kill()
+    assert ddp.returncode == 0, (tmp_path / "ddp.log").read_text()[-3000:]
+    single = torch.load(tmp_path / "single/ckpt/last.ckpt", weights_only=False)["state_dict"]
+    two = torch.load(tmp_path / "ddp/ckpt/last.ckpt", weights_only=False)["state_dict"]
+    assert set(single) == set(two)
+    for k, v in single.items():
+        torch.testing.assert_close(two[k], v, rtol=0, atol=2e-6)
+    graphs = [float(r["compile/graphs"]) for r in run_metrics(tmp_path / "ddp", "compile/graphs")]
+    assert len(graphs) == 2 and graphs[0] > 0 and graphs[1] == graphs[0]  # nothing compiled after rollout 1

@@ -7,6 +7,10 @@
 #            each variant in its own process (MEMORY_ONLY="flux_pro ..." for a subset)
 #   run_all  the GPU cost tables (benchmarks/gpu/run_all.sh, BACKENDS default "sd3 sd15") with the
 #            time that is left
+#   compile  eager vs compiled denoiser (benchmarks/compile_cost.py, inductor, bf16): rollout and
+#            update ratios, graphs after warm-up, max |log-ratio|; the whole SD3.5-M and one block
+#            (COMPILE_MODELS, default "block full"); not in the default STAGES (compiling SD3.5-M
+#            takes minutes): STAGES="compile" benchmarks/gpu/session.sh OUT 450
 # Everything lands in one archive, OUT/results.tgz (the device tool brings back few files), plus
 # OUT/session.log.
 #
@@ -74,6 +78,15 @@ if has run_all && [ "$(left)" -gt 120 ]; then
     bash benchmarks/gpu/run_all.sh "$RES/run_all" "${RA[@]}"
   echo "[session] run_all exit $? ($(left)s left)"
   rm -rf "$RES/run_all/.deps"
+fi
+
+# ---- eager vs compiled denoiser ------------------------------------------------------------------
+if has compile && [ "$(left)" -gt 90 ]; then
+  if [ -n "${SMOKE:-}" ]; then CC=(--model tiny --compile-backend aot_eager --repeats 1)
+  else CC=(--device cuda --dtype bfloat16 --repeats 3); for m in ${COMPILE_MODELS:-block full}; do CC+=(--model "$m"); done; fi
+  timeout --signal=INT --kill-after=20 $(( $(left) - 45 )) "$PY" -m benchmarks.compile_cost "${CC[@]}" \
+    --out "$RES/compile_cost"
+  echo "[session] compile_cost exit $? ($(left)s left)"
 fi
 
 # ---- join the shards (stop them 40 s before the end: the join scores what is contiguous) ---------

@@ -207,10 +207,12 @@ class DiffusionBackend(nn.Module, abc.ABC):
             for n, v in state.items():
                 params[n].copy_(v)
 
+    #: counts and delegates the denoiser's compilations (``compiling.py``); None: eager
+    compiler: DenoiserCompiler | None = None
+
     def compile_metrics(self) -> dict[str, float]:
-        """``compile/*`` counts of a compiled denoiser (``compiling.py``); empty when it runs eagerly."""
-        compiler = getattr(self, "compiler", None)
-        return compiler.metrics() if compiler is not None else {}
+        """``compile/*`` counts of a compiled denoiser; empty when it runs eagerly."""
+        return self.compiler.metrics() if self.compiler is not None else {}
 
     def extra_repr(self) -> str:
         window = f", sde_window={list(self.sde_window)}" if self.sde_window is not None else ""
