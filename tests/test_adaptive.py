@@ -96,3 +96,15 @@ def test_adapt_command_writes_an_overlay_that_fit_accepts(tmp_path):
     assert cli.model.schedule.checkpoints == result["chosen"]
     with pytest.raises(ValueError, match="already holds"):  # nothing is replaced
         main(args)
+
+
+def test_benchmark_replays_arms_like_the_rule_and_scales_the_papers_points():
+    from benchmarks.adaptive_schedule import paper_points, replay
+
+    assert paper_points(10, 2) == [5, 7] and paper_points(50, 2) == [30, 40] and paper_points(20, 2) == [10, 14]
+    assert paper_points(10, 3) is None
+    probes, final = known_quality_probes(R=5)
+    res = analyse(probes, final, list(range(8)), 8, [5, 3], "ovf", 8, 0.5, bound=0.05)
+    for t in res["tuples"][:6]:
+        got = replay(probes, final, list(range(8)), t["checkpoints"], [5, 3], "ovf")  # [R]
+        assert got.tolist() == pytest.approx(t["overlap_per_rollout"])
