@@ -3,7 +3,8 @@
 Each variant is a shipped config (a base and its overlays) plus overrides. Its module is built by the
 CLI exactly as ``fit`` builds it; only the weights differ: every network is constructed from the
 real architecture (``pro_grpo_lightning/architectures.py``, the table ``plan`` uses) directly on the
-device in the config's dtype, with random values (no hub here). The run is a Lightning ``Trainer``
+device in the config's dtype, with random values (no hub here): the library's own
+``NetworkSource("random", device)`` (``ProGRPOModule.use_networks``). The run is a Lightning ``Trainer``
 fit of ``--iterations`` rollouts + updates with the config's precision, no validation, no logger,
 no checkpoints. Measured: the CUDA allocator's peak (``torch.cuda.max_memory_allocated``, which is
 what ``plan`` estimates: its runtime overhead is on top), the caching allocator's reserved peak, and
@@ -69,41 +70,6 @@ def _precision(configs: list[str]) -> str:
     return precision
 
 
-def random_weights(module: Any, device: str, seed: int = 0) -> None:
-    """Make ``module`` build every network of the real architecture on ``device``, random values.
-
-    The backend's components come from its architecture as ``plan`` reads it (a local folder's
-    config files or ``architectures.PIPELINES``: ``plan.architecture_components``), the pretrained
-    rewards' CLIP from ``plan.reward_architecture``; tokenizers are the offline shape-equivalent ones
-    ``plan`` uses. Models built in code (``<tiny...>``) keep their
-    own loader.
-    """
-    from transformers import CLIPModel
-
-    from benchmarks.models import built_on
-    from pro_grpo_lightning import plan
-    from pro_grpo_lightning.backends.tokenizers import byte_level_clip_tokenizer
-
-    backend = module.backend
-    pretrained = str(backend.pretrained)
-    if not pretrained.startswith("<"):
-        def load() -> dict[str, Any]:
-            with built_on(device, backend.weight_dtype, seed):
-                return plan.architecture_components(backend, pretrained)
-
-        backend.load_components = load
-    for reward in [*module.rewards.rewards, *module.eval_rewards]:
-        if not hasattr(reward, "_load"):
-            continue
-        config = plan.reward_architecture(reward).config  # meta: only its configuration is read
-
-        def load_reward(config: Any = config, dtype: Any = reward.weight_dtype) -> tuple[Any, Any]:
-            with built_on(device, dtype, seed):
-                return CLIPModel(config).eval(), byte_level_clip_tokenizer()
-
-        reward._load = load_reward
-
-
 class IterationTimer(pl.Callback):
     """Seconds per training iteration (one rollout + its updates), synchronised on CUDA."""
 
@@ -130,11 +96,14 @@ class IterationTimer(pl.Callback):
 
 def measure(name: str, configs: list[str], overrides: list[str], iterations: int, device: str,
             workdir: Path) -> dict[str, Any]:
+    from pro_grpo_lightning.networks import NetworkSource
     from pro_grpo_lightning.plan import build_run
 
     t0 = time.perf_counter()
     module, datamodule = build_run([str(ROOT / c) for c in configs], overrides)
-    random_weights(module, device)
+    # every network of the real architecture (a local folder's config files or architectures.py, as
+    # the plan reads it), built on the device in its dtype with random values; tiny models their code
+    module.use_networks(NetworkSource("random", device, seed=0))
     timer = IterationTimer()
     precision = _precision(configs)
     trainer = pl.Trainer(accelerator="gpu" if device == "cuda" else "cpu", devices=1, precision=precision,
