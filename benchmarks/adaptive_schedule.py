@@ -27,8 +27,8 @@ from typing import Any
 
 import torch
 
-from pro_grpo_lightning.adaptive import (analyse, measure, overlap_with_final, preview_cost_in_calls, prompt_batches,
-                                         rollout_flops, sequential_choice)
+from pro_grpo_lightning.adaptive import (analyse, build_cli, measure, overlap_with_final, preview_cost_in_calls,
+                                         prompt_batches, rollout_flops, sequential_choice)
 from pro_grpo_lightning.schedules import ProGRPOSchedule
 
 from .stats import mean_ci
@@ -119,13 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="benchmarks/results/adaptive_schedule")
     args, overrides = p.parse_known_args(argv)
     torch.set_num_threads(args.threads)
-    from pro_grpo_lightning.cli import main as cli_main
-
-    argv0, sys.argv = sys.argv, sys.argv[:1]
-    try:
-        cli = cli_main([a for c in args.config for a in ("--config", c)] + overrides, run=False, save_config=False)
-    finally:
-        sys.argv = argv0
+    cli = build_cli(args.config, overrides)
     module, sched = cli.model, cli.model.schedule
     module.configure_model()
     module.backend.eval()

@@ -35,6 +35,7 @@ import json
 import math
 import os
 import sys
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -225,6 +226,15 @@ def format_table(result: dict[str, Any]) -> str:
     return "\n".join(rows)
 
 
+def build_cli(configs: Sequence[str], overrides: Sequence[str] = ()) -> Any:
+    """The module and data module of ``fit --config ...`` (overlays in order) without running it."""
+    from .cli import main as cli_main
+
+    with warnings.catch_warnings():  # LightningCLI reads only ``args``, and warns when argv has more
+        warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
+        return cli_main([a for c in configs for a in ("--config", c)] + list(overrides), run=False, save_config=False)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m pro_grpo_lightning adapt",
@@ -245,14 +255,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     written = [p for p in (os.path.join(args.out, n) for n in ("schedule.yaml", "adaptive.json")) if os.path.exists(p)]
     if written:
         raise ValueError(f"--out {args.out!r} already holds {written[0]!r}: choose a new folder (nothing is replaced)")
-    from .cli import main as cli_main
-
-    argv0, sys.argv = sys.argv, sys.argv[:1]  # LightningCLI reads only ``args`` here
-    try:
-        cli = cli_main([a for c in args.config for a in ("--config", c)] + list(overrides), run=False,
-                       save_config=False)
-    finally:
-        sys.argv = argv0
+    cli = build_cli(args.config, overrides)
     module, sched = cli.model, cli.model.schedule
     T = module.backend.num_steps
     steps = list(range(T)) if args.candidates is None else [int(s) for s in args.candidates.split(",")]
