@@ -66,23 +66,26 @@ def test_compiled_rollout_matches_eager_and_rescoring(name):
 
 
 def test_no_recompilation_after_warmup_across_pruning_chunks_update_and_checkpointing():
-    """Warm-up: one pruned rollout (in chunks of 3 rows, so a remainder chunk too), one audit
-    rollout and one update with a KL reference (adapter off) under gradient checkpointing. Then
-    every later rollout and update only looks graphs up: with the public ``fail_on_recompile``
+    """Warm-up: one pruned rollout (5 -> 3 -> 2 rows in chunks of 2, so remainder chunks too), one
+    audit rollout and one update with a KL reference (adapter off) under gradient checkpointing.
+    Then every later rollout and update only looks graphs up: with the public ``fail_on_recompile``
     stance a new compilation would raise, and our own count stays where it was."""
     backend = build("sd3", compile=True, compile_backend="aot_eager", gradient_checkpointing=True)
-    rollout = rollout_of(backend, ProGRPOSchedule(5, [0, 1], [4, 2]), sample_batch_size=3)
-    settings = UpdateSettings(train_batch_size=3, kl_beta=0.1)
+    rollout = rollout_of(backend, ProGRPOSchedule(5, [0, 1], [3, 2]), sample_batch_size=2)
+    settings = UpdateSettings(train_batch_size=2, kl_beta=0.1)
     opt = torch.optim.SGD(backend.trainable_parameters(), lr=0.1)
 
     def iteration(seed, audit=False):
-        res = rollout.run(PROMPTS, torch.Generator().manual_seed(seed), audit=audit)
+        res = rollout.run(PROMPTS[:1], torch.Generator().manual_seed(seed), audit=audit)
         adv = torch.linspace(-1, 1, res.log_probs.shape[0])  # [N]
         return grpo_update(backend, res, adv, settings, opt, generator=torch.Generator().manual_seed(seed))
 
     iteration(0)
     iteration(0, audit=True)
     warm = backend.compiler.graphs
+    # rollout chunks of 2 and 1 trajectories (x2 rows: CFG); update minibatches of 2 with grad and
+    # for the reference without: one graph each, no graph breaks
+    assert sorted(shape[0] for shape in backend.compiler.shapes) == [2, 4, 4, 4]
     torch.compiler.set_stance("fail_on_recompile")
     try:
         for seed in (1, 2):
