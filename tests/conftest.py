@@ -14,13 +14,3 @@ def one_thread():
     yield
     torch.set_num_threads(before)
 
-
-def pytest_collection_modifyitems(config, items):
-    """``heavy`` tests run only when selected by marker (``pytest -m heavy``): the default suite
-    must stay under 10 minutes on 2 cores."""
-    if "heavy" in (config.option.markexpr or ""):
-        return
-    skip = pytest.mark.skip(reason="heavy: outside the default suite; run with pytest -m heavy")
-    for item in items:
-        if "heavy" in item.keywords:
-            item.add_marker(skip)
