@@ -215,6 +215,7 @@ class ProGRPOModule(pl.LightningModule):
         self.rollouts_done += 1
         logged = logs.rollout_metrics(result, adv.advantages, stats, update_time, health, self.rollouts_done,
                                       opt.param_groups[0]["lr"], self.device)
+        logged.update({k: torch.tensor(v) for k, v in self.backend.compile_metrics().items()})  # this rank's graphs
         logs.log_rollout(self, logged, batch_size=len(prompts))
         with logs.written_if_raised(self, logged):  # a guard's stop: Lightning would drop these metrics
             self.guard.update(bad, nonfinite_counts(result.components), total=result.rewards.numel(),

@@ -89,10 +89,9 @@ ALLOCATOR_ENV = {"expandable": {"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:
 #: Derived variants measured by default (``--unmeasured``): does SD3.5-M as shipped fit an 80 GiB card,
 #: with the default allocator and with expandable segments?
 DERIVED = ["sd35m_pro+cap80", "sd35m_pro+expandable", "sd35m_pro+expandable+cap80"]
-#: ``NAME+compiled``: NAME with these overrides added, the CLI setting that compiles the denoiser. Empty
-#: while the library has no compile option; the branch that adds one sets it here, and the session's
-#: ``compile`` stage then measures NAME and NAME+compiled side by side.
-COMPILE_OVERRIDES: list[str] = []
+#: ``NAME+compiled``: NAME with these overrides added, the CLI setting that compiles the denoiser
+#: (``compiling.py``); the session's ``compile`` stage measures NAME and NAME+compiled side by side.
+COMPILE_OVERRIDES: list[str] = ["--model.backend.init_args.compile=true"]
 SMOKE_DERIVED = ["tiny_sd3+expandable+cap80"]
 
 

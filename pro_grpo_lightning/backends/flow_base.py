@@ -89,7 +89,8 @@ class FlowMatchingBackend(PipelineBackend):
                  sde_kind: str, max_sequence_length: int, gradient_checkpointing: bool,
                  offload_text_encoders: bool, vae_decode_chunk: int | None,
                  sde_window: Sequence[int] | None = None, finetune: str = "lora",
-                 preview_decoder: str | None = None) -> None:
+                 preview_decoder: str | None = None, compile: bool = False,
+                 compile_backend: str = "inductor") -> None:
         if sde_kind not in FLOW_STEP_KINDS:
             raise ValueError(f"sde_kind={sde_kind!r}: choose one of {FLOW_STEP_KINDS}")
         if noise_level < 0 or (sde_kind == "cps" and noise_level > 1):
@@ -102,7 +103,8 @@ class FlowMatchingBackend(PipelineBackend):
         super().__init__(pretrained, revision=revision, gradient_checkpointing=gradient_checkpointing,
                          vae_decode_chunk=vae_decode_chunk, num_steps=num_steps, guidance_scale=guidance_scale,
                          resolution=resolution, lora=lora, dtype=dtype, negative_prompt=negative_prompt,
-                         sde_window=sde_window, finetune=finetune, preview_decoder=preview_decoder)
+                         sde_window=sde_window, finetune=finetune, preview_decoder=preview_decoder, compile=compile,
+            compile_backend=compile_backend)
         self.noise_level = float(noise_level)
         self.sde_kind = sde_kind
         self.max_sequence_length = int(max_sequence_length)

@@ -84,14 +84,16 @@ class FluxBackend(FlowMatchingBackend):
                  gradient_checkpointing: bool = False, offload_text_encoders: bool = False,
                  vae_decode_chunk: int | None = None, revision: str | None = None,
                  sde_window: list[int] | None = None, finetune: str = "lora",
-                 preview_decoder: str | None = None) -> None:
+                 preview_decoder: str | None = None, compile: bool = False,
+                 compile_backend: str = "inductor") -> None:
         super().__init__(
             pretrained=pretrained, revision=revision, num_steps=num_steps, guidance_scale=guidance_scale,
             resolution=resolution, lora=lora, dtype=dtype, negative_prompt="", noise_level=noise_level,
             sde_kind=sde_kind, max_sequence_length=max_sequence_length,
             gradient_checkpointing=gradient_checkpointing, offload_text_encoders=offload_text_encoders,
             vae_decode_chunk=vae_decode_chunk, sde_window=sde_window, finetune=finetune,
-            preview_decoder=preview_decoder)
+            preview_decoder=preview_decoder, compile=compile,
+            compile_backend=compile_backend)
 
     def uses_cfg(self) -> bool:
         return False  # dev: guidance embedding; schnell: no guidance
@@ -221,13 +223,15 @@ class TinyFluxBackend(FluxBackend):
                  max_sequence_length: int = 32, gradient_checkpointing: bool = False,
                  offload_text_encoders: bool = False, vae_decode_chunk: int | None = None,
                  sde_window: list[int] | None = None, finetune: str = "lora",
-                 preview_decoder: str | None = None) -> None:
+                 preview_decoder: str | None = None, compile: bool = False,
+                 compile_backend: str = "inductor") -> None:
         super().__init__(
             TINY_FLUX_SOURCE, num_steps=num_steps, guidance_scale=guidance_scale, resolution=resolution,
             lora=lora, dtype=dtype, noise_level=noise_level, sde_kind=sde_kind,
             max_sequence_length=max_sequence_length, gradient_checkpointing=gradient_checkpointing,
             offload_text_encoders=offload_text_encoders, vae_decode_chunk=vae_decode_chunk, sde_window=sde_window,
-            finetune=finetune, preview_decoder=preview_decoder)
+            finetune=finetune, preview_decoder=preview_decoder, compile=compile,
+            compile_backend=compile_backend)
         self.seed = seed
         self.guidance_embeds = guidance_embeds
 

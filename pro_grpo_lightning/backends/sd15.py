@@ -68,7 +68,8 @@ class SD15Backend(PipelineBackend):
                  dtype: str = "float32", negative_prompt: str = "", revision: str | None = None,
                  vae_decode_chunk: int | None = None, gradient_checkpointing: bool = False,
                  sde_window: list[int] | None = None, finetune: str = "lora",
-                 preview_decoder: str | None = None) -> None:
+                 preview_decoder: str | None = None, compile: bool = False,
+                 compile_backend: str = "inductor") -> None:
         if eta < 0:
             raise ValueError(f"eta must be >= 0, got {eta}")
         if resolution % 8:
@@ -76,7 +77,8 @@ class SD15Backend(PipelineBackend):
         super().__init__(pretrained, revision=revision, gradient_checkpointing=gradient_checkpointing,
                          vae_decode_chunk=vae_decode_chunk, num_steps=num_steps, guidance_scale=guidance_scale,
                          resolution=resolution, lora=lora, dtype=dtype, negative_prompt=negative_prompt,
-                         sde_window=sde_window, finetune=finetune, preview_decoder=preview_decoder)
+                         sde_window=sde_window, finetune=finetune, preview_decoder=preview_decoder, compile=compile,
+            compile_backend=compile_backend)
         self.eta = float(eta)
         # Filled by configure_model().
         self.unet: nn.Module | None = None
@@ -269,12 +271,14 @@ class TinySD15Backend(SD15Backend):
                  eta: float = 1.0, lora: LoraSettings | None = None, dtype: str = "float32",
                  negative_prompt: str = "", seed: int = 0, vae_decode_chunk: int | None = None,
                  gradient_checkpointing: bool = False, sde_window: list[int] | None = None,
-                 finetune: str = "lora", preview_decoder: str | None = None) -> None:
+                 finetune: str = "lora", preview_decoder: str | None = None, compile: bool = False,
+                 compile_backend: str = "inductor") -> None:
         super().__init__(TINY_SD15_SOURCE, num_steps=num_steps, guidance_scale=guidance_scale,
                          resolution=resolution, eta=eta, lora=lora, dtype=dtype,
                          negative_prompt=negative_prompt, vae_decode_chunk=vae_decode_chunk,
                          gradient_checkpointing=gradient_checkpointing, sde_window=sde_window, finetune=finetune,
-                         preview_decoder=preview_decoder)
+                         preview_decoder=preview_decoder, compile=compile,
+            compile_backend=compile_backend)
         self.seed = seed
 
     def load_components(self) -> dict[str, Any]:

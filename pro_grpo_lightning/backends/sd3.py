@@ -61,14 +61,16 @@ class SD3Backend(FlowMatchingBackend):
                  gradient_checkpointing: bool = False, offload_text_encoders: bool = False,
                  vae_decode_chunk: int | None = None, revision: str | None = None,
                  sde_window: list[int] | None = None, finetune: str = "lora",
-                 preview_decoder: str | None = None) -> None:
+                 preview_decoder: str | None = None, compile: bool = False,
+                 compile_backend: str = "inductor") -> None:
         super().__init__(
             pretrained=pretrained, revision=revision, num_steps=num_steps, guidance_scale=guidance_scale,
             resolution=resolution, lora=lora, dtype=dtype, negative_prompt=negative_prompt,
             noise_level=noise_level, sde_kind=sde_kind, max_sequence_length=max_sequence_length,
             gradient_checkpointing=gradient_checkpointing, offload_text_encoders=offload_text_encoders,
             vae_decode_chunk=vae_decode_chunk, sde_window=sde_window, finetune=finetune,
-            preview_decoder=preview_decoder)
+            preview_decoder=preview_decoder, compile=compile,
+            compile_backend=compile_backend)
         self.drop_t5 = drop_t5
 
     # ---- components ------------------------------------------------------------------------
@@ -229,14 +231,16 @@ class TinySD3Backend(SD3Backend):
                  drop_t5: bool = False, gradient_checkpointing: bool = False,
                  offload_text_encoders: bool = False, vae_decode_chunk: int | None = None,
                  sde_window: list[int] | None = None, finetune: str = "lora",
-                 preview_decoder: str | None = None) -> None:
+                 preview_decoder: str | None = None, compile: bool = False,
+                 compile_backend: str = "inductor") -> None:
         super().__init__(
             TINY_SD3_SOURCE, num_steps=num_steps, guidance_scale=guidance_scale, resolution=resolution,
             lora=lora, dtype=dtype, negative_prompt=negative_prompt, noise_level=noise_level,
             sde_kind=sde_kind, max_sequence_length=max_sequence_length, drop_t5=drop_t5,
             gradient_checkpointing=gradient_checkpointing, offload_text_encoders=offload_text_encoders,
             vae_decode_chunk=vae_decode_chunk, sde_window=sde_window, finetune=finetune,
-            preview_decoder=preview_decoder)
+            preview_decoder=preview_decoder, compile=compile,
+            compile_backend=compile_backend)
         self.seed = seed
 
     def load_components(self) -> dict[str, object]:
