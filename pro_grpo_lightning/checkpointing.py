@@ -105,6 +105,12 @@ def check_checkpoint_finite(checkpoint: dict[str, Any], where: str) -> None:
     check_finite_tensors(optimizer_tensors(checkpoint.get("optimizer_states") or []), where)
 
 
+#: how every ``torch.save`` file begins: a zip archive (PyTorch >= 1.6) or the legacy format's
+#: pickled magic number (protocol 2, then the 10-byte long 0x1950a86a20f9469cfc6c)
+_ZIP_MAGIC = b"PK\x03\x04"
+_LEGACY_MAGIC = b"\x80\x02\x8a\x0al\xfc\x9cF\xf9 j\xa8P\x19"
+
+
 def load_checkpoint_file(path: str, map_location: Any = "cpu") -> dict[str, Any]:
     """Open a training checkpoint safely; every failure is one ``CheckpointError`` line naming ``path``."""
     path = str(path)
@@ -112,6 +118,11 @@ def load_checkpoint_file(path: str, map_location: Any = "cpu") -> dict[str, Any]
         raise CheckpointError(f"ckpt_path={path!r}: no such file")
     if os.path.getsize(path) == 0:
         raise CheckpointError(f"ckpt_path={path!r}: empty file (0 bytes), not a checkpoint")
+    with open(path, "rb") as f:
+        head = f.read(len(_LEGACY_MAGIC))
+    if not head.startswith(_ZIP_MAGIC) and head != _LEGACY_MAGIC:
+        raise CheckpointError(f"ckpt_path={path!r}: not a PyTorch checkpoint (it starts with neither a "
+                              f"zip nor a legacy torch.save header: corrupted, or another kind of file)")
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as err:

@@ -25,7 +25,7 @@ from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 
 from .checkpointing import check_checkpoint_finite, load_checkpoint_file
 from .data import PromptDataModule
-from .errors import ConfigError
+from .errors import ConfigError, OutputError, RewardError
 from .health import NonFiniteError
 from .logs import ProGRPOProgressBar
 from .module import ProGRPOModule
@@ -142,22 +142,20 @@ USER_ERRORS = (ConfigError, ValueError, FileNotFoundError, UnicodeDecodeError)
 
 def one_line(err: BaseException) -> str:
     text = " ".join(str(err).split()) or type(err).__name__
-    return text if isinstance(err, (ConfigError, NonFiniteError)) else f"{type(err).__name__}: {text}"
+    return text if isinstance(err, (ConfigError, NonFiniteError, RewardError, OutputError)) else f"{type(err).__name__}: {text}"
 
 
 def run_main(fn: Callable[[list[str] | None], Any], argv: list[str] | None = None) -> int:
-    """Run ``fn(argv)``; a settings/file error, a non-finite stop or an unusable reward server becomes
-    one ``error: ...`` line on stderr and exit status 2 (settings) or 1 (the run stopped).
-    ``PRO_GRPO_DEBUG=1``: full traceback."""
-    from .rewards.remote import RemoteRewardError
-
+    """Run ``fn(argv)``; a settings/file error, a non-finite stop, a failing reward (or reward server)
+    or an unwritable output becomes one ``error: ...`` line on stderr and exit status 2 (settings)
+    or 1 (the run stopped). ``PRO_GRPO_DEBUG=1``: full traceback."""
     try:
         fn(argv)
-    except (*USER_ERRORS, NonFiniteError, RemoteRewardError) as err:
+    except (*USER_ERRORS, NonFiniteError, RewardError, OutputError) as err:
         if os.environ.get("PRO_GRPO_DEBUG", "") not in ("", "0"):
             raise
         print(f"error: {one_line(err)}", file=sys.stderr)
-        return 1 if isinstance(err, (NonFiniteError, RemoteRewardError)) else 2
+        return 1 if isinstance(err, (NonFiniteError, RewardError, OutputError)) else 2
     return 0
 
 

@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 
+from .errors import RewardError
 from .rewards.base import Reward
 from .rewards.remote import decode_request, scores_to_json
 
@@ -99,8 +100,13 @@ class _Handler(BaseHTTPRequestHandler):
         body = self.rfile.read(length)
         try:
             scores = self.server.score(body)
-        except ValueError as err:  # a malformed request, or the reward refusing its inputs
+        except ValueError as err:  # a malformed request
             self._send(400, {"error": str(err).splitlines()[0] if str(err) else type(err).__name__})
+            return
+        except RewardError as err:  # the reward refusing its inputs (its ValueError) or failing
+            refused = isinstance(err.__cause__, ValueError)
+            text = str(err.__cause__ if refused else err)
+            self._send(400 if refused else 500, {"error": text.splitlines()[0] if text else type(err).__name__})
             return
         except Exception as err:  # the reward failed: report it, keep serving
             self._send(500, {"error": f"{type(err).__name__}: {err}".splitlines()[0]})

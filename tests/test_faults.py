@@ -12,6 +12,7 @@ import glob
 import itertools
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -600,3 +601,55 @@ def test_export_lora_refuses_nonfinite_adapter_weights(tmp_path):
     with pytest.raises(NonFiniteError, match="lora_B"):
         export_lora(backend, str(tmp_path / "lora"))
     assert not (tmp_path / "lora").exists()
+
+
+# ---- issue 23: what a file, a reward or a peer hands us ---------------------------------------------
+@pytest.mark.parametrize("mode, expected", [
+    ("raise", r"reward 'broken' \(BrokenReward\) raised ZeroDivisionError: integer division or modulo by zero"),
+    ("scalar", r"reward 'broken' returned a torch.float32 tensor of shape \[\], expected a real tensor of shape "
+               r"\[(\d+)\] \(one score per image\)"),
+    ("list", r"reward 'broken' returned a list, expected a torch.Tensor of shape \[(\d+)\] \(one score per image\)"),
+    ("column", r"reward 'broken' returned a torch.float32 tensor of shape \[(\d+), 1\], expected a real tensor "
+               r"of shape \[\1\] \(one score per image\)"),
+])
+def test_a_broken_reward_is_one_line_naming_it(tmp_path, capsys, mode, expected):
+    reward = "{class_path: tests.fakes.BrokenReward, init_args: {mode: %s}}" % mode
+    args = ["fit", *config_args(tmp_path, "b", "trainer:\n  max_steps: 1\n", out=tmp_path / "b"),
+            f"--model.rewards=[{reward}]"]
+    rc, err = run_cli(args, capsys)
+    assert rc == 1 and re.fullmatch(f"error: {expected}", error_line(err)), error_line(err)
+    assert not (tmp_path / "b/ckpt").exists() or not glob.glob(str(tmp_path / "b/ckpt/.*"))
+
+
+@pytest.mark.parametrize("content, expected", [
+    ("a cat\nbad\x00prompt\n", "prompt 1 holds a NUL byte"),
+    ("a cat\n" + "x" * 20_000 + "\n", "prompt 1 is 20,000 characters long (at most 10,000"),
+])
+def test_binary_or_absurd_prompt_files_are_one_line(tmp_path, capsys, monkeypatch, content, expected):
+    bad = tmp_path / "prompts.txt"
+    bad.write_text(content)
+    loads = LoadCounter(monkeypatch)
+    rc, err = run_cli([*TINY, f"--trainer.default_root_dir={tmp_path}", f"--data.prompts={bad}"], capsys)
+    line = error_line(err)
+    assert rc == 2 and str(bad) in line and expected in line, line
+    assert loads.calls == 0
+
+
+def test_duplicate_prompts_are_reported():
+    from pro_grpo_lightning.data import load_prompt_set
+
+    with pytest.warns(UserWarning, match=r"50 of 52 prompts are duplicates \(e.g. 'a cat' 51 times\)"):
+        load_prompt_set(["a cat"] * 51 + ["a dog"])
+
+
+def test_random_bytes_are_not_a_checkpoint(tmp_path, capsys, monkeypatch):
+    path = tmp_path / "random.ckpt"
+    path.write_bytes(torch.randint(0, 256, (4096,), generator=torch.Generator().manual_seed(0),
+                                   dtype=torch.uint8).numpy().tobytes())
+    loads = LoadCounter(monkeypatch)
+    for argv, fn in [(resume_args(tmp_path, path), main),
+                     (["--ckpt", str(path), "--out", str(tmp_path / "x")], export_main)]:
+        rc = run_main(fn, argv)
+        line = error_line(capsys.readouterr().err)
+        assert rc == 2 and str(path) in line and "not a PyTorch checkpoint" in line and "Python objects" not in line
+    assert loads.calls == 0

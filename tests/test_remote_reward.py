@@ -133,7 +133,10 @@ def test_a_server_that_never_answers_times_out_and_is_retried(caplog):
 
 def test_wrong_count_and_refusals_are_one_line_errors(scripted_url, caplog):
     images = torch.zeros(2, 3, 4, 4)
-    with pytest.raises(RemoteRewardError, match=r"/score returned 3 scores for 2 images$"):
+    # the server checks what its reward returns: one line naming it and the expected shape
+    with pytest.raises(RemoteRewardError, match=r"/score answered HTTP 500: reward 'scripted' returned a "
+                                                r"torch.float32 tensor of shape \[3\], expected a real tensor of "
+                                                r"shape \[2\] \(one score per image\)$"):
         RemoteReward(scripted_url)(images, ["a", "b"], [{"value": 1}, {"misbehave": "extra_score"}])
     with caplog.at_level(logging.WARNING):
         with pytest.raises(RemoteRewardError, match="HTTP 400: this scorer refuses the batch$"):
@@ -208,7 +211,7 @@ def test_server_killed_mid_run_retries_then_stops_cleanly(tmp_path):
         assert server.wait(timeout=30) == -9  # the callback killed it after step 2
     err = run.stderr.strip().splitlines()
     assert run.returncode == 1, run.stderr[-3000:]
-    assert err[-1].startswith(f"error: RemoteRewardError: RemoteReward 'brightness': no answer from {url}/score "
+    assert err[-1].startswith(f"error: RemoteReward 'brightness': no answer from {url}/score "
                               f"after 3 attempt(s)"), err[-1]
     assert "Traceback" not in run.stderr
     assert sum("retry 1/2" in line for line in err) == 1 and sum("retry 2/2" in line for line in err) == 1

@@ -47,6 +47,7 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 from torch import Tensor
 
+from ..errors import RewardError
 from .base import Reward
 
 WIRE_FORMAT = "pro-grpo-reward/1"
@@ -56,7 +57,7 @@ RETRY_STATUS = (502, 503, 504)  # a proxy or a busy server: worth another try
 log = logging.getLogger(__name__)
 
 
-class RemoteRewardError(RuntimeError):
+class RemoteRewardError(RewardError):
     """The reward server cannot be reached, or answered something unusable (one-line message)."""
 
 
