@@ -155,6 +155,27 @@ def check_finite_tensors(tensors: Mapping[str, Any], where: str) -> None:
                                  f"refusing non-finite weights")
 
 
+#: The largest weight magnitude accepted at save, export and load: float16's largest finite value.
+#: Why this bound: diffusers pipelines usually run in float16, where a weight past it *is* inf, so
+#: such a weight is exactly as unusable as a non-finite one; no trained weight comes near it (LoRA
+#: factors and diffusion weights are O(1): peft initialises lora_A at ~1/sqrt(in_features), lora_B
+#: at 0, and an AdamW step moves a weight by about lr), while one flipped exponent bit of an
+#: O(1e-2) float32 weight gives ~1e36. The digest (checkpointing.py) catches the smaller flips.
+MAX_WEIGHT_MAGNITUDE = float(torch.finfo(torch.float16).max)  # 65504
+
+
+def check_weight_magnitudes(tensors: Mapping[str, Any], where: str, bound: float = MAX_WEIGHT_MAGNITUDE) -> None:
+    """Raise ``NonFiniteError`` naming the first floating tensor of ``tensors`` with a finite value
+    beyond ``bound`` (``MAX_WEIGHT_MAGNITUDE``: why that bound)."""
+    for name, value in tensors.items():
+        if isinstance(value, Tensor) and value.is_floating_point() and value.numel():
+            peak = float(value.detach().abs().float().nan_to_num(0.0, 0.0, 0.0).max())
+            if peak > bound:
+                n = int((value.detach().abs() > bound).sum())
+                raise NonFiniteError(f"{where}: tensor {name!r} has {n} values of magnitude > {bound:g} (largest "
+                                     f"{peak:.3g}); refusing implausible weights (they would be inf in float16)")
+
+
 def optimizer_tensors(optimizer_states: Iterable[Mapping[str, Any]]) -> dict[str, Tensor]:
     """Flatten Lightning's ``optimizer_states`` into {"optimizer.<i>.<param>.<key>": tensor}."""
     out: dict[str, Tensor] = {}
@@ -176,10 +197,14 @@ class GuardSettings:
         trajectories are masked and training goes on.
     allow_schedule_change: resume a checkpoint whose group schedule differs from this run's (on
         purpose, e.g. a curriculum); otherwise that is refused before any weights load.
+    allow_foreign_checkpoint: use a ``ckpt_path`` that lacks this package's record (the run's
+        identity, rollout counter and config: not written by this package, or edited); otherwise
+        it is refused, since nothing about it can be checked and its rollout counter would restart at 0.
     """
 
     max_bad_rollouts: int = 3
     allow_schedule_change: bool = False
+    allow_foreign_checkpoint: bool = False
 
     def __post_init__(self) -> None:
         if self.max_bad_rollouts < 1:

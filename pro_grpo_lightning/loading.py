@@ -253,3 +253,4 @@ def load_preview_decoder(source: str, dtype: torch.dtype, what: str = "preview_d
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise FileNotFoundError(f"{what}={source!r}: cannot load an AutoencoderTiny there ({first})") from None
     return decoder.requires_grad_(False).eval()
+

@@ -125,6 +125,7 @@ class ProGRPOModule(pl.LightningModule):
         self.guards = guards
         self.guard = BadRolloutGuard(guards.max_bad_rollouts)
         self.run_config: str | None = None  # the resolved YAML of this run (set by the CLI), saved in checkpoints
+        self.held_out: dict[str, dict[int, dict[str, float]]] = {}  # {stage: {step: {column: mean}}}, saved too
         self._eval_rows: list[Tensor] = []  # per evaluation batch: [B, 2 + scores] on this rank
         self._eval_images: list[Tensor] = []
 

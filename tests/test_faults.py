@@ -320,9 +320,11 @@ def resume_args(tmp_path: Path, ckpt: Path, override: str = "") -> list[str]:
 
 
 def nan_copy(ckpt: Path, dst: Path) -> tuple[Path, str]:
+    """A copy with one NaN weight and a digest that matches it (as a buggy writer would leave it)."""
     state = torch.load(ckpt, weights_only=True)
     key = next(k for k in state["state_dict"] if "lora_B" in k)
     state["state_dict"][key][0, 0] = NAN
+    state[checkpointing.DIGEST_KEY] = checkpointing.tensor_digest(state)
     torch.save(state, dst)
     return dst, key
 
@@ -653,3 +655,170 @@ def test_random_bytes_are_not_a_checkpoint(tmp_path, capsys, monkeypatch):
         line = error_line(capsys.readouterr().err)
         assert rc == 2 and str(path) in line and "not a PyTorch checkpoint" in line and "Python objects" not in line
     assert loads.calls == 0
+
+
+def flip_exponent(state: dict, key: str) -> None:
+    """One flipped bit: the top exponent bit of the first element of ``state_dict[key]`` (float32)."""
+    w = state["state_dict"][key]
+    w.view(-1).view(torch.int32)[0] ^= 1 << 30
+
+
+@pytest.mark.parametrize("digest", ["kept", "rewritten"])
+def test_a_flipped_bit_is_refused_at_resume_export_and_predict(trained, tmp_path, capsys, monkeypatch, digest):
+    """kept: the file's digest no longer matches (one line naming the file and the newest good
+    checkpoint beside it); rewritten (a writer that stored the bad weight): its magnitude is refused."""
+    folder = tmp_path / "ckpt"
+    folder.mkdir()
+    step = next(trained.parent.glob("epoch=*.ckpt"))
+    good = folder / step.name
+    good.write_bytes(step.read_bytes())
+    state = torch.load(trained, weights_only=True)
+    key = next(k for k in state["state_dict"] if "lora_A" in k)
+    flip_exponent(state, key)
+    assert abs(float(state["state_dict"][key].view(-1)[0])) > 1e30
+    if digest == "rewritten":
+        state[checkpointing.DIGEST_KEY] = checkpointing.tensor_digest(state)
+    bad = folder / "last.ckpt"
+    torch.save(state, bad)
+    before = bad.read_bytes()
+    loads = LoadCounter(monkeypatch)
+    predict = ["predict", *config_args(tmp_path, "p", "data:\n  val_prompts: [a cat]\n", out=tmp_path / "p"),
+               "--ckpt_path", str(bad)]
+    for argv, fn in [(resume_args(tmp_path, bad), main), (predict, main),
+                     (["--ckpt", str(bad), "--out", str(tmp_path / "x")], export_main)]:
+        rc = run_main(fn, argv)
+        line = error_line(capsys.readouterr().err)
+        if digest == "kept":
+            assert rc == 2 and line == (f"error: ckpt_path={str(bad)!r}: corrupted: its tensors do not match the "
+                                        f"digest written with it (a flipped bit or a damaged copy); the newest good "
+                                        f"checkpoint beside it is {str(good)!r}"), line
+        else:
+            assert rc == 1 and f"tensor {key!r} has 1 values of magnitude > 65504 (largest " in line, line
+    assert loads.calls == 0 and bad.read_bytes() == before and not (tmp_path / "x").exists()
+
+
+def test_implausible_weights_are_refused_at_save(trained, tmp_path):
+    state = torch.load(trained, weights_only=True)
+    key = next(k for k in state["state_dict"] if "lora_A" in k)
+    flip_exponent(state, key)
+    target = tmp_path / "last.ckpt"
+    target.write_bytes(trained.read_bytes())
+    with pytest.raises(NonFiniteError, match=f"tensor '{key}' has 1 values of magnitude > 65504"):
+        AtomicCheckpointIO().save_checkpoint(state, str(target))
+    assert target.read_bytes() == trained.read_bytes()
+
+
+def test_every_checkpoint_carries_a_digest_of_its_tensors(trained):
+    state = load_checkpoint_file(str(trained))
+    assert state[checkpointing.DIGEST_KEY] == checkpointing.tensor_digest(state)
+    assert oct(trained.stat().st_mode & 0o777) == oct(0o666 & ~_umask())  # not mkstemp's 0600
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def edited_config_copy(trained: Path, dst: Path, edit) -> Path:
+    """A copy of ``trained`` whose stored run config (plain text, no pickle) was edited by ``edit(cfg)``."""
+    state = torch.load(trained, weights_only=True)
+    cfg = yaml.safe_load(state["pro_grpo"]["config"])
+    edit(cfg)
+    state["pro_grpo"]["config"] = yaml.safe_dump(cfg)
+    torch.save(state, dst)  # the tensors did not change: the digest still matches
+    return dst
+
+
+def test_export_builds_only_the_backend_of_a_checkpoints_config(trained, tmp_path, capsys):
+    import socket
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(8)
+    listener.settimeout(0.5)
+    url = "http://127.0.0.1:%d" % listener.getsockname()[1]
+
+    def planted_rewards(cfg):
+        cfg["model"]["rewards"] = [{"class_path": "this.Brightness"},
+                                   {"class_path": "pro_grpo_lightning.rewards.remote.RemoteReward",
+                                    "init_args": {"url": url}}]
+    ckpt = edited_config_copy(trained, tmp_path / "planted.ckpt", planted_rewards)
+    sys.modules.pop("this", None)
+    rc = run_main(export_main, ["--ckpt", str(ckpt), "--out", str(tmp_path / "lora")])
+    out = capsys.readouterr()
+    assert rc == 0, out.err[-2000:]
+    assert "this" not in sys.modules and "Beautiful is better" not in out.out  # nothing of the file's choosing ran
+    with pytest.raises(TimeoutError):
+        listener.accept()  # nothing connected to the reward server the file names
+    listener.close()
+    assert (tmp_path / "lora" / "pytorch_lora_weights.safetensors").is_file()
+
+    def foreign_backend(cfg):
+        cfg["model"]["backend"]["class_path"] = "tests.fakes.AffineBackend"
+    ckpt = edited_config_copy(trained, tmp_path / "foreign.ckpt", foreign_backend)
+    rc = run_main(export_main, ["--ckpt", str(ckpt), "--out", str(tmp_path / "other")])
+    line = error_line(capsys.readouterr().err)
+    assert rc == 2 and line == (f"error: ckpt={str(ckpt)!r} (its stored config): model.backend.class_path="
+                                f"'tests.fakes.AffineBackend' is not a backend of this package; if you trust the "
+                                f"file, pass --trust_config_classes (or your own --config)")
+    assert not (tmp_path / "other").exists()
+
+
+def test_a_full_disk_at_a_save_is_one_line_and_keeps_the_previous_checkpoint(tmp_path, capsys, monkeypatch):
+    import errno
+
+    real, saves = torch.save, []
+
+    def full_disk(obj, f):  # step 2's last.ckpt (the 4th save) finds the disk full, after some bytes
+        saves.append(1)
+        if len(saves) == 4:
+            f.write(b"partial")
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(obj, f)
+    monkeypatch.setattr(checkpointing.torch, "save", full_disk)
+    args = ["fit", *config_args(tmp_path, "d", "trainer:\n  max_steps: 3\n", out=tmp_path / "d")]
+    rc, err = run_cli(args, capsys)
+    last = tmp_path / "d/ckpt/last.ckpt"
+    assert rc == 1 and error_line(err) == (f"error: cannot write {str(last)!r}: no space left on the device; the "
+                                           f"previous last.ckpt there is intact"), err[-2000:]
+    assert load_checkpoint_file(str(last))["global_step"] == 1  # the good one, loadable
+    assert not glob.glob(str(tmp_path / "d/ckpt/.*"))  # no temp file left
+
+
+def test_a_read_only_log_folder_is_one_line(tmp_path, capsys, monkeypatch):
+    import errno
+
+    from lightning.fabric.loggers.csv_logs import _ExperimentWriter
+
+    def read_only(self):
+        raise OSError(errno.EROFS, "Read-only file system", self.metrics_file_path)
+    monkeypatch.setattr(_ExperimentWriter, "save", read_only)
+    args = ["fit", *config_args(tmp_path, "r", "trainer:\n  max_steps: 2\n", out=tmp_path / "r")]
+    rc, err = run_cli(args, capsys)
+    line = error_line(err)
+    assert rc == 1 and line.startswith("error: cannot write ") and "metrics.csv': read-only file system; the " \
+        "checkpoints already written are intact" in line, line
+
+
+@pytest.mark.parametrize("where", ["occupied", "under_a_file"])
+def test_export_refuses_an_occupied_or_impossible_output_before_loading(trained, tmp_path, capsys, monkeypatch, where):
+    out = tmp_path / "out"
+    if where == "occupied":
+        out.mkdir()
+        (out / "pytorch_lora_weights.safetensors").write_bytes(b"an earlier export")
+        expected = f"error: out={str(out)!r}: not empty (1 entries); choose another folder, or pass overwrite"
+    else:
+        (tmp_path / "file").write_text("x")
+        out = tmp_path / "file" / "out"
+        expected = f"error: out={str(out)!r}: cannot create it, {str(tmp_path / 'file')!r} is a file"
+    loads = LoadCounter(monkeypatch)
+    rc = run_main(export_main, ["--ckpt", str(trained), "--out", str(out)])
+    line = error_line(capsys.readouterr().err)
+    assert rc == 2 and line.startswith(expected), line
+    assert loads.calls == 0
+    if where == "occupied":
+        assert (out / "pytorch_lora_weights.safetensors").read_bytes() == b"an earlier export"
+        assert run_main(export_main, ["--ckpt", str(trained), "--out", str(out), "--overwrite"]) == 0
+        assert sorted(os.listdir(out)) == ["README.md", "SHA256SUMS", "pytorch_lora_weights.safetensors"]
+        assert not [n for n in os.listdir(tmp_path) if n.startswith(".")]  # no staging folder left
