@@ -410,6 +410,9 @@ def test_schedule_change_on_purpose_resumes(trained, tmp_path, capsys):
                 "    init_args: {group_size: 6, checkpoints: [1], keep: [2], rule: ovf}\n")
     rc, err = run_cli(resume_args(tmp_path, trained, override.replace("{", "{{").replace("}", "}}")), capsys)
     assert rc == 0, err[-3000:]
+    stated = [ln for ln in err.splitlines() if ln.startswith(f"resume from {trained}: applying ")]
+    assert len(stated) == 1 and "model.schedule.init_args.group_size: 4 -> 6" in stated[0] \
+        and "trainer.max_steps: 2 -> 3" in stated[0], err[-3000:]
     state = torch.load(tmp_path / "resume/ckpt/last.ckpt", weights_only=True)
     assert state["global_step"] == 3 and "sizes=6 -> 2" in state["pro_grpo"]["identity"]["schedule"]
 
@@ -822,3 +825,58 @@ def test_export_refuses_an_occupied_or_impossible_output_before_loading(trained,
         assert run_main(export_main, ["--ckpt", str(trained), "--out", str(out), "--overwrite"]) == 0
         assert sorted(os.listdir(out)) == ["README.md", "SHA256SUMS", "pytorch_lora_weights.safetensors"]
         assert not [n for n in os.listdir(tmp_path) if n.startswith(".")]  # no staging folder left
+
+
+def test_resume_refuses_settings_that_cannot_change_in_one_line(trained, tmp_path, capsys, monkeypatch):
+    loads = LoadCounter(monkeypatch)
+    rc, err = run_cli([*resume_args(tmp_path, trained), "--model.update.clip_range=0.5", "--model.seed=7"], capsys)
+    line = error_line(err)
+    assert rc == 2 and line == (f"error: ckpt_path={str(trained)!r}: resuming would change model.seed: 0 -> 7 (and 1 "
+                                f"more: model.update.clip_range: 0.0001 -> 0.5); these settings cannot change on "
+                                f"resume (README, 'Resuming a run'): use the checkpoint's values or start a new run")
+    assert loads.calls == 0
+
+
+def test_resume_states_the_settings_it_applies(trained):
+    """What may change is applied and said (``checkpointing.resume_changes``, the README's list)."""
+    saved = yaml.safe_load(torch.load(trained, weights_only=True)["pro_grpo"]["config"])
+    mine = yaml.safe_load(yaml.safe_dump(saved))
+    mine["trainer"]["max_steps"] = 5
+    mine["model"]["guards"]["max_bad_rollouts"] = 9
+    mine["model"]["rollout"]["sample_batch_size"] = 2
+    applied, refused = checkpointing.resume_changes(saved, mine)
+    assert applied == ["model.guards.max_bad_rollouts: 3 -> 9", "model.rollout.sample_batch_size: None -> 2",
+                       "trainer.max_steps: 2 -> 5"] and refused == []
+    mine["model"]["schedule"]["init_args"]["group_size"] = 6
+    mine["model"]["optimizer"]["init_args"]["lr"] = 1.0
+    _, refused = checkpointing.resume_changes(saved, mine)
+    assert [r.split(":")[0] for r in refused] == ["model.optimizer.init_args.lr", "model.schedule.init_args.group_size"]
+    _, refused = checkpointing.resume_changes(saved, mine, allow_schedule_change=True)
+    assert [r.split(":")[0] for r in refused] == ["model.optimizer.init_args.lr"]
+
+
+def test_a_checkpoint_without_our_record_is_refused_unless_asked(trained, tmp_path, capsys, monkeypatch):
+    state = torch.load(trained, weights_only=True)
+    del state["pro_grpo"]
+    state[checkpointing.DIGEST_KEY] = checkpointing.tensor_digest(state)
+    bare = tmp_path / "bare.ckpt"
+    torch.save(state, bare)
+    loads = LoadCounter(monkeypatch)
+    rc, err = run_cli(resume_args(tmp_path, bare), capsys)
+    line = error_line(err)
+    assert rc == 2 and line.startswith(f"error: ckpt_path={str(bare)!r}: has no pro_grpo record") and \
+        line.endswith("to use it anyway: --model.guards.allow_foreign_checkpoint true"), line
+    assert loads.calls == 0
+
+
+def test_a_planted_pickle_at_ckpt_path_last_is_refused_before_weights_load(trained, tmp_path, capsys, monkeypatch):
+    marker = tmp_path / "pwned"
+    state = torch.load(trained, weights_only=True)
+    state["payload"] = Payload(str(marker))
+    (tmp_path / "resume/ckpt").mkdir(parents=True)
+    torch.save(state, tmp_path / "resume/ckpt/last.ckpt")  # where resume_args' ModelCheckpoint writes
+    loads = LoadCounter(monkeypatch)
+    rc, err = run_cli([*resume_args(tmp_path, trained)[:-1], "last"], capsys)
+    line = error_line(err)
+    assert rc == 2 and "last.ckpt" in line and "refused" in line, line
+    assert loads.calls == 0 and not marker.exists()
