@@ -132,9 +132,11 @@ class ProGRPOModule(pl.LightningModule):
     # ---- setup ---------------------------------------------------------------------------------
     def setup(self, stage: str) -> None:
         """Install the atomic, weights_only, finite-only checkpoint IO before Lightning opens or
-        writes any checkpoint, and check every prompt set against the rewards
-        (``Reward.validate_prompts``) before any weights load."""
+        writes any checkpoint, run each reward's ``preflight`` and check every prompt set against
+        the rewards (``Reward.validate_prompts``), all before any weights load."""
         checkpointing.install(self.trainer)
+        for reward in [*self.rewards.rewards, *self.eval_rewards]:
+            reward.preflight()  # e.g. a reward server that does not answer: before any weights load
         datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
         if datamodule is not None and hasattr(datamodule, "validate_prompts"):
             try:  # one line naming the data field, the reward and the prompt
@@ -206,7 +208,7 @@ class ProGRPOModule(pl.LightningModule):
         logs.log_rollout(self, logged, batch_size=len(prompts))
         with logs.written_if_raised(self, logged):  # a guard's stop: Lightning would drop these metrics
             self.guard.update(bad, nonfinite_counts(result.components), total=result.rewards.numel(),
-                              skipped_steps=int(skipped))
+                              skipped_steps=int(skipped), health=health, components=result.components)
         if self.samples.due(self.rollouts_done - 1):
             # at the rollout's own step: the step Lightning gives its scalars (0-based rollout index)
             logs.log_rollout_images(self, result, self.sample_prompts, step=self.rollouts_done - 1)

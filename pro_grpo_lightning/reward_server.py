@@ -255,6 +255,8 @@ def serve(reward: str, init_args: dict[str, Any] | None = None, host: str = "127
     binding's token, the port) comes before the reward loads."""
     token = token if token is not None else (os.environ.get(TOKEN_ENV) or None)
     check_binding(host, token)
+    if not 0 <= port <= 65535:
+        raise ValueError(f"--port {port}: expected 0 (a free port) to 65535")
     probe = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
     try:  # a busy port: one line before the reward's weights load
         probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)

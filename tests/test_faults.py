@@ -880,3 +880,58 @@ def test_a_planted_pickle_at_ckpt_path_last_is_refused_before_weights_load(train
     line = error_line(err)
     assert rc == 2 and "last.ckpt" in line and "refused" in line, line
     assert loads.calls == 0 and not marker.exists()
+
+
+def test_rewards_near_the_float32_maximum_are_masked_not_clipped_into_advantages():
+    from pro_grpo_lightning.health import finite_advantages
+    from pro_grpo_lightning.objectives import AdvantageSettings
+
+    r = torch.tensor([[3e38, 0.5, 3e38, 0.4],   # finite, but the variance overflows float32
+                      [0.1, 0.2, 0.3, 0.4],     # fine
+                      [0.7, 0.7, 0.7, 0.7]])    # no spread
+    adv = finite_advantages(r, AdvantageSettings())
+    assert adv.valid[0].tolist() == [False] * 4 and adv.advantages[0].tolist() == [0.0] * 4
+    assert torch.isfinite(adv.advantages).all() and adv.advantages[1].abs().sum() > 0
+    assert (adv.unrepresentable, adv.flat_groups, adv.n_spread) == (1, 1, 1.0)
+
+
+@pytest.mark.parametrize("reward, expected", [
+    ("{class_path: tests.fakes.BrokenReward, init_args: {mode: constant}}",
+     "every group's rewards were equal (zero spread, so every advantage is 0); reward 'broken' gave all images of "
+     "a prompt the same score"),
+    ("{class_path: tests.fakes.FaultyBrightness, init_args: {value: '3e38', every: 2}}",
+     "the rewards were finite but their mean or variance overflows float32 in 4 groups"),
+])
+def test_rollouts_that_learn_nothing_from_finite_rewards_stop_the_run(tmp_path, capsys, reward, expected):
+    args = ["fit", *config_args(tmp_path, "h", "trainer:\n  max_steps: 4\n", out=tmp_path / "h"),
+            f"--model.rewards=[{reward}]", "--model.guards.max_bad_rollouts=2", "--data.prompts_per_step=2"]
+    rc, err = run_cli(args, capsys)
+    line = error_line(err)
+    assert rc == 1 and "model.guards.max_bad_rollouts=2: 2 consecutive rollouts trained nothing: " in line \
+        and expected in line, line
+    rows = metrics(tmp_path / "h")
+    counts = [r.get("health/flat_groups", 0) + r.get("health/unrepresentable_groups", 0) for r in rows]
+    assert len(rows) == 2 and all(c == 2 for c in counts), rows
+
+
+def test_an_unreachable_reward_server_is_one_line_before_weights_load(tmp_path, capsys, monkeypatch):
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # released: nothing listens there
+    reward = ("{class_path: pro_grpo_lightning.rewards.remote.RemoteReward, "
+              "init_args: {url: 'http://127.0.0.1:%d', retries: 0, timeout: 2}}" % port)
+    loads = LoadCounter(monkeypatch)
+    rc, err = run_cli([*TINY, f"--trainer.default_root_dir={tmp_path}", f"--model.rewards=[{reward}]"], capsys)
+    line = error_line(err)
+    assert rc == 1 and f"no answer from http://127.0.0.1:{port}/health after 1 attempt(s)" in line, line
+    assert loads.calls == 0
+
+
+def test_an_empty_pretrained_folder_is_one_line(tmp_path):
+    from pro_grpo_lightning.loading import check_pretrained_source
+
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="pretrained=.*empty.*: an empty folder, no weights there"):
+        check_pretrained_source(str(tmp_path / "empty"))

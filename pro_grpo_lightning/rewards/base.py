@@ -49,6 +49,10 @@ class Reward(nn.Module, abc.ABC):
     def configure_model(self) -> None:
         """Load weights (idempotent). Rewards without weights need nothing."""
 
+    def preflight(self) -> None:
+        """Cheap checks that need no weights (a reward server's reachability), run when a run
+        starts, before any model loads. Default: nothing to check."""
+
     @abc.abstractmethod
     def score(self, images: Tensor, prompts: Sequence[str],
               metadata: Sequence[dict[str, Any]] | None = None) -> Tensor:

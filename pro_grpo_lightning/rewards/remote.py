@@ -267,6 +267,10 @@ class RemoteReward(Reward):
             self.max_body_bytes = int(limit) if isinstance(limit, int) and not isinstance(limit, bool) else None
             self._healthy = True
 
+    def preflight(self) -> None:
+        """The server answers (``configure_model``'s check): before any model loads."""
+        self.configure_model()
+
     def _step(self, images: Tensor) -> int:
         """Images per request: ``batch_size``, or as many as fit the server's body limit."""
         B = max(images.shape[0], 1)
