@@ -99,15 +99,16 @@ def group_spread(rewards: Tensor, valid: Tensor) -> Tensor:
 def unrepresentable_groups(rewards: Tensor, valid: Tensor) -> Tensor:
     """rewards, valid [P, K] -> [P] bool: groups whose finite rewards have no finite float32 mean
     or variance (|reward| near float32's maximum: a sum or a square overflows), so their advantages
-    would be inf / NaN, or clipped garbage. If the batch's own statistics (the logged mean) overflow,
-    every group with valid rewards is flagged."""
+    would be inf / NaN, or clipped garbage. If the batch's statistics over the other groups (the
+    logged mean, a global std) still overflow, every group with valid rewards is flagged."""
     zero = torch.zeros((), dtype=torch.float32, device=rewards.device)
     r = torch.where(valid, rewards.float(), zero)  # [P, K]
     n = valid.sum(1).clamp(min=1)  # [P]
     mean = r.sum(1) / n  # [P]
     var = torch.where(valid, r - mean[:, None], zero).pow(2).sum(1) / n  # [P]
     bad = ~(torch.isfinite(mean) & torch.isfinite(var))  # [P]
-    if not (bool(torch.isfinite(r.sum())) and bool(torch.isfinite(r.pow(2).sum()))):
+    rest = torch.where(bad[:, None], zero, r)  # [P, K] the other groups: the batch's statistics over them
+    if not (bool(torch.isfinite(rest.sum())) and bool(torch.isfinite(rest.pow(2).sum()))):
         bad = torch.ones_like(bad)
     return valid.any(1) & bad  # [P]
 
