@@ -124,8 +124,7 @@ def unit_costs(module: Any, prompt: str) -> dict[str, float]:
     def train() -> None:
         b.step(x, step, cond, next_latents=x1).log_prob.sum().backward()
     pair = count_flops(train)
-    for p in b.trainable_parameters():
-        p.grad = None
+    b.denoiser().zero_grad(set_to_none=True)
     img = b.decode(x)
     return {"denoiser_call": fwd, "train_pair": pair, "decode": count_flops(lambda: b.decode(x)),
             "reward": count_flops(lambda: module.rollout.rewards(img, [prompt]))}

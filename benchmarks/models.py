@@ -35,8 +35,9 @@ from torch import Tensor
 from pro_grpo_lightning.backends import (FluxBackend, LoraSettings, SD3Backend, SD15Backend, TinyFluxBackend,
                                          TinySD3Backend, TinySD15Backend)
 from pro_grpo_lightning.backends.base import DiffusionBackend
+from pro_grpo_lightning.networks import NetworkSource
 from pro_grpo_lightning.backends.sd15 import SD15_SCHEDULER_CONFIG
-from pro_grpo_lightning.backends.tokenizers import byte_level_clip_tokenizer, char_level_t5_tokenizer
+from pro_grpo_lightning.offline_tokenizers import byte_level_clip_tokenizer, char_level_t5_tokenizer
 from pro_grpo_lightning.rewards import Brightness, JpegCompressibility, PickScore, Reward, RewardSet
 from pro_grpo_lightning.rewards import clip_common
 
@@ -174,19 +175,18 @@ def _clip_text(width: int, tokenizer: Any, with_projection: bool) -> torch.nn.Mo
 
 
 class _RandomInit:
-    """Mixin: components from ``arch(family, size)``, random weights, built on ``build_device``."""
+    """Mixin: components from ``arch(family, size)`` built in code, random weights on ``build_device``
+    (the backend's ``NetworkSource``: ``use_networks(NetworkSource("empty"))`` builds them on meta)."""
 
     family = ""
+    built_in_code = True
 
     def _setup_random(self, size: str, build_device: str, seed: int) -> None:
         if size not in ("full", "mini"):
             raise ValueError(f"random-weight backends take size 'full' or 'mini', got {size!r}")
         self.size = size
-        self.build_device = build_device
         self.seed = seed
-
-    def _check_source(self, pretrained: str) -> None:
-        pass  # built in code
+        self.use_networks(NetworkSource("random", build_device, seed))
 
     def _components(self) -> dict[str, Any]:
         raise NotImplementedError
@@ -206,10 +206,9 @@ class RandomSD15Backend(_RandomInit, SD15Backend):
 
         a = arch("sd15", self.size)
         tokenizer = byte_level_clip_tokenizer()
-        with built_on(self.build_device, self.weight_dtype, self.seed):
-            unet = UNet2DConditionModel(**a["unet"]).eval()
-            vae = AutoencoderKL(**a["vae"]).eval()
-            text_encoder = _clip_text(a["clip_width"], tokenizer, with_projection=False)
+        unet = UNet2DConditionModel(**a["unet"]).eval()  # where the NetworkSource builds (build_components)
+        vae = AutoencoderKL(**a["vae"]).eval()
+        text_encoder = _clip_text(a["clip_width"], tokenizer, with_projection=False)
         return dict(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
                     scheduler=DDIMScheduler(**SD15_SCHEDULER_CONFIG))
 
@@ -229,11 +228,10 @@ class RandomSD3Backend(_RandomInit, SD3Backend):
 
         a = arch("sd3", self.size)
         tok = byte_level_clip_tokenizer()
-        with built_on(self.build_device, self.weight_dtype, self.seed):
-            transformer = SD3Transformer2DModel(**a["transformer"])
-            vae = AutoencoderKL(**a["vae"]).eval()
-            clip_l = _clip_text(a["clip_widths"][0], tok, with_projection=True)
-            clip_g = _clip_text(a["clip_widths"][1], tok, with_projection=True)
+        transformer = SD3Transformer2DModel(**a["transformer"])  # where the NetworkSource builds
+        vae = AutoencoderKL(**a["vae"]).eval()
+        clip_l = _clip_text(a["clip_widths"][0], tok, with_projection=True)
+        clip_g = _clip_text(a["clip_widths"][1], tok, with_projection=True)
         return {"transformer": transformer, "vae": vae, "scheduler": FlowMatchEulerDiscreteScheduler(shift=3.0),
                 "text_encoder": clip_l, "tokenizer": tok, "text_encoder_2": clip_g,
                 "tokenizer_2": byte_level_clip_tokenizer()}
@@ -257,14 +255,13 @@ class RandomFluxBackend(_RandomInit, FluxBackend):
         tok = byte_level_clip_tokenizer()
         t5_tok = char_level_t5_tokenizer(model_max_length=self.max_sequence_length)
         width = a["t5_width"]
-        with built_on(self.build_device, self.weight_dtype, self.seed):
-            transformer = FluxTransformer2DModel(**a["transformer"])
-            vae = AutoencoderKL(**a["vae"]).eval()
-            clip = _clip_text(a["clip_width"], tok, with_projection=False)
-            t5 = T5EncoderModel(T5Config(vocab_size=128, d_model=width, d_kv=64, d_ff=256, num_layers=1,
-                                         num_heads=max(1, width // 64), relative_attention_num_buckets=8,
-                                         dropout_rate=0.0, pad_token_id=0, eos_token_id=1,
-                                         decoder_start_token_id=0)).eval()
+        transformer = FluxTransformer2DModel(**a["transformer"])  # where the NetworkSource builds
+        vae = AutoencoderKL(**a["vae"]).eval()
+        clip = _clip_text(a["clip_width"], tok, with_projection=False)
+        t5 = T5EncoderModel(T5Config(vocab_size=128, d_model=width, d_kv=64, d_ff=256, num_layers=1,
+                                     num_heads=max(1, width // 64), relative_attention_num_buckets=8,
+                                     dropout_rate=0.0, pad_token_id=0, eos_token_id=1,
+                                     decoder_start_token_id=0)).eval()
         return {"transformer": transformer, "vae": vae, "scheduler": FlowMatchEulerDiscreteScheduler(**FLUX_SCHEDULER),
                 "text_encoder": clip, "tokenizer": tok, "text_encoder_2": t5, "tokenizer_2": t5_tok}
 

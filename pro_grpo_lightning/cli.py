@@ -106,7 +106,7 @@ class ProGRPOCLI(LightningCLI):
             if isinstance(data, PromptDataModule) and sub == "predict":
                 data.predict_set()  # no prompts: one line before any weights load
             cfg = self.config[sub]
-            model.run_config = self._parser(sub).dump(cfg, skip_none=False)
+            model.set_run_config(self._parser(sub).dump(cfg, skip_none=False))
             ckpt, state = cfg.get("ckpt_path"), getattr(self, "_ckpt_state", None)
             if ckpt is not None and str(ckpt) == "last":  # Lightning opens it only after the base weights load
                 ckpt = last_checkpoint(self.trainer)

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict
 from typing import Any
 
@@ -47,6 +47,7 @@ from .ema import ema_weights
 from .errors import ConfigError
 from .health import BadRolloutGuard, GuardSettings, finite_advantages, nonfinite_counts
 from .logs import DEFAULT_SAMPLE_PROMPTS, SampleSettings
+from .networks import NetworkSource
 from .noise import LOCAL_STREAM, NOISE_STREAM, mix_seed, seeded_generator
 from .objectives import AdvantageSettings
 from .rewards.base import Reward
@@ -105,8 +106,7 @@ class ProGRPOModule(pl.LightningModule):
         self.optimizer_name = check_optimizer(optimizer)  # refuses a learning rate that trains nothing
         check_trainable(backend, update)
         self.backend = backend
-        if hasattr(backend, "keep_reference"):  # full fine-tuning copies the base denoiser only for a KL
-            backend.keep_reference = update.kl_beta > 0
+        backend.set_keep_reference(update.kl_beta > 0)  # full fine-tuning copies the base denoiser only for a KL
         self.rewards = RankSyncedRewardSet(rewards, normalize=reward_normalize)
         self.eval_rewards = torch.nn.ModuleList(eval_rewards or [])
         self.eval_names = evaluation.eval_columns(self.rewards, self.eval_rewards)  # refuses clashing names
@@ -128,6 +128,18 @@ class ProGRPOModule(pl.LightningModule):
         self.held_out: dict[str, dict[int, dict[str, float]]] = {}  # {stage: {step: {column: mean}}}, saved too
         self._eval_rows: list[Tensor] = []  # per evaluation batch: [B, 2 + scores] on this rank
         self._eval_images: list[Tensor] = []
+
+    def set_run_config(self, text: str) -> None:
+        """The resolved YAML of this run (the CLI gives it), saved in every checkpoint."""
+        self.run_config = text
+
+    def use_networks(self, source: NetworkSource) -> None:
+        """Build every network of the run (the backend's, each reward's) from ``source`` in
+        ``configure_model`` (``networks.py``): pretrained weights, or the architectures with random
+        values on a device, or empty on the meta device (the memory plan)."""
+        self.backend.use_networks(source)
+        for reward in [*self.rewards.rewards, *self.eval_rewards]:
+            reward.use_networks(source)
 
     # ---- setup ---------------------------------------------------------------------------------
     def setup(self, stage: str) -> None:
@@ -269,15 +281,23 @@ class ProGRPOModule(pl.LightningModule):
 
     # ---- held-out evaluation (evaluation.py) ------------------------------------------------------
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        self._eval_step(batch)
+        rows, images = self.eval_outputs(batch)
+        self._eval_rows.append(rows)
+        self._eval_images.append(images)
 
     test_step = validation_step
 
-    def _eval_step(self, batch: dict[str, Any]) -> None:
+    def eval_outputs(self, batch: dict[str, Any]) -> tuple[Tensor, Tensor]:
+        """One held-out batch: its score rows [B, 2 + S] and the grid's images (one per prompt, CPU)."""
         images, rows = evaluation.eval_batch(self, batch, self.sample_batch_size)  # [B, 3, H, W], [B, 2 + S]
-        self._eval_rows.append(rows)
         first = batch["image_index"] == 0  # one image per prompt for the grid
-        self._eval_images.append(images[first.to(images.device)].cpu())
+        return rows, images[first.to(images.device)].cpu()
+
+    def evaluate(self, batches: Iterable[dict[str, Any]], stage: str) -> None:
+        """The held-out evaluation of ``batches`` at once, logged as ``<stage>/*`` (the EMA
+        callback's second pass with its weights); an evaluation in progress is left as it is."""
+        outputs = [self.eval_outputs(batch) for batch in batches]
+        evaluation.finish_eval(self, stage, [r for r, _ in outputs], [im for _, im in outputs])
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Tensor]:
         """Images of held-out-style items and their raw scores (``predict.PredictionWriter`` writes them)."""

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import Tensor
@@ -387,7 +387,8 @@ class ExpandPruneRollout:
         stage_of_latent = [0] + stage_of_step  # x_0 (noise) is at stage 0; x_{t+1} at step t's stage
         latents = torch.stack([h.index_select(0, rows_at_stage[s]) for h, s in zip(lat_hist, stage_of_latent)], 1)
         log_probs = torch.stack([h.index_select(0, rows_at_stage[s]) for h, s in zip(lp_hist, stage_of_step)], 1)
-        self._fill_survivor_positions(checkpoints, P, group_live)
+        checkpoints = [replace(ck, survivors=pos)
+                       for ck, pos in zip(checkpoints, self._survivor_positions(checkpoints, P, group_live))]
 
         return RolloutResult(
             prompts=prompts, cond=cond,
@@ -400,18 +401,20 @@ class ExpandPruneRollout:
             num_previews=previews, timings=timings, audit=audit_stats, metadata=metadata)
 
     @staticmethod
-    def _fill_survivor_positions(checkpoints: list[Checkpoint], P: int, K: int) -> None:
+    def _survivor_positions(checkpoints: list[Checkpoint], P: int, K: int) -> list[Tensor]:
         """For each checkpoint, the final survivors' local index in the group live there ([P*K]).
 
         Walk backwards: a survivor's position after checkpoint i indexes checkpoint i's ``kept``.
         """
         pos = torch.arange(K).repeat(P)  # [P*K] position in the final group
+        out = []
         for ck in reversed(checkpoints):
             kept = ck.kept  # [P, k_i]
             pos = pos.to(kept.device)
             prompt = torch.arange(P, device=kept.device).repeat_interleave(K)  # [P*K]
             pos = kept[prompt, pos]  # [P*K] local index before this selection
-            ck.survivors = pos
+            out.append(pos)
+        return out[::-1]
 
 
 def group_centred_corr(proxy: Tensor, true: Tensor) -> Tensor:

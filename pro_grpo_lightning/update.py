@@ -121,6 +121,30 @@ def training_pairs(num_traj: int, trainable: Tensor, fraction: float,
     return traj[perm], step[perm]
 
 
+def minibatch_loss(backend: DiffusionBackend, x_t: Tensor, step: Tensor, cond: dict[str, Tensor],
+                   x_next: Tensor, old_log_prob: Tensor, advantages: Tensor,
+                   settings: UpdateSettings) -> tuple[Tensor, Tensor, dict[str, Tensor], Tensor | None]:
+    """The loss of one minibatch of b (trajectory, step) pairs, forward only (the caller runs the
+    backward): the policy re-scores the stored transitions x_t [b, *latent] -> x_next at ``step`` [b],
+    the PPO-clip loss against ``old_log_prob`` [b] with ``advantages`` [b], plus ``kl_beta`` times the
+    KL to the reference (a no-grad forward with the adapter off). One function, so the update and the
+    diagnostics that trace its calls (``benchmarks/gpu/kernel_calls.py``) run the same code.
+    Returns (loss, policy_loss, stats, kl [b] or None)."""
+    out = backend.step(x_t, step, cond, next_latents=x_next)
+    policy_loss, stats = ppo_clip_loss(out.log_prob, old_log_prob, advantages, settings.clip_range)
+    if settings.kl_beta <= 0:
+        return policy_loss, policy_loss, stats, None
+    with torch.no_grad(), backend.reference():
+        ref = backend.step(x_t, step, cond, next_latents=x_next)
+    if settings.kl_type == "exact":
+        kl = gaussian_kl(out.mean, ref.mean, out.std)  # [b]
+    elif settings.kl_type == "flow_grpo":
+        kl = flow_grpo_kl(out.mean, ref.mean, backend.kl_std(step))  # [b]
+    else:
+        kl = output_kl(out.model_output, ref.model_output)  # [b]
+    return policy_loss + settings.kl_beta * kl.mean(), policy_loss, stats, kl
+
+
 def grpo_update(backend: DiffusionBackend, rollout: RolloutResult, advantages: Tensor,
                 settings: UpdateSettings, optimizer: torch.optim.Optimizer, *,
                 generator: torch.Generator | None = None,
@@ -168,19 +192,9 @@ def grpo_update(backend: DiffusionBackend, rollout: RolloutResult, advantages: T
             x_next = rollout.latents[tr, st + 1]  # [b, *latent]
             old_log_prob = rollout.log_probs[tr, st]  # [b]
             cond = select_rows(rollout.cond, rollout.prompt_index.index_select(0, tr))
-            out = backend.step(x_t, st, cond, next_latents=x_next)
-            policy_loss, stats = ppo_clip_loss(out.log_prob, old_log_prob, advantages[tr], settings.clip_range)
-            loss = policy_loss
-            if settings.kl_beta > 0:
-                with torch.no_grad(), backend.reference():
-                    ref = backend.step(x_t, st, cond, next_latents=x_next)
-                if settings.kl_type == "exact":
-                    kl = gaussian_kl(out.mean, ref.mean, out.std)  # [b]
-                elif settings.kl_type == "flow_grpo":
-                    kl = flow_grpo_kl(out.mean, ref.mean, backend.kl_std(st))  # [b]
-                else:
-                    kl = output_kl(out.model_output, ref.model_output)  # [b]
-                loss = loss + settings.kl_beta * kl.mean()
+            loss, policy_loss, stats, kl = minibatch_loss(backend, x_t, st, cond, x_next, old_log_prob,
+                                                          advantages[tr], settings)
+            if kl is not None:
                 add("kl", kl.mean().detach())
             # scale so an optimizer step sees the mean over its minibatches
             n_in_step = min(per_step, len(chunks) - (i // per_step) * per_step)
@@ -203,6 +217,10 @@ def grpo_update(backend: DiffusionBackend, rollout: RolloutResult, advantages: T
                     continue
                 add("grad_norm", torch.as_tensor(norm))
                 optimizer.step()
+                # Autocast keeps the low-precision copy of each fp32 weight it cast for as long as its
+                # region lasts (Lightning's mixed precision: the whole training step), so without this
+                # the next minibatch would run on the weights of before this step (ratio stuck at 1).
+                torch.clear_autocast_cache()
                 optimizer.zero_grad(set_to_none=True)
                 if after_step is not None:
                     after_step()

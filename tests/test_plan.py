@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from pro_grpo_lightning import plan
+from pro_grpo_lightning.networks import diffusers_model, transformers_model
 from pro_grpo_lightning.backends import TinyFluxBackend, TinySD3Backend, TinySD15Backend
 from pro_grpo_lightning.module import ProGRPOModule
 from pro_grpo_lightning.rewards import Brightness
@@ -180,7 +181,7 @@ def test_block_runs_of_the_real_architectures():
     for hub_id, stacks in expected.items():
         name = "unet" if "v1-4" in hub_id else "transformer"
         with torch.device("meta"):
-            net = plan._diffusers_model(*PIPELINES[hub_id][name])
+            net = diffusers_model(*PIPELINES[hub_id][name])
         assert [(attr, [n for _, n in runs]) for _, attr, runs in plan.block_stacks(net)] == stacks, hub_id
 
 
@@ -221,7 +222,7 @@ def test_architecture_table_matches_the_real_parameter_counts():
     for family, (hub_id, name) in ids.items():
         cls_name, cfg = PIPELINES[hub_id][name]
         with torch.device("meta"):
-            net = plan._diffusers_model(cls_name, cfg)
+            net = diffusers_model(cls_name, cfg)
         n = sum(p.numel() for p in net.parameters())
         assert abs(n - REAL_PARAMS[family]) < 2e-3 * REAL_PARAMS[family], (family, n)
     # T5-XXL encoder 4.762 B, CLIP-G text 694.7 M (+ projection), CLIP-L text 123.1 M
@@ -229,7 +230,7 @@ def test_architecture_table_matches_the_real_parameter_counts():
     expected = {"text_encoder_3": 4.762e9, "text_encoder_2": 0.6953e9, "text_encoder": 0.1237e9}
     for name, count in expected.items():
         with torch.device("meta"):
-            net = plan._transformers_model(*spec[name])
+            net = transformers_model(*spec[name])
         n = sum(p.numel() for p in net.parameters())
         assert abs(n - count) < 2e-3 * count, (name, n)
 

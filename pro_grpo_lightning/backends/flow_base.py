@@ -92,17 +92,27 @@ class FlowMatchingBackend(PipelineBackend):
                                f"expected ({self.num_steps + 1},)")
 
     # ---- prompts -------------------------------------------------------------------------------
+    def set_offload_text_encoders(self, offload: bool) -> None:
+        """The ``offload_text_encoders`` switch: True keeps the text encoders on the CPU between
+        encodes (moved to the denoiser's device only while encoding); False leaves them where the
+        backend is (never moved: the memory plan counts offloading itself)."""
+        self.offload_text_encoders = bool(offload)
+
     @contextlib.contextmanager
     def _text_encoders_on(self, device: torch.device) -> Iterator[None]:
+        """With offloading, the text encoders on ``device`` for the block and back on the CPU after;
+        without, nothing moves (they are wherever the backend was moved)."""
+        if not self.offload_text_encoders:
+            yield
+            return
         encoders = [getattr(self, n) for n in self.text_encoder_names()]
         for enc in encoders:
             enc.to(device).eval()
         try:
             yield
         finally:
-            if self.offload_text_encoders:
-                for enc in encoders:
-                    enc.to("cpu")
+            for enc in encoders:
+                enc.to("cpu")
 
     @torch.no_grad()
     def encode_prompts(self, prompts: Sequence[str]) -> Conditioning:
@@ -110,7 +120,7 @@ class FlowMatchingBackend(PipelineBackend):
         device = self.device
         with self._text_encoders_on(device):
             cond = self._encode(list(prompts), device)
-            if self._uses_cfg() and self._negative is None:
+            if self.uses_cfg() and self._negative is None:
                 self._negative = self._encode([self.negative_prompt], device)
         return cond
 

@@ -167,7 +167,7 @@ def build_tiny_sd3_components(resolution: int = 64, seed: int = 0) -> dict[str, 
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
 
-    from .tokenizers import byte_level_clip_tokenizer, char_level_t5_tokenizer
+    from ..offline_tokenizers import byte_level_clip_tokenizer, char_level_t5_tokenizer
 
     latent_side = resolution // 8
     clip_tok = byte_level_clip_tokenizer()
@@ -216,6 +216,8 @@ class TinySD3Backend(SD3Backend):
     CPU benchmarks. Defaults: 64 px, 4 steps, T5 truncated to 32 tokens.
     """
 
+    built_in_code = True
+
     def __init__(self, seed: int = 0, num_steps: int = 4, guidance_scale: float = 4.5, resolution: int = 64,
                  lora: LoraSettings | None = None, dtype: str = "float32", negative_prompt: str = "",
                  noise_level: float = 0.7, sde_kind: str = "flow_grpo", max_sequence_length: int = 32,
@@ -231,9 +233,6 @@ class TinySD3Backend(SD3Backend):
             vae_decode_chunk=vae_decode_chunk, sde_window=sde_window, finetune=finetune,
             preview_decoder=preview_decoder)
         self.seed = seed
-
-    def _check_source(self, pretrained: str) -> None:
-        pass  # built in code
 
     def load_components(self) -> dict[str, object]:
         comps = build_tiny_sd3_components(self.resolution, self.seed)

@@ -53,6 +53,10 @@ class Reward(nn.Module, abc.ABC):
         """Cheap checks that need no weights (a reward server's reachability), run when a run
         starts, before any model loads. Default: nothing to check."""
 
+    def use_networks(self, source: Any) -> None:
+        """Where ``configure_model`` builds the reward's network from (a ``networks.NetworkSource``;
+        ``PretrainedReward``). A reward without a network has nothing to build: nothing changes."""
+
     @abc.abstractmethod
     def score(self, images: Tensor, prompts: Sequence[str],
               metadata: Sequence[dict[str, Any]] | None = None) -> Tensor:
