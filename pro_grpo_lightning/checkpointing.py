@@ -333,7 +333,6 @@ def unpack_checkpoint(module: Any, checkpoint: dict[str, Any], resume: bool) -> 
     check_checkpoint_weights({"state_dict": checkpoint["state_dict"]}, "checkpoint load")
     extra = checkpoint.get("pro_grpo") or {}
     module.check_identity(extra.get("identity") or {}, "checkpoint", resume=resume)
-    module.held_out = dict(extra.get("held_out") or {})
     module.configure_model()  # LoRA parameters must exist to receive the weights
     missing = sorted(adapter_names(module) - set(checkpoint["state_dict"]))
     if missing:

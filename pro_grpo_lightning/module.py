@@ -278,6 +278,11 @@ class ProGRPOModule(pl.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         resume = self._trainer is not None and self._trainer.state.fn == "fit"
         self.rollouts_done, self._loaded_global_step = checkpointing.unpack_checkpoint(self, checkpoint, resume)
+        self.held_out = dict((checkpoint.get("pro_grpo") or {}).get("held_out") or {})
+
+    def record_held_out(self, stage: str, step: int, means: dict[str, float]) -> None:
+        """A held-out evaluation's means at ``step``: kept in checkpoints for the export's model card."""
+        self.held_out.setdefault(stage, {})[step] = dict(means)
 
     # ---- held-out evaluation (evaluation.py) ------------------------------------------------------
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
