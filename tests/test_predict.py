@@ -191,7 +191,13 @@ def test_exports_carry_a_model_card_and_digests(run):
                  "- **Fine-tuning**: LoRA rank 4, alpha 4", "brightness (`pro_grpo_lightning.rewards.image_stats.Brightness`",
                  "| step | total | brightness | jpeg_compressibility |", "## The run's config", "load_lora_weights"):
         assert line in card, line
-    assert "(optimizer steps 0 and 2)" in card or "(optimizer steps 2 and 2)" in card
+    import re
+
+    assert re.search(r"\(optimizer steps \d+ and 2\):", card), card  # the last evaluation: the exported weights'
+    last = [ln for ln in card.splitlines() if ln.startswith("| 2 |")]
+    val = read_csv(run["val_csv"])  # the run's own held-out table at step 2: the card's row is its means
+    assert len(last) == 1 and float(last[0].split("|")[2]) == pytest.approx(
+        sum(float(r["total"]) for r in val) / len(val), abs=6e-5)
     sums = (lora / "SHA256SUMS").read_text().split()
     assert sums[1] == "pytorch_lora_weights.safetensors"
     assert sums[0] == hashlib.sha256((lora / sums[1]).read_bytes()).hexdigest()
