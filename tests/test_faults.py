@@ -832,7 +832,7 @@ def test_resume_refuses_settings_that_cannot_change_in_one_line(trained, tmp_pat
     rc, err = run_cli([*resume_args(tmp_path, trained), "--model.update.clip_range=0.5", "--model.seed=7"], capsys)
     line = error_line(err)
     assert rc == 2 and line == (f"error: ckpt_path={str(trained)!r}: resuming would change model.seed: 0 -> 7 (and 1 "
-                                f"more: model.update.clip_range: 0.0001 -> 0.5); these settings cannot change on "
+                                f"more: model.update.clip_range: 0.01 -> 0.5); these settings cannot change on "
                                 f"resume (README, 'Resuming a run'): use the checkpoint's values or start a new run")
     assert loads.calls == 0
 
