@@ -188,7 +188,8 @@ def test_exports_carry_a_model_card_and_digests(run):
     lora = Path(run["lora"])
     card = (lora / "README.md").read_text()
     for line in ("# LoRA trained with Pro-GRPO", "- **Rollouts trained**: 2",
-                 "- **Fine-tuning**: LoRA rank 4, alpha 4", "Brightness (`pro_grpo_lightning.rewards.image_stats.Brightness`, weight 1.0)",
+                 "- **Fine-tuning**: LoRA rank 4, alpha 4",
+                 "Brightness (`pro_grpo_lightning.rewards.image_stats.Brightness`, weight 1.0)",
                  "| step | total | brightness | jpeg_compressibility |", "## The run's config", "load_lora_weights"):
         assert line in card, line
     import re
