@@ -148,7 +148,8 @@ def last_checkpoint(trainer: pl.Trainer) -> str | None:
         folder = getattr(cb, "dirpath", None) or (os.path.join(trainer.log_dir, "checkpoints")
                                                   if trainer.logger is not None and trainer.log_dir else None)
         if folder and os.path.isdir(folder):
-            found += [os.path.join(folder, n) for n in os.listdir(folder) if n.startswith("last") and n.endswith(".ckpt")]
+            found += [os.path.join(folder, n) for n in os.listdir(folder)
+                      if n.startswith("last") and n.endswith(".ckpt")]
     return max(found, key=os.path.getmtime) if found else None
 
 
@@ -179,7 +180,8 @@ def check_checkpoint(model: ProGRPOModule, state: dict[str, Any], ckpt: str, sub
     if refused:
         more = f" (and {len(refused) - 1} more: {'; '.join(refused[1:])})" if len(refused) > 1 else ""
         raise ConfigError(f"ckpt_path={ckpt!r}: resuming would change {refused[0]}{more}; these settings cannot "
-                          f"change on resume (README, 'Resuming a run'): use the checkpoint's values or start a new run")
+                          f"change on resume (README, 'Resuming a run'): use the checkpoint's values or start a "
+                          f"new run")
     if applied:
         print(f"resume from {ckpt}: applying {len(applied)} changed setting(s): {'; '.join(applied)}", file=sys.stderr)
 
@@ -198,7 +200,8 @@ USER_ERRORS = (ConfigError, ValueError, FileNotFoundError, UnicodeDecodeError)
 
 def one_line(err: BaseException) -> str:
     text = " ".join(str(err).split()) or type(err).__name__
-    return text if isinstance(err, (ConfigError, NonFiniteError, RewardError, OutputError)) else f"{type(err).__name__}: {text}"
+    own = (ConfigError, NonFiniteError, RewardError, OutputError)  # their messages name the field or the reward
+    return text if isinstance(err, own) else f"{type(err).__name__}: {text}"
 
 
 def run_main(fn: Callable[[list[str] | None], Any], argv: list[str] | None = None) -> int:

@@ -50,7 +50,8 @@ def write_model_card(folder: str, backend: Any, record: dict[str, Any], config: 
     ``config``: the run's config as a dict (None: unknown), ``kind``: "LoRA" or "pipeline",
     ``weights``: "raw" or "EMA". Returns the path."""
     ident = backend_identity(backend)
-    base = getattr(backend, "pretrained", None) or f"{ident['backend']} (seeded tiny model, seed {getattr(backend, 'seed', '?')})"
+    base = getattr(backend, "pretrained", None) or \
+        f"{ident['backend']} (seeded tiny model, seed {getattr(backend, 'seed', '?')})"
     tuning = ("full fine-tuning of the denoiser" if ident["finetune"] == "full" else
               f"LoRA rank {ident['lora.rank']}, alpha {ident['lora.alpha']:g}, "
               f"targets {ident['lora.target_modules'] or 'the backend default'}")
@@ -68,7 +69,8 @@ def write_model_card(folder: str, backend: Any, record: dict[str, Any], config: 
              f"- **Base model**: `{base}`", f"- **Backend**: `{ident['backend']}`",
              f"- **Fine-tuning**: {tuning}",
              f"- **Weights**: {'the EMA of the trained weights' if weights == 'EMA' else 'the trained weights'}",
-             f"- **Rollouts trained**: {rollouts if rollouts is not None else 'unknown (the checkpoint has no record)'}",
+             f"- **Rollouts trained**: "
+             f"{rollouts if rollouts is not None else 'unknown (the checkpoint has no record)'}",
              f"- **Rewards**: {'; '.join(rewards) if rewards else 'unknown (no run config)'}",
              f"- **Schedule**: `{schedule or 'unknown'}`", "",
              "## Held-out scores", "", *_held_out(record), "",
