@@ -23,9 +23,9 @@ import lightning.pytorch as pl
 from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 
-from .checkpointing import check_checkpoint_finite, load_checkpoint_file
+from .checkpointing import check_checkpoint_weights, load_checkpoint_file
 from .data import PromptDataModule
-from .errors import ConfigError
+from .errors import ConfigError, OutputError, RewardError
 from .health import NonFiniteError
 from .logs import ProGRPOProgressBar
 from .module import ProGRPOModule
@@ -61,7 +61,7 @@ class RunConfig(SaveConfigCallback):
     """
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if self.already_saved:
+        if self.already_saved or stage == "predict":  # predict writes beside its weights (predict.py), no run folder
             return
         if trainer.logger is not None:
             run_dir = trainer.log_dir  # a collective under DDP: every rank calls it
@@ -84,15 +84,20 @@ class ProGRPOCLI(LightningCLI):
     """``LightningCLI`` plus the checks that must come before any weights load."""
 
     def _parse_ckpt_path(self) -> None:
-        """Open ``--ckpt_path`` safely first (one line for a missing, empty, truncated, unsafe or
-        non-finite file), then let Lightning read the hyperparameters from it as usual."""
+        """Open ``--ckpt_path`` safely first (one line for a missing, empty, truncated, corrupted,
+        unsafe or non-finite file). Unlike Lightning's own CLI, nothing of the checkpoint enters the
+        config: its hyperparameters could name classes to import, and on resume they would silently
+        replace the command line's settings (``_before_run`` compares them instead)."""
         sub = self.config.get("subcommand")
         ckpt = self.config[sub].get("ckpt_path") if sub else None
         self._ckpt_state = None
         if ckpt and str(ckpt) not in _SPECIAL_CKPT:
             self._ckpt_state = load_checkpoint_file(str(ckpt))
-            check_checkpoint_finite(self._ckpt_state, f"ckpt_path={str(ckpt)!r}")
-        super()._parse_ckpt_path()
+            check_checkpoint_weights(self._ckpt_state, f"ckpt_path={str(ckpt)!r}")
+
+    def before_instantiate_classes(self) -> None:
+        if self.subcommand == "predict":  # predict writes beside what it loads, not into a logger version
+            self.config["predict"]["trainer"]["logger"] = False
 
     def _before_run(self) -> None:
         sub = self.subcommand
@@ -103,13 +108,19 @@ class ProGRPOCLI(LightningCLI):
             cfg = self.config[sub]
             model.set_run_config(self._parser(sub).dump(cfg, skip_none=False))
             ckpt, state = cfg.get("ckpt_path"), getattr(self, "_ckpt_state", None)
-            if state is not None:  # opened and checked in _parse_ckpt_path
-                extra = state.get("pro_grpo") or {}
-                identity = dict(extra.get("identity") or {})
-                identity.setdefault("schedule", extra.get("schedule"))  # older checkpoints
-                if identity["schedule"] is None:
-                    identity.pop("schedule")
-                model.check_identity(identity, f"ckpt_path={str(ckpt)!r}", resume=sub == "fit")
+            if ckpt is not None and str(ckpt) == "last":  # Lightning opens it only after the base weights load
+                ckpt = last_checkpoint(self.trainer)
+                state = None if ckpt is None else load_checkpoint_file(ckpt)
+                if state is not None:
+                    check_checkpoint_weights(state, f"ckpt_path={ckpt!r}")
+            if state is not None:
+                check_checkpoint(model, state, str(ckpt), sub, model.run_config)
+        if sub == "predict":
+            for cb in self.trainer.callbacks:
+                if isinstance(cb, PredictionWriter):  # an occupied or unwritable output: before any weights
+                    cb.resolve_output(self.trainer, self.config[sub].get("ckpt_path"))
+                    if isinstance(model, ProGRPOModule):
+                        cb.check_lora(model.backend)
 
     before_fit = before_validate = before_test = before_predict = _before_run
 
@@ -128,6 +139,53 @@ class ProGRPOCLI(LightningCLI):
         parser.add_lightning_class_args(PredictionWriter, "prediction")
 
 
+def last_checkpoint(trainer: pl.Trainer) -> str | None:
+    """The file ``ckpt_path="last"`` names: the newest ``last*.ckpt`` of the trainer's checkpoint
+    folders (a ``ModelCheckpoint``'s ``dirpath``, else ``<log_dir>/checkpoints``), as Lightning picks
+    it, so it can be checked before the base weights load; None when there is none."""
+    found = []
+    for cb in trainer.checkpoint_callbacks:
+        folder = getattr(cb, "dirpath", None) or (os.path.join(trainer.log_dir, "checkpoints")
+                                                  if trainer.logger is not None and trainer.log_dir else None)
+        if folder and os.path.isdir(folder):
+            found += [os.path.join(folder, n) for n in os.listdir(folder)
+                      if n.startswith("last") and n.endswith(".ckpt")]
+    return max(found, key=os.path.getmtime) if found else None
+
+
+def check_checkpoint(model: ProGRPOModule, state: dict[str, Any], ckpt: str, sub: str, run_config: str) -> None:
+    """A checkpoint against this run, before any weights load: it must carry this package's record
+    (unless ``guards.allow_foreign_checkpoint``) and the same identity; resuming (``fit``) also
+    compares every setting with the checkpoint's config: the ones that may change are stated and
+    applied, the rest refused in one line (``checkpointing.resume_changes``)."""
+    import yaml
+
+    from .checkpointing import resume_changes
+
+    extra = state.get("pro_grpo")
+    if not extra and not model.guards.allow_foreign_checkpoint:
+        raise ConfigError(f"ckpt_path={ckpt!r}: has no pro_grpo record (run identity, rollout counter, config): not "
+                          f"written by this package, so nothing about it can be checked; to use it anyway: "
+                          f"--model.guards.allow_foreign_checkpoint true")
+    extra = extra or {}
+    identity = dict(extra.get("identity") or {})
+    identity.setdefault("schedule", extra.get("schedule"))  # older checkpoints
+    if identity["schedule"] is None:
+        identity.pop("schedule")
+    model.check_identity(identity, f"ckpt_path={ckpt!r}", resume=sub == "fit")
+    if sub != "fit" or not extra.get("config"):
+        return
+    applied, refused = resume_changes(yaml.safe_load(extra["config"]) or {}, yaml.safe_load(run_config) or {},
+                                      model.guards.allow_schedule_change)
+    if refused:
+        more = f" (and {len(refused) - 1} more: {'; '.join(refused[1:])})" if len(refused) > 1 else ""
+        raise ConfigError(f"ckpt_path={ckpt!r}: resuming would change {refused[0]}{more}; these settings cannot "
+                          f"change on resume (README, 'Resuming a run'): use the checkpoint's values or start a "
+                          f"new run")
+    if applied:
+        print(f"resume from {ckpt}: applying {len(applied)} changed setting(s): {'; '.join(applied)}", file=sys.stderr)
+
+
 def main(args: list[str] | None = None, run: bool = True, save_config: bool = True) -> LightningCLI:
     """The CLI; ``run=False`` only builds the module, datamodule and trainer (scripts, benchmarks).
     ``save_config=False`` keeps ``fit`` from writing the resolved config.yaml (runs without a logger)."""
@@ -142,22 +200,28 @@ USER_ERRORS = (ConfigError, ValueError, FileNotFoundError, UnicodeDecodeError)
 
 def one_line(err: BaseException) -> str:
     text = " ".join(str(err).split()) or type(err).__name__
-    return text if isinstance(err, (ConfigError, NonFiniteError)) else f"{type(err).__name__}: {text}"
+    own = (ConfigError, NonFiniteError, RewardError, OutputError)  # their messages name the field or the reward
+    return text if isinstance(err, own) else f"{type(err).__name__}: {text}"
 
 
 def run_main(fn: Callable[[list[str] | None], Any], argv: list[str] | None = None) -> int:
-    """Run ``fn(argv)``; a settings/file error, a non-finite stop or an unusable reward server becomes
-    one ``error: ...`` line on stderr and exit status 2 (settings) or 1 (the run stopped).
-    ``PRO_GRPO_DEBUG=1``: full traceback."""
-    from .rewards.remote import RemoteRewardError
+    """Run ``fn(argv)``; a settings/file error, a non-finite stop, a failing reward (or reward server)
+    or an unwritable output becomes one ``error: ...`` line on stderr and exit status 2 (settings)
+    or 1 (the run stopped). ``PRO_GRPO_DEBUG=1``: full traceback."""
+    from .outputs import RUN_KEPT, output_error
 
     try:
-        fn(argv)
-    except (*USER_ERRORS, NonFiniteError, RemoteRewardError) as err:
+        try:
+            fn(argv)
+        except OSError as err:  # a write that failed (full disk, read-only folder): OutputError's one line
+            if isinstance(err, USER_ERRORS) or not err.filename:
+                raise
+            raise output_error(err, str(err.filename), RUN_KEPT) from err
+    except (*USER_ERRORS, NonFiniteError, RewardError, OutputError) as err:
         if os.environ.get("PRO_GRPO_DEBUG", "") not in ("", "0"):
             raise
         print(f"error: {one_line(err)}", file=sys.stderr)
-        return 1 if isinstance(err, (NonFiniteError, RemoteRewardError)) else 2
+        return 1 if isinstance(err, (NonFiniteError, RewardError, OutputError)) else 2
     return 0
 
 

@@ -58,6 +58,11 @@ PROMPT_FORMATS = {
 }
 Metadata = dict[str, Any]
 
+#: The longest prompt accepted, in characters. Text encoders read at most 77 (CLIP) or 512 (T5)
+#: tokens, about 300 and 2,500 characters of English; a prompt 4x past T5's window is not a prompt
+#: but a file read wrongly (a binary or a whole document on one line), and would be cut silently.
+MAX_PROMPT_CHARS = 10_000
+
 
 @dataclass
 class PromptBatch:
@@ -163,8 +168,30 @@ def load_prompt_set(prompts: Sequence[str | Metadata] | str) -> tuple[list[str],
     if not items:
         raise ValueError(f"prompts={prompts!r} gives no prompts")
     texts = [p for p, _ in items]
+    check_prompt_texts(texts, prompts if isinstance(prompts, str) else "prompts")
     metadata = [m for _, m in items]
     return texts, (metadata if any(metadata) else None)
+
+
+def check_prompt_texts(texts: Sequence[str], source: str) -> None:
+    """Refuse (one line naming ``source`` and the prompt's index) a prompt with a NUL byte or longer
+    than ``MAX_PROMPT_CHARS``: signs of a binary or wrongly read file, not of a prompt. Duplicated
+    prompts are allowed (a weighted prompt set repeats prompts on purpose) but reported once."""
+    for i, text in enumerate(texts):
+        if "\x00" in text:
+            raise ValueError(f"prompts {source!r}: prompt {i} holds a NUL byte: is this a binary file?")
+        if len(text) > MAX_PROMPT_CHARS:
+            raise ValueError(f"prompts {source!r}: prompt {i} is {len(text):,} characters long (at most "
+                             f"{MAX_PROMPT_CHARS:,}: text encoders read 77 or 512 tokens)")
+    repeats = len(texts) - len(set(texts))
+    if repeats:
+        counts: dict[str, int] = {}
+        for text in texts:
+            counts[text] = counts.get(text, 0) + 1
+        text, n = max(counts.items(), key=lambda kv: kv[1])
+        warnings.warn(f"prompts {source!r}: {repeats} of {len(texts)} prompts are duplicates (e.g. "
+                      f"{text[:60]!r} {n} times); each copy is sampled as often as any other prompt",
+                      stacklevel=3)
 
 
 def load_prompts(prompts: Sequence[str | Metadata] | str) -> list[str]:

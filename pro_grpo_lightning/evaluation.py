@@ -257,6 +257,8 @@ def finish_eval(module: Any, stage: str, rows: Sequence[Tensor], images: list[Te
         # trainer.validate/test. During fit not for the loggers: Lightning would log them at the
         # training batch counter, one behind the trained step, so logs.log_eval logs them instead.
         module.log_dict(metrics, on_step=False, on_epoch=True, batch_size=rows.shape[0], logger=not fitting)
+    if stage.startswith("val") and hasattr(module, "record_held_out"):  # for the export's model card
+        module.record_held_out(stage, module.trained_steps(), {n: float(means[i]) for i, n in enumerate(names)})
     if module.global_rank != 0:
         return
     write_eval_table(stage, module.trained_steps(), rows, names, getattr(dataset, "prompts", None), root,

@@ -10,30 +10,41 @@ same scale alpha / rank. Merging loads a fresh copy of the base components (the 
 loading code: the same folder, hub id or tiny seed), loads that file, fuses it and saves the
 pipeline, so the trained model in memory is never modified.
 
+Every export folder also holds ``README.md`` (a model card: base model, config, rollouts trained,
+rewards, held-out scores first/last; ``model_card.py``) and ``SHA256SUMS`` (its weights' digests,
+which ``predict`` checks). A non-empty output folder is refused unless ``overwrite``; the export is
+written beside it and moved into place only when complete (``outputs.py``).
+
 Also: the ``ExportLoRA`` callback (exports at the end of fit; YAML ``trainer.callbacks``) and
-``python -m pro_grpo_lightning.export --ckpt last.ckpt --out dir [--merge] [--ema] [--config run.yaml]``
-(``--ema``: the EMA weights the checkpoint carries, see ``ema.py``).
-Without ``--config`` the export uses the run's own config, which every checkpoint carries (or,
-for a checkpoint written before it did, the ``config.yaml`` next to it / in the folder above).
-The checkpoint is opened first (``weights_only=True``; refused if truncated, foreign, non-finite
-or from another backend / LoRA setting), before any base weights load.
+``python -m pro_grpo_lightning.export --ckpt last.ckpt --out dir [--merge] [--ema] [--config run.yaml]
+[--overwrite] [--trust_config_classes]`` (``export_checkpoint``; ``--ema``: the EMA weights the
+checkpoint carries, see ``ema.py``). Without ``--config`` the export uses the run's own config,
+which every checkpoint carries (or, for a checkpoint written before it did, the ``config.yaml``
+next to it / in the folder above). It builds only the backend: no reward is built, so nothing
+connects to a reward server; a checkpoint's stored config may name only this package's backends
+unless ``--trust_config_classes``. The checkpoint is opened first (``weights_only=True``; refused if
+truncated, foreign, corrupted (digest), non-finite or from another backend / LoRA setting), before
+any base weights load.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import inspect
 import os
 import tempfile
 from typing import Any
 
 import lightning.pytorch as pl
+import torch
+import yaml
 from lightning.pytorch.strategies import FSDPStrategy
 from lightning.pytorch.utilities import rank_zero_info
 
 from .backends.base import DiffusionBackend
 from .loading import LORA_WEIGHT_NAME
+from .model_card import write_model_card
+from .outputs import check_output_folder, staged_folder, write_digests
 
 
 def _family(backend: DiffusionBackend) -> tuple[Any, str]:
@@ -61,6 +72,14 @@ def _backend_of(module_or_backend: Any) -> DiffusionBackend:
     return backend
 
 
+def check_export_weights(weights: dict[str, Any]) -> None:
+    """Refuse (``NonFiniteError``) non-finite or implausibly large weights before anything is written."""
+    from .health import check_finite_tensors, check_weight_magnitudes
+
+    check_finite_tensors(weights, "export")
+    check_weight_magnitudes(weights, "export")
+
+
 def save_lora(backend: DiffusionBackend, path: str) -> str:
     """Write the adapter as the family's pipeline would (``save_lora_weights``); returns ``path``."""
     from peft.utils import get_peft_model_state_dict
@@ -70,9 +89,7 @@ def save_lora(backend: DiffusionBackend, path: str) -> str:
     adapter = next(iter(net.peft_config))  # the policy's one adapter ("default")
     layers = {k: v.detach().float().cpu().contiguous()
               for k, v in get_peft_model_state_dict(net, adapter_name=adapter).items()}
-    from .health import check_finite_tensors
-
-    check_finite_tensors(layers, "export")  # never write a NaN LoRA
+    check_export_weights(layers)  # never write a NaN or exploded LoRA
     metadata = net.peft_config[adapter].to_dict()
     os.makedirs(path, exist_ok=True)
     pipeline_cls.save_lora_weights(path, **{f"{name}_lora_layers": layers,
@@ -84,18 +101,18 @@ def save_lora(backend: DiffusionBackend, path: str) -> str:
 def save_pipeline(backend: DiffusionBackend, path: str) -> str:
     """A complete pipeline folder: fresh base components with the (fully fine-tuned) denoiser's
     current weights in place of the base ones (``Pipeline.from_pretrained(path)``); returns ``path``."""
-    from .health import check_finite_tensors
-
     _, name = _family(backend)
     trained = {k: v.detach() for k, v in backend.denoiser().state_dict().items()}
-    check_finite_tensors(trained, "export")  # never write NaN weights
+    check_export_weights(trained)  # never write NaN or exploded weights
     pipe = fresh_pipeline(backend)
     getattr(pipe, name).load_state_dict(trained)  # strict: the same architecture, every weight
     pipe.save_pretrained(path)
     return path
 
 
-def export_lora(module_or_backend: Any, path: str, merge: bool = False) -> str:
+def export_lora(module_or_backend: Any, path: str, merge: bool = False, overwrite: bool = False,
+                record: dict[str, Any] | None = None, config: dict[str, Any] | None = None,
+                weights: str = "raw") -> str:
     """Export the trained LoRA of a ``ProGRPOModule`` (or a backend) to ``path``; returns ``path``.
 
     merge=False: ``path`` holds ``pytorch_lora_weights.safetensors`` for ``pipe.load_lora_weights(path)``
@@ -104,59 +121,85 @@ def export_lora(module_or_backend: Any, path: str, merge: bool = False) -> str:
     denoiser's weights (``Pipeline.from_pretrained(path)``; no peft needed to use it).
     A fully fine-tuned backend (``finetune: full``) has no adapter: ``path`` is always a complete
     pipeline folder with the trained denoiser (``save_pipeline``).
+
+    Every export also holds ``SHA256SUMS`` (its weights' digests) and ``README.md`` (a model card
+    from ``record``, a checkpoint's ``pro_grpo`` record, and ``config``, the run's config; a
+    module's own when a module is given). A non-empty ``path`` is refused unless ``overwrite``,
+    before any weights load; the export is written beside ``path`` and moved into place only when
+    complete (``outputs.staged_folder``), so a failure never leaves a half export or loses the old one.
     """
     backend = _backend_of(module_or_backend)
+    check_output_folder(path, overwrite)
+    if record is None and hasattr(module_or_backend, "rollouts_done"):  # a module: its own record
+        record = {"rollouts_done": module_or_backend.rollouts_done, "schedule": repr(module_or_backend.schedule),
+                  "held_out": dict(getattr(module_or_backend, "held_out", {}))}
+        run_config = getattr(module_or_backend, "run_config", None)
+        config = config if config is not None else (yaml.safe_load(run_config) if run_config else None)
     backend.configure_model()
-    if getattr(backend, "finetune", "lora") == "full":  # no adapter: the trained denoiser is the model
-        return save_pipeline(backend, path)
-    if not merge:
-        return save_lora(backend, path)
-    with tempfile.TemporaryDirectory() as tmp:
-        save_lora(backend, tmp)
-        pipe = fresh_pipeline(backend)
-        pipe.load_lora_weights(tmp, weight_name=LORA_WEIGHT_NAME)
-        pipe.fuse_lora()
-        pipe.unload_lora_weights()  # keeps the fused weights, drops the peft layers
-    pipe.save_pretrained(path)
+    full = getattr(backend, "finetune", "lora") == "full"
+    with staged_folder(path, overwrite) as tmp:
+        if full:  # no adapter: the trained denoiser is the model
+            save_pipeline(backend, tmp)
+        elif not merge:
+            save_lora(backend, tmp)
+        else:
+            with tempfile.TemporaryDirectory() as lora_dir:
+                save_lora(backend, lora_dir)
+                pipe = fresh_pipeline(backend)
+                pipe.load_lora_weights(lora_dir, weight_name=LORA_WEIGHT_NAME)
+                pipe.fuse_lora()
+                pipe.unload_lora_weights()  # keeps the fused weights, drops the peft layers
+            pipe.save_pretrained(tmp)
+        write_digests(tmp)
+        write_model_card(tmp, backend, record or {}, config, "pipeline" if full or merge else "LoRA", weights)
     return path
 
 
 class ExportLoRA(pl.Callback):
     """Exports the policy's LoRA at the end of fit (rank 0); a fully fine-tuned policy is written as
     a complete pipeline folder (default ``<log_dir>/pipeline``). With an ``EMA`` callback whose
-    ``export`` is on (``ema.py``), the EMA weights are exported instead of the raw ones.
+    ``export`` is on (``ema.py``), the EMA weights are exported instead of the raw ones. Each
+    export holds a model card and ``SHA256SUMS`` (``export_lora``).
 
     Args:
         dirpath: where to write; default ``<log_dir>/lora`` (``<log_dir>/merged`` when merging).
         merge: also write a full pipeline folder with the LoRA fused (``<dirpath>/../merged`` by default).
+        overwrite: replace a non-empty ``dirpath``; otherwise that is refused when fit starts,
+            before any weights load (not after the training).
     """
 
-    def __init__(self, dirpath: str | None = None, merge: bool = False) -> None:
-        self.dirpath, self.merge = dirpath, merge
+    def __init__(self, dirpath: str | None = None, merge: bool = False, overwrite: bool = False) -> None:
+        self.dirpath, self.merge, self.overwrite = dirpath, merge, overwrite
+
+    def _targets(self, pl_module: pl.LightningModule, root: str) -> list[tuple[str, bool]]:
+        """[(folder, merge)] this callback writes."""
+        if getattr(_backend_of(pl_module), "finetune", "lora") == "full":
+            return [(self.dirpath or os.path.join(root, "pipeline"), False)]
+        lora_dir = self.dirpath or os.path.join(root, "lora")
+        merged = os.path.join(os.path.dirname(os.path.abspath(lora_dir)), "merged")
+        return [(lora_dir, False), *([(merged, True)] if self.merge else [])]
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage == "fit":  # an occupied folder is refused now, not after the training
+            root = trainer.log_dir or trainer.default_root_dir  # a collective under DDP: every rank
+            for folder, _ in self._targets(pl_module, root):
+                check_output_folder(folder, self.overwrite, "ExportLoRA.dirpath")
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         root = trainer.log_dir or trainer.default_root_dir  # a collective under DDP: before the rank test
-        from .ema import ema_weights
+        from .ema import ema_weights, find_ema
 
         with full_parameters(trainer):  # a collective under FSDP: every rank enters it
             if not trainer.is_global_zero:
                 return
+            weights = "EMA" if find_ema(pl_module, "export") is not None else "raw"
+            full = getattr(_backend_of(pl_module), "finetune", "lora") == "full"
             with ema_weights(pl_module, "export"):
-                self._export(pl_module, root)
-
-    def _export(self, pl_module: pl.LightningModule, root: str) -> None:
-        if getattr(_backend_of(pl_module), "finetune", "lora") == "full":
-            out = self.dirpath or os.path.join(root, "pipeline")
-            export_lora(pl_module, out)
-            rank_zero_info(f"[ExportLoRA] fully fine-tuned pipeline: {out}")
-            return
-        lora_dir = self.dirpath or os.path.join(root, "lora")
-        export_lora(pl_module, lora_dir)
-        rank_zero_info(f"[ExportLoRA] LoRA in diffusers format: {lora_dir}")
-        if self.merge:
-            merged = os.path.join(os.path.dirname(os.path.abspath(lora_dir)), "merged")
-            export_lora(pl_module, merged, merge=True)
-            rank_zero_info(f"[ExportLoRA] merged pipeline: {merged}")
+                for folder, merge in self._targets(pl_module, root):
+                    export_lora(pl_module, folder, merge=merge, overwrite=self.overwrite, weights=weights)
+                    what = "merged pipeline" if merge else "fully fine-tuned pipeline" if full else \
+                        "LoRA in diffusers format"
+                    rank_zero_info(f"[ExportLoRA] {what}: {folder}")
 
 
 def full_parameters(trainer: pl.Trainer) -> contextlib.AbstractContextManager:
@@ -182,11 +225,11 @@ def load_checkpoint_into(module: Any, ckpt: str, state: dict[str, Any] | None = 
     Reward-normalisation statistics (``rewards.*``) this module has no reward for are ignored:
     they do not change the policy.
     """
-    from .checkpointing import check_checkpoint_finite, load_checkpoint_file
+    from .checkpointing import check_checkpoint_weights, load_checkpoint_file
 
     if state is None:
         state = load_checkpoint_file(ckpt)
-    check_checkpoint_finite(state, f"ckpt={ckpt!r}")
+    check_checkpoint_weights(state, f"ckpt={ckpt!r}")
     if hasattr(module, "check_identity"):
         module.check_identity((state.get("pro_grpo") or {}).get("identity") or {}, f"ckpt={ckpt!r}", resume=False)
     module.configure_model()
@@ -198,8 +241,139 @@ def load_checkpoint_into(module: Any, ckpt: str, state: dict[str, Any] | None = 
                        f"trained with another backend or LoRA setting?")
 
 
-#: ``Trainer.fit`` arguments that LightningCLI writes into a run's config.yaml (e.g. ckpt_path).
-_FIT_ARGUMENTS = set(inspect.signature(pl.Trainer.fit).parameters) - {"self", "model"}
+#: where the backends a checkpoint's stored config may name live (``trust_config_classes``)
+PACKAGE_BACKENDS = "pro_grpo_lightning.backends."
+
+
+def _merged(configs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Later configs over earlier ones, as ``--config a --config b`` layers them (dicts merged
+    key by key, anything else replaced)."""
+    def merge(a: Any, b: Any) -> Any:
+        if isinstance(a, dict) and isinstance(b, dict):
+            return {**a, **{k: merge(a.get(k), v) for k, v in b.items()}}
+        return b
+    out: dict[str, Any] = {}
+    for cfg in configs:
+        out = merge(out, cfg)
+    return out
+
+
+def run_config(ckpt: str, state: dict[str, Any], configs: list[str] | None = None) -> tuple[dict[str, Any], bool]:
+    """(the run's config as a dict, whether it came from the user): the ``configs`` the user names
+    (merged in order), else the config the checkpoint carries, else a config.yaml beside it."""
+    from .errors import ConfigError
+
+    def read(path: str) -> dict[str, Any]:
+        with open(path, encoding="utf-8") as f:
+            cfg = yaml.safe_load(f) or {}
+        if not isinstance(cfg, dict):
+            raise ConfigError(f"config={path!r}: expected a YAML mapping, got {type(cfg).__name__}")
+        return cfg
+
+    if configs:
+        return _merged([read(p) for p in configs]), True
+    text = (state.get("pro_grpo") or {}).get("config")
+    if text:
+        cfg = yaml.safe_load(text)
+        if isinstance(cfg, dict):
+            return cfg, False
+    here = os.path.dirname(os.path.abspath(ckpt))
+    for folder in (here, os.path.dirname(here)):
+        if os.path.isfile(os.path.join(folder, "config.yaml")):
+            return read(os.path.join(folder, "config.yaml")), False
+    raise ConfigError(f"ckpt={ckpt!r} carries no config and none is beside it: pass --config")
+
+
+def build_backend(config: dict[str, Any], where: str, trust_config_classes: bool = False) -> DiffusionBackend:
+    """The backend of a run config (``model.backend``) and nothing else: no reward, no schedule.
+
+    A config the checkpoint carries (``where`` names it) may only name a backend of this package
+    unless ``trust_config_classes``: editing the text inside a checkpoint must not make export
+    import a module of the file's choosing. The class path is checked as text, before any import.
+    """
+    from jsonargparse import ArgumentParser
+
+    from .errors import ConfigError
+
+    block = (config.get("model") or {}).get("backend")
+    if not isinstance(block, dict) or not isinstance(block.get("class_path"), str):
+        raise ConfigError(f"{where}: no model.backend class_path in the run's config")
+    class_path = block["class_path"]
+    if not trust_config_classes and not (class_path.startswith(PACKAGE_BACKENDS)
+                                         and class_path.count(".") == PACKAGE_BACKENDS.count(".") + 1):
+        raise ConfigError(f"{where}: model.backend.class_path={class_path!r} is not a backend of this package; "
+                          f"if you trust the file, pass --trust_config_classes (or your own --config)")
+    parser = ArgumentParser(exit_on_error=False)
+    parser.add_subclass_arguments(DiffusionBackend, "backend", required=True)
+    try:
+        cfg = parser.parse_object({"backend": block})
+    except Exception as err:  # noqa: BLE001 - jsonargparse's own parse errors: one line
+        raise ConfigError(f"{where}: model.backend: {' '.join(str(err).split())[:300]}") from None
+    return parser.instantiate_classes(cfg).backend
+
+
+def load_adapter(backend: DiffusionBackend, state: dict[str, Any], ckpt: str) -> torch.nn.Module:
+    """Put a checkpoint's adapter weights (``backend.*`` of the module's state dict) into ``backend``
+    after checking its identity (backend, fine-tuning, LoRA; one line, before the base weights load)
+    and that the weights are exactly the adapter's. Returns a holder module whose ``backend`` is
+    ``backend`` (the module's names, for ``ema.load_ema_into``)."""
+    from .checkpointing import adapter_names, backend_identity, check_identity
+
+    check_identity((state.get("pro_grpo") or {}).get("identity") or {}, backend_identity(backend),
+                   f"ckpt={ckpt!r}", resume=False)
+    holder = torch.nn.Module()
+    holder.backend = backend
+    backend.configure_model()
+    weights = {k: v for k, v in state["state_dict"].items() if k.startswith("backend.")}
+    missing = sorted(adapter_names(holder) - set(weights))
+    if missing:
+        raise KeyError(f"{ckpt} lacks {len(missing)} adapter weights of this model (e.g. {missing[0]}): was it "
+                       f"trained with another backend or LoRA setting?")
+    result = holder.load_state_dict(weights, strict=False)
+    if result.unexpected_keys:
+        raise KeyError(f"{ckpt} has {len(result.unexpected_keys)} weights this model lacks (e.g. "
+                       f"{result.unexpected_keys[0]}): was it trained with another backend or LoRA setting?")
+    return holder
+
+
+def export_checkpoint(ckpt: str, out: str, config: list[str] | None = None, merge: bool = False,
+                      ema: bool = False, overwrite: bool = False, trust_config_classes: bool = False) -> str:
+    """Export a training checkpoint's LoRA (or pipeline) to ``out``; returns ``out``.
+
+    Every check that needs no weights comes first: ``out`` (writable, empty unless ``overwrite``),
+    the checkpoint (readable, ``weights_only=True``, its digest, finite and plausible weights), the
+    config and its backend class. Only the backend is built (no reward, so no network and no
+    reward weights); the checkpoint's stored config may name only this package's backends unless
+    ``trust_config_classes`` (a ``config`` the user names is the user's own).
+
+    Args:
+        ckpt: a checkpoint of the run (e.g. ``checkpoints/last.ckpt``).
+        out: the output folder.
+        config: the run's YAML files, layered in order as for fit (default: the config the
+            checkpoint carries).
+        merge: write a full pipeline with the LoRA fused.
+        ema: export the EMA weights the checkpoint carries (the run's EMA callback), not the raw ones.
+        overwrite: replace a non-empty ``out`` (only once the new export is complete).
+        trust_config_classes: let the checkpoint's stored config name a backend outside this package.
+    """
+    from .checkpointing import check_checkpoint_weights, load_checkpoint_file
+
+    check_output_folder(out, overwrite)  # before anything is read: a typo costs nothing
+    state = load_checkpoint_file(ckpt)
+    check_checkpoint_weights(state, f"ckpt={ckpt!r}")
+    cfg, users = run_config(ckpt, state, config)
+    backend = build_backend(cfg, "--config" if users else f"ckpt={ckpt!r} (its stored config)",
+                            trust_config_classes or users)
+    holder = load_adapter(backend, state, ckpt)
+    if ema:
+        from .ema import load_ema_into
+
+        load_ema_into(holder, state)
+    path = export_lora(backend, out, merge=merge, overwrite=overwrite, record=state.get("pro_grpo") or {},
+                       config=cfg, weights="EMA" if ema else "raw")
+    full = getattr(backend, "finetune", "lora") == "full"
+    print(f"exported {'pipeline' if merge or full else 'LoRA'}{' (EMA weights)' if ema else ''} to {path}")
+    return path
 
 
 def main(argv: list[str] | None = None) -> str:
@@ -209,60 +383,16 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument("--config", action="append",
                         help="the run's YAML (repeatable, as for fit); default: the config the checkpoint carries")
     parser.add_argument("--ckpt", required=True, help="a checkpoint of that run (e.g. checkpoints/last.ckpt)")
-    parser.add_argument("--out", required=True, help="output folder")
+    parser.add_argument("--out", required=True, help="output folder (refused if not empty, unless --overwrite)")
     parser.add_argument("--merge", action="store_true", help="write a full pipeline with the LoRA fused")
     parser.add_argument("--ema", action="store_true",
                         help="export the EMA weights the checkpoint carries (the run's EMA callback), not the raw ones")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace a non-empty --out (only once the new export is complete)")
+    parser.add_argument("--trust_config_classes", action="store_true",
+                        help="let the checkpoint's stored config name a backend class outside this package")
     args = parser.parse_args(argv)
-
-    import yaml
-
-    from .checkpointing import check_checkpoint_finite, load_checkpoint_file
-    from .cli import main as cli_main
-
-    state = load_checkpoint_file(args.ckpt)  # before anything is built: a typo costs nothing
-    check_checkpoint_finite(state, f"ckpt={args.ckpt!r}")
-    with tempfile.TemporaryDirectory() as tmp:
-        configs = args.config or [_run_config(args.ckpt, state, tmp)]
-        cli_args = []
-        for i, path in enumerate(configs):
-            with open(path, encoding="utf-8") as f:
-                cfg = yaml.safe_load(f) or {}
-            fit_only = set(cfg) & _FIT_ARGUMENTS  # a run's saved config.yaml has fit's own arguments
-            if fit_only:
-                for key in fit_only:
-                    cfg.pop(key)
-                path = os.path.join(tmp, f"config_{i}.yaml")
-                with open(path, "w", encoding="utf-8") as f:
-                    yaml.safe_dump(cfg, f)
-            cli_args += ["--config", path]
-        cli = cli_main(cli_args, run=False, save_config=False)
-    load_checkpoint_into(cli.model, args.ckpt, state)
-    if args.ema:
-        from .ema import load_ema_into
-
-        load_ema_into(cli.model, state)
-    out = export_lora(cli.model, args.out, merge=args.merge)
-    full = getattr(cli.model.backend, "finetune", "lora") == "full"
-    print(f"exported {'pipeline' if args.merge or full else 'LoRA'}{' (EMA weights)' if args.ema else ''} to {out}")
-    return out
-
-
-def _run_config(ckpt: str, state: dict[str, Any], tmp: str) -> str:
-    """The config of the run that wrote ``ckpt``: the one it carries, else a config.yaml beside it."""
-    from .errors import ConfigError
-
-    text = (state.get("pro_grpo") or {}).get("config")
-    if text:
-        path = os.path.join(tmp, "run_config.yaml")
-        with open(path, "w", encoding="utf-8") as f:
-            f.write(text)
-        return path
-    here = os.path.dirname(os.path.abspath(ckpt))
-    for folder in (here, os.path.dirname(here)):
-        if os.path.isfile(os.path.join(folder, "config.yaml")):
-            return os.path.join(folder, "config.yaml")
-    raise ConfigError(f"ckpt={ckpt!r} carries no config and none is beside it: pass --config")
+    return export_checkpoint(**vars(args))
 
 
 if __name__ == "__main__":

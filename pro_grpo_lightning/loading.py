@@ -83,11 +83,13 @@ def check_pretrained_source(pretrained: str, what: str = "pretrained") -> None:
         return
     if pretrained.startswith(PACKAGE_SCHEME):
         path = resolve_pretrained_source(pretrained)
-        if not os.path.isdir(path):
-            raise FileNotFoundError(f"{what}={pretrained!r}: no such folder ({path})")
+        if not os.path.isdir(path) or not os.listdir(path):
+            raise FileNotFoundError(f"{what}={pretrained!r}: no such folder, or an empty one ({path})")
         return
     path = os.path.expanduser(pretrained)
     if os.path.isdir(path):
+        if not os.listdir(path):
+            raise FileNotFoundError(f"{what}={pretrained!r}: an empty folder, no weights there")
         return
     looks_local = pretrained.startswith(("/", ".", "~")) or pretrained.count("/") > 1 or os.sep == "\\" and "\\" in pretrained
     if looks_local:
@@ -254,3 +256,4 @@ def load_preview_decoder(source: str, dtype: torch.dtype, what: str = "preview_d
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise FileNotFoundError(f"{what}={source!r}: cannot load an AutoencoderTiny there ({first})") from None
     return decoder.requires_grad_(False).eval()
+

@@ -126,6 +126,7 @@ class ProGRPOModule(pl.LightningModule):
         self.guards = guards
         self.guard = BadRolloutGuard(guards.max_bad_rollouts)
         self.run_config: str | None = None  # the resolved YAML of this run (set by the CLI), saved in checkpoints
+        self.held_out: dict[str, dict[int, dict[str, float]]] = {}  # {stage: {step: {column: mean}}}, saved too
         self._eval_rows: list[Tensor] = []  # per evaluation batch: [B, 2 + scores] on this rank
         self._eval_images: list[Tensor] = []
 
@@ -144,9 +145,11 @@ class ProGRPOModule(pl.LightningModule):
     # ---- setup ---------------------------------------------------------------------------------
     def setup(self, stage: str) -> None:
         """Install the atomic, weights_only, finite-only checkpoint IO before Lightning opens or
-        writes any checkpoint, and check every prompt set against the rewards
-        (``Reward.validate_prompts``) before any weights load."""
+        writes any checkpoint, run each reward's ``preflight`` and check every prompt set against
+        the rewards (``Reward.validate_prompts``), all before any weights load."""
         checkpointing.install(self.trainer)
+        for reward in [*self.rewards.rewards, *self.eval_rewards]:
+            reward.preflight()  # e.g. a reward server that does not answer: before any weights load
         datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
         if datamodule is not None and hasattr(datamodule, "validate_prompts"):
             try:  # one line naming the data field, the reward and the prompt
@@ -219,7 +222,7 @@ class ProGRPOModule(pl.LightningModule):
         logs.log_rollout(self, logged, batch_size=len(prompts))
         with logs.written_if_raised(self, logged):  # a guard's stop: Lightning would drop these metrics
             self.guard.update(bad, nonfinite_counts(result.components), total=result.rewards.numel(),
-                              skipped_steps=int(skipped))
+                              skipped_steps=int(skipped), health=health, components=result.components)
         if self.samples.due(self.rollouts_done - 1):
             # at the rollout's own step: the step Lightning gives its scalars (0-based rollout index)
             logs.log_rollout_images(self, result, self.sample_prompts, step=self.rollouts_done - 1)
@@ -277,6 +280,11 @@ class ProGRPOModule(pl.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         resume = self._trainer is not None and self._trainer.state.fn == "fit"
         self.rollouts_done, self._loaded_global_step = checkpointing.unpack_checkpoint(self, checkpoint, resume)
+        self.held_out = dict((checkpoint.get("pro_grpo") or {}).get("held_out") or {})
+
+    def record_held_out(self, stage: str, step: int, means: dict[str, float]) -> None:
+        """A held-out evaluation's means at ``step``: kept in checkpoints for the export's model card."""
+        self.held_out.setdefault(stage, {})[step] = dict(means)
 
     # ---- held-out evaluation (evaluation.py) ------------------------------------------------------
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:

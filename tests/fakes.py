@@ -125,3 +125,27 @@ class FaultyBrightness(Reward):
             bad = (idx % self.every == 0) if self.rows is None else torch.isin(idx, torch.tensor(self.rows))
             out = out.masked_fill(bad.to(out.device), self.value)
         return out
+
+
+class BrokenReward(Reward):
+    """A reward with a bug, for the one-line error tests: ``mode`` "raise" (a ZeroDivisionError),
+    "scalar" (one number for the batch), "list" (a Python list), "column" ([B, 1]) or
+    "constant" (the same score for every image: nothing to learn from)."""
+
+    default_name = "broken"
+
+    def __init__(self, mode: str = "raise", weight: float = 1.0, name: str | None = None) -> None:
+        super().__init__(weight, name)
+        self.mode = mode
+
+    def score(self, images: Tensor, prompts: Sequence[str]) -> Tensor | list[float]:
+        mean = images.float().mean((1, 2, 3))  # [B]
+        if self.mode == "raise":
+            return mean / 0 if mean.numel() < 0 else 1 // 0
+        if self.mode == "scalar":
+            return mean.mean()  # []
+        if self.mode == "list":
+            return mean.tolist()
+        if self.mode == "column":
+            return mean[:, None]  # [B, 1]
+        return torch.full_like(mean, 0.5)  # "constant": [B]

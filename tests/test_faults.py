@@ -12,6 +12,7 @@ import glob
 import itertools
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -319,9 +320,11 @@ def resume_args(tmp_path: Path, ckpt: Path, override: str = "") -> list[str]:
 
 
 def nan_copy(ckpt: Path, dst: Path) -> tuple[Path, str]:
+    """A copy with one NaN weight and a digest that matches it (as a buggy writer would leave it)."""
     state = torch.load(ckpt, weights_only=True)
     key = next(k for k in state["state_dict"] if "lora_B" in k)
     state["state_dict"][key][0, 0] = NAN
+    state[checkpointing.DIGEST_KEY] = checkpointing.tensor_digest(state)
     torch.save(state, dst)
     return dst, key
 
@@ -407,6 +410,9 @@ def test_schedule_change_on_purpose_resumes(trained, tmp_path, capsys):
                 "    init_args: {group_size: 6, checkpoints: [1], keep: [2], rule: ovf}\n")
     rc, err = run_cli(resume_args(tmp_path, trained, override.replace("{", "{{").replace("}", "}}")), capsys)
     assert rc == 0, err[-3000:]
+    stated = [ln for ln in err.splitlines() if ln.startswith(f"resume from {trained}: applying ")]
+    assert len(stated) == 1 and "model.schedule.init_args.group_size: 4 -> 6" in stated[0] \
+        and "trainer.max_steps: 2 -> 3" in stated[0], err[-3000:]
     state = torch.load(tmp_path / "resume/ckpt/last.ckpt", weights_only=True)
     assert state["global_step"] == 3 and "sizes=6 -> 2" in state["pro_grpo"]["identity"]["schedule"]
 
@@ -602,3 +608,332 @@ def test_export_lora_refuses_nonfinite_adapter_weights(tmp_path):
     with pytest.raises(NonFiniteError, match="lora_B"):
         export_lora(backend, str(tmp_path / "lora"))
     assert not (tmp_path / "lora").exists()
+
+
+# ---- issue 23: what a file, a reward or a peer hands us ---------------------------------------------
+@pytest.mark.parametrize("mode, expected", [
+    ("raise", r"reward 'broken' \(BrokenReward\) raised ZeroDivisionError: integer division or modulo by zero"),
+    ("scalar", r"reward 'broken' returned a torch.float32 tensor of shape \[\], expected a real tensor of shape "
+               r"\[(\d+)\] \(one score per image\)"),
+    ("list", r"reward 'broken' returned a list, expected a torch.Tensor of shape \[(\d+)\] \(one score per image\)"),
+    ("column", r"reward 'broken' returned a torch.float32 tensor of shape \[(\d+), 1\], expected a real tensor "
+               r"of shape \[\1\] \(one score per image\)"),
+])
+def test_a_broken_reward_is_one_line_naming_it(tmp_path, capsys, mode, expected):
+    reward = "{class_path: tests.fakes.BrokenReward, init_args: {mode: %s}}" % mode
+    args = ["fit", *config_args(tmp_path, "b", "trainer:\n  max_steps: 1\n", out=tmp_path / "b"),
+            f"--model.rewards=[{reward}]"]
+    rc, err = run_cli(args, capsys)
+    assert rc == 1 and re.fullmatch(f"error: {expected}", error_line(err)), error_line(err)
+    assert not (tmp_path / "b/ckpt").exists() or not glob.glob(str(tmp_path / "b/ckpt/.*"))
+
+
+@pytest.mark.parametrize("content, expected", [
+    ("a cat\nbad\x00prompt\n", "prompt 1 holds a NUL byte"),
+    ("a cat\n" + "x" * 20_000 + "\n", "prompt 1 is 20,000 characters long (at most 10,000"),
+])
+def test_binary_or_absurd_prompt_files_are_one_line(tmp_path, capsys, monkeypatch, content, expected):
+    bad = tmp_path / "prompts.txt"
+    bad.write_text(content)
+    loads = LoadCounter(monkeypatch)
+    rc, err = run_cli([*TINY, f"--trainer.default_root_dir={tmp_path}", f"--data.prompts={bad}"], capsys)
+    line = error_line(err)
+    assert rc == 2 and str(bad) in line and expected in line, line
+    assert loads.calls == 0
+
+
+def test_duplicate_prompts_are_reported():
+    from pro_grpo_lightning.data import load_prompt_set
+
+    with pytest.warns(UserWarning, match=r"50 of 52 prompts are duplicates \(e.g. 'a cat' 51 times\)"):
+        load_prompt_set(["a cat"] * 51 + ["a dog"])
+
+
+def test_random_bytes_are_not_a_checkpoint(tmp_path, capsys, monkeypatch):
+    path = tmp_path / "random.ckpt"
+    path.write_bytes(torch.randint(0, 256, (4096,), generator=torch.Generator().manual_seed(0),
+                                   dtype=torch.uint8).numpy().tobytes())
+    loads = LoadCounter(monkeypatch)
+    for argv, fn in [(resume_args(tmp_path, path), main),
+                     (["--ckpt", str(path), "--out", str(tmp_path / "x")], export_main)]:
+        rc = run_main(fn, argv)
+        line = error_line(capsys.readouterr().err)
+        assert rc == 2 and str(path) in line and "not a PyTorch checkpoint" in line and "Python objects" not in line
+    assert loads.calls == 0
+
+
+def flip_exponent(state: dict, key: str) -> None:
+    """One flipped bit: the top exponent bit of the first element of ``state_dict[key]`` (float32)."""
+    w = state["state_dict"][key]
+    w.view(-1).view(torch.int32)[0] ^= 1 << 30
+
+
+@pytest.mark.parametrize("digest", ["kept", "rewritten"])
+def test_a_flipped_bit_is_refused_at_resume_export_and_predict(trained, tmp_path, capsys, monkeypatch, digest):
+    """kept: the file's digest no longer matches (one line naming the file and the newest good
+    checkpoint beside it); rewritten (a writer that stored the bad weight): its magnitude is refused."""
+    folder = tmp_path / "ckpt"
+    folder.mkdir()
+    step = next(trained.parent.glob("epoch=*.ckpt"))
+    good = folder / step.name
+    good.write_bytes(step.read_bytes())
+    state = torch.load(trained, weights_only=True)
+    key = next(k for k in state["state_dict"] if "lora_A" in k)
+    flip_exponent(state, key)
+    assert abs(float(state["state_dict"][key].view(-1)[0])) > 1e30
+    if digest == "rewritten":
+        state[checkpointing.DIGEST_KEY] = checkpointing.tensor_digest(state)
+    bad = folder / "last.ckpt"
+    torch.save(state, bad)
+    before = bad.read_bytes()
+    loads = LoadCounter(monkeypatch)
+    predict = ["predict", *config_args(tmp_path, "p", "data:\n  val_prompts: [a cat]\n", out=tmp_path / "p"),
+               "--ckpt_path", str(bad)]
+    for argv, fn in [(resume_args(tmp_path, bad), main), (predict, main),
+                     (["--ckpt", str(bad), "--out", str(tmp_path / "x")], export_main)]:
+        rc = run_main(fn, argv)
+        line = error_line(capsys.readouterr().err)
+        if digest == "kept":
+            assert rc == 2 and line == (f"error: ckpt_path={str(bad)!r}: corrupted: its tensors do not match the "
+                                        f"digest written with it (a flipped bit or a damaged copy); the newest good "
+                                        f"checkpoint beside it is {str(good)!r}"), line
+        else:
+            assert rc == 1 and f"tensor {key!r} has 1 values of magnitude > 65504 (largest " in line, line
+    assert loads.calls == 0 and bad.read_bytes() == before and not (tmp_path / "x").exists()
+
+
+def test_implausible_weights_are_refused_at_save(trained, tmp_path):
+    state = torch.load(trained, weights_only=True)
+    key = next(k for k in state["state_dict"] if "lora_A" in k)
+    flip_exponent(state, key)
+    target = tmp_path / "last.ckpt"
+    target.write_bytes(trained.read_bytes())
+    with pytest.raises(NonFiniteError, match=f"tensor '{key}' has 1 values of magnitude > 65504"):
+        AtomicCheckpointIO().save_checkpoint(state, str(target))
+    assert target.read_bytes() == trained.read_bytes()
+
+
+def test_every_checkpoint_carries_a_digest_of_its_tensors(trained):
+    state = load_checkpoint_file(str(trained))
+    assert state[checkpointing.DIGEST_KEY] == checkpointing.tensor_digest(state)
+    assert oct(trained.stat().st_mode & 0o777) == oct(0o666 & ~_umask())  # not mkstemp's 0600
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def edited_config_copy(trained: Path, dst: Path, edit) -> Path:
+    """A copy of ``trained`` whose stored run config (plain text, no pickle) was edited by ``edit(cfg)``."""
+    state = torch.load(trained, weights_only=True)
+    cfg = yaml.safe_load(state["pro_grpo"]["config"])
+    edit(cfg)
+    state["pro_grpo"]["config"] = yaml.safe_dump(cfg)
+    torch.save(state, dst)  # the tensors did not change: the digest still matches
+    return dst
+
+
+def test_export_builds_only_the_backend_of_a_checkpoints_config(trained, tmp_path, capsys):
+    import socket
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(8)
+    listener.settimeout(0.5)
+    url = "http://127.0.0.1:%d" % listener.getsockname()[1]
+
+    def planted_rewards(cfg):
+        cfg["model"]["rewards"] = [{"class_path": "this.Brightness"},
+                                   {"class_path": "pro_grpo_lightning.rewards.remote.RemoteReward",
+                                    "init_args": {"url": url}}]
+    ckpt = edited_config_copy(trained, tmp_path / "planted.ckpt", planted_rewards)
+    sys.modules.pop("this", None)
+    rc = run_main(export_main, ["--ckpt", str(ckpt), "--out", str(tmp_path / "lora")])
+    out = capsys.readouterr()
+    assert rc == 0, out.err[-2000:]
+    assert "this" not in sys.modules and "Beautiful is better" not in out.out  # nothing of the file's choosing ran
+    with pytest.raises(TimeoutError):
+        listener.accept()  # nothing connected to the reward server the file names
+    listener.close()
+    assert (tmp_path / "lora" / "pytorch_lora_weights.safetensors").is_file()
+
+    def foreign_backend(cfg):
+        cfg["model"]["backend"]["class_path"] = "tests.fakes.AffineBackend"
+    ckpt = edited_config_copy(trained, tmp_path / "foreign.ckpt", foreign_backend)
+    rc = run_main(export_main, ["--ckpt", str(ckpt), "--out", str(tmp_path / "other")])
+    line = error_line(capsys.readouterr().err)
+    assert rc == 2 and line == (f"error: ckpt={str(ckpt)!r} (its stored config): model.backend.class_path="
+                                f"'tests.fakes.AffineBackend' is not a backend of this package; if you trust the "
+                                f"file, pass --trust_config_classes (or your own --config)")
+    assert not (tmp_path / "other").exists()
+
+
+def test_a_full_disk_at_a_save_is_one_line_and_keeps_the_previous_checkpoint(tmp_path, capsys, monkeypatch):
+    import errno
+
+    real, saves = torch.save, []
+
+    def full_disk(obj, f):  # step 2's last.ckpt (the 4th save) finds the disk full, after some bytes
+        saves.append(1)
+        if len(saves) == 4:
+            f.write(b"partial")
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(obj, f)
+    monkeypatch.setattr(checkpointing.torch, "save", full_disk)
+    args = ["fit", *config_args(tmp_path, "d", "trainer:\n  max_steps: 3\n", out=tmp_path / "d")]
+    rc, err = run_cli(args, capsys)
+    last = tmp_path / "d/ckpt/last.ckpt"
+    assert rc == 1 and error_line(err) == (f"error: cannot write {str(last)!r}: no space left on the device; the "
+                                           f"previous last.ckpt there is intact"), err[-2000:]
+    assert load_checkpoint_file(str(last))["global_step"] == 1  # the good one, loadable
+    assert not glob.glob(str(tmp_path / "d/ckpt/.*"))  # no temp file left
+
+
+def test_a_read_only_log_folder_is_one_line(tmp_path, capsys, monkeypatch):
+    import errno
+
+    from lightning.fabric.loggers.csv_logs import _ExperimentWriter
+
+    def read_only(self):
+        raise OSError(errno.EROFS, "Read-only file system", self.metrics_file_path)
+    monkeypatch.setattr(_ExperimentWriter, "save", read_only)
+    args = ["fit", *config_args(tmp_path, "r", "trainer:\n  max_steps: 2\n", out=tmp_path / "r")]
+    rc, err = run_cli(args, capsys)
+    line = error_line(err)
+    assert rc == 1 and line.startswith("error: cannot write ") and "metrics.csv': read-only file system; the " \
+        "checkpoints already written are intact" in line, line
+
+
+@pytest.mark.parametrize("where", ["occupied", "under_a_file"])
+def test_export_refuses_an_occupied_or_impossible_output_before_loading(trained, tmp_path, capsys, monkeypatch, where):
+    out = tmp_path / "out"
+    if where == "occupied":
+        out.mkdir()
+        (out / "pytorch_lora_weights.safetensors").write_bytes(b"an earlier export")
+        expected = f"error: out={str(out)!r}: not empty (1 entries); choose another folder, or pass overwrite"
+    else:
+        (tmp_path / "file").write_text("x")
+        out = tmp_path / "file" / "out"
+        expected = f"error: out={str(out)!r}: cannot create it, {str(tmp_path / 'file')!r} is a file"
+    loads = LoadCounter(monkeypatch)
+    rc = run_main(export_main, ["--ckpt", str(trained), "--out", str(out)])
+    line = error_line(capsys.readouterr().err)
+    assert rc == 2 and line.startswith(expected), line
+    assert loads.calls == 0
+    if where == "occupied":
+        assert (out / "pytorch_lora_weights.safetensors").read_bytes() == b"an earlier export"
+        assert run_main(export_main, ["--ckpt", str(trained), "--out", str(out), "--overwrite"]) == 0
+        assert sorted(os.listdir(out)) == ["README.md", "SHA256SUMS", "pytorch_lora_weights.safetensors"]
+        assert not [n for n in os.listdir(tmp_path) if n.startswith(".")]  # no staging folder left
+
+
+def test_resume_refuses_settings_that_cannot_change_in_one_line(trained, tmp_path, capsys, monkeypatch):
+    loads = LoadCounter(monkeypatch)
+    rc, err = run_cli([*resume_args(tmp_path, trained), "--model.update.clip_range=0.5", "--model.seed=7"], capsys)
+    line = error_line(err)
+    assert rc == 2 and line == (f"error: ckpt_path={str(trained)!r}: resuming would change model.seed: 0 -> 7 (and 1 "
+                                f"more: model.update.clip_range: 0.01 -> 0.5); these settings cannot change on "
+                                f"resume (README, 'Resuming a run'): use the checkpoint's values or start a new run")
+    assert loads.calls == 0
+
+
+def test_resume_states_the_settings_it_applies(trained):
+    """What may change is applied and said (``checkpointing.resume_changes``, the README's list)."""
+    saved = yaml.safe_load(torch.load(trained, weights_only=True)["pro_grpo"]["config"])
+    mine = yaml.safe_load(yaml.safe_dump(saved))
+    mine["trainer"]["max_steps"] = 5
+    mine["model"]["guards"]["max_bad_rollouts"] = 9
+    mine["model"]["rollout"]["sample_batch_size"] = 2
+    applied, refused = checkpointing.resume_changes(saved, mine)
+    assert applied == ["model.guards.max_bad_rollouts: 3 -> 9", "model.rollout.sample_batch_size: None -> 2",
+                       "trainer.max_steps: 2 -> 5"] and refused == []
+    mine["model"]["schedule"]["init_args"]["group_size"] = 6
+    mine["model"]["optimizer"]["init_args"]["lr"] = 1.0
+    _, refused = checkpointing.resume_changes(saved, mine)
+    assert [r.split(":")[0] for r in refused] == ["model.optimizer.init_args.lr", "model.schedule.init_args.group_size"]
+    _, refused = checkpointing.resume_changes(saved, mine, allow_schedule_change=True)
+    assert [r.split(":")[0] for r in refused] == ["model.optimizer.init_args.lr"]
+
+
+def test_a_checkpoint_without_our_record_is_refused_unless_asked(trained, tmp_path, capsys, monkeypatch):
+    state = torch.load(trained, weights_only=True)
+    del state["pro_grpo"]
+    state[checkpointing.DIGEST_KEY] = checkpointing.tensor_digest(state)
+    bare = tmp_path / "bare.ckpt"
+    torch.save(state, bare)
+    loads = LoadCounter(monkeypatch)
+    rc, err = run_cli(resume_args(tmp_path, bare), capsys)
+    line = error_line(err)
+    assert rc == 2 and line.startswith(f"error: ckpt_path={str(bare)!r}: has no pro_grpo record") and \
+        line.endswith("to use it anyway: --model.guards.allow_foreign_checkpoint true"), line
+    assert loads.calls == 0
+
+
+def test_a_planted_pickle_at_ckpt_path_last_is_refused_before_weights_load(trained, tmp_path, capsys, monkeypatch):
+    marker = tmp_path / "pwned"
+    state = torch.load(trained, weights_only=True)
+    state["payload"] = Payload(str(marker))
+    (tmp_path / "resume/ckpt").mkdir(parents=True)
+    torch.save(state, tmp_path / "resume/ckpt/last.ckpt")  # where resume_args' ModelCheckpoint writes
+    loads = LoadCounter(monkeypatch)
+    rc, err = run_cli([*resume_args(tmp_path, trained)[:-1], "last"], capsys)
+    line = error_line(err)
+    assert rc == 2 and "last.ckpt" in line and "refused" in line, line
+    assert loads.calls == 0 and not marker.exists()
+
+
+def test_rewards_near_the_float32_maximum_are_masked_not_clipped_into_advantages():
+    from pro_grpo_lightning.health import finite_advantages
+    from pro_grpo_lightning.objectives import AdvantageSettings
+
+    r = torch.tensor([[3e38, 0.5, 3e38, 0.4],   # finite, but the variance overflows float32
+                      [0.1, 0.2, 0.3, 0.4],     # fine
+                      [0.7, 0.7, 0.7, 0.7]])    # no spread
+    adv = finite_advantages(r, AdvantageSettings())
+    assert adv.valid[0].tolist() == [False] * 4 and adv.advantages[0].tolist() == [0.0] * 4
+    assert torch.isfinite(adv.advantages).all() and adv.advantages[1].abs().sum() > 0
+    assert (adv.unrepresentable, adv.flat_groups, adv.n_spread) == (1, 1, 1.0)
+
+
+@pytest.mark.parametrize("reward, expected", [
+    ("{class_path: tests.fakes.BrokenReward, init_args: {mode: constant}}",
+     "every group's rewards were equal (zero spread, so every advantage is 0); reward 'broken' gave all images of "
+     "a prompt the same score"),
+    ("{class_path: tests.fakes.FaultyBrightness, init_args: {value: '3e38', every: 2}}",
+     "the rewards were finite but their mean or variance overflows float32 in 4 groups"),
+])
+def test_rollouts_that_learn_nothing_from_finite_rewards_stop_the_run(tmp_path, capsys, reward, expected):
+    args = ["fit", *config_args(tmp_path, "h", "trainer:\n  max_steps: 4\n", out=tmp_path / "h"),
+            f"--model.rewards=[{reward}]", "--model.guards.max_bad_rollouts=2", "--data.prompts_per_step=2"]
+    rc, err = run_cli(args, capsys)
+    line = error_line(err)
+    assert rc == 1 and "model.guards.max_bad_rollouts=2: 2 consecutive rollouts trained nothing: " in line \
+        and expected in line, line
+    rows = metrics(tmp_path / "h")
+    counts = [r.get("health/flat_groups", 0) + r.get("health/unrepresentable_groups", 0) for r in rows]
+    assert len(rows) == 2 and all(c == 2 for c in counts), rows
+
+
+def test_an_unreachable_reward_server_is_one_line_before_weights_load(tmp_path, capsys, monkeypatch):
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # released: nothing listens there
+    reward = ("{class_path: pro_grpo_lightning.rewards.remote.RemoteReward, "
+              "init_args: {url: 'http://127.0.0.1:%d', retries: 0, timeout: 2}}" % port)
+    loads = LoadCounter(monkeypatch)
+    rc, err = run_cli([*TINY, f"--trainer.default_root_dir={tmp_path}", f"--model.rewards=[{reward}]"], capsys)
+    line = error_line(err)
+    assert rc == 1 and f"no answer from http://127.0.0.1:{port}/health after 1 attempt(s)" in line, line
+    assert loads.calls == 0
+
+
+def test_an_empty_pretrained_folder_is_one_line(tmp_path):
+    from pro_grpo_lightning.loading import check_pretrained_source
+
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="pretrained=.*empty.*: an empty folder, no weights there"):
+        check_pretrained_source(str(tmp_path / "empty"))

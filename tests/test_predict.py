@@ -14,7 +14,7 @@ from PIL import Image
 from pro_grpo_lightning.cli import main as cli_main
 from pro_grpo_lightning.cli import run_main
 from pro_grpo_lightning.evaluation import EvalItems, sample_items
-from pro_grpo_lightning.predict import PredictionWriter
+from pro_grpo_lightning.predict import CAPTION_LINES, PredictionWriter, caption_tile
 from pro_grpo_lightning.rewards.image_stats import Brightness, JpegCompressibility
 from tests.cli_runs import CALLBACKS_WITH_EXPORT, config_args
 
@@ -80,12 +80,23 @@ def test_predict_from_checkpoint_writes_pngs_sheets_and_the_images_scores(ckpt_p
     assert folders == ["000_a_red_square", "001_a_blue_triangle", "002_a_green_circle"]
     assert sorted(images) == [f"{f}/{j:02d}.png" for f in folders for j in range(2)]
     assert all(a.shape == (32, 32, 3) and a.dtype == np.uint8 for a in images.values())
-    for f in folders:  # a prompt's sheet is its images side by side
-        sheet = np.asarray(Image.open(out / f"{f}.png"))
-        np.testing.assert_array_equal(sheet, np.concatenate([images[f"{f}/00.png"], images[f"{f}/01.png"]], 1))
-    assert np.asarray(Image.open(out / "contact_sheet.png")).shape == (3 * 32, 2 * 32, 3)
-    # The table's JPEG scores, recomputed from the written PNGs (lossless: the same 8-bit pixels).
     rows = read_csv(out / "scores.csv")
+    # The sheets: every tile is its PNG upscaled 4x (nearest) to 128 px, captioned with its prompt and
+    # the table's total score; a prompt's sheet is its tiles side by side, contact_sheet.png all rows.
+    tiles = {f"{f}/{j:02d}.png": np.asarray(caption_tile(Image.fromarray(images[f"{f}/{j:02d}.png"]), r["prompt"],
+                                                         f"total {float(r['total']):.3f}"))
+             for f, (j, r) in zip([f for f in folders for _ in range(2)], [(int(r["image_index"]), r) for r in rows])}
+    h = 128 + 8 + 18 * CAPTION_LINES
+    for f in folders:
+        sheet = np.asarray(Image.open(out / f"{f}.png"))
+        assert sheet.shape == (h, 2 * 128, 3)
+        np.testing.assert_array_equal(sheet, np.concatenate([tiles[f"{f}/00.png"], tiles[f"{f}/01.png"]], 1))
+        np.testing.assert_array_equal(sheet[:128, :128], images[f"{f}/00.png"].repeat(4, 0).repeat(4, 1))
+        assert (sheet[128:] < 128).any()  # dark caption text under the tiles
+    full = np.asarray(Image.open(out / "contact_sheet.png"))
+    assert full.shape == (3 * h, 2 * 128, 3)
+    np.testing.assert_array_equal(full[h:2 * h, 128:], tiles[f"{folders[1]}/01.png"])
+    # The table's JPEG scores, recomputed from the written PNGs (lossless: the same 8-bit pixels).
     items = [(p, j) for p in PROMPTS for j in range(2)]
     assert [(r["prompt"], int(r["image_index"])) for r in rows] == items
     pixels = torch.from_numpy(np.stack([images[f"{f}/{j:02d}.png"] for f in folders for j in range(2)]))
@@ -147,6 +158,90 @@ def test_predict_from_exported_lora_equals_checkpoint(run, ckpt_pred):
     for k in a:
         np.testing.assert_array_equal(a[k], b[k])
     assert read_csv(ckpt_pred / "scores.csv") == read_csv(out / "scores.csv")
+
+
+def test_predict_writes_beside_its_checkpoint_and_says_where(run, capsys):
+    """No output_dir: ``<run>/predict/<checkpoint name>``, printed; no logger version is created."""
+    versions = sorted(p.name for p in (run["tmp"] / "run").iterdir())
+    capsys.readouterr()
+    assert run_main(cli_main, ["predict", *run["args"], "--ckpt_path", run["ckpt"]]) == 0
+    out = run["tmp"] / "predict" / "last"  # the checkpoint is <tmp>/ckpt/last.ckpt
+    printed = capsys.readouterr().out.strip().splitlines()
+    assert printed[-1] == (f"predict: 6 images of 3 prompts from checkpoint {run['ckpt']} (step 2): PNGs, "
+                           f"contact_sheet.png and scores.csv / scores.md in {out}")
+    assert sorted(p.name for p in (run["tmp"] / "run").iterdir()) == versions  # no new logger version
+    assert (out / "contact_sheet.png").is_file() and len(read_csv(out / "scores.csv")) == 6
+    # again: the folder is not empty, refused before any weights load; nothing replaced
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    assert run_main(cli_main, ["predict", *run["args"], "--ckpt_path", run["ckpt"]]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: prediction.output_dir={str(out)!r}: not empty"), err
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    assert run_main(cli_main, ["predict", *run["args"], "--ckpt_path", run["ckpt"], "--prediction.overwrite",
+                               "true"]) == 0  # asked to
+
+
+def test_exports_carry_a_model_card_and_digests(run):
+    import hashlib
+    import os
+
+    lora = Path(run["lora"])
+    card = (lora / "README.md").read_text()
+    for line in ("# LoRA trained with Pro-GRPO", "- **Rollouts trained**: 2",
+                 "- **Fine-tuning**: LoRA rank 4, alpha 4",
+                 "Brightness (`pro_grpo_lightning.rewards.image_stats.Brightness`, weight 1.0)",
+                 "| step | total | brightness | jpeg_compressibility |", "## The run's config", "load_lora_weights"):
+        assert line in card, line
+    import re
+
+    assert re.search(r"\(optimizer steps \d+ and 2\):", card), card  # the last evaluation: the exported weights'
+    last = [ln for ln in card.splitlines() if ln.startswith("| 2 |")]
+    val = read_csv(run["val_csv"])  # the run's own held-out table at step 2: the card's row is its means
+    assert len(last) == 1 and float(last[0].split("|")[2]) == pytest.approx(
+        sum(float(r["total"]) for r in val) / len(val), abs=6e-5)
+    sums = (lora / "SHA256SUMS").read_text().split()
+    assert sums[1] == "pytorch_lora_weights.safetensors"
+    assert sums[0] == hashlib.sha256((lora / sums[1]).read_bytes()).hexdigest()
+    mask = os.umask(0)
+    os.umask(mask)
+    for p in lora.iterdir():
+        assert p.stat().st_mode & 0o777 == 0o666 & ~mask, p  # not 0600
+
+
+class Loads:
+    """Counts base-weight loads of the tiny SD1.5 backend."""
+
+    def __init__(self, monkeypatch):
+        from pro_grpo_lightning.backends.sd15 import TinySD15Backend
+
+        self.calls, original = 0, TinySD15Backend.configure_model
+
+        def counted(backend):
+            self.calls += backend.unet is None
+            return original(backend)
+        monkeypatch.setattr(TinySD15Backend, "configure_model", counted)
+
+
+def test_damaged_or_disguised_lora_folders_are_refused_before_weights_load(run, tmp_path, capsys, monkeypatch):
+    import shutil
+
+    damaged = tmp_path / "damaged"
+    shutil.copytree(run["lora"], damaged)
+    data = bytearray((damaged / "pytorch_lora_weights.safetensors").read_bytes())
+    data[-3] ^= 0x40  # one flipped bit in the last tensor's bytes
+    (damaged / "pytorch_lora_weights.safetensors").write_bytes(bytes(data))
+    disguised = tmp_path / "disguised"
+    disguised.mkdir()
+    torch.save({"w": torch.zeros(2)}, disguised / "pytorch_lora_weights.safetensors")  # a pickle
+    loads = Loads(monkeypatch)
+    for folder, message in [(damaged, "corrupted: pytorch_lora_weights.safetensors does not match its SHA-256 in "
+                                      "SHA256SUMS"),
+                            (disguised, "is not a safetensors file")]:
+        capsys.readouterr()
+        assert predict(run, tmp_path / "out", "--prediction.lora_path", str(folder)) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and str(folder) in err[0] and message in err[0], err
+    assert loads.calls == 0 and not (tmp_path / "out").exists()
 
 
 def test_predict_refuses_bad_inputs_with_one_line(run, tmp_path, capsys):

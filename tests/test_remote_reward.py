@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from pro_grpo_lightning.cli import main
-from pro_grpo_lightning.reward_server import load_reward
+from pro_grpo_lightning.reward_server import DEFAULT_MAX_BODY_BYTES, load_reward
 from pro_grpo_lightning.rewards.image_stats import Brightness
 from pro_grpo_lightning.rewards.remote import RemoteReward, RemoteRewardError, decode_request, encode_request
 from tests.cli_runs import ROOT, config_args, run_metrics
@@ -85,10 +85,12 @@ def test_remote_scores_equal_in_process(brightness_url):
     remote = RemoteReward(brightness_url)
     remote.configure_model()  # health check
     assert remote.health() == {"status": "ok", "name": "brightness",
-                               "reward": "pro_grpo_lightning.rewards.image_stats.Brightness"}
+                               "reward": "pro_grpo_lightning.rewards.image_stats.Brightness",
+                               "max_body_bytes": DEFAULT_MAX_BODY_BYTES}
     assert torch.equal(remote(images, prompts), local)
-    # several requests of batch_size images: the same scores, in order
-    assert torch.equal(RemoteReward(brightness_url, batch_size=2)(images, prompts), local)
+    # several requests of batch_size images: the same scores, in order (a [2, ...] batch's float32 mean
+    # may be reduced in another order than the [5, ...] one's: equal to the last bits, not always exactly)
+    torch.testing.assert_close(RemoteReward(brightness_url, batch_size=2)(images, prompts), local, rtol=1e-6, atol=0)
     # uint8 on the wire = the in-process score of the images rounded to 1/255
     rounded = (images * 255).round() / 255
     assert torch.equal(RemoteReward(brightness_url, image_dtype="uint8")(images, prompts),
@@ -133,7 +135,10 @@ def test_a_server_that_never_answers_times_out_and_is_retried(caplog):
 
 def test_wrong_count_and_refusals_are_one_line_errors(scripted_url, caplog):
     images = torch.zeros(2, 3, 4, 4)
-    with pytest.raises(RemoteRewardError, match=r"/score returned 3 scores for 2 images$"):
+    # the server checks what its reward returns: one line naming it and the expected shape
+    with pytest.raises(RemoteRewardError, match=r"/score answered HTTP 500: reward 'scripted' returned a "
+                                                r"torch.float32 tensor of shape \[3\], expected a real tensor of "
+                                                r"shape \[2\] \(one score per image\)$"):
         RemoteReward(scripted_url)(images, ["a", "b"], [{"value": 1}, {"misbehave": "extra_score"}])
     with caplog.at_level(logging.WARNING):
         with pytest.raises(RemoteRewardError, match="HTTP 400: this scorer refuses the batch$"):
@@ -208,7 +213,7 @@ def test_server_killed_mid_run_retries_then_stops_cleanly(tmp_path):
         assert server.wait(timeout=30) == -9  # the callback killed it after step 2
     err = run.stderr.strip().splitlines()
     assert run.returncode == 1, run.stderr[-3000:]
-    assert err[-1].startswith(f"error: RemoteRewardError: RemoteReward 'brightness': no answer from {url}/score "
+    assert err[-1].startswith(f"error: RemoteReward 'brightness': no answer from {url}/score "
                               f"after 3 attempt(s)"), err[-1]
     assert "Traceback" not in run.stderr
     assert sum("retry 1/2" in line for line in err) == 1 and sum("retry 2/2" in line for line in err) == 1

@@ -21,6 +21,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..errors import RewardError
+
 
 def takes_metadata(score: Any) -> bool:
     """Whether a ``score`` method accepts ``metadata`` (by name or through ``**kwargs``)."""
@@ -46,6 +48,10 @@ class Reward(nn.Module, abc.ABC):
 
     def configure_model(self) -> None:
         """Load weights (idempotent). Rewards without weights need nothing."""
+
+    def preflight(self) -> None:
+        """Cheap checks that need no weights (a reward server's reachability), run when a run
+        starts, before any model loads. Default: nothing to check."""
 
     def use_networks(self, source: Any) -> None:
         """Where ``configure_model`` builds the reward's network from (a ``networks.NetworkSource``;
@@ -76,10 +82,30 @@ class Reward(nn.Module, abc.ABC):
         self.eval()
         try:
             if self._score_takes_metadata:
-                return self.score(images, prompts, metadata=metadata).float()
-            return self.score(images, prompts).float()
+                scores = self.score(images, prompts, metadata=metadata)
+            else:
+                scores = self.score(images, prompts)
+        except RewardError:
+            raise
+        except Exception as err:  # a reward model's own failure: one line naming it (trace: PRO_GRPO_DEBUG=1)
+            text = " ".join(str(err).split())[:300]
+            raise RewardError(f"reward {self.name!r} ({type(self).__qualname__}) raised {type(err).__name__}"
+                              f"{': ' + text if text else ''}") from err
         finally:
             self.train(was_training)
+        return check_scores(self.name, scores, images.shape[0])
+
+
+def check_scores(name: str, scores: Any, batch: int) -> Tensor:
+    """``scores`` as float32 [batch], or ``RewardError`` naming the reward, what it returned and the
+    expected shape (a scalar, a list or a [B, 1] tensor would broadcast silently into wrong advantages)."""
+    if not isinstance(scores, Tensor):
+        raise RewardError(f"reward {name!r} returned a {type(scores).__name__}, expected a torch.Tensor of "
+                          f"shape [{batch}] (one score per image)")
+    if tuple(scores.shape) != (batch,) or scores.is_complex() or scores.dtype == torch.bool:
+        raise RewardError(f"reward {name!r} returned a {scores.dtype} tensor of shape {list(scores.shape)}, "
+                          f"expected a real tensor of shape [{batch}] (one score per image)")
+    return scores.float()
 
     def extra_repr(self) -> str:
         return f"name={self.name!r}, weight={self.weight}"
