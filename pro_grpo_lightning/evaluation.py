@@ -231,10 +231,11 @@ def eval_batch(module: Any, batch: dict[str, Any], sample_batch_size: int | None
     return images, item_rows(batch, scores, module.device)  # [B, 3, H, W], [B, 2 + S]
 
 
-def finish_eval(module: Any, stage: str, rows: Sequence[Tensor], images: list[Tensor]) -> None:
+def finish_eval(module: Any, stage: str, rows: Sequence[Tensor], images: list[tuple[Tensor, Tensor]]) -> None:
     """The end of an evaluation epoch of ``stage`` ("val", "test", "val_ema"...): gather every
     rank's item ``rows``, log the means as ``<stage>/<column>``, and on rank 0 write the table and
-    log the image grid (``images``: the first image of each prompt), at ``module.trained_steps()``.
+    log the image grid (``images``: per batch, the first image of each prompt and its item row), at
+    ``module.trained_steps()``. A "val" total is kept as ``module.last_heldout`` (the progress bar).
 
     A collective under DDP: every rank calls it, with its own (possibly empty) batches.
     """
@@ -252,6 +253,8 @@ def finish_eval(module: Any, stage: str, rows: Sequence[Tensor], images: list[Te
     root = trainer.log_dir or trainer.default_root_dir  # a collective under DDP: every rank
     means = rows[:, 2:].mean(0)  # [S]
     metrics = {f"{stage}/{n}": means[i] for i, n in enumerate(names)}
+    if stage == "val":
+        module.last_heldout = float(means[names.index(EVAL_TOTAL)])
     fitting = trainer.state.fn == "fit"
     if not starting_point:  # for callbacks (checkpoint monitor, progress bar) and the return value of
         # trainer.validate/test. During fit not for the loggers: Lightning would log them at the
@@ -262,7 +265,7 @@ def finish_eval(module: Any, stage: str, rows: Sequence[Tensor], images: list[Te
     write_eval_table(stage, module.trained_steps(), rows, names, getattr(dataset, "prompts", None), root,
                      getattr(dataset, "metadata", None))
     log_eval(module, stage, metrics, images, module.trained_steps(), f"{stage}/{EVAL_TOTAL}",
-             scalars=fitting or starting_point)
+             scalars=fitting or starting_point, prompts=getattr(dataset, "prompts", None))
 
 
 def final_batch(trainer: Any, batch_idx: int) -> bool:

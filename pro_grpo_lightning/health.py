@@ -171,11 +171,12 @@ class GuardSettings:
     """This run's refusals; YAML ``model.guards``. Not saved in checkpoints: how a run treats
     faults is that run's choice (LightningCLI reads a resumed checkpoint's hyperparameters back).
 
-    max_bad_rollouts: stop the run (one-line error naming the reward) after this many consecutive
-        rollouts that trained nothing because their rewards or gradients were NaN/inf; single bad
-        trajectories are masked and training goes on.
-    allow_schedule_change: resume a checkpoint whose group schedule differs from this run's (on
-        purpose, e.g. a curriculum); otherwise that is refused before any weights load.
+    Args:
+        max_bad_rollouts: stop the run (one-line error naming the reward) after this many consecutive
+            rollouts that trained nothing because their rewards or gradients were NaN/inf; single bad
+            trajectories are masked and training goes on.
+        allow_schedule_change: resume a checkpoint whose group schedule differs from this run's (on
+            purpose, e.g. a curriculum); otherwise that is refused before any weights load.
     """
 
     max_bad_rollouts: int = 3

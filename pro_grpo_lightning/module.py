@@ -39,7 +39,7 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.strategies import FSDPStrategy
 from torch import Tensor
 
-from . import checkpointing, evaluation, logs
+from . import checkpointing, evaluation, logs, progress
 from .backends.base import DiffusionBackend
 from .data import PromptBatch
 from .distributed import RankSyncedRewardSet
@@ -57,6 +57,9 @@ from .update import UpdateSettings, check_optimizer, check_trainable, grpo_updat
 # With manual optimisation Lightning warns that a step-interval checkpoint holds the weights after
 # the optimizer step: that is the state we mean to save (it matches the saved rollout counter).
 warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization")
+# The frozen parts (base denoiser weights under LoRA, VAE, text encoders, reward models) are in eval
+# mode on purpose: no dropout while sampling or scoring. Lightning warns about any eval-mode module.
+warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode at the start of training")
 
 
 class ProGRPOModule(pl.LightningModule):
@@ -126,7 +129,8 @@ class ProGRPOModule(pl.LightningModule):
         self.guard = BadRolloutGuard(guards.max_bad_rollouts)
         self.run_config: str | None = None  # the resolved YAML of this run (set by the CLI), saved in checkpoints
         self._eval_rows: list[Tensor] = []  # per evaluation batch: [B, 2 + scores] on this rank
-        self._eval_images: list[Tensor] = []
+        self._eval_images: list[tuple[Tensor, Tensor]] = []  # per batch: first images [n, 3, H, W], their rows
+        self.last_heldout: float | None = None  # the last held-out total (val/total), for the progress bar
 
     # ---- setup ---------------------------------------------------------------------------------
     def setup(self, stage: str) -> None:
@@ -179,7 +183,7 @@ class ProGRPOModule(pl.LightningModule):
         result = self.rollout.run(prompts, local_gen, audit=audit, metadata=metadata,
                                   noise_generator=noise_gen,
                                   rank=self.global_rank, world_size=self.trainer.world_size,
-                                  progress=logs.rollout_progress(self))
+                                  progress=progress.rollout_progress(self))
 
         # Non-finite guard (health.py): trajectories with a NaN/inf reward are masked, groups left
         # with < 2 finite rewards too; nothing non-finite reaches the optimizer.
@@ -200,10 +204,10 @@ class ProGRPOModule(pl.LightningModule):
         steps, skipped = stats.pop("steps"), stats.pop("skipped_steps")
         bad, health = adv.report(result, steps, skipped)
         self.rollouts_done += 1
-        logged = logs.rollout_metrics(result, adv.advantages, stats, update_time, health, self.rollouts_done,
+        logged = logs.rollout_metrics(result, adv.advantages, stats, update_time, health,
                                       opt.param_groups[0]["lr"], self.device)
-        logs.log_rollout(self, logged, batch_size=len(prompts))
-        with logs.written_if_raised(self, logged):  # a guard's stop: Lightning would drop these metrics
+        written = logs.log_rollout(self, logged, batch_size=len(prompts), step=self.rollouts_done - 1)
+        with logs.written_if_raised(self, logged, self.rollouts_done - 1, written):  # the rollout a guard stops on
             self.guard.update(bad, nonfinite_counts(result.components), total=result.rewards.numel(),
                               skipped_steps=int(skipped))
         if self.samples.due(self.rollouts_done - 1):
@@ -211,7 +215,7 @@ class ProGRPOModule(pl.LightningModule):
             logs.log_rollout_images(self, result, self.sample_prompts, step=self.rollouts_done - 1)
 
     def on_fit_start(self) -> None:
-        logs.log_run_hparams(self)
+        logs.log_run_start(self)
 
     def clip_grad_norm(self, params: list[Tensor], max_norm: float) -> Tensor:
         """Clip the LoRA gradients to ``max_norm`` in place; return the pre-clip total norm.
@@ -273,8 +277,8 @@ class ProGRPOModule(pl.LightningModule):
     def _eval_step(self, batch: dict[str, Any]) -> None:
         images, rows = evaluation.eval_batch(self, batch, self.sample_batch_size)  # [B, 3, H, W], [B, 2 + S]
         self._eval_rows.append(rows)
-        first = batch["image_index"] == 0  # one image per prompt for the grid
-        self._eval_images.append(images[first.to(images.device)].cpu())
+        first = (batch["image_index"] == 0).to(images.device)  # one image per prompt for the grid
+        self._eval_images.append((images[first].cpu(), rows[first.to(rows.device)].cpu()))
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Tensor]:
         """Images of held-out-style items and their raw scores (``predict.PredictionWriter`` writes them)."""

@@ -28,17 +28,18 @@ class UpdateSettings:
     """How one rollout is trained on; YAML ``model.update``. Defaults follow Flow-GRPO / DanceGRPO
     where they agree.
 
-    inner_epochs: passes over the rollout's (trajectory, step) pairs.
-    timestep_fraction: share of each trajectory's trainable steps used per epoch (random subset).
-    train_batch_size: (trajectory, step) pairs per forward/backward.
-    minibatches_per_step: minibatches accumulated per optimizer step; None = all of an epoch
-        (one optimizer step per inner epoch).
-    clip_range: PPO ratio clip epsilon (baseline 1e-4: log-probs are means over latent dims).
-    kl_beta: weight of the KL to the reference (0 skips the reference forward).
-    kl_type: "exact" (closed-form Gaussian KL with the step std), "output" (||eps - eps_ref||^2 /
-        ||v - v_ref||^2 mean over dims) or "flow_grpo" (flow backends only: Flow-GRPO's form, which
-        divides by the SDE coefficient without dt, so Flow-GRPO's published betas transfer).
-    max_grad_norm: gradient-norm clip (None or 0 disables).
+    Args:
+        inner_epochs: passes over the rollout's (trajectory, step) pairs.
+        timestep_fraction: share of each trajectory's trainable steps used per epoch (random subset).
+        train_batch_size: (trajectory, step) pairs per forward/backward.
+        minibatches_per_step: minibatches accumulated per optimizer step; None = all of an epoch
+            (one optimizer step per inner epoch).
+        clip_range: PPO ratio clip epsilon (baseline 1e-4: log-probs are means over latent dims).
+        kl_beta: weight of the KL to the reference (0 skips the reference forward).
+        kl_type: "exact" (closed-form Gaussian KL with the step std), "output" (||eps - eps_ref||^2 /
+            ||v - v_ref||^2 mean over dims) or "flow_grpo" (flow backends only: Flow-GRPO's form, which
+            divides by the SDE coefficient without dt, so Flow-GRPO's published betas transfer).
+        max_grad_norm: gradient-norm clip (None or 0 disables).
     """
 
     inner_epochs: int = 1
@@ -65,6 +66,15 @@ class UpdateSettings:
             raise ValueError(f"update.clip_range must be > 0, got {self.clip_range}")
         if self.max_grad_norm is not None and self.max_grad_norm < 0:
             raise ValueError(f"update.max_grad_norm must be >= 0 or None, got {self.max_grad_norm}")
+
+    def optimizer_steps(self, num_trajectories: int, num_trainable_steps: int) -> int:
+        """Optimizer steps ``grpo_update`` takes on a rollout of ``num_trajectories`` trained
+        trajectories with ``num_trainable_steps`` trainable steps each (none masked): per inner
+        epoch, ceil(minibatches / minibatches_per_step) with ceil(pairs / train_batch_size)
+        minibatches of the epoch's N x ceil(timestep_fraction x n) pairs (``training_pairs``)."""
+        pairs = num_trajectories * max(1, math.ceil(self.timestep_fraction * num_trainable_steps))
+        chunks = math.ceil(pairs / self.train_batch_size)
+        return self.inner_epochs * math.ceil(chunks / (self.minibatches_per_step or chunks))
 
 
 def check_optimizer(optimizer: Callable[[list[Tensor]], torch.optim.Optimizer]) -> str:
