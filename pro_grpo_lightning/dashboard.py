@@ -30,6 +30,13 @@ MIN_TILE = 128
 
 
 # ---- the custom-scalars layout -------------------------------------------------------------------
+def single_reward_is_total(rewards: Any) -> bool:
+    """Whether the weighted total *is* the one reward's score (one reward, weight 1, not
+    normalised): then ``reward/<name>`` and ``val/<name>`` would repeat ``reward/mean`` / ``val/total``."""
+    names, weights = list(getattr(rewards, "names", [])), list(getattr(rewards, "weights", []))
+    return len(names) == 1 and float(weights[0]) == 1.0 and getattr(rewards, "normalize", "none") in (None, "none")
+
+
 def compute_figures(module: Any) -> dict[str, float]:
     """The constant cost of a (non-audit) rollout of the global batch, from the schedule alone:
     denoiser calls (per sample; CFG's doubled batch counts once), what the expanded group would cost
@@ -62,8 +69,6 @@ def layout(module: Any) -> dict[str, dict[str, list]]:
     compute_title = "wall time per rollout phase (s)"
     if saved is not None:
         compute_title += f"; denoiser calls saved vs plain G_max: {saved:.0%} (constant, see HParams)"
-    from .logs import single_reward_is_total
-
     kl = module.settings.kl_beta > 0
     first = {
         "training reward of the kept trajectories: mean, min, max":

@@ -177,6 +177,18 @@ def gather_items(rows: Sequence[Tensor], num_scores: int, device: torch.device) 
     return out[torch.argsort(out[:, 0], stable=True)]  # (prompt, image) order
 
 
+def text_scores(module: Any, images: Tensor, prompts: list[str]) -> list[float] | None:
+    """The weighted total of the raw training rewards of ``images`` (one per prompt, no metadata:
+    the logged sample grid's captions), or None when a reward cannot score a prompt from its text
+    alone (``Reward.validate_prompts``)."""
+    try:
+        for reward in module.rewards.rewards:
+            reward.validate_prompts(prompts, None)
+    except ValueError:
+        return None
+    return eval_scores(module.rewards, [], images.to(module.device), prompts)[EVAL_TOTAL].float().cpu().tolist()
+
+
 # ---- tables --------------------------------------------------------------------------------------
 def write_eval_table(stage: str, step: int, rows: Tensor, names: Sequence[str],
                      prompts: Sequence[str] | None, root: str, metadata: Sequence[dict] | None = None) -> str:

@@ -30,7 +30,7 @@ import contextlib
 import dataclasses
 import inspect
 import os
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import lightning.pytorch as pl
@@ -38,7 +38,7 @@ import torch
 from lightning.pytorch.loggers import Logger, TensorBoardLogger
 from torch import Tensor
 
-from .dashboard import captioned_grid, compute_figures, write_layout
+from .dashboard import captioned_grid, compute_figures, single_reward_is_total, write_layout
 from .distributed import reduce_metrics
 from .rollout import RolloutResult, proxy_reward_correlation
 
@@ -125,13 +125,6 @@ def rollout_metrics(r: RolloutResult, advantages: Tensor, stats: Mapping[str, fl
     return out
 
 
-def single_reward_is_total(rewards: Any) -> bool:
-    """Whether the weighted total *is* the one reward's score (one reward, weight 1, not
-    normalised): then ``reward/<name>`` and ``val/<name>`` would repeat ``reward/mean`` / ``val/total``."""
-    names, weights = list(getattr(rewards, "names", [])), list(getattr(rewards, "weights", []))
-    return len(names) == 1 and float(weights[0]) == 1.0 and getattr(rewards, "normalize", "none") in (None, "none")
-
-
 def logged_rollout_metrics(metrics: Mapping[str, Tensor], rewards: Any) -> dict[str, float]:
     """What the loggers get of ``rollout_metrics``: no constants (``compute/*``: hyperparameters, see
     ``dashboard.compute_figures``), no component equal to ``reward/mean`` by construction, no
@@ -216,28 +209,16 @@ def log_image(loggers: Iterable[Logger], tag: str, image: Tensor, step: int, cap
                     f.write(caption + "\n")
 
 
-def text_scores(module: pl.LightningModule, images: Tensor, prompts: list[str]) -> list[float] | None:
-    """The weighted total of the raw training rewards of ``images`` (one per prompt, no metadata), or
-    None when a reward cannot score a prompt from its text alone (``Reward.validate_prompts``)."""
-    from .evaluation import EVAL_TOTAL, eval_scores  # evaluation imports this module
-
-    try:
-        for reward in module.rewards.rewards:
-            reward.validate_prompts(prompts, None)
-    except ValueError:
-        return None
-    return eval_scores(module.rewards, [], images.to(module.device), prompts)[EVAL_TOTAL].float().cpu().tolist()
-
-
-def log_rollout_images(module: pl.LightningModule, r: RolloutResult, prompts: list[str], step: int) -> None:
+def log_rollout_images(module: pl.LightningModule, r: RolloutResult, prompts: list[str], step: int,
+                       score: Callable[[Any, Tensor, list[str]], list[float] | None]) -> None:
     """``samples/fixed_prompts``: ``prompts`` with fixed noise (changes are the policy's), each
-    captioned with its prompt and reward; ``samples/survivors``: what pruning kept of the first
-    prompt's group, in group order, each with the reward it was trained on. Rank 0 only: the other
-    ranks need not sample."""
+    captioned with its prompt and its reward by ``score(module, images, prompts)`` (None: prompts
+    only); ``samples/survivors``: what pruning kept of the first prompt's group, in group order,
+    each with the reward it was trained on. Rank 0 only: the other ranks need not sample."""
     if not module.loggers or module.global_rank != 0:
         return
     images = module.sample(prompts).cpu()  # [B, 3, H, W]
-    scores = text_scores(module, images, prompts)
+    scores = score(module, images, prompts)
     captions = prompts if scores is None else [f"{p} - reward {s:.3f}" for p, s in zip(prompts, scores)]
     log_image(module.loggers, "samples/fixed_prompts", captioned_grid(images, captions, nrow=len(prompts)), step,
               caption=" | ".join(captions))

@@ -212,7 +212,8 @@ class ProGRPOModule(pl.LightningModule):
                               skipped_steps=int(skipped))
         if self.samples.due(self.rollouts_done - 1):
             # at the rollout's own step: the step Lightning gives its scalars (0-based rollout index)
-            logs.log_rollout_images(self, result, self.sample_prompts, step=self.rollouts_done - 1)
+            logs.log_rollout_images(self, result, self.sample_prompts, step=self.rollouts_done - 1,
+                                    score=evaluation.text_scores)
 
     def on_fit_start(self) -> None:
         logs.log_run_start(self)

@@ -113,7 +113,9 @@ def test_top_level_optimizer_and_lr_scheduler_train_the_lora_weights(tmp_path):
 
 
 def test_model_optimizer_is_the_same_setting(tmp_path, capsys):
-    cli = main(["fit", "--config", TINY, "--model.optimizer", "SGD", "--model.optimizer.lr", "0.25"], run=False)
+    # the config sets the top-level group; without it (null) the module's own argument is used
+    cli = main(["--config", TINY, "--optimizer", "null", "--model.optimizer", "SGD", "--model.optimizer.lr", "0.25"],
+               run=False)
     cli.model.configure_model()
     opt = cli.model.configure_optimizers()
     assert type(opt) is torch.optim.SGD and opt.param_groups[0]["lr"] == 0.25
@@ -185,7 +187,7 @@ def test_fit_help_describes_every_setting_and_lists_every_reward(capsys, monkeyp
 def test_shipped_overlay_adds_callbacks_and_keeps_the_base_ones():
     overlay = ROOT / "configs/quickstart_ema.yaml"
     assert "callbacks+:" in overlay.read_text()
-    cli = main(["fit", "--config", str(ROOT / "configs/quickstart.yaml"), "--config", str(overlay)], run=False)
+    cli = main(["--config", str(ROOT / "configs/quickstart.yaml"), "--config", str(overlay)], run=False)
     kinds = [type(c).__name__ for c in cli.trainer.callbacks]
     assert {"ModelCheckpoint", "EMA", "ExportLoRA"} <= set(kinds)  # the base's checkpoint callback kept
     readme = (ROOT / "README.md").read_text()

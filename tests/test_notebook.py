@@ -24,7 +24,7 @@ def test_committed_notebook_shows_learning():
     nb = nbformat.read(ROOT / "notebooks" / "quickstart.ipynb", as_version=4)
     outputs = _outputs(nb)
     text = _text(outputs)
-    assert "40 rollouts, 12 held-out prompts x 4 images" in text  # the defaults, not a shortened run
+    assert "30 rollouts, 12 held-out prompts x 4 images" in text  # the defaults, not a shortened run
     assert sum("image/png" in o.get("data", {}) for o in outputs) >= 2  # before/after, the reward curve
     assert "IProgress" not in text and "Traceback" not in text
     shapes = re.search(r"held-out shapes +: (\d\.\d+) -> (\d\.\d+) +\(48 samples, same noise\)", text)
