@@ -83,7 +83,7 @@ def check_optimizer(optimizer: Callable[[list[Tensor]], torch.optim.Optimizer]) 
     probe = optimizer([torch.nn.Parameter(torch.zeros(1))])
     lr = probe.param_groups[0].get("lr")
     if lr is not None and not (math.isfinite(float(lr)) and float(lr) > 0):
-        raise ConfigError(f"model.optimizer.init_args.lr={float(lr)}: must be a finite number > 0 "
+        raise ConfigError(f"optimizer.init_args.lr={float(lr)}: must be a finite number > 0 "
                           f"(a learning rate of 0 trains nothing)")
     return f"{type(probe).__module__}.{type(probe).__qualname__}"
 

@@ -31,12 +31,12 @@ trainer:
   max_steps: 2
 """ + CALLBACKS_WITH_EXPORT + """\
 model:
-  optimizer:
-    class_path: torch.optim.SGD
-    init_args: {{lr: 1.0}}
   reward_normalize: batch
   update:
     train_batch_size: 8
+optimizer:
+  class_path: torch.optim.SGD
+  init_args: {{lr: 1.0}}
 data:
   val_prompts: [a cat, a dog, a horse]  # 3 items on 2 ranks: shards of 2 and 1, gathered at the end
   eval_images_per_prompt: 1

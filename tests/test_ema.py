@@ -183,10 +183,9 @@ trainer:
 """ + CALLBACKS_WITH_EXPORT + """\
     - class_path: pro_grpo_lightning.ema.EMA
       init_args: {{decay: 0.5}}
-model:
-  optimizer:
-    class_path: torch.optim.AdamW
-    init_args: {{lr: 0.03}}
+optimizer:
+  class_path: torch.optim.AdamW
+  init_args: {{lr: 0.03}}
 data:
   prompts_per_step: 2
 """

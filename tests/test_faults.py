@@ -392,7 +392,7 @@ def test_unreadable_checkpoints_are_one_line_naming_the_path(trained, tmp_path, 
 @pytest.mark.parametrize("override, field", [
     ("model:\n  schedule:\n    init_args: {group_size: 6, checkpoints: [1], keep: [2], rule: ovf}\n", "schedule"),
     ("model:\n  backend:\n    init_args: {lora: {rank: 2, alpha: 4}}\n", "lora.rank=4"),
-    ("model:\n  optimizer: {class_path: torch.optim.SGD, init_args: {lr: 0.01, momentum: 0.9}}\n", "optimizer"),
+    ("optimizer: {class_path: torch.optim.SGD, init_args: {lr: 0.01, momentum: 0.9}}\n", "optimizer"),
 ])
 def test_resume_mismatch_is_one_line_before_weights_load(trained, tmp_path, capsys, monkeypatch, override, field):
     loads = LoadCounter(monkeypatch)
@@ -533,7 +533,7 @@ TINY = ["fit", "--config", str(ROOT / "configs/tiny_sd15.yaml"), "--trainer.max_
 
 
 @pytest.mark.parametrize("args, expected", [
-    (["--model.optimizer.init_args.lr=0"], "model.optimizer.init_args.lr=0.0: must be a finite number > 0"),
+    (["--optimizer.lr=0"], "optimizer.init_args.lr=0.0: must be a finite number > 0"),
     (["--model.rewards=[{class_path: pro_grpo_lightning.rewards.image_stats.Brightness, init_args: {weight: 0}}]"],
      "every weight is 0 (brightness=0)"),
     (["--model.rewards=[{class_path: pro_grpo_lightning.rewards.image_stats.Brightness, init_args: {weight: .nan}}]"],
