@@ -123,6 +123,7 @@ class ProGRPOProgressBar(RolloutDisplay, TQDMProgressBar):
                  live: bool | None = None) -> None:
         TQDMProgressBar.__init__(self, refresh_rate=refresh_rate, process_position=process_position, leave=leave)
         RolloutDisplay.__init__(self, live)
+        self.bar_per_epoch = leave
 
     def output_is_terminal(self) -> bool:
         return sys.stdout.isatty()  # where Lightning's tqdm bars write
@@ -138,8 +139,13 @@ class ProGRPOProgressBar(RolloutDisplay, TQDMProgressBar):
             bar.refresh()
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        super().on_train_epoch_start(trainer, pl_module)
+        """In place of tqdm's ``Epoch k`` bar over the epoch's batches: the rollout count, drawn once."""
+        if self.bar_per_epoch:
+            self.train_progress_bar = self.init_train_tqdm()
         self.step_text = ""
+        bar = self.train_progress_bar
+        bar.set_description(self.description(trainer, pl_module, running=True), refresh=False)
+        bar.reset(total=planned_rollouts(trainer, pl_module))
         self.show_progress(trainer, pl_module, running=True)
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
