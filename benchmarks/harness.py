@@ -22,8 +22,6 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import torch  # noqa: E402
 
 from pro_grpo_lightning.backends.base import DiffusionBackend  # noqa: E402
-from pro_grpo_lightning.backends.flow_base import FlowMatchingBackend  # noqa: E402
-from pro_grpo_lightning.backends.sd15 import SD15Backend  # noqa: E402
 from pro_grpo_lightning.rewards import RewardSet  # noqa: E402
 
 from .measure import sync  # noqa: E402
@@ -91,18 +89,15 @@ class Bench:
     @property
     def cfg_factor(self) -> int:
         """Physical denoiser rows per trajectory row: 2 with classifier-free guidance."""
-        b = self.backend
-        if isinstance(b, SD15Backend):
-            return 2 if b.guidance_scale > 1 else 1
-        if isinstance(b, FlowMatchingBackend):
-            return 2 if b._uses_cfg() else 1
-        return 1
+        return 2 if self.backend.uses_cfg() else 1
 
     def generator(self, seed: int) -> torch.Generator:
         return torch.Generator(device=self.device).manual_seed(seed)
 
 
-def resolve_defaults(args: argparse.Namespace) -> None:
+def resolve_defaults(parsed: argparse.Namespace) -> argparse.Namespace:
+    """The arguments with the device's defaults filled in (a new namespace)."""
+    args = argparse.Namespace(**vars(parsed))
     if args.device is None:
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     is_cuda = str(args.device).startswith("cuda")
@@ -118,11 +113,12 @@ def resolve_defaults(args: argparse.Namespace) -> None:
         torch.set_num_threads(args.threads)
     if args.repeats < 1 or args.warmup < 0 or args.prompts < 1:
         raise ValueError("--repeats >= 1, --warmup >= 0 and --prompts >= 1 please")
+    return args
 
 
 def build_bench(args: argparse.Namespace) -> Bench:
     """Build the backend and rewards once (timed, not part of any measurement)."""
-    resolve_defaults(args)
+    args = resolve_defaults(args)
     t0 = time.perf_counter()
     schedules = resolve_schedules(args, args.steps)
     backend = build_backend(args.backend, args.size, num_steps=args.steps, resolution=args.resolution,
@@ -220,7 +216,9 @@ def run_entry_point(name: str, title: str, parser: argparse.ArgumentParser,
     print the table, write JSON + markdown + PNG into ``--out``. Returns the JSON payload."""
     args = parser.parse_args(argv)
     log = logger()
-    bench = bench or build_bench(args)
+    if bench is None:
+        bench = build_bench(args)
+        args = bench.args  # with the device's defaults filled in
     out = out_dir(args, name)
     result = run(bench, args, log)
     tab = table(result)

@@ -25,9 +25,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from pro_grpo_lightning.backends.base import DiffusionBackend, select_rows
-from pro_grpo_lightning.backends.flow_base import FlowMatchingBackend
-from pro_grpo_lightning.backends.sd15 import SD15Backend
+from pro_grpo_lightning.backends.base import DiffusionBackend, PipelineBackend, select_rows
 from pro_grpo_lightning.schedules import GroupSchedule
 
 if TYPE_CHECKING:
@@ -176,14 +174,9 @@ def denoiser_forward(bench: Bench, rows: int) -> Callable[[], Tensor]:
     step = torch.full((rows,), bench.num_steps // 2, dtype=torch.long, device=bench.device)
     cond = trajectory_cond(bench, rows)
 
-    if isinstance(b, SD15Backend):
+    if isinstance(b, PipelineBackend):  # the guided network output, without the step arithmetic
         def call() -> Tensor:
             return b.guided_output(x, step, cond)
-    elif isinstance(b, FlowMatchingBackend):
-        sigma = b.sigmas.to(bench.device)[step]
-
-        def call() -> Tensor:
-            return b._velocity(x, sigma, cond)
     else:
         def call() -> Tensor:
             return b.step(x, step, cond).model_output
@@ -201,21 +194,15 @@ def trainable_step_indices(bench: Bench) -> Tensor:
 @contextlib.contextmanager
 def sde_window(backend: DiffusionBackend, window: tuple[int, int] | None) -> Iterator[None]:
     """Run the block as if ``backend`` had been built with ``sde_window=window`` (None: no window),
-    so schedules with and without a window are timed on one model, in the same rounds. The
-    backend keeps a per-device copy of the window's step mask (``_window_cache``): it is dropped on
-    entry and exit so the mask follows the window. A test checks the result against a backend
-    constructed with the window."""
-    if window is not None and not 0 <= window[0] < window[1] <= backend.num_steps:
-        raise ValueError(f"sde_window must be [start, end) with 0 <= start < end <= num_steps "
-                         f"({backend.num_steps}), got {list(window)}")
+    so schedules with and without a window are timed on one model, in the same rounds
+    (``DiffusionBackend.set_sde_window``). A test checks the result against a backend constructed
+    with the window."""
     old = backend.sde_window
-    backend.sde_window = None if window is None else (int(window[0]), int(window[1]))
-    backend.__dict__.pop("_window_cache", None)
+    backend.set_sde_window(window)
     try:
         yield
     finally:
-        backend.sde_window = old
-        backend.__dict__.pop("_window_cache", None)
+        backend.set_sde_window(old)
 
 
 def denoiser_train_step(bench: Bench, rows: int) -> Callable[[], None]:
@@ -228,13 +215,12 @@ def denoiser_train_step(bench: Bench, rows: int) -> Callable[[], None]:
     steps = trainable_step_indices(bench)
     step = steps[torch.arange(rows) % steps.numel()].to(bench.device)
     cond = trajectory_cond(bench, rows)
-    params = b.trainable_parameters()
+    net = b.denoiser()
 
     def run() -> None:
         out = b.step(x, step, cond, next_latents=x_next)
         out.log_prob.mean().backward()
-        for p in params:
-            p.grad = None
+        net.zero_grad(set_to_none=True)
     return run
 
 

@@ -35,8 +35,9 @@ from torch import Tensor
 from pro_grpo_lightning.backends import (FluxBackend, LoraSettings, SD3Backend, SD15Backend, TinyFluxBackend,
                                          TinySD3Backend, TinySD15Backend)
 from pro_grpo_lightning.backends.base import DiffusionBackend
+from pro_grpo_lightning.networks import NetworkSource
 from pro_grpo_lightning.backends.sd15 import SD15_SCHEDULER_CONFIG
-from pro_grpo_lightning.backends.tokenizers import byte_level_clip_tokenizer, char_level_t5_tokenizer
+from pro_grpo_lightning.offline_tokenizers import byte_level_clip_tokenizer, char_level_t5_tokenizer
 from pro_grpo_lightning.rewards import Brightness, JpegCompressibility, PickScore, Reward, RewardSet
 from pro_grpo_lightning.rewards import clip_common
 
@@ -133,6 +134,9 @@ def arch(family: str, size: str) -> dict[str, Any]:
         return dict(unet=SD15_UNET if full else MINI_SD15_UNET,
                     vae=SD15_VAE if full else dict(MINI_VAE, latent_channels=4, scaling_factor=0.18215),
                     clip_width=768 if full else 32)
+    if family == "sd3" and size == "block":  # SD3.5-M's first and last MMDiT-X blocks at real width (compile_cost)
+        return dict(transformer=dict(SD35M_TRANSFORMER, num_layers=2, dual_attention_layers=(0,)),
+                    vae=arch("sd3", "mini")["vae"], clip_widths=(768, 1280), max_sequence_length=77)
     if family == "sd3":
         return dict(transformer=SD35M_TRANSFORMER if full else MINI_SD3_TRANSFORMER,
                     vae=SD3_VAE if full else dict(MINI_VAE, latent_channels=16, scaling_factor=1.5305,
@@ -174,19 +178,18 @@ def _clip_text(width: int, tokenizer: Any, with_projection: bool) -> torch.nn.Mo
 
 
 class _RandomInit:
-    """Mixin: components from ``arch(family, size)``, random weights, built on ``build_device``."""
+    """Mixin: components from ``arch(family, size)`` built in code, random weights on ``build_device``
+    (the backend's ``NetworkSource``: ``use_networks(NetworkSource("empty"))`` builds them on meta)."""
 
     family = ""
+    built_in_code = True
 
     def _setup_random(self, size: str, build_device: str, seed: int) -> None:
-        if size not in ("full", "mini"):
-            raise ValueError(f"random-weight backends take size 'full' or 'mini', got {size!r}")
+        if size not in ("full", "mini", "block"):
+            raise ValueError(f"random-weight backends take size 'full', 'mini' or 'block' (sd3), got {size!r}")
         self.size = size
-        self.build_device = build_device
         self.seed = seed
-
-    def _check_source(self, pretrained: str) -> None:
-        pass  # built in code
+        self.use_networks(NetworkSource("random", build_device, seed))
 
     def _components(self) -> dict[str, Any]:
         raise NotImplementedError
@@ -206,10 +209,9 @@ class RandomSD15Backend(_RandomInit, SD15Backend):
 
         a = arch("sd15", self.size)
         tokenizer = byte_level_clip_tokenizer()
-        with built_on(self.build_device, self.weight_dtype, self.seed):
-            unet = UNet2DConditionModel(**a["unet"]).eval()
-            vae = AutoencoderKL(**a["vae"]).eval()
-            text_encoder = _clip_text(a["clip_width"], tokenizer, with_projection=False)
+        unet = UNet2DConditionModel(**a["unet"]).eval()  # where the NetworkSource builds (build_components)
+        vae = AutoencoderKL(**a["vae"]).eval()
+        text_encoder = _clip_text(a["clip_width"], tokenizer, with_projection=False)
         return dict(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
                     scheduler=DDIMScheduler(**SD15_SCHEDULER_CONFIG))
 
@@ -229,11 +231,10 @@ class RandomSD3Backend(_RandomInit, SD3Backend):
 
         a = arch("sd3", self.size)
         tok = byte_level_clip_tokenizer()
-        with built_on(self.build_device, self.weight_dtype, self.seed):
-            transformer = SD3Transformer2DModel(**a["transformer"])
-            vae = AutoencoderKL(**a["vae"]).eval()
-            clip_l = _clip_text(a["clip_widths"][0], tok, with_projection=True)
-            clip_g = _clip_text(a["clip_widths"][1], tok, with_projection=True)
+        transformer = SD3Transformer2DModel(**a["transformer"])  # where the NetworkSource builds
+        vae = AutoencoderKL(**a["vae"]).eval()
+        clip_l = _clip_text(a["clip_widths"][0], tok, with_projection=True)
+        clip_g = _clip_text(a["clip_widths"][1], tok, with_projection=True)
         return {"transformer": transformer, "vae": vae, "scheduler": FlowMatchEulerDiscreteScheduler(shift=3.0),
                 "text_encoder": clip_l, "tokenizer": tok, "text_encoder_2": clip_g,
                 "tokenizer_2": byte_level_clip_tokenizer()}
@@ -257,25 +258,25 @@ class RandomFluxBackend(_RandomInit, FluxBackend):
         tok = byte_level_clip_tokenizer()
         t5_tok = char_level_t5_tokenizer(model_max_length=self.max_sequence_length)
         width = a["t5_width"]
-        with built_on(self.build_device, self.weight_dtype, self.seed):
-            transformer = FluxTransformer2DModel(**a["transformer"])
-            vae = AutoencoderKL(**a["vae"]).eval()
-            clip = _clip_text(a["clip_width"], tok, with_projection=False)
-            t5 = T5EncoderModel(T5Config(vocab_size=128, d_model=width, d_kv=64, d_ff=256, num_layers=1,
-                                         num_heads=max(1, width // 64), relative_attention_num_buckets=8,
-                                         dropout_rate=0.0, pad_token_id=0, eos_token_id=1,
-                                         decoder_start_token_id=0)).eval()
+        transformer = FluxTransformer2DModel(**a["transformer"])  # where the NetworkSource builds
+        vae = AutoencoderKL(**a["vae"]).eval()
+        clip = _clip_text(a["clip_width"], tok, with_projection=False)
+        t5 = T5EncoderModel(T5Config(vocab_size=128, d_model=width, d_kv=64, d_ff=256, num_layers=1,
+                                     num_heads=max(1, width // 64), relative_attention_num_buckets=8,
+                                     dropout_rate=0.0, pad_token_id=0, eos_token_id=1,
+                                     decoder_start_token_id=0)).eval()
         return {"transformer": transformer, "vae": vae, "scheduler": FlowMatchEulerDiscreteScheduler(**FLUX_SCHEDULER),
                 "text_encoder": clip, "tokenizer": tok, "text_encoder_2": t5, "tokenizer_2": t5_tok}
 
 
 def build_backend(family: str, size: str, *, num_steps: int, resolution: int, device: str,
                   dtype: str = "float32", seed: int = 0, lora_rank: int = 8,
-                  vae_decode_chunk: int | None = None) -> DiffusionBackend:
-    """A configured backend on ``device`` (see the module docstring for what each size is)."""
+                  vae_decode_chunk: int | None = None, **options: Any) -> DiffusionBackend:
+    """A configured backend on ``device`` (see the module docstring for what each size is);
+    ``options``: further backend settings (e.g. ``compile``, ``guidance_scale``)."""
     lora = LoraSettings(rank=lora_rank, alpha=2.0 * lora_rank)
     common = dict(num_steps=num_steps, resolution=resolution, lora=lora, dtype=dtype,
-                  vae_decode_chunk=vae_decode_chunk)
+                  vae_decode_chunk=vae_decode_chunk, **options)
     if size == "tiny":
         cls = {"sd15": TinySD15Backend, "sd3": TinySD3Backend, "flux": TinyFluxBackend}[family]
         backend = cls(seed=seed, **common)

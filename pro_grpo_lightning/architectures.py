@@ -46,6 +46,12 @@ FLUX_DEV_TRANSFORMER: dict[str, Any] = dict(
 FLUX_VAE: dict[str, Any] = dict(SD3_VAE, scaling_factor=0.3611, shift_factor=0.1159)
 
 # ---- schedulers -------------------------------------------------------------------------------------
+#: SD1.x's noise schedule (its scheduler_config.json), with DDIM's class and clip_sample off.
+SD15_SCHEDULER: dict[str, Any] = dict(
+    num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+    set_alpha_to_one=False, steps_offset=1, clip_sample=False, prediction_type="epsilon",
+    timestep_spacing="leading",
+)
 SD3_SCHEDULER: dict[str, Any] = dict(shift=3.0)
 FLUX_SCHEDULER: dict[str, Any] = dict(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
                                       base_image_seq_len=256, max_image_seq_len=4096)
@@ -77,8 +83,8 @@ CLIP_L_REWARD: dict[str, Any] = dict(
 #: Pipelines by hub id: component name -> (class name, config). The class names are diffusers'
 #: (denoiser, VAE, scheduler) or transformers' (text encoders).
 _SD1 = {"unet": ("UNet2DConditionModel", SD15_UNET), "vae": ("AutoencoderKL", SD15_VAE),
-        "text_encoder": ("CLIPTextModel", CLIP_L_TEXT), "scheduler": ("DDIMScheduler", None)}
-PIPELINES: dict[str, dict[str, tuple[str, dict[str, Any] | None]]] = {
+        "text_encoder": ("CLIPTextModel", CLIP_L_TEXT), "scheduler": ("DDIMScheduler", SD15_SCHEDULER)}
+PIPELINES: dict[str, dict[str, tuple[str, dict[str, Any]]]] = {
     "CompVis/stable-diffusion-v1-4": _SD1,
     "runwayml/stable-diffusion-v1-5": _SD1,
     "stable-diffusion-v1-5/stable-diffusion-v1-5": _SD1,

@@ -116,7 +116,7 @@ class ProGRPOCLI(LightningCLI):
             if isinstance(data, PromptDataModule) and sub == "predict":
                 data.predict_set()  # no prompts: one line before any weights load
             cfg = self.config[sub]
-            model.run_config = self._parser(sub).dump(cfg, skip_none=False)
+            model.set_run_config(self._parser(sub).dump(cfg, skip_none=False))
             ckpt, state = cfg.get("ckpt_path"), getattr(self, "_ckpt_state", None)
             if state is not None:  # opened and checked in _parse_ckpt_path
                 extra = state.get("pro_grpo") or {}

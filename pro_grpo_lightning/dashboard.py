@@ -97,6 +97,9 @@ def layout(module: Any) -> dict[str, dict[str, list]]:
                 ["Multiline", ["train/loss", "train/policy_loss", "train/kl"] if kl else ["train/policy_loss"]],
             "clipped fraction, approximate KL to the sampling policy":
                 ["Multiline", ["train/clip_frac", "train/approx_kl"]],
+            "the log-ratio the clip sees: mean, std, skew, clipped below / above":
+                ["Multiline", [r"train/(raw_)?log_ratio_\w+", r"train/clip_frac_(low|high)"]],
+            "per trained step: log-ratio mean and skew, clip fractions": ["Multiline", [r"train/\w+/step_\d+"]],
             "gradient norm (before clipping)": ["Multiline", ["train/grad_norm"]],
             "learning rate": ["Multiline", ["train/lr"]],
         },

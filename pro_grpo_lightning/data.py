@@ -212,6 +212,10 @@ class ResumableShuffleSampler(DistributedSampler):
         self.num_samples = self.num_batches * batch_size
         self.skip = 0
 
+    def skip_next(self, items: int) -> None:
+        """Drop the first ``items`` of the next iteration only (resuming mid-epoch)."""
+        self.skip = int(items)
+
     def __len__(self) -> int:
         return self.num_samples
 
@@ -248,7 +252,7 @@ class ResumableDataLoader(DataLoader):
         sampler = self.sampler
         assert isinstance(sampler, ResumableShuffleSampler)
         sampler.set_epoch(state["epoch"])
-        sampler.skip = state["batches_done"] * self.batch_size
+        sampler.skip_next(state["batches_done"] * self.batch_size)
 
 
 class PromptDataModule(pl.LightningDataModule):

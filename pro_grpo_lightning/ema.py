@@ -70,7 +70,7 @@ class EMA(pl.Callback):
         self._stack: contextlib.ExitStack | None = None
 
     # ---- the average ----------------------------------------------------------------------------
-    def _ensure(self, module: nn.Module, step: int = 0) -> dict[str, nn.Parameter]:
+    def tracked_weights(self, module: nn.Module, step: int = 0) -> dict[str, nn.Parameter]:
         """The module's trainable weights; the EMA starts as a copy of them if it does not exist."""
         params = trainable_weights(module)
         if not self.shadow:
@@ -89,7 +89,7 @@ class EMA(pl.Callback):
     @torch.no_grad()
     def update(self, module: nn.Module, step: int) -> None:
         """Fold the weights after optimizer step ``step`` into the average (see the class docstring)."""
-        params = self._ensure(module, step)
+        params = self.tracked_weights(module, step)
         if step <= self.start_step:
             for n, p in params.items():
                 self.shadow[n].copy_(p.detach())
@@ -106,7 +106,7 @@ class EMA(pl.Callback):
         if self._swapped:  # already in (e.g. sample grids inside an EMA evaluation)
             yield
             return
-        params = self._ensure(module)
+        params = self.tracked_weights(module)
         raw = {n: p.detach().clone() for n, p in params.items()}
         with torch.no_grad():
             for n, p in params.items():
@@ -122,7 +122,7 @@ class EMA(pl.Callback):
 
     # ---- Lightning hooks -------------------------------------------------------------------------
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._ensure(pl_module, trainer.global_step)  # the average starts at the initial (or resumed) weights
+        self.tracked_weights(pl_module, trainer.global_step)  # the average starts at the initial (or resumed) weights
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any, **kwargs: Any) -> None:
         if trainer.global_step != self.updated_at:  # a rollout that stepped the optimizer
@@ -165,19 +165,14 @@ class EMA(pl.Callback):
 
     def _evaluate_ema(self, trainer: pl.Trainer, pl_module: Any, stage: str, dataloaders: Any) -> None:
         """The module's held-out evaluation once more with the EMA weights, logged as ``<stage>_ema/*``."""
-        if not hasattr(pl_module, "_eval_step") or dataloaders is None:
+        if not hasattr(pl_module, "evaluate") or dataloaders is None:
             return
         loaders = dataloaders if isinstance(dataloaders, (list, tuple)) else [dataloaders]
-        raw = pl_module._eval_rows, pl_module._eval_images
-        pl_module._eval_rows, pl_module._eval_images = [], []
-        try:
-            with self.swapped(pl_module), torch.no_grad():
-                for i, loader in enumerate(loaders):
-                    for batch in loader:  # under DDP: this rank's shard, as in the loop itself
-                        pl_module._eval_step(trainer.strategy.batch_to_device(batch, dataloader_idx=i))
-            pl_module._finish_eval(f"{stage}_ema")
-        finally:
-            pl_module._eval_rows, pl_module._eval_images = raw
+        # under DDP: this rank's shard, as in the loop itself
+        batches = (trainer.strategy.batch_to_device(batch, dataloader_idx=i)
+                   for i, loader in enumerate(loaders) for batch in loader)
+        with self.swapped(pl_module), torch.no_grad():
+            pl_module.evaluate(batches, f"{stage}_ema")
 
     # ---- checkpoint --------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -211,7 +206,7 @@ def load_ema_into(module: nn.Module, checkpoint: dict[str, Any]) -> None:
         raise KeyError("the checkpoint carries no EMA weights (was the run's EMA callback on?)")
     ema = EMA()
     ema.load_state_dict(states[0])
-    params = ema._ensure(module)
+    params = ema.tracked_weights(module)
     with torch.no_grad():
         for n, p in params.items():
             p.copy_(ema.shadow[n])

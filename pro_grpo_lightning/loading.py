@@ -230,7 +230,8 @@ def build_with_state_dict(factory: Any, state: dict[str, Tensor], dtype: torch.d
         if leaf != "position_ids":
             raise RuntimeError(f"{what}: buffer {name!r} is not in the checkpoint and cannot be rebuilt")
         owner = model.get_submodule(owner_name)
-        owner._buffers[leaf] = torch.arange(buf.shape[-1]).expand(buf.shape)
+        # not in a strict checkpoint, so non-persistent: rebuilt as such
+        owner.register_buffer(leaf, torch.arange(buf.shape[-1]).expand(buf.shape), persistent=False)
     return model.to(dtype)
 
 

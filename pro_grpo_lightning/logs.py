@@ -30,6 +30,7 @@ import contextlib
 import dataclasses
 import inspect
 import os
+import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
@@ -44,6 +45,8 @@ from .rollout import RolloutResult, proxy_reward_correlation
 
 #: the metric TensorBoard's HParams view compares runs by: bound to the held-out total
 HP_METRIC = "hp_metric"
+#: modules whose run already has its TensorBoard HParams session (written once per module)
+_HP_SESSION_WRITTEN: weakref.WeakSet = weakref.WeakSet()
 
 DEFAULT_SAMPLE_PROMPTS = ["a cat", "a red square", "a horse", "a blue triangle"]
 
@@ -245,10 +248,10 @@ def log_eval(module: pl.LightningModule, stage: str, metrics: Mapping[str, Tenso
     values = {k: float(v) for k, v in metrics.items() if k not in dup} if scalars else {}
     hp = stage == "val" and total_key in values
     for logger in module.loggers if values else ():
-        if hp and isinstance(logger, TensorBoardLogger) and not getattr(module, "_hp_session_written", False):
+        if hp and isinstance(logger, TensorBoardLogger) and module not in _HP_SESSION_WRITTEN:
             # the HParams view's session, bound to hp_metric (logged at ``step`` with it)
             logger.log_hyperparams(run_hparams(module), {HP_METRIC: values[total_key]}, step=step)
-            module._hp_session_written = True
+            _HP_SESSION_WRITTEN.add(module)
             logger.log_metrics(values, step=step)
         else:
             logger.log_metrics({**values, **({HP_METRIC: values[total_key]} if hp else {})}, step=step)

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict
 from typing import Any
 
@@ -47,6 +47,7 @@ from .ema import ema_weights
 from .errors import ConfigError
 from .health import BadRolloutGuard, GuardSettings, finite_advantages, nonfinite_counts
 from .logs import DEFAULT_SAMPLE_PROMPTS, SampleSettings
+from .networks import NetworkSource
 from .noise import LOCAL_STREAM, NOISE_STREAM, mix_seed, seeded_generator
 from .objectives import AdvantageSettings
 from .rewards.base import Reward
@@ -102,14 +103,13 @@ class ProGRPOModule(pl.LightningModule):
         self.save_hyperparameters({"reward_normalize": reward_normalize, "update": asdict(update),
                                    "advantages": asdict(advantages), "rollout": asdict(rollout),
                                    "samples": asdict(samples), "seed": seed},
-                                  logger=False)  # logs.log_run_hparams logs the run's flattened settings
+                                  logger=False)  # logs.log_run_start logs the run's flattened settings
         self.automatic_optimization = False
         self.strict_loading = False  # checkpoints hold the adapter, not the frozen base weights
         self.optimizer_name = check_optimizer(optimizer)  # refuses a learning rate that trains nothing
         check_trainable(backend, update)
         self.backend = backend
-        if hasattr(backend, "keep_reference"):  # full fine-tuning copies the base denoiser only for a KL
-            backend.keep_reference = update.kl_beta > 0
+        backend.set_keep_reference(update.kl_beta > 0)  # full fine-tuning copies the base denoiser only for a KL
         self.rewards = RankSyncedRewardSet(rewards, normalize=reward_normalize)
         self.eval_rewards = torch.nn.ModuleList(eval_rewards or [])
         self.eval_names = evaluation.eval_columns(self.rewards, self.eval_rewards)  # refuses clashing names
@@ -124,13 +124,26 @@ class ProGRPOModule(pl.LightningModule):
         self.seed = seed
         self.rollouts_done = 0
         # checks the schedule against the backend's steps here, before any weights load
-        self.rollout = ExpandPruneRollout(backend, self.rewards, schedule, rollout)
+        self.rollout = ExpandPruneRollout(backend, self.rewards, schedule, rollout,
+                                          record_means=update.ratio_norm != "none")  # GRPO-Guard needs mu_old
         self.guards = guards
         self.guard = BadRolloutGuard(guards.max_bad_rollouts)
         self.run_config: str | None = None  # the resolved YAML of this run (set by the CLI), saved in checkpoints
         self._eval_rows: list[Tensor] = []  # per evaluation batch: [B, 2 + scores] on this rank
         self._eval_images: list[tuple[Tensor, Tensor]] = []  # per batch: first images [n, 3, H, W], their rows
         self.last_heldout: float | None = None  # the last held-out total (val/total), for the progress bar
+
+    def set_run_config(self, text: str) -> None:
+        """The resolved YAML of this run (the CLI gives it), saved in every checkpoint."""
+        self.run_config = text
+
+    def use_networks(self, source: NetworkSource) -> None:
+        """Build every network of the run (the backend's, each reward's) from ``source`` in
+        ``configure_model`` (``networks.py``): pretrained weights, or the architectures with random
+        values on a device, or empty on the meta device (the memory plan)."""
+        self.backend.use_networks(source)
+        for reward in [*self.rewards.rewards, *self.eval_rewards]:
+            reward.use_networks(source)
 
     # ---- setup ---------------------------------------------------------------------------------
     def setup(self, stage: str) -> None:
@@ -206,6 +219,7 @@ class ProGRPOModule(pl.LightningModule):
         self.rollouts_done += 1
         logged = logs.rollout_metrics(result, adv.advantages, stats, update_time, health,
                                       opt.param_groups[0]["lr"], self.device)
+        logged.update({k: torch.tensor(v) for k, v in self.backend.compile_metrics().items()})  # this rank's graphs
         written = logs.log_rollout(self, logged, batch_size=len(prompts), step=self.rollouts_done - 1)
         with logs.written_if_raised(self, logged, self.rollouts_done - 1, written):  # the rollout a guard stops on
             self.guard.update(bad, nonfinite_counts(result.components), total=result.rewards.numel(),
@@ -271,15 +285,24 @@ class ProGRPOModule(pl.LightningModule):
 
     # ---- held-out evaluation (evaluation.py) ------------------------------------------------------
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        self._eval_step(batch)
+        rows, images = self.eval_outputs(batch)
+        self._eval_rows.append(rows)
+        self._eval_images.append(images)
 
     test_step = validation_step
 
-    def _eval_step(self, batch: dict[str, Any]) -> None:
+    def eval_outputs(self, batch: dict[str, Any]) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+        """One held-out batch: its score rows [B, 2 + S] and the grid's images (one per prompt, CPU)
+        with their rows (the captions: prompt and score)."""
         images, rows = evaluation.eval_batch(self, batch, self.sample_batch_size)  # [B, 3, H, W], [B, 2 + S]
-        self._eval_rows.append(rows)
         first = (batch["image_index"] == 0).to(images.device)  # one image per prompt for the grid
-        self._eval_images.append((images[first].cpu(), rows[first.to(rows.device)].cpu()))
+        return rows, (images[first].cpu(), rows[first.to(rows.device)].cpu())
+
+    def evaluate(self, batches: Iterable[dict[str, Any]], stage: str) -> None:
+        """The held-out evaluation of ``batches`` at once, logged as ``<stage>/*`` (the EMA
+        callback's second pass with its weights); an evaluation in progress is left as it is."""
+        outputs = [self.eval_outputs(batch) for batch in batches]
+        evaluation.finish_eval(self, stage, [r for r, _ in outputs], [im for _, im in outputs])
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Tensor]:
         """Images of held-out-style items and their raw scores (``predict.PredictionWriter`` writes them)."""

@@ -65,6 +65,7 @@ import dataclasses
 import json
 import os
 import sys
+import warnings
 import weakref
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -73,6 +74,8 @@ import torch
 from torch import Tensor, nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from .networks import EMPTY, UnknownArchitecture, fake_tensors
+
 GiB = 1024 ** 3
 MiB = 1024 ** 2
 #: CUDA caching allocator granularity (c10/cuda/CUDACachingAllocator.cpp ``kMinBlockSize``).
@@ -80,10 +83,6 @@ CUDA_BLOCK = 512
 #: Added to the allocator peak before comparing with the GPU's memory: CUDA context (~0.3-0.6 GiB),
 #: cuBLAS / attention workspaces, caching-allocator fragmentation. An assumption, not a measurement.
 RUNTIME_OVERHEAD = int(1.5 * GiB)
-
-
-class UnknownArchitecture(ValueError):
-    """A ``pretrained`` that is neither built in code, a local folder, nor in ``architectures.py``."""
 
 
 # ---- the tracker -----------------------------------------------------------------------------------
@@ -193,253 +192,28 @@ def build_run(config: str | Sequence[str], overrides: Sequence[str] = ()) -> tup
     from .cli import main
     from .loading import source_checks_skipped
 
-    argv = sys.argv
-    sys.argv = argv[:1]  # LightningCLI reads only ``args`` here (and warns when sys.argv has more)
-    try:
-        with source_checks_skipped():
-            configs = [config] if isinstance(config, str) else list(config)
-            cli = main([a for c in configs for a in ("--config", c)] + list(overrides), run=False, save_config=False)
-    finally:
-        sys.argv = argv
+    configs = [config] if isinstance(config, str) else list(config)
+    with source_checks_skipped(), warnings.catch_warnings():
+        # LightningCLI reads only ``args`` here, and warns when the process's own argv has more
+        warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
+        cli = main([a for c in configs for a in ("--config", c)] + list(overrides), run=False, save_config=False)
     return cli.model, cli.datamodule
 
 
-def _transformers_model(cls_name: str, cfg: dict[str, Any]) -> nn.Module:
-    import transformers
-
-    cls = getattr(transformers, cls_name)
-    return cls(cls.config_class(**cfg))
-
-
-def _diffusers_model(cls_name: str, cfg: dict[str, Any]) -> Any:
-    import diffusers
-
-    return getattr(diffusers, cls_name)(**cfg)
-
-
-def _table_components(backend: Any, pretrained: str) -> dict[str, Any]:
-    """Components of a hub pipeline from ``architectures.PIPELINES`` (modules on the current device)."""
-    from .architectures import PIPELINES
-    from .backends.sd15 import SD15_SCHEDULER_CONFIG
-
-    spec = PIPELINES[pretrained]
-    comps: dict[str, Any] = {}
-    for name, (cls_name, cfg) in spec.items():
-        if name == "scheduler":
-            continue
-        if name == "text_encoder_3" and getattr(backend, "drop_t5", False):
-            continue
-        if cls_name.startswith(("CLIP", "T5")):
-            comps[name] = _transformers_model(cls_name, cfg).eval()
-        else:
-            comps[name] = _diffusers_model(cls_name, cfg)
-    cls_name, cfg = spec["scheduler"]
-    with torch.device("cpu"):
-        comps["scheduler"] = _diffusers_model(cls_name, cfg if cfg is not None else SD15_SCHEDULER_CONFIG)
-    return comps
-
-
-def _folder_components(backend: Any, folder: str) -> dict[str, Any]:
-    """Components of a local diffusers folder from its ``model_index.json`` and config files only."""
-    import diffusers
-    import transformers
-
-    with open(os.path.join(folder, "model_index.json"), encoding="utf-8") as f:
-        index = json.load(f)
-    comps: dict[str, Any] = {}
-    for name, entry in index.items():
-        if name.startswith("_") or not isinstance(entry, list) or entry[0] is None or name.startswith("tokenizer"):
-            continue
-        library, cls_name = entry
-        if name == "text_encoder_3" and getattr(backend, "drop_t5", False):
-            continue
-        sub = os.path.join(folder, name)
-        if library == "transformers":
-            cls = getattr(transformers, cls_name)
-            comps[name] = cls(cls.config_class.from_pretrained(sub)).eval()
-        elif name == "scheduler":
-            with torch.device("cpu"):
-                cls = getattr(diffusers, cls_name)
-                comps[name] = cls.from_config(cls.load_config(sub))
-        else:
-            cls = getattr(diffusers, cls_name)
-            comps[name] = cls.from_config(cls.load_config(sub))
-    return comps
-
-
-def _with_tokenizers(backend: Any, comps: dict[str, Any]) -> dict[str, Any]:
-    """Shape-equivalent offline tokenizers (padding to the same lengths; ids are never read)."""
-    from .backends.tokenizers import byte_level_clip_tokenizer, char_level_t5_tokenizer
-
-    for name, net in list(comps.items()):
-        if not name.startswith("text_encoder"):
-            continue
-        tok_name = "tokenizer" + name[len("text_encoder"):]
-        is_t5 = type(net).__name__.startswith("T5")
-        length = getattr(backend, "max_sequence_length", 77)
-        if is_t5:
-            comps[tok_name] = char_level_t5_tokenizer(model_max_length=length)
-        else:  # CLIP pads to its context (77; a small local model may have fewer positions)
-            positions = getattr(net.config, "max_position_embeddings", 77)
-            comps[tok_name] = byte_level_clip_tokenizer(model_max_length=min(77, positions))
-    return comps
-
-
-def _loader_name(backend: Any) -> str:
-    return "_load_components" if callable(getattr(type(backend), "_load_components", None)) else "load_components"
-
-
-def planned_components(backend: Any) -> Callable[[], dict[str, Any]]:
-    """A component loader for ``backend`` that builds every network on the meta device."""
-    pretrained = str(getattr(backend, "pretrained", ""))
-    own = getattr(backend, _loader_name(backend))
-
-    def load() -> dict[str, Any]:
-        if pretrained.startswith("<"):  # built in code (tiny / random-weight models)
-            if hasattr(backend, "build_device"):
-                backend.build_device = "meta"
-            with torch.device("meta"):
-                comps = own()
-            sched = comps["scheduler"]
-            with torch.device("cpu"):  # schedulers hold real tables: rebuild them from their config
-                comps["scheduler"] = type(sched).from_config(sched.config)
-            return comps
-        with torch.device("meta"):
-            return architecture_components(backend, pretrained)
-
-    return load
-
-
-def architecture_components(backend: Any, pretrained: str) -> dict[str, Any]:
-    """The components of ``pretrained`` (a local diffusers folder's config files, else the hub id's
-    row of ``architectures.PIPELINES``) with no weights read, networks on the current device, and
-    offline shape-equivalent tokenizers."""
-    if os.path.isdir(pretrained):
-        comps = _folder_components(backend, pretrained)
-    else:
-        comps = _table_components(backend, pretrained)
-    return _with_tokenizers(backend, comps)
-
-
-def reward_architecture(reward: Any) -> nn.Module:
-    """The network of a pretrained reward on the meta device (table, or a local folder's config)."""
-    from transformers import CLIPConfig, CLIPModel
-
-    from .architectures import REWARD_MODELS
-
-    pretrained = str(reward.pretrained)
-    if type(reward).__name__ == "ImageReward":
-        raise UnknownArchitecture(f"{type(reward).__name__}: the plan has no BLIP architecture table; "
-                                  f"its weights and activations are not counted")
-    if os.path.isdir(pretrained) and os.path.isfile(os.path.join(pretrained, "config.json")):
-        cfg = CLIPConfig.from_pretrained(pretrained)
-    elif pretrained in REWARD_MODELS:
-        spec = REWARD_MODELS[pretrained]
-        cfg = CLIPConfig(text_config=dict(spec["text"], projection_dim=spec["projection_dim"]),
-                         vision_config=dict(spec["vision"], projection_dim=spec["projection_dim"]),
-                         projection_dim=spec["projection_dim"])
-    else:
-        raise UnknownArchitecture(f"{type(reward).__name__}.pretrained={pretrained!r}: unknown architecture "
-                                  f"(not a local folder with config.json, not in architectures.py)")
-    with torch.device("meta"):
-        return CLIPModel(cfg).to(reward.weight_dtype).eval()  # as from_pretrained(dtype=...) loads it
-
-
-def to_fake(module: nn.Module, fake_mode: Any) -> None:
-    """Every parameter and buffer of ``module`` replaced by a fake CPU tensor of its shape and dtype.
-
-    Unlike ``Module.to_empty`` this keeps tied weights tied (T5's shared embedding): one fake
-    tensor per original tensor, set on every module that holds it.
-    """
-    from torch._subclasses.fake_tensor import FakeTensor
-
-    memo: dict[int, tuple[Tensor, Tensor]] = {}  # id -> (original, fake); the original kept alive
-
-    def fake(t: Tensor, param: bool) -> Tensor:
-        if id(t) not in memo:
-            if t.device.type == "meta":  # wrap it as is: what ``empty_like`` under the mode makes, 100x faster
-                new = FakeTensor(fake_mode, t.detach(), torch.device("cpu"))
-            else:
-                with fake_mode:
-                    new = torch.empty_like(t, device="cpu")
-            memo[id(t)] = (t, nn.Parameter(new, requires_grad=t.requires_grad) if param else new)
-        return memo[id(t)][1]
-
-    for mod in module.modules():
-        for name, p in list(mod._parameters.items()):
-            if p is not None:
-                mod._parameters[name] = fake(p, True)
-        for name, b in list(mod._buffers.items()):
-            if b is not None:
-                mod._buffers[name] = fake(b, False)
-
-
-def planned_preview_decoder(backend: Any) -> Callable[[], nn.Module]:
-    """A loader for the backend's ``preview_decoder`` that builds its AutoencoderTiny on the meta
-    device, from a local folder's config.json or ``architectures.PREVIEW_DECODERS`` (hub ids)."""
-    from .loading import resolve_pretrained_source
-
-    source = str(backend.preview_source)
-
-    def load() -> nn.Module:
-        from diffusers import AutoencoderTiny
-
-        from .architectures import PREVIEW_DECODERS
-
-        path = resolve_pretrained_source(source)
-        if os.path.isdir(path):
-            cfg = AutoencoderTiny.load_config(path)
-        elif source in PREVIEW_DECODERS:
-            cfg = PREVIEW_DECODERS[source]
-        else:
-            raise UnknownArchitecture(f"preview_decoder={source!r}: unknown architecture (not a local folder, "
-                                      f"not in pro_grpo_lightning/architectures.py)")
-        with torch.device("meta"):
-            net = AutoencoderTiny.from_config(cfg).eval()
-        # cast only when needed: diffusers warns on any ``to(dtype)`` of a model it built
-        return net if backend.weight_dtype == torch.float32 else net.to(backend.weight_dtype)
-
-    return load
-
-
 def fake_backend(backend: Any, fake_mode: Any) -> None:
-    """``configure_model()`` with every network on the meta device, then all tensors fake (CPU)."""
-    pretrained = str(getattr(backend, "pretrained", ""))
-    if not pretrained.startswith("<") and not os.path.isdir(pretrained):
-        from .architectures import PIPELINES
-
-        if pretrained not in PIPELINES:
-            raise UnknownArchitecture(f"backend pretrained={pretrained!r}: unknown architecture (not a local "
-                                      f"folder, not in pro_grpo_lightning/architectures.py)")
-    setattr(backend, _loader_name(backend), planned_components(backend))
-    if getattr(backend, "preview_source", None) is not None:
-        backend._load_preview_decoder = planned_preview_decoder(backend)
-    attach = backend.attach_lora
-
-    def attach_on_meta(net: nn.Module) -> None:  # peft builds the adapter on the CPU and zeroes it: 1-2 s
-        with torch.device("meta"):
-            attach(net)
-
-    backend.attach_lora = attach_on_meta
-    try:
-        backend.configure_model()
-    finally:
-        del backend.attach_lora  # the class's own again
-    to_fake(backend, fake_mode)
-    if hasattr(backend, "_text_encoders_on"):  # the plan counts offloading itself: never move modules
-        backend._text_encoders_on = lambda device: contextlib.nullcontext()
+    """``configure_model()`` with every network empty on the meta device (``NetworkSource("empty")``:
+    the adapter too), then all tensors fake (CPU)."""
+    backend.use_networks(EMPTY)
+    backend.configure_model()
+    fake_tensors(backend, fake_mode)
 
 
 def fake_reward(reward: Any, fake_mode: Any) -> None:
-    """A reward configured with a meta network (pretrained ones) or its own (the rest), then faked."""
-    from .backends.tokenizers import byte_level_clip_tokenizer
-
-    if hasattr(reward, "_load"):
-        net = reward_architecture(reward)
-        reward._load = lambda: (net, byte_level_clip_tokenizer())
-        reward.to("meta")
+    """A reward configured with its declared architecture, empty (pretrained ones), or with its own
+    networks (the rest), then faked."""
+    reward.use_networks(EMPTY)
     reward.configure_model()
-    to_fake(reward, fake_mode)
+    fake_tensors(reward, fake_mode)
 
 
 # ---- depth: stacks of identical blocks ---------------------------------------------------------------
@@ -554,6 +328,8 @@ class Planner:
             gradient_checkpointing=bool(getattr(b, "gradient_checkpointing", False)),
             offload_text_encoders=bool(getattr(b, "offload_text_encoders", False)),
             vae_decode_chunk=getattr(b, "vae_decode_chunk", None), drop_t5=bool(getattr(b, "drop_t5", False)))
+        if self.settings.offload_text_encoders:  # the plan counts offloading itself: nothing moves
+            b.set_offload_text_encoders(False)
         self.weights = self._weights()
         self._depth_setup()
         self._cache: dict[tuple, int] = {}
@@ -654,14 +430,14 @@ class Planner:
         n = len(depth)
         saved = []
         for k, (owner, attr, _) in enumerate(self.stacks):
-            blocks = owner._modules[attr]
+            blocks = owner.get_submodule(attr)
             saved.append((owner, attr, blocks))
-            owner._modules[attr] = nn.ModuleList([blocks[i] for i in depth[k % n]])
+            owner.register_module(attr, nn.ModuleList([blocks[i] for i in depth[k % n]]))  # same place
         try:
             yield
         finally:
             for owner, attr, blocks in saved:
-                owner._modules[attr] = blocks
+                owner.register_module(attr, blocks)
 
     def _deep(self, measure: Callable[[tuple | None], int]) -> int:
         """``measure`` of the full-depth denoiser from its shallow copies (see ``_depth_setup``)."""
@@ -724,7 +500,7 @@ class Planner:
             z = x
             if preview_scale < 1.0 and z.ndim == 4:  # as ExpandPruneRollout.preview_images
                 z = torch.nn.functional.interpolate(z, scale_factor=preview_scale, mode="bilinear", antialias=True)
-            backend.vae_decode_chunk = chunk
+            backend.set_decode_batch_size(chunk)
             decode = backend.decode_preview if preview else backend.decode
             images = chunked(decode, rows, m, z)  # [rows, 3, H, W]
             for r in rewards:  # as RewardSet.forward with chunk=sample_batch_size
@@ -746,7 +522,7 @@ class Planner:
         decode = backend.decode_preview if preview else backend.decode
 
         def run():
-            backend.vae_decode_chunk = chunk
+            backend.set_decode_batch_size(chunk)
             images = decode(x)  # [rows, 3, H, W]
             self.image_row_bytes[preview_scale, preview] = images[0].numel() * images.element_size()
         return run
@@ -796,8 +572,7 @@ class Planner:
                     kl = output_kl(out.model_output, ref.model_output)
                 loss = loss + s.kl_beta * kl.mean()
             loss.backward()
-            for p in backend.trainable_parameters():  # gradients are counted with the resident part
-                p.grad = None
+            net.zero_grad(set_to_none=True)  # gradients are counted with the resident part
         return run
 
     def _linear(self, measure: Callable[[int], int], rows: int) -> int:
@@ -928,8 +703,13 @@ class Planner:
             return [P * self.G] * self.T
         return [P * g for g in self.schedule.group_sizes_per_step(self.T)]
 
+    def mean_bytes(self) -> int:
+        """Bytes per row and step of the recorded step means (GRPO-Guard's ``update.ratio_norm``
+        makes the rollout keep them, ``RolloutResult.means``): one latent, else nothing."""
+        return self.latent_bytes if self.module.rollout.record_means else 0
+
     def rollout_phases(self, st: Settings, audit: bool) -> list[Phase]:
-        P, T, L = st.prompts_per_step, self.T, self.latent_bytes
+        P, T, L, M = st.prompts_per_step, self.T, self.latent_bytes, self.mean_bytes()
         rows = self.live_rows(P, audit)
         res = self.resident(st)
         tag = "audit rollout" if audit else "rollout"
@@ -943,7 +723,7 @@ class Planner:
             ph = Phase(f"{tag}: denoiser call, {chunk} of {rows[t]} rows", res, persistent, self.denoise(chunk))
             if best is None or ph.peak > best.peak:
                 best = ph
-            history += rows[t] * (L + 4)  # x_{t+1} [B, *latent] float32 and log-prob [B]
+            history += rows[t] * (L + 4 + M)  # x_{t+1} [B, *latent] float32, log-prob [B] (, mean)
             if t in keep_at and self.schedule.rule not in ("none", "random"):
                 scale = self.module.rollout_settings.preview_scale
                 phases.append(Phase(f"{tag}: previews after step {t}, {rows[t]} rows", res,
@@ -953,7 +733,7 @@ class Planner:
         phases.insert(0, best)
         final = rows[-1]
         survivors = P * self.K
-        result = survivors * ((T + 1) * L + 4 * T + self.image_bytes)
+        result = survivors * ((T + 1) * L + T * M + 4 * T + self.image_bytes)
         phases.append(Phase(f"{tag}: final decode + reward, {final} rows", res,
                             history + final * self.cond_row_bytes,
                             self.score(final, st.vae_decode_chunk, 1.0, st.sample_batch_size)))
@@ -964,7 +744,7 @@ class Planner:
     def update_phase(self, st: Settings) -> Phase:
         P, T, L = st.prompts_per_step, self.T, self.latent_bytes
         N = P * self.K
-        result = N * ((T + 1) * L + 4 * T + self.image_bytes) + P * self.cond_row_bytes
+        result = N * ((T + 1) * L + T * self.mean_bytes() + 4 * T + self.image_bytes) + P * self.cond_row_bytes
         lora = self.weights.get(TRAINED, self.weights.get(TRAINED_FULL, 0))  # its gradients
         b = st.train_batch_size
         ckpt = "with" if st.gradient_checkpointing else "without"
@@ -1165,7 +945,19 @@ def format_report(r: dict[str, Any]) -> str:
         lines.append(f"  {lv['change']:<78}{_gib(lv['saving'])} {unit}{flag}")
     for note in r["notes"]:
         lines.append(f"note: {note}")
+    if r["target"] == "cuda":
+        lines.append(f"note: {allocator_note()}")
     return "\n".join(lines)
+
+
+def allocator_note() -> str:
+    """What "fits" means against a card: the plan estimates the allocator's *allocated* peak; what the
+    card must hold is what PyTorch's caching allocator *reserves* (cached free blocks, fragmentation)
+    plus the runtime overhead. Measured reserved / allocated peaks: docs/results/gpu_memory."""
+    return ("the peak is what PyTorch allocates; its caching allocator reserves more (cached blocks, "
+            "fragmentation: SD3.5-M's reserved peak was well above its allocated one on a GPU, "
+            "docs/results/gpu_memory). On a card with little headroom set "
+            "PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True, which PyTorch provides to reduce fragmentation")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

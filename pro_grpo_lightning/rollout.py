@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import Tensor
@@ -136,6 +136,10 @@ class RolloutResult:
     step_index:    [T] long, 0..T-1
     latents:       [N, T + 1, *latent_shape]  x at every noise level, the noisiest first
     log_probs:     [N, T]                     log-prob of each sampled step (sampling policy)
+    means:         [N, T, *latent_shape]      each sampled step's Gaussian mean mu_old, recorded
+                                              only when the update needs it (GRPO-Guard's
+                                              RatioNorm, ``ExpandPruneRollout(record_means=True)``);
+                                              else None
     rewards:       [P, K]                     true total reward of the final images
     components:    {name: [P, K]}             each reward's raw score
     images:        [N, 3, H, W]               final images in [0, 1]
@@ -149,6 +153,9 @@ class RolloutResult:
                     whole expanded group, ...}
     metadata:      P metadata dicts, one per prompt (None when the prompt set has none); a
                    trajectory's is ``metadata[prompt_index[n]]``
+    probe_scores:  audit with ``probe_steps`` only: {step: [P, G_max]} every trajectory's preview
+                   score after that step (``adaptive.py`` measures candidate pruning points with it)
+    expanded_rewards: audit only: [P, G_max] the true reward of every trajectory of the expanded group
     """
 
     prompts: list[str]
@@ -166,6 +173,9 @@ class RolloutResult:
     timings: dict[str, float] = field(default_factory=dict)
     audit: dict[str, Tensor] = field(default_factory=dict)
     metadata: list[dict] | None = None
+    means: Tensor | None = None
+    probe_scores: dict[int, Tensor] = field(default_factory=dict)
+    expanded_rewards: Tensor | None = None
 
     @property
     def num_prompts(self) -> int:
@@ -194,15 +204,19 @@ class ExpandPruneRollout:
         schedule: G_max, checkpoints, sizes and selection rule; checked against T here.
         settings: preview scale, shared starts, rows per call (``RolloutSettings``). The audit
             period is the caller's: ``run(audit=True)``.
+        record_means: also keep every step's Gaussian mean (``RolloutResult.means``, as large as
+            the latents), gathered through the prunes like the log-probs: what GRPO-Guard's
+            RatioNorm compares the re-scored mean against (``update.UpdateSettings.ratio_norm``).
     """
 
     def __init__(self, backend: DiffusionBackend, rewards: RewardSet, schedule: GroupSchedule,
-                 settings: RolloutSettings | None = None) -> None:
+                 settings: RolloutSettings | None = None, *, record_means: bool = False) -> None:
         schedule.validate_steps(backend.num_steps)  # settings only: no weights needed
         self.backend = backend
         self.rewards = rewards
         self.schedule = schedule
         self.settings = settings or RolloutSettings()
+        self.record_means = record_means
 
     @property
     def preview_scale(self) -> float:
@@ -230,7 +244,8 @@ class ExpandPruneRollout:
             audit: bool = False, metadata: Sequence[dict] | None = None,
             noise_generator: torch.Generator | None = None, rank: int = 0,
             world_size: int = 1,
-            progress: Callable[[int, int, int, int], None] | None = None) -> RolloutResult:
+            progress: Callable[[int, int, int, int], None] | None = None,
+            probe_steps: Sequence[int] = ()) -> RolloutResult:
         """Roll out ``prompts`` (this rank's P prompts of a global batch of ``world_size`` x P).
 
         Args:
@@ -246,7 +261,12 @@ class ExpandPruneRollout:
             rank, world_size: this process's place in the global batch.
             progress: called after every step (and its pruning) with (steps done, T, live
                 trajectories, previews scored so far): a progress display (``logs.py``).
+            probe_steps: audit only: also preview and score every trajectory after these steps,
+                whether or not the schedule prunes there (``RolloutResult.probe_scores``; counted in
+                ``num_previews`` and the preview time). The selections are the schedule's.
         """
+        if probe_steps and not audit:
+            raise ValueError("probe_steps needs audit=True: only an audit rollout keeps every trajectory alive")
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} outside world size {world_size}")
         backend, sched = self.backend, self.schedule
@@ -283,12 +303,22 @@ class ExpandPruneRollout:
 
         lat_hist: list[Tensor] = [x]  # T + 1 entries, each at its step's physical batch size
         lp_hist: list[Tensor] = []  # T entries
+        mean_hist: list[Tensor] = []  # T entries when record_means, each [B, *latent]
         stage_of_step: list[int] = []  # physical-batch stage of each step's output
         remaps: list[Tensor] = []  # per physical prune: [rows after] -> rows before
         checkpoints: list[Checkpoint] = []
         keep_at = dict(zip(sched.checkpoints, sched.keep))
         audit_previews: list[Tensor] = []  # audit: each checkpoint's preview scores of all rows [P, G]
+        probe_at, probe_scores = set(int(s) for s in probe_steps), {}
         nfe = previews = 0
+
+        def score_previews(x0: Tensor, rows: Tensor) -> Tensor:
+            """Preview rewards of physical ``rows`` [R] of the step's x0 [B, *latent] -> [R]."""
+            nonlocal previews
+            images = self.preview_images(x0.index_select(0, rows))  # [R, 3, H, W]
+            texts, meta = rows_of(prompt_of.index_select(0, rows))
+            previews += images.shape[0]
+            return self.rewards(images, texts, meta, chunk=self.sample_batch_size)[0]  # [R]
 
         for t in range(T):
             t0 = time.perf_counter()
@@ -302,10 +332,18 @@ class ExpandPruneRollout:
             x = out.next_latents  # [B, *latent]
             lat_hist.append(x)
             lp_hist.append(out.log_prob)  # [B]
+            if self.record_means:
+                mean_hist.append(out.mean)  # [B, *latent]
             stage_of_step.append(len(remaps))
             _sync(device)
             timings["denoise"] += time.perf_counter() - t0
 
+            probed = None  # audit: every row's preview score after a probed step, [P*G]
+            if t in probe_at:
+                t0 = time.perf_counter()
+                probed = score_previews(out.x0, torch.arange(P * G, device=device))  # [P*G]
+                probe_scores[t] = probed.view(P, G)
+                timings["preview"] += time.perf_counter() - t0
             if t not in keep_at:
                 if progress is not None:
                     progress(t + 1, T, P * group_live, previews)
@@ -316,14 +354,11 @@ class ExpandPruneRollout:
             if sched.rule not in ("none", "random"):  # these rules ignore scores: skip the preview
                 # audit: preview every row of the expanded group, to correlate over all of it
                 rows = torch.arange(P * G, device=device) if audit else live  # [R]
-                images = self.preview_images(out.x0.index_select(0, rows))  # [R, 3, H, W]
-                texts, meta = rows_of(prompt_of.index_select(0, rows))
-                total, _ = self.rewards(images, texts, meta, chunk=self.sample_batch_size)  # [R]
+                total = probed if probed is not None else score_previews(out.x0, rows)  # [R]
                 if audit:
                     audit_previews.append(total.view(P, G))  # [P, G]
                     total = total.index_select(0, live)  # [P*G_live]
                 scores = total.view(P, group_live)  # [P, G_live]
-                previews += images.shape[0]
             kept = select_indices(scores, k_next, sched.rule, group_size=group_live, num_groups=P,
                                   generator=generator, device=device)  # [P, k_next]
             checkpoints.append(Checkpoint(t, scores, kept, kept))  # survivors filled in at the end
@@ -350,6 +385,7 @@ class ExpandPruneRollout:
         texts, meta = rows_of(prompt_of.index_select(0, scored_rows))
         total, comps = self.rewards(images, texts, meta, update_stats=True, chunk=self.sample_batch_size)  # [R]
         audit_stats: dict[str, Tensor] = {}
+        expanded = total.view(P, G) if audit else None  # [P, G] every trajectory's true reward
         if audit:
             # rows are all P*G trajectories; ``live`` the proxy-selected survivors
             # what the same rule would keep knowing the true rewards (random/none have no preference: OVF)
@@ -388,7 +424,10 @@ class ExpandPruneRollout:
         stage_of_latent = [0] + stage_of_step  # x_0 (noise) is at stage 0; x_{t+1} at step t's stage
         latents = torch.stack([h.index_select(0, rows_at_stage[s]) for h, s in zip(lat_hist, stage_of_latent)], 1)
         log_probs = torch.stack([h.index_select(0, rows_at_stage[s]) for h, s in zip(lp_hist, stage_of_step)], 1)
-        self._fill_survivor_positions(checkpoints, P, group_live)
+        means = torch.stack([h.index_select(0, rows_at_stage[s]) for h, s in zip(mean_hist, stage_of_step)], 1) \
+            if self.record_means else None  # [N, T, *latent]
+        checkpoints = [replace(ck, survivors=pos)
+                       for ck, pos in zip(checkpoints, self._survivor_positions(checkpoints, P, group_live))]
 
         return RolloutResult(
             prompts=prompts, cond=cond,
@@ -398,21 +437,24 @@ class ExpandPruneRollout:
             rewards=rewards,  # [P, K]
             components={k: v.view(P, group_live) for k, v in comps.items()},
             images=images, checkpoints=checkpoints, nfe=nfe, nfe_full=P * G * T,
-            num_previews=previews, timings=timings, audit=audit_stats, metadata=metadata)
+            num_previews=previews, timings=timings, audit=audit_stats, metadata=metadata, means=means,
+            probe_scores=probe_scores, expanded_rewards=expanded)
 
     @staticmethod
-    def _fill_survivor_positions(checkpoints: list[Checkpoint], P: int, K: int) -> None:
+    def _survivor_positions(checkpoints: list[Checkpoint], P: int, K: int) -> list[Tensor]:
         """For each checkpoint, the final survivors' local index in the group live there ([P*K]).
 
         Walk backwards: a survivor's position after checkpoint i indexes checkpoint i's ``kept``.
         """
         pos = torch.arange(K).repeat(P)  # [P*K] position in the final group
+        out = []
         for ck in reversed(checkpoints):
             kept = ck.kept  # [P, k_i]
             pos = pos.to(kept.device)
             prompt = torch.arange(P, device=kept.device).repeat_interleave(K)  # [P*K]
             pos = kept[prompt, pos]  # [P*K] local index before this selection
-            ck.survivors = pos
+            out.append(pos)
+        return out[::-1]
 
 
 def group_centred_corr(proxy: Tensor, true: Tensor) -> Tensor:

@@ -11,7 +11,7 @@ Two stages, both on images rendered on the fly by ``tasks.shapes`` from the 108 
 2. Denoiser: an ``SD3Transformer2DModel`` with two tiny CLIP text encoders and a tiny T5 (trained
    jointly), rectified-flow objective ``x_sigma = (1 - sigma) x0 + sigma noise``, target
    ``noise - x0`` (diffusers' SD3 convention), 10 % empty prompts for classifier-free guidance.
-   The tokenizers are ``backends.tokenizers``' byte-level CLIP and character-level T5 with the
+   The tokenizers are ``offline_tokenizers``' byte-level CLIP and character-level T5 with the
    task's words as single tokens.
 
 Every ``--eval-every`` steps the model is saved with ``StableDiffusion3Pipeline.save_pretrained``,
@@ -38,7 +38,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from pro_grpo_lightning.backends.sd3 import SD3Backend  # noqa: E402
-from pro_grpo_lightning.backends.tokenizers import byte_level_clip_tokenizer, char_level_t5_tokenizer  # noqa: E402
+from pro_grpo_lightning.offline_tokenizers import byte_level_clip_tokenizer, char_level_t5_tokenizer  # noqa: E402
 from pro_grpo_lightning.rewards.shapes import ShapesReward  # noqa: E402
 from pro_grpo_lightning.tasks.shapes import (COUNT_WORDS, POSITION_PHRASES, SHAPES, COLOURS,  # noqa: E402
                                              render_shapes, shapes_prompts)

@@ -168,7 +168,7 @@ def test_memory_plan_counts_full_finetuning(kl):
                            update=UpdateSettings(kl_beta=kl))
     weights = plan.Planner(module, prompts_per_step=2, target="cpu").weights
     real = make("sd15")
-    real.keep_reference = False
+    real.set_keep_reference(False)
     real.configure_model()
     net = sum(p.numel() * p.element_size() for p in real.denoiser().parameters())
     assert weights[plan.TRAINED_FULL] == net and plan.TRAINED not in weights

@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from pro_grpo_lightning import plan
+from pro_grpo_lightning.networks import diffusers_model, transformers_model
 from pro_grpo_lightning.backends import TinyFluxBackend, TinySD3Backend, TinySD15Backend
 from pro_grpo_lightning.module import ProGRPOModule
 from pro_grpo_lightning.rewards import Brightness
@@ -180,7 +181,7 @@ def test_block_runs_of_the_real_architectures():
     for hub_id, stacks in expected.items():
         name = "unet" if "v1-4" in hub_id else "transformer"
         with torch.device("meta"):
-            net = plan._diffusers_model(*PIPELINES[hub_id][name])
+            net = diffusers_model(*PIPELINES[hub_id][name])
         assert [(attr, [n for _, n in runs]) for _, attr, runs in plan.block_stacks(net)] == stacks, hub_id
 
 
@@ -210,6 +211,24 @@ def test_gradient_checkpointing_and_chunks_lower_the_plan(one_thread):
     assert {"sample_batch_size", "train_batch_size", "gradient_checkpointing", "vae_decode_chunk"} <= names
 
 
+def test_recorded_step_means_grow_the_stored_trajectories(one_thread):
+    """GRPO-Guard's ``update.ratio_norm`` makes the rollout keep every step's mean: one latent more
+    per survivor and step in the gathered trajectories and in the update's stored rollout."""
+    planner = _planner("tiny", "sd3", 0.0)
+    st = planner.settings
+    before = {p.name: p for p in planner.plan(st)}
+    planner.module.rollout.record_means = True
+    try:
+        after = {p.name: p for p in planner.plan(st)}
+    finally:
+        planner.module.rollout.record_means = False
+    grown = 2 * planner.K * planner.T * planner.latent_bytes  # P = 2 prompts
+    gather = next(n for n in before if n.startswith("rollout: gather survivors"))
+    update = next(n for n in before if n.startswith("update:"))
+    assert after[gather].transient - before[gather].transient == grown > 0
+    assert after[update].persistent - before[update].persistent == grown
+
+
 def test_architecture_table_matches_the_real_parameter_counts():
     from benchmarks.models import REAL_PARAMS
 
@@ -221,7 +240,7 @@ def test_architecture_table_matches_the_real_parameter_counts():
     for family, (hub_id, name) in ids.items():
         cls_name, cfg = PIPELINES[hub_id][name]
         with torch.device("meta"):
-            net = plan._diffusers_model(cls_name, cfg)
+            net = diffusers_model(cls_name, cfg)
         n = sum(p.numel() for p in net.parameters())
         assert abs(n - REAL_PARAMS[family]) < 2e-3 * REAL_PARAMS[family], (family, n)
     # T5-XXL encoder 4.762 B, CLIP-G text 694.7 M (+ projection), CLIP-L text 123.1 M
@@ -229,7 +248,7 @@ def test_architecture_table_matches_the_real_parameter_counts():
     expected = {"text_encoder_3": 4.762e9, "text_encoder_2": 0.6953e9, "text_encoder": 0.1237e9}
     for name, count in expected.items():
         with torch.device("meta"):
-            net = plan._transformers_model(*spec[name])
+            net = transformers_model(*spec[name])
         n = sum(p.numel() for p in net.parameters())
         assert abs(n - count) < 2e-3 * count, (name, n)
 

@@ -137,7 +137,7 @@ def _never_loads(monkeypatch):
         raise AssertionError("a model was loaded")
 
     monkeypatch.setattr(TinySD3Backend, "load_components", boom)
-    monkeypatch.setattr(PipelineBackend, "_load_preview_decoder", boom)
+    monkeypatch.setattr(PipelineBackend, "_build_preview_decoder", boom)
 
 
 def test_missing_folder_fails_in_one_line_before_loading(tmp_path, monkeypatch):

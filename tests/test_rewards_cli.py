@@ -5,7 +5,7 @@ import glob
 import pytest
 import yaml
 
-from pro_grpo_lightning.backends.tokenizers import byte_level_clip_tokenizer
+from pro_grpo_lightning.offline_tokenizers import byte_level_clip_tokenizer
 from pro_grpo_lightning.cli import main
 from tests.tiny_models import tiny_clip_model
 

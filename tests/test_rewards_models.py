@@ -19,7 +19,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pro_grpo_lightning.backends.tokenizers import byte_level_clip_tokenizer
+from pro_grpo_lightning.offline_tokenizers import byte_level_clip_tokenizer
 from pro_grpo_lightning.loading import save_state_dict_file
 from pro_grpo_lightning.rewards.aesthetic import LaionAesthetic
 from pro_grpo_lightning.rewards.clip_common import (OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, RewardMLP, _features,

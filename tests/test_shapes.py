@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from pro_grpo_lightning.backends.tokenizers import byte_level_clip_tokenizer, char_level_t5_tokenizer
+from pro_grpo_lightning.offline_tokenizers import byte_level_clip_tokenizer, char_level_t5_tokenizer
 from pro_grpo_lightning.loading import check_pretrained_source, resolve_pretrained_source
 from pro_grpo_lightning.rewards.shapes import ShapesExact, ShapesReward, component_stats, connected_components
 from pro_grpo_lightning.tasks.shapes import (BACKGROUND, COLOURS, COUNTS, POSITIONS, SHAPES, ShapeSpec, all_specs,

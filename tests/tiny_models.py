@@ -1,7 +1,7 @@
 """Tiny random-init CLIP / BLIP / BERT models for the reward tests (built in code, no files).
 
 Their text side matches the byte-level tokenizers the tiny diffusion models use
-(``pro_grpo_lightning.backends.tokenizers``), so the real loading and scoring paths run offline.
+(``pro_grpo_lightning.offline_tokenizers``), so the real loading and scoring paths run offline.
 """
 
 from __future__ import annotations

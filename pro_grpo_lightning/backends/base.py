@@ -35,8 +35,10 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
+from ..compiling import DenoiserCompiler, check_compile_backend, compile_denoiser
 from ..loading import (check_pretrained_source, check_tokenizer_vocab, load_preview_decoder, parse_dtype,
                        resolve_pretrained_source)
+from ..networks import PRETRAINED, NetworkSource, architecture_components, preview_decoder_architecture
 from ..steps import StepOutput, draw_noise, select_steps
 
 Conditioning = dict[str, Tensor]
@@ -61,6 +63,17 @@ class LoraSettings:
     def __post_init__(self) -> None:
         if self.rank < 1:
             raise ValueError(f"lora.rank must be >= 1, got {self.rank}")
+
+
+def _checked_window(sde_window: Sequence[int] | None, num_steps: int) -> tuple[int, int] | None:
+    """``sde_window`` as a (start, end) tuple, refused unless 0 <= start < end <= num_steps."""
+    if sde_window is None:
+        return None
+    window = [int(v) for v in sde_window]
+    if len(window) != 2 or not 0 <= window[0] < window[1] <= num_steps:
+        raise ValueError(f"sde_window must be [start, end) with 0 <= start < end <= num_steps "
+                         f"({num_steps}), got {list(sde_window)}")
+    return (window[0], window[1])
 
 
 class DiffusionBackend(nn.Module, abc.ABC):
@@ -88,13 +101,7 @@ class DiffusionBackend(nn.Module, abc.ABC):
         super().__init__()
         if num_steps < 1:
             raise ValueError(f"num_steps must be >= 1, got {num_steps}")
-        if sde_window is not None:
-            window = [int(v) for v in sde_window]
-            if len(window) != 2 or not 0 <= window[0] < window[1] <= num_steps:
-                raise ValueError(f"sde_window must be [start, end) with 0 <= start < end <= num_steps "
-                                 f"({num_steps}), got {list(sde_window)}")
-            sde_window = tuple(window)
-        self.sde_window: tuple[int, int] | None = sde_window
+        self.sde_window: tuple[int, int] | None = _checked_window(sde_window, num_steps)
         if resolution < 8:
             raise ValueError(f"resolution must be >= 8 pixels, got {resolution}")
         self.num_steps = num_steps
@@ -118,6 +125,21 @@ class DiffusionBackend(nn.Module, abc.ABC):
         for p in self.parameters():
             return p.device
         return torch.device("cpu")
+
+    def use_networks(self, source: NetworkSource) -> None:
+        """Where ``configure_model`` builds the networks from (``networks.NetworkSource``). A backend
+        that cannot build its architecture without weights refuses anything but pretrained."""
+        if not source.pretrained:
+            raise NotImplementedError(f"{type(self).__name__} builds its networks one way only; "
+                                      f"NetworkSource(weights={source.weights!r}) is not supported")
+
+    def set_keep_reference(self, keep: bool) -> None:
+        """Whether ``configure_model`` keeps a frozen copy of the denoiser as the KL reference (full
+        fine-tuning only; the module sets it from ``kl_beta > 0``). Nothing to keep here."""
+
+    def uses_cfg(self) -> bool:
+        """Whether a denoiser call runs classifier-free guidance (two network rows per sample)."""
+        return False
 
     # ---- the five stages ---------------------------------------------------------------------
     @abc.abstractmethod
@@ -165,6 +187,12 @@ class DiffusionBackend(nn.Module, abc.ABC):
             inside[end:] = False
         return inside
 
+    def set_sde_window(self, window: Sequence[int] | None) -> None:
+        """Change ``sde_window`` (checked as in ``__init__``) on a built backend: the benchmarks time
+        schedules with and without a window on one model."""
+        self.sde_window = _checked_window(window, self.num_steps)
+        self.__dict__.pop("_window_cache", None)  # the per-device step mask follows the window
+
     def _window_rows(self, step_index: Tensor) -> Tensor | None:
         """[B] bool: rows whose step is inside the window (None without a window: all are)."""
         if self.sde_window is None:
@@ -205,6 +233,13 @@ class DiffusionBackend(nn.Module, abc.ABC):
         with torch.no_grad():
             for n, v in state.items():
                 params[n].copy_(v)
+
+    #: counts and delegates the denoiser's compilations (``compiling.py``); None: eager
+    compiler: DenoiserCompiler | None = None
+
+    def compile_metrics(self) -> dict[str, float]:
+        """``compile/*`` counts of a compiled denoiser; empty when it runs eagerly."""
+        return self.compiler.metrics() if self.compiler is not None else {}
 
     def extra_repr(self) -> str:
         window = f", sde_window={list(self.sde_window)}" if self.sde_window is not None else ""
@@ -270,6 +305,15 @@ class PipelineBackend(DiffusionBackend):
             ``precision: bf16-mixed``. The KL reference is then a frozen copy of the base
             denoiser, made in ``configure_model`` only when ``keep_reference`` is True (the
             module sets it from ``kl_beta > 0``): with ``kl_beta: 0`` no copy is held.
+        compile: run the denoiser through ``torch.compile`` (``compiling.py``): static shapes, one
+            graph per batch size the schedule produces, compiled during the first rollout and
+            update and only looked up afterwards (``compile/graphs`` is logged; it stays flat after
+            the warm-up). The step arithmetic around the denoiser stays eager. Off by default: the
+            compile time (minutes for a real model) pays back only over many rollouts, and the
+            measured speed-up is in ``docs/benchmarks.md`` ("A compiled denoiser").
+        compile_backend: the ``torch.compile`` backend: "inductor" (generated kernels, the fast one),
+            "aot_eager" (the same tracing without code generation: a quick check that a model
+            compiles), or any ``torch.compiler.list_backends()`` name.
     """
 
     #: Name of diffusers' stock pipeline class of the family (what ``export.py`` builds and whose
@@ -282,11 +326,18 @@ class PipelineBackend(DiffusionBackend):
     #: LoRA target names when ``lora.target_modules`` is None (peft suffixes, or globs: see
     #: ``expand_lora_targets``).
     default_lora_targets: ClassVar[tuple[str, ...]] = ()
+    #: True for models whose architecture is code (the tiny twins): ``load_components`` builds them,
+    #: whatever the ``NetworkSource``; ``pretrained`` names nothing to load.
+    built_in_code: ClassVar[bool] = False
 
     def __init__(self, pretrained: str, *, revision: str | None = None, gradient_checkpointing: bool = False,
                  vae_decode_chunk: int | None = None, finetune: str = "lora",
-                 preview_decoder: str | None = None, **kwargs: Any) -> None:
+                 preview_decoder: str | None = None, compile: bool = False,
+                 compile_backend: str = "inductor", **kwargs: Any) -> None:
         super().__init__(**kwargs)
+        #: counts and delegates the denoiser's compilations; None: the denoiser runs eagerly
+        check_compile_backend(compile_backend)  # a typo fails at parse time, compiled or not
+        self.compiler = DenoiserCompiler(compile_backend) if compile else None
         if finetune not in ("lora", "full"):
             raise ValueError(f"finetune must be 'lora' or 'full', got {finetune!r}")
         self.finetune = finetune
@@ -305,10 +356,56 @@ class PipelineBackend(DiffusionBackend):
         if preview_decoder is not None:
             check_pretrained_source(preview_decoder, what="preview_decoder")  # before any model loads
         self.preview_decoder: nn.Module | None = None
+        #: where the networks come from (``use_networks``): pretrained weights unless chosen otherwise
+        self.networks: NetworkSource = PRETRAINED
         self._configured = False
 
     def _check_source(self, pretrained: str) -> None:
-        check_pretrained_source(pretrained)
+        if not self.built_in_code:
+            check_pretrained_source(pretrained)
+
+    # ---- the public seam: where networks come from, memory switches ------------------------------
+    def use_networks(self, source: NetworkSource) -> None:
+        """Build the networks from ``source`` in ``configure_model`` (see ``networks.py``): the
+        pretrained weights, or the architecture alone with random values on a device, or empty on
+        the meta device. The LoRA adapter is created on the same device. Before ``configure_model``."""
+        if self._configured:
+            raise RuntimeError(f"{type(self).__name__}.use_networks: the networks are already built")
+        self.networks = source
+
+    def set_decode_batch_size(self, n: int | None) -> None:
+        """At most ``n`` latents per VAE / preview-decoder call (None: all at once); the
+        ``vae_decode_chunk`` setting, changed on a built backend (the memory plan's lever)."""
+        if n is not None and n < 1:
+            raise ValueError(f"decode batch size must be >= 1 or None, got {n}")
+        self.vae_decode_chunk = n
+
+    def set_keep_reference(self, keep: bool) -> None:
+        """Full fine-tuning: whether ``configure_model`` keeps a frozen copy of the base denoiser as
+        the KL reference (the module sets it from ``kl_beta > 0``). Before ``configure_model``."""
+        self.keep_reference = bool(keep)
+
+    def uses_cfg(self) -> bool:
+        """Whether a denoiser call runs classifier-free guidance (two network rows per sample)."""
+        return self.guidance_scale > 1.0
+
+    def build_components(self) -> dict[str, Any]:
+        """The pipeline components from ``self.networks``: ``load_components()`` for pretrained
+        weights (and for models built in code, on the source's device); else the architecture of
+        ``pretrained`` (``networks.architecture_components``) on the source's device."""
+        source = self.networks
+        if source.pretrained:
+            return self.load_components()
+        with source.building(self.weight_dtype):
+            if self.built_in_code:
+                comps = self.load_components()
+            else:
+                comps = architecture_components(self.pretrained, self.text_encoder_names(),
+                                                getattr(self, "max_sequence_length", 77))
+        sched = comps["scheduler"]
+        with torch.device("cpu"):  # schedulers hold real tables: rebuilt from their config on the CPU
+            comps["scheduler"] = type(sched).from_config(sched.config)
+        return comps
 
     # ---- what a family supplies ---------------------------------------------------------------
     @abc.abstractmethod
@@ -337,14 +434,11 @@ class PipelineBackend(DiffusionBackend):
         """CFG's negative-prompt conditioning, ``batch`` rows on ``device``."""
         raise NotImplementedError(f"{type(self).__name__} does not run classifier-free guidance")
 
-    def _uses_cfg(self) -> bool:
-        return self.guidance_scale > 1.0
-
     # ---- lifecycle ---------------------------------------------------------------------------
     def configure_model(self) -> None:
         if self._configured:
             return
-        comps = self.load_components()
+        comps = self.build_components()
         net = comps[self.denoiser_component]
         frozen = [comps["vae"], *(comps[n] for n in self.text_encoder_names())]
         for m in (net, *frozen):
@@ -366,17 +460,23 @@ class PipelineBackend(DiffusionBackend):
             if self.gradient_checkpointing:
                 net.enable_gradient_checkpointing()
             self.reference_denoiser = reference  # a registered submodule: moves with the backend
-        else:
-            self.attach_lora(net)
+        else:  # on the networks' device, seeded like them (peft builds the adapter where the context says)
+            with self.networks.adapter().building(self.weight_dtype):
+                self.attach_lora(net)
         self._setup(comps)
+        if self.compiler is not None:  # after the adapter and checkpointing: the compiled forward sees both
+            compile_denoiser(net, self.compiler)
         if self.preview_source is not None:
-            self.preview_decoder = self._checked_preview_decoder(self._load_preview_decoder())
+            self.preview_decoder = self._checked_preview_decoder(self._build_preview_decoder())
         self._configured = True
 
-    def _load_preview_decoder(self) -> nn.Module:
-        """The ``AutoencoderTiny`` named by ``preview_decoder``, frozen, in ``weight_dtype`` (the plan
-        replaces this loader by one that builds the architecture on the meta device)."""
-        return load_preview_decoder(self.preview_source, self.weight_dtype)
+    def _build_preview_decoder(self) -> nn.Module:
+        """The ``AutoencoderTiny`` named by ``preview_decoder``, from ``self.networks``: its weights,
+        or its architecture (a folder's config, ``architectures.PREVIEW_DECODERS``) on the source's device."""
+        if self.networks.pretrained:
+            return load_preview_decoder(self.preview_source, self.weight_dtype)
+        with self.networks.building(self.weight_dtype):
+            return preview_decoder_architecture(str(self.preview_source))
 
     def _checked_preview_decoder(self, decoder: nn.Module) -> nn.Module:
         """Refuse a preview decoder that cannot read this VAE's latents or would decode another size."""
@@ -405,9 +505,9 @@ class PipelineBackend(DiffusionBackend):
         targets = expand_lora_targets(net, settings.target_modules or self.default_lora_targets)
         net.add_adapter(LoraConfig(r=settings.rank, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
                                    init_lora_weights=init, target_modules=targets))
-        for p in net.parameters():  # peft creates the adapter in the base dtype
-            if p.requires_grad:
-                p.data = p.data.float()
+        for name, module in net.named_modules():  # peft creates the adapter in the base dtype
+            if name.rsplit(".", 1)[-1] in ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B"):
+                module.float()
         if self.gradient_checkpointing:
             net.enable_gradient_checkpointing()
 
@@ -459,7 +559,7 @@ class PipelineBackend(DiffusionBackend):
     def _guided(self, run: DenoiserCall, latents: Tensor, times: Tensor, cond: Conditioning) -> Tensor:
         """Classifier-free guidance around one denoiser call: [negative; positive] rows in one batch,
         combined as uncond + scale * (cond - uncond). Without CFG: ``run`` on the rows as given."""
-        if not self._uses_cfg():
+        if not self.uses_cfg():
             return run(latents, times, cond)
         B, device = latents.shape[0], latents.device
         neg = self._negative_rows(B, device)

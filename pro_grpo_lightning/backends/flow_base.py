@@ -47,7 +47,8 @@ class FlowMatchingBackend(PipelineBackend):
                  sde_kind: str, max_sequence_length: int, gradient_checkpointing: bool,
                  offload_text_encoders: bool, vae_decode_chunk: int | None,
                  sde_window: Sequence[int] | None = None, finetune: str = "lora",
-                 preview_decoder: str | None = None) -> None:
+                 preview_decoder: str | None = None, compile: bool = False,
+                 compile_backend: str = "inductor") -> None:
         if sde_kind not in FLOW_STEP_KINDS:
             raise ValueError(f"sde_kind={sde_kind!r}: choose one of {FLOW_STEP_KINDS}")
         if noise_level < 0 or (sde_kind == "cps" and noise_level > 1):
@@ -60,7 +61,8 @@ class FlowMatchingBackend(PipelineBackend):
         super().__init__(pretrained, revision=revision, gradient_checkpointing=gradient_checkpointing,
                          vae_decode_chunk=vae_decode_chunk, num_steps=num_steps, guidance_scale=guidance_scale,
                          resolution=resolution, lora=lora, dtype=dtype, negative_prompt=negative_prompt,
-                         sde_window=sde_window, finetune=finetune, preview_decoder=preview_decoder)
+                         sde_window=sde_window, finetune=finetune, preview_decoder=preview_decoder, compile=compile,
+            compile_backend=compile_backend)
         self.noise_level = float(noise_level)
         self.sde_kind = sde_kind
         self.max_sequence_length = int(max_sequence_length)
@@ -92,17 +94,27 @@ class FlowMatchingBackend(PipelineBackend):
                                f"expected ({self.num_steps + 1},)")
 
     # ---- prompts -------------------------------------------------------------------------------
+    def set_offload_text_encoders(self, offload: bool) -> None:
+        """The ``offload_text_encoders`` switch: True keeps the text encoders on the CPU between
+        encodes (moved to the denoiser's device only while encoding); False leaves them where the
+        backend is (never moved: the memory plan counts offloading itself)."""
+        self.offload_text_encoders = bool(offload)
+
     @contextlib.contextmanager
     def _text_encoders_on(self, device: torch.device) -> Iterator[None]:
+        """With offloading, the text encoders on ``device`` for the block and back on the CPU after;
+        without, nothing moves (they are wherever the backend was moved)."""
+        if not self.offload_text_encoders:
+            yield
+            return
         encoders = [getattr(self, n) for n in self.text_encoder_names()]
         for enc in encoders:
             enc.to(device).eval()
         try:
             yield
         finally:
-            if self.offload_text_encoders:
-                for enc in encoders:
-                    enc.to("cpu")
+            for enc in encoders:
+                enc.to("cpu")
 
     @torch.no_grad()
     def encode_prompts(self, prompts: Sequence[str]) -> Conditioning:
@@ -110,7 +122,7 @@ class FlowMatchingBackend(PipelineBackend):
         device = self.device
         with self._text_encoders_on(device):
             cond = self._encode(list(prompts), device)
-            if self._uses_cfg() and self._negative is None:
+            if self.uses_cfg() and self._negative is None:
                 self._negative = self._encode([self.negative_prompt], device)
         return cond
 
@@ -163,6 +175,15 @@ class FlowMatchingBackend(PipelineBackend):
         idx = step_index.to(dtype=torch.long)  # [B], left on its device (no device-to-host sync)
         sigmas = self._sigmas_on(idx.device)  # [T + 1], cached per device
         return flow_grpo_kl_std(sigmas[idx], sigmas[idx + 1], self.noise_level, self.sde_kind)  # [B]
+
+    def sigma_decrement(self, step_index: Tensor) -> Tensor:
+        """[B] float32: sigma - sigma_next (= -dt > 0) at each row's step, on ``step_index``'s device:
+        the step size GRPO-Guard's gradient reweighting divides by (``objectives.guard_step_weight``).
+        Its presence marks a backend whose steps that reweighting is defined for."""
+        self._require_configured()
+        idx = step_index.to(dtype=torch.long)  # [B]
+        sigmas = self._sigmas_on(idx.device)  # [T + 1]
+        return sigmas[idx] - sigmas[idx + 1]  # [B]
 
     # ---- latents / images ---------------------------------------------------------------------
     @property

@@ -86,16 +86,18 @@ class FluxBackend(FlowMatchingBackend):
                  gradient_checkpointing: bool = False, offload_text_encoders: bool = False,
                  vae_decode_chunk: int | None = None, revision: str | None = None,
                  sde_window: list[int] | None = None, finetune: str = "lora",
-                 preview_decoder: str | None = None) -> None:
+                 preview_decoder: str | None = None, compile: bool = False,
+                 compile_backend: str = "inductor") -> None:
         super().__init__(
             pretrained=pretrained, revision=revision, num_steps=num_steps, guidance_scale=guidance_scale,
             resolution=resolution, lora=lora, dtype=dtype, negative_prompt="", noise_level=noise_level,
             sde_kind=sde_kind, max_sequence_length=max_sequence_length,
             gradient_checkpointing=gradient_checkpointing, offload_text_encoders=offload_text_encoders,
             vae_decode_chunk=vae_decode_chunk, sde_window=sde_window, finetune=finetune,
-            preview_decoder=preview_decoder)
+            preview_decoder=preview_decoder, compile=compile,
+            compile_backend=compile_backend)
 
-    def _uses_cfg(self) -> bool:
+    def uses_cfg(self) -> bool:
         return False  # dev: guidance embedding; schnell: no guidance
 
     @property
@@ -181,7 +183,7 @@ def build_tiny_flux_components(resolution: int = 64, seed: int = 0,
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
     from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
-    from .tokenizers import byte_level_clip_tokenizer, char_level_t5_tokenizer
+    from ..offline_tokenizers import byte_level_clip_tokenizer, char_level_t5_tokenizer
 
     clip_tok = byte_level_clip_tokenizer()
     with torch.random.fork_rng(devices=[]):
@@ -227,24 +229,25 @@ class TinyFluxBackend(FluxBackend):
     Defaults: 64 px, 4 steps, T5 truncated to 32 tokens.
     """
 
+    built_in_code = True
+
     def __init__(self, seed: int = 0, guidance_embeds: bool = True, num_steps: int = 4,
                  guidance_scale: float = 3.5, resolution: int = 64, lora: LoraSettings | None = None,
                  dtype: str = "float32", noise_level: float = 0.7, sde_kind: str = "flow_grpo",
                  max_sequence_length: int = 32, gradient_checkpointing: bool = False,
                  offload_text_encoders: bool = False, vae_decode_chunk: int | None = None,
                  sde_window: list[int] | None = None, finetune: str = "lora",
-                 preview_decoder: str | None = None) -> None:
+                 preview_decoder: str | None = None, compile: bool = False,
+                 compile_backend: str = "inductor") -> None:
         super().__init__(
             TINY_FLUX_SOURCE, num_steps=num_steps, guidance_scale=guidance_scale, resolution=resolution,
             lora=lora, dtype=dtype, noise_level=noise_level, sde_kind=sde_kind,
             max_sequence_length=max_sequence_length, gradient_checkpointing=gradient_checkpointing,
             offload_text_encoders=offload_text_encoders, vae_decode_chunk=vae_decode_chunk, sde_window=sde_window,
-            finetune=finetune, preview_decoder=preview_decoder)
+            finetune=finetune, preview_decoder=preview_decoder, compile=compile,
+            compile_backend=compile_backend)
         self.seed = seed
         self.guidance_embeds = guidance_embeds
-
-    def _check_source(self, pretrained: str) -> None:
-        pass  # built in code
 
     def load_components(self) -> dict[str, object]:
         return build_tiny_flux_components(self.resolution, self.seed, self.guidance_embeds)

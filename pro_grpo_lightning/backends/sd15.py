@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..architectures import SD15_SCHEDULER
 from ..steps import StepOutput, draw_noise
 from ..steps.ddim import ddim_step, ddim_tables
 from .base import Conditioning, LoraSettings, PipelineBackend
@@ -26,12 +27,8 @@ from .base import Conditioning, LoraSettings, PipelineBackend
 #: UNet attention projections that carry the adapter (self- and cross-attention).
 DEFAULT_LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 
-#: SD1.x's noise schedule (its scheduler_config.json), with DDIM's class and clip_sample off.
-SD15_SCHEDULER_CONFIG: dict[str, Any] = dict(
-    num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-    set_alpha_to_one=False, steps_offset=1, clip_sample=False, prediction_type="epsilon",
-    timestep_spacing="leading",
-)
+#: SD1.x's noise schedule (``architectures.SD15_SCHEDULER``).
+SD15_SCHEDULER_CONFIG: dict[str, Any] = SD15_SCHEDULER
 
 TINY_SD15_SOURCE = "<tiny-sd15>"
 
@@ -71,7 +68,8 @@ class SD15Backend(PipelineBackend):
                  dtype: str = "float32", negative_prompt: str = "", revision: str | None = None,
                  vae_decode_chunk: int | None = None, gradient_checkpointing: bool = False,
                  sde_window: list[int] | None = None, finetune: str = "lora",
-                 preview_decoder: str | None = None) -> None:
+                 preview_decoder: str | None = None, compile: bool = False,
+                 compile_backend: str = "inductor") -> None:
         if eta < 0:
             raise ValueError(f"eta must be >= 0, got {eta}")
         if resolution % 8:
@@ -79,7 +77,8 @@ class SD15Backend(PipelineBackend):
         super().__init__(pretrained, revision=revision, gradient_checkpointing=gradient_checkpointing,
                          vae_decode_chunk=vae_decode_chunk, num_steps=num_steps, guidance_scale=guidance_scale,
                          resolution=resolution, lora=lora, dtype=dtype, negative_prompt=negative_prompt,
-                         sde_window=sde_window, finetune=finetune, preview_decoder=preview_decoder)
+                         sde_window=sde_window, finetune=finetune, preview_decoder=preview_decoder, compile=compile,
+            compile_backend=compile_backend)
         self.eta = float(eta)
         # Filled by configure_model().
         self.unet: nn.Module | None = None
@@ -215,7 +214,7 @@ def build_tiny_sd15_components(resolution: int = 64, seed: int = 0) -> dict[str,
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from .tokenizers import byte_level_clip_tokenizer
+    from ..offline_tokenizers import byte_level_clip_tokenizer
 
     if resolution % 8:
         raise ValueError(f"resolution must be a multiple of 8, got {resolution}")
@@ -257,20 +256,21 @@ def save_tiny_sd15_pipeline(path: str, resolution: int = 64, seed: int = 0) -> s
 class TinySD15Backend(SD15Backend):
     """``SD15Backend`` on the code-built tiny model (``build_tiny_sd15_components``): no files."""
 
+    built_in_code = True
+
     def __init__(self, num_steps: int = 4, guidance_scale: float = 3.0, resolution: int = 64,
                  eta: float = 1.0, lora: LoraSettings | None = None, dtype: str = "float32",
                  negative_prompt: str = "", seed: int = 0, vae_decode_chunk: int | None = None,
                  gradient_checkpointing: bool = False, sde_window: list[int] | None = None,
-                 finetune: str = "lora", preview_decoder: str | None = None) -> None:
+                 finetune: str = "lora", preview_decoder: str | None = None, compile: bool = False,
+                 compile_backend: str = "inductor") -> None:
         super().__init__(TINY_SD15_SOURCE, num_steps=num_steps, guidance_scale=guidance_scale,
                          resolution=resolution, eta=eta, lora=lora, dtype=dtype,
                          negative_prompt=negative_prompt, vae_decode_chunk=vae_decode_chunk,
                          gradient_checkpointing=gradient_checkpointing, sde_window=sde_window, finetune=finetune,
-                         preview_decoder=preview_decoder)
+                         preview_decoder=preview_decoder, compile=compile,
+            compile_backend=compile_backend)
         self.seed = seed
-
-    def _check_source(self, pretrained: str) -> None:
-        pass  # built in code
 
     def load_components(self) -> dict[str, Any]:
         return build_tiny_sd15_components(self.resolution, self.seed)

@@ -66,14 +66,16 @@ class SD3Backend(FlowMatchingBackend):
                  gradient_checkpointing: bool = False, offload_text_encoders: bool = False,
                  vae_decode_chunk: int | None = None, revision: str | None = None,
                  sde_window: list[int] | None = None, finetune: str = "lora",
-                 preview_decoder: str | None = None) -> None:
+                 preview_decoder: str | None = None, compile: bool = False,
+                 compile_backend: str = "inductor") -> None:
         super().__init__(
             pretrained=pretrained, revision=revision, num_steps=num_steps, guidance_scale=guidance_scale,
             resolution=resolution, lora=lora, dtype=dtype, negative_prompt=negative_prompt,
             noise_level=noise_level, sde_kind=sde_kind, max_sequence_length=max_sequence_length,
             gradient_checkpointing=gradient_checkpointing, offload_text_encoders=offload_text_encoders,
             vae_decode_chunk=vae_decode_chunk, sde_window=sde_window, finetune=finetune,
-            preview_decoder=preview_decoder)
+            preview_decoder=preview_decoder, compile=compile,
+            compile_backend=compile_backend)
         self.drop_t5 = drop_t5
 
     # ---- components ------------------------------------------------------------------------
@@ -167,7 +169,7 @@ def build_tiny_sd3_components(resolution: int = 64, seed: int = 0) -> dict[str, 
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
 
-    from .tokenizers import byte_level_clip_tokenizer, char_level_t5_tokenizer
+    from ..offline_tokenizers import byte_level_clip_tokenizer, char_level_t5_tokenizer
 
     latent_side = resolution // 8
     clip_tok = byte_level_clip_tokenizer()
@@ -216,24 +218,25 @@ class TinySD3Backend(SD3Backend):
     CPU benchmarks. Defaults: 64 px, 4 steps, T5 truncated to 32 tokens.
     """
 
+    built_in_code = True
+
     def __init__(self, seed: int = 0, num_steps: int = 4, guidance_scale: float = 4.5, resolution: int = 64,
                  lora: LoraSettings | None = None, dtype: str = "float32", negative_prompt: str = "",
                  noise_level: float = 0.7, sde_kind: str = "flow_grpo", max_sequence_length: int = 32,
                  drop_t5: bool = False, gradient_checkpointing: bool = False,
                  offload_text_encoders: bool = False, vae_decode_chunk: int | None = None,
                  sde_window: list[int] | None = None, finetune: str = "lora",
-                 preview_decoder: str | None = None) -> None:
+                 preview_decoder: str | None = None, compile: bool = False,
+                 compile_backend: str = "inductor") -> None:
         super().__init__(
             TINY_SD3_SOURCE, num_steps=num_steps, guidance_scale=guidance_scale, resolution=resolution,
             lora=lora, dtype=dtype, negative_prompt=negative_prompt, noise_level=noise_level,
             sde_kind=sde_kind, max_sequence_length=max_sequence_length, drop_t5=drop_t5,
             gradient_checkpointing=gradient_checkpointing, offload_text_encoders=offload_text_encoders,
             vae_decode_chunk=vae_decode_chunk, sde_window=sde_window, finetune=finetune,
-            preview_decoder=preview_decoder)
+            preview_decoder=preview_decoder, compile=compile,
+            compile_backend=compile_backend)
         self.seed = seed
-
-    def _check_source(self, pretrained: str) -> None:
-        pass  # built in code
 
     def load_components(self) -> dict[str, object]:
         comps = build_tiny_sd3_components(self.resolution, self.seed)

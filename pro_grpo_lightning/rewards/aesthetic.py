@@ -20,6 +20,7 @@ from typing import Any
 from torch import Tensor, nn
 
 from ..loading import from_pretrained_checked, load_state_dict_file
+from ..networks import clip_architecture
 from .clip_common import PretrainedReward, RewardMLP, _features, clip_preprocess, freeze, l2_normalize, vision_image_size
 
 
@@ -65,6 +66,12 @@ class LaionAesthetic(PretrainedReward):
     def configure_model(self) -> None:
         if self.model is not None:
             return
+        if not self.networks.pretrained:  # the architecture: CLIP's vision tower and a head of its width
+            super().configure_model()
+            with self.networks.building(self.weight_dtype):
+                head = RewardMLP(self.model.config.projection_dim)
+            self.head = freeze(head.float()).to(self.device)
+            return
         state = load_state_dict_file(resolve_head_file(self.head_pretrained))
         in_features = state["layers.0.weight"].shape[1] if "layers.0.weight" in state else 768
         head = RewardMLP(in_features)
@@ -79,6 +86,13 @@ class LaionAesthetic(PretrainedReward):
         if projection_dim != in_features:
             raise ValueError(f"head_pretrained={self.head_pretrained!r} takes {in_features}-dim embeddings but "
                              f"pretrained={self.pretrained!r} projects to {projection_dim}")
+
+    def architecture(self) -> nn.Module:
+        """CLIP's vision tower with its projection, of ``pretrained``'s architecture."""
+        from transformers import CLIPVisionModelWithProjection
+
+        cfg = clip_architecture(str(self.pretrained), "LaionAesthetic.pretrained")
+        return CLIPVisionModelWithProjection(cfg.vision_config)
 
     def _load(self) -> tuple[nn.Module, Any]:
         from transformers import CLIPVisionModelWithProjection

@@ -47,6 +47,10 @@ class Reward(nn.Module, abc.ABC):
     def configure_model(self) -> None:
         """Load weights (idempotent). Rewards without weights need nothing."""
 
+    def use_networks(self, source: Any) -> None:
+        """Where ``configure_model`` builds the reward's network from (a ``networks.NetworkSource``;
+        ``PretrainedReward``). A reward without a network has nothing to build: nothing changes."""
+
     @abc.abstractmethod
     def score(self, images: Tensor, prompts: Sequence[str],
               metadata: Sequence[dict[str, Any]] | None = None) -> Tensor:

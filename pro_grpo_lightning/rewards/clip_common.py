@@ -12,7 +12,10 @@ not quantise to 8 bits; both change scores by far less than a reward's spread.
 Loading. ``PretrainedReward`` is the common base: ``__init__`` stores settings and checks that the
 weights can be found (cheap, no import of transformers); ``configure_model()`` loads (idempotent),
 freezes and moves the model to wherever the reward module has been moved (a zero-size buffer
-tracks that device, so ``reward.to("cuda")`` before ``configure_model()`` works too).
+tracks that device, so ``reward.to("cuda")`` before ``configure_model()`` works too). Where the
+network comes from is the reward's ``NetworkSource`` (``use_networks``, ``networks.py``): the
+pretrained weights, or the architecture the reward declares (``architecture()``) with random values
+or empty, with an offline stand-in tokenizer.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..loading import check_pretrained_source, check_source, from_pretrained_checked, load_tokenizer, parse_dtype
+from ..networks import PRETRAINED, NetworkSource, clip_architecture
 from .base import Reward
 
 #: OpenAI CLIP's pixel statistics (openai/CLIP ``clip/clip.py::_transform``; the same numbers are
@@ -198,6 +202,8 @@ class PretrainedReward(Reward):
             check_pretrained_source(processor_pretrained, what=f"{type(self).__name__}.processor_pretrained")
         self.model: nn.Module | None = None
         self.tokenizer: Any = None
+        #: where the network comes from (``use_networks``): the pretrained weights unless chosen otherwise
+        self.networks: NetworkSource = PRETRAINED
         # Zero-size buffer: follows .to(device) so a model loaded later lands on the same device.
         self.register_buffer("_device_anchor", torch.empty(0), persistent=False)
 
@@ -205,12 +211,36 @@ class PretrainedReward(Reward):
     def device(self) -> torch.device:
         return self._device_anchor.device
 
+    def use_networks(self, source: NetworkSource) -> None:
+        """Build the network from ``source`` in ``configure_model``: the pretrained weights, or
+        ``architecture()`` with random values on ``source.device`` or empty (meta); the reward
+        moves to that device. Before ``configure_model``."""
+        if self.model is not None:
+            raise RuntimeError(f"{self.name}.use_networks: the network is already built")
+        self.networks = source
+        if not source.pretrained:
+            self.to(source.device)
+
     def configure_model(self) -> None:
         if self.model is not None:
             return
-        model, tokenizer = self._load()
+        if self.networks.pretrained:
+            model, tokenizer = self._load()
+        else:
+            from ..offline_tokenizers import byte_level_clip_tokenizer
+
+            with self.networks.building(self.weight_dtype):
+                model = self.architecture()
+            model = model if model.dtype == self.weight_dtype else model.to(self.weight_dtype)
+            tokenizer = byte_level_clip_tokenizer()  # offline stand-in: ids mean nothing without weights
         self.tokenizer = tokenizer
         self.model = freeze(model).to(self.device)
+
+    def architecture(self) -> nn.Module:
+        """The reward's network without weights, on the current device (``NetworkSource.building``):
+        what ``configure_model`` builds for a random or empty source. Raises ``UnknownArchitecture``
+        when the reward cannot say."""
+        raise NotImplementedError
 
     def _load(self) -> tuple[nn.Module, Any]:
         """Build the frozen network and its tokenizer (None where no text is read)."""
@@ -239,6 +269,12 @@ class ClipRewardBase(PretrainedReward):
         model = from_pretrained_checked(CLIPModel, self.pretrained, self.weight_dtype,
                                         what=f"{type(self).__name__}.pretrained")
         return model, self._load_clip_tokenizer(model)
+
+    def architecture(self) -> nn.Module:
+        """A ``CLIPModel`` of ``pretrained``'s architecture (a folder's config.json or ``architectures.REWARD_MODELS``)."""
+        from transformers import CLIPModel
+
+        return CLIPModel(clip_architecture(str(self.pretrained), f"{type(self).__name__}.pretrained"))
 
     def _load_clip_tokenizer(self, model: nn.Module) -> Any:
         source = self.processor_pretrained or self.pretrained

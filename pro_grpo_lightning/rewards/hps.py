@@ -225,7 +225,7 @@ class HPSv21(ClipRewardBase):
                     f"HPSv21.pretrained={self.pretrained!r}: found neither the open_clip checkpoint "
                     f"{self.checkpoint_file!r} nor a transformers CLIP model there ({err})") from None
         else:
-            model = self._model_from_open_clip(checkpoint)
+            model = self.model_from_open_clip(checkpoint)
         return model, self._load_clip_tokenizer(model)
 
     def _architecture(self) -> Any:
@@ -237,7 +237,7 @@ class HPSv21(ClipRewardBase):
             return CLIPConfig.from_pretrained(source)
         return vit_h_14_clip_config()
 
-    def _model_from_open_clip(self, checkpoint: str) -> nn.Module:
+    def model_from_open_clip(self, checkpoint: str) -> nn.Module:
         from transformers import CLIPModel
 
         state = open_clip_to_transformers_clip(load_open_clip_checkpoint(checkpoint))
@@ -256,5 +256,5 @@ def convert_hps_checkpoint(checkpoint: str, out_dir: str, config_pretrained: str
     ``model.safetensors``), loadable with ``HPSv21(pretrained=out_dir)``. The tokenizer is not
     copied: keep ``processor_pretrained`` pointing at the LAION CLIP-H tokenizer."""
     reward = HPSv21(pretrained=checkpoint, processor_pretrained=config_pretrained)
-    model = reward._model_from_open_clip(checkpoint)
+    model = reward.model_from_open_clip(checkpoint)
     model.save_pretrained(out_dir)

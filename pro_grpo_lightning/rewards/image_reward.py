@@ -40,6 +40,7 @@ from torch import Tensor, nn
 
 from ..loading import (build_with_state_dict, check_pretrained_source, check_tokenizer_vocab, from_pretrained_checked,
                        load_state_dict_file, load_tokenizer, resolve_file, save_state_dict_file)
+from ..networks import UnknownArchitecture
 from .clip_common import (PretrainedReward, RewardMLP, add_blip_special_tokens, clip_preprocess, freeze, tokenize,
                           vision_image_size)
 
@@ -223,6 +224,12 @@ class ImageReward(PretrainedReward):
         self.checkpoint_file = checkpoint_file
         self.head: nn.Module | None = None
 
+    def architecture(self) -> nn.Module:
+        """Not declared: BLIP's sizes are read from its checkpoint (``blip_config_for_image_reward``);
+        ``architectures.py`` has no BLIP row."""
+        raise UnknownArchitecture(f"{type(self).__name__}: no BLIP architecture table (architectures.py): "
+                                  f"its weights and activations are not counted")
+
     def configure_model(self) -> None:
         if self.model is not None:
             return
@@ -269,10 +276,10 @@ class ImageReward(PretrainedReward):
             state, self.weight_dtype, what=f"ImageReward: {checkpoint!r} vs the BLIP config inferred from it")
         self.head = self._build_head(head_state)
         source = self.processor_pretrained or "bert-base-uncased"
-        return encoder, self._original_tokenizer(source, config.text_config.vocab_size)
+        return encoder, self.original_tokenizer(source, config.text_config.vocab_size)
 
     @staticmethod
-    def _original_tokenizer(source: str, vocab_size: int) -> Any:
+    def original_tokenizer(source: str, vocab_size: int) -> Any:
         """bert-base-uncased + BLIP's specials, checked against the text encoder's vocabulary."""
         check_pretrained_source(source, what="ImageReward.processor_pretrained")
         from transformers import AutoTokenizer
@@ -318,4 +325,4 @@ def convert_image_reward_checkpoint(checkpoint: str, out_dir: str, tokenizer_pre
     os.makedirs(out_dir, exist_ok=True)
     model.save_pretrained(out_dir)
     save_state_dict_file(head_state, os.path.join(out_dir, "mlp.safetensors"))
-    ImageReward._original_tokenizer(tokenizer_pretrained, config.text_config.vocab_size).save_pretrained(out_dir)
+    ImageReward.original_tokenizer(tokenizer_pretrained, config.text_config.vocab_size).save_pretrained(out_dir)
