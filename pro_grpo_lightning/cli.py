@@ -92,10 +92,10 @@ class ProGRPOCLI(LightningCLI):
     def init_parser(self, **kwargs: Any) -> LightningArgumentParser:
         """Lightning's parser; the main parser and every subcommand's share one list of all of them,
         so a parse error anywhere can suggest any valid key (``OneLineErrors``)."""
-        parser = super().init_parser(**kwargs)
-        self.parsers: list[LightningArgumentParser] = [*getattr(self, "parsers", []), parser]
-        for p in self.parsers:
-            p.related = self.parsers
+        if not hasattr(self, "parsers"):
+            self.parsers: list[LightningArgumentParser] = []
+        parser = super().init_parser(related=self.parsers, **kwargs)
+        self.parsers.append(parser)
         return parser
 
     def _parse_ckpt_path(self) -> None:
@@ -185,6 +185,10 @@ class OneLineErrors(LightningArgumentParser):
         re.compile(r'Parser key "(?P<group>[\w.]+)":\s*Problem with given class_path \'(?P<cls>[\w.]+)\':'
                    r"\s*Option '(?P<key>[\w.]+)' is not accepted"),
     ]
+
+    def __init__(self, *args: Any, related: list[LightningArgumentParser] | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.related = related  # every parser of the CLI (``ProGRPOCLI.init_parser``)
 
     def error(self, message: str, ex: Exception | None = None) -> NoReturn:
         if not self.exit_on_error or os.environ.get("PRO_GRPO_DEBUG", "") not in ("", "0"):

@@ -322,7 +322,9 @@ class ProGRPOModule(pl.LightningModule):
 
     def _finish_eval(self, stage: str) -> None:
         rows, images, self._eval_rows, self._eval_images = self._eval_rows, self._eval_images, [], []
-        evaluation.finish_eval(self, stage, rows, images)
+        total = evaluation.finish_eval(self, stage, rows, images)
+        if stage == "val" and total is not None:
+            self.last_heldout = total
 
     def trained_steps(self) -> int:
         """Optimizer steps behind the current weights (in validate/test: the checkpoint's)."""

@@ -132,9 +132,10 @@ class ProGRPOProgressBar(RolloutDisplay, TQDMProgressBar):
         bar = self.train_progress_bar
         if bar is None or bar.disable:
             return
-        bar.total = total
-        bar.n = completed
         bar.set_description(description, refresh=False)
+        if bar.total != total or bar.n > completed:
+            bar.reset(total=total)  # tqdm's own API: the count restarts from 0 ...
+        bar.update(completed - bar.n)  # ... and moves to the rollouts done (redraws)
         if refresh:
             bar.refresh()
 
