@@ -3,7 +3,7 @@
 1. Summarise a training run's log (mean and 95 % t-interval over rollouts of each metric):
 
     python -m pro_grpo_lightning fit --config configs/quickstart.yaml --model.rollout.audit_every_n_rollouts=1 \\
-        --model.optimizer.init_args.lr=0 --trainer.max_steps=12 ... \\
+        --optimizer.init_args.lr=0 --trainer.max_steps=12 ... \\
         --trainer.logger=lightning.pytorch.loggers.CSVLogger --trainer.logger.init_args.save_dir=DIR
     python -m benchmarks.proxy_quality DIR/.../metrics.csv
 

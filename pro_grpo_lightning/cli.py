@@ -13,23 +13,29 @@ config also travels inside every checkpoint, which is what ``export`` reads by d
 
 from __future__ import annotations
 
+import difflib
+import inspect
 import os
 import re
 import sys
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NoReturn
 
 import lightning.pytorch as pl
-from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
-from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
+from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, LRSchedulerTypeTuple, SaveConfigCallback
+from torch.optim import Optimizer
 
 from .checkpointing import check_checkpoint_weights, load_checkpoint_file
 from .data import PromptDataModule
 from .errors import ConfigError, OutputError, RewardError
 from .health import NonFiniteError
-from .logs import ProGRPOProgressBar
 from .module import ProGRPOModule
 from .predict import PredictionWriter
+from .progress import with_rollout_display
+
+#: LightningCLI's subcommands (a parse error may name one as the group of a key)
+SUBCOMMANDS = ("fit", "validate", "test", "predict")
 
 #: ``ckpt_path`` values Lightning resolves itself (no file to check up front).
 _SPECIAL_CKPT = {"last", "best", "hpc", "registry"}
@@ -83,6 +89,15 @@ class RunConfig(SaveConfigCallback):
 class ProGRPOCLI(LightningCLI):
     """``LightningCLI`` plus the checks that must come before any weights load."""
 
+    def init_parser(self, **kwargs: Any) -> LightningArgumentParser:
+        """Lightning's parser; the main parser and every subcommand's share one list of all of them,
+        so a parse error anywhere can suggest any valid key (``OneLineErrors``)."""
+        if not hasattr(self, "parsers"):
+            self.parsers: list[LightningArgumentParser] = []
+        parser = super().init_parser(related=self.parsers, **kwargs)
+        self.parsers.append(parser)
+        return parser
+
     def _parse_ckpt_path(self) -> None:
         """Open ``--ckpt_path`` safely first (one line for a missing, empty, truncated, corrupted,
         unsafe or non-finite file). Unlike Lightning's own CLI, nothing of the checkpoint enters the
@@ -124,19 +139,105 @@ class ProGRPOCLI(LightningCLI):
 
     before_fit = before_validate = before_test = before_predict = _before_run
 
+    def before_instantiate_classes(self) -> None:
+        """The top-level ``optimizer`` / ``lr_scheduler`` (LightningCLI's spelling, the configs')
+        become the module's ``optimizer`` / ``lr_scheduler``: built over the trainable parameters
+        (``backend.trainable_parameters()``) once the weights load, not over ``model.parameters()``
+        when the CLI starts (empty then). ``model.optimizer`` is the same setting; both given and
+        different is one line naming both."""
+        cfg = self.config[self.subcommand] if self.subcommand else self.config
+        defaults = self._parser(self.subcommand).get_defaults() if self.subcommand else self.parser.get_defaults()
+        for key in ("optimizer", "lr_scheduler"):
+            top, nested, default = cfg.get(key), cfg.get(f"model.{key}"), defaults.get(f"model.{key}")
+            if top is None:
+                continue
+            if nested is not None and nested != default and nested != top:
+                raise ConfigError(f"{key}={_class_name(top)} and model.{key}={_class_name(nested)}: give one of the two "
+                                  f"(the configs use `{key}`)")
+            cfg[f"model.{key}"] = top
+
     def instantiate_trainer(self, **kwargs: Any) -> pl.Trainer:
-        """Lightning's trainer; its default progress bar becomes ``ProGRPOProgressBar`` (updates out of
-        ``max_steps``, the rollout's steps inside it). A bar the config names is kept as it is."""
+        """Lightning's trainer; the progress bar Lightning picked by default (rich or tqdm) becomes its
+        twin with the rollout display (``progress.with_rollout_display``). A bar the config names
+        is kept as it is."""
+        cfg = self.config_init[self.subcommand] if self.subcommand else self.config_init
+        named = cfg.get("trainer.callbacks") or []  # before the Trainer appends its defaults to this list
+        named = any(isinstance(cb, ProgressBar) for cb in (named if isinstance(named, list) else [named]))
         trainer = super().instantiate_trainer(**kwargs)
         bar = trainer.progress_bar_callback
-        if type(bar) is TQDMProgressBar:  # noqa: E721 (exactly Lightning's default, not a subclass)
-            trainer.callbacks[trainer.callbacks.index(bar)] = ProGRPOProgressBar(refresh_rate=bar.refresh_rate)
+        if bar is not None and not named:
+            trainer.callbacks[trainer.callbacks.index(bar)] = with_rollout_display(bar)
         return trainer
 
     def add_arguments_to_parser(self, parser: Any) -> None:
         # ``predict`` writes its images through this callback: ``--prediction.output_dir``,
         # ``--prediction.lora_path`` (it does nothing in the other subcommands).
         parser.add_lightning_class_args(PredictionWriter, "prediction")
+        # LightningCLI's own ``--optimizer`` / ``--lr_scheduler`` groups; ``before_instantiate_classes``
+        # hands them to the module (``auto_configure_optimizers=False``: Lightning would build them
+        # over ``model.parameters()``, which hold no LoRA weights before ``configure_model``).
+        parser.add_optimizer_args((Optimizer,))
+        parser.add_lr_scheduler_args(LRSchedulerTypeTuple)
+
+
+def _class_name(value: Any) -> str:
+    path = value.get("class_path") if hasattr(value, "get") else None
+    return str(path or value).rsplit(".", 1)[-1]
+
+
+class OneLineErrors(LightningArgumentParser):
+    """A parse error in one line, ``error: <what>`` (exit status 2), without the usage, and for
+    a key that does not exist the nearest valid one: ``--model.update.clip_rnge`` answers
+    ``did you mean model.update.clip_range?``. ``PRO_GRPO_DEBUG=1``: jsonargparse's own output."""
+
+    _UNKNOWN = [
+        re.compile(r"unrecognized arguments: --?(?P<key>[\w.\-]+)"),
+        re.compile(r"(?:Group|Subcommand) '(?P<group>[\w.]+)' does not accept option '(?P<key>[\w.]+)'"),
+        re.compile(r'Parser key "(?P<group>[\w.]+)":\s*Problem with given class_path \'(?P<cls>[\w.]+)\':'
+                   r"\s*Option '(?P<key>[\w.]+)' is not accepted"),
+    ]
+
+    def __init__(self, *args: Any, related: list[LightningArgumentParser] | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.related = related  # every parser of the CLI (``ProGRPOCLI.init_parser``)
+
+    def error(self, message: str, ex: Exception | None = None) -> NoReturn:
+        if not self.exit_on_error or os.environ.get("PRO_GRPO_DEBUG", "") not in ("", "0"):
+            super().error(message, ex)
+        sys.stderr.write(f"error: {self.one_line(message)}\n")
+        self.exit(2)
+
+    def one_line(self, message: str) -> str:
+        text = " ".join(message.split())
+        for pattern in self._UNKNOWN:
+            m = pattern.search(text)
+            if m is None:
+                continue
+            found = m.groupdict()
+            if found.get("group") in SUBCOMMANDS:  # "Subcommand 'fit' does not accept option 'model.x'"
+                found["group"] = None
+            key = ".".join(k for k in (found.get("group"), "init_args" if found.get("cls") else None, found["key"]) if k)
+            valid = self.valid_keys(found.get("cls"))
+            if found.get("cls"):
+                valid = [f"{found['group']}.init_args.{k}" for k in valid]
+            near = difflib.get_close_matches(key, valid, n=1, cutoff=0.6)
+            hint = f"; did you mean {near[0]}?" if near else " (see --help)"
+            return f"unknown setting {key}{hint}"
+        return text
+
+    def valid_keys(self, class_path: str | None = None) -> list[str]:
+        """Every setting this parser (and its subcommands') accepts, dotted; with ``class_path`` (a
+        class the config named and jsonargparse imported), that class's constructor arguments."""
+        if class_path:
+            module, _, name = class_path.rpartition(".")
+            cls = getattr(sys.modules.get(module), name, None)
+            return [] if cls is None else [p for p in inspect.signature(cls).parameters if p not in ("self", "args", "kwargs")]
+        keys = set()
+        for parser in getattr(self, "related", None) or [self]:
+            for key in parser.get_defaults().keys():
+                first, _, rest = key.partition(".")
+                keys.add(rest if first in SUBCOMMANDS and rest else key)
+        return sorted(keys)
 
 
 def last_checkpoint(trainer: pl.Trainer) -> str | None:
@@ -189,9 +290,8 @@ def check_checkpoint(model: ProGRPOModule, state: dict[str, Any], ckpt: str, sub
 def main(args: list[str] | None = None, run: bool = True, save_config: bool = True) -> LightningCLI:
     """The CLI; ``run=False`` only builds the module, datamodule and trainer (scripts, benchmarks).
     ``save_config=False`` keeps ``fit`` from writing the resolved config.yaml (runs without a logger)."""
-    if not save_config:
-        return ProGRPOCLI(ProGRPOModule, PromptDataModule, args=args, run=run, save_config_callback=None)
-    return ProGRPOCLI(ProGRPOModule, PromptDataModule, args=args, run=run, save_config_callback=RunConfig)
+    return ProGRPOCLI(ProGRPOModule, PromptDataModule, args=args, run=run, parser_class=OneLineErrors,
+                      auto_configure_optimizers=False, save_config_callback=RunConfig if save_config else None)
 
 
 #: errors that are about the user's settings or files: one line, exit status 2

@@ -291,6 +291,7 @@ class PromptDataModule(pl.LightningDataModule):
         prompts_per_step: P, prompts per rollout on each rank (each becomes a group); the global
             batch is P x the number of ranks.
         seed: shuffling seed (data order is part of a resumable run).
+        num_workers: DataLoader worker processes (prompts are cheap: 0, the main process, is enough).
         val_prompts: held-out prompts scored by ``validate`` and during fit (set name, file or
             list; None: no validation).
         test_prompts: the prompts of ``test`` (None: no test set).

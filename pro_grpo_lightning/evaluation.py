@@ -177,6 +177,18 @@ def gather_items(rows: Sequence[Tensor], num_scores: int, device: torch.device) 
     return out[torch.argsort(out[:, 0], stable=True)]  # (prompt, image) order
 
 
+def text_scores(module: Any, images: Tensor, prompts: list[str]) -> list[float] | None:
+    """The weighted total of the raw training rewards of ``images`` (one per prompt, no metadata:
+    the logged sample grid's captions), or None when a reward cannot score a prompt from its text
+    alone (``Reward.validate_prompts``)."""
+    try:
+        for reward in module.rewards.rewards:
+            reward.validate_prompts(prompts, None)
+    except ValueError:
+        return None
+    return eval_scores(module.rewards, [], images.to(module.device), prompts)[EVAL_TOTAL].float().cpu().tolist()
+
+
 # ---- tables --------------------------------------------------------------------------------------
 def write_eval_table(stage: str, step: int, rows: Tensor, names: Sequence[str],
                      prompts: Sequence[str] | None, root: str, metadata: Sequence[dict] | None = None) -> str:
@@ -231,10 +243,11 @@ def eval_batch(module: Any, batch: dict[str, Any], sample_batch_size: int | None
     return images, item_rows(batch, scores, module.device)  # [B, 3, H, W], [B, 2 + S]
 
 
-def finish_eval(module: Any, stage: str, rows: Sequence[Tensor], images: list[Tensor]) -> None:
+def finish_eval(module: Any, stage: str, rows: Sequence[Tensor], images: list[tuple[Tensor, Tensor]]) -> float | None:
     """The end of an evaluation epoch of ``stage`` ("val", "test", "val_ema"...): gather every
     rank's item ``rows``, log the means as ``<stage>/<column>``, and on rank 0 write the table and
-    log the image grid (``images``: the first image of each prompt), at ``module.trained_steps()``.
+    log the image grid (``images``: per batch, the first image of each prompt and its item row), at
+    ``module.trained_steps()``. Returns the held-out total (None when nothing was scored).
 
     A collective under DDP: every rank calls it, with its own (possibly empty) batches.
     """
@@ -248,7 +261,7 @@ def finish_eval(module: Any, stage: str, rows: Sequence[Tensor], images: list[Te
     starting_point = (trainer.sanity_checking and dataset is not None
                       and rows.shape[0] == len(dataset) > 0)
     if rows.shape[0] == 0 or (trainer.sanity_checking and not starting_point):
-        return
+        return None
     root = trainer.log_dir or trainer.default_root_dir  # a collective under DDP: every rank
     means = rows[:, 2:].mean(0)  # [S]
     metrics = {f"{stage}/{n}": means[i] for i, n in enumerate(names)}
@@ -257,14 +270,16 @@ def finish_eval(module: Any, stage: str, rows: Sequence[Tensor], images: list[Te
         # trainer.validate/test. During fit not for the loggers: Lightning would log them at the
         # training batch counter, one behind the trained step, so logs.log_eval logs them instead.
         module.log_dict(metrics, on_step=False, on_epoch=True, batch_size=rows.shape[0], logger=not fitting)
+    total = float(means[names.index(EVAL_TOTAL)])
     if stage.startswith("val") and hasattr(module, "record_held_out"):  # for the export's model card
         module.record_held_out(stage, module.trained_steps(), {n: float(means[i]) for i, n in enumerate(names)})
     if module.global_rank != 0:
-        return
+        return total
     write_eval_table(stage, module.trained_steps(), rows, names, getattr(dataset, "prompts", None), root,
                      getattr(dataset, "metadata", None))
     log_eval(module, stage, metrics, images, module.trained_steps(), f"{stage}/{EVAL_TOTAL}",
-             scalars=fitting or starting_point)
+             scalars=fitting or starting_point, prompts=getattr(dataset, "prompts", None))
+    return total
 
 
 def final_batch(trainer: Any, batch_idx: int) -> bool:

@@ -233,15 +233,16 @@ class GuardSettings:
     """This run's refusals; YAML ``model.guards``. Not saved in checkpoints: how a run treats
     faults is that run's choice (LightningCLI reads a resumed checkpoint's hyperparameters back).
 
-    max_bad_rollouts: stop the run (one-line error naming the reward) after this many consecutive
-        rollouts that trained nothing: their rewards or gradients were NaN/inf, their reward
-        statistics overflowed float32, or no group had a reward spread (a constant reward);
-        single bad trajectories and groups are masked and training goes on.
-    allow_schedule_change: resume a checkpoint whose group schedule differs from this run's (on
-        purpose, e.g. a curriculum); otherwise that is refused before any weights load.
-    allow_foreign_checkpoint: use a ``ckpt_path`` that lacks this package's record (the run's
-        identity, rollout counter and config: not written by this package, or edited); otherwise
-        it is refused, since nothing about it can be checked and its rollout counter would restart at 0.
+    Args:
+        max_bad_rollouts: stop the run (one-line error naming the reward) after this many consecutive
+            rollouts that trained nothing: their rewards or gradients were NaN/inf, their reward
+            statistics overflowed float32, or no group had a reward spread (a constant reward);
+            single bad trajectories and groups are masked and training goes on.
+        allow_schedule_change: resume a checkpoint whose group schedule differs from this run's (on
+            purpose, e.g. a curriculum); otherwise that is refused before any weights load.
+        allow_foreign_checkpoint: use a ``ckpt_path`` that lacks this package's record (the run's
+            identity, rollout counter and config: not written by this package, or edited); otherwise
+            it is refused, since nothing about it can be checked and its rollout counter would restart at 0.
     """
 
     max_bad_rollouts: int = 3

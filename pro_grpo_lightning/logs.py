@@ -1,5 +1,11 @@
-"""What a run shows, in whichever Lightning logger it uses: rollout metrics, images, hyperparameters,
-and a progress display inside a rollout.
+"""What a run shows, in whichever Lightning logger it uses: rollout metrics, images and hyperparameters
+(the TensorBoard layout and the captioned image grids: ``dashboard.py``; the progress bar: ``progress.py``).
+
+One quantity, one tag: the loggers get each rollout metric once (``logged_rollout_metrics``: a
+reward component only when it differs from ``reward/mean``, ``train/loss`` only with a KL term),
+no counters (the step is the rollout index) and no constants (the denoiser-call figures are
+hyperparameters, ``dashboard.compute_figures``). ``hp_metric`` is Lightning's name for the metric
+TensorBoard's HParams view compares runs by: the held-out total, ``val/total``, logged with it.
 
 Steps (the x-axis):
   - rollout scalars (``reward/*``, ``train/*``, ...) sit at Lightning's step for a training batch,
@@ -11,29 +17,29 @@ Steps (the x-axis):
     the training batch counter, one less than the optimizer step count after that batch, so the
     module sends them to the loggers itself, with this explicit step.
 
-Images go through each logger's own API (``log_image``): TensorBoard ``add_image`` (and the
-caption as text), W&B ``WandbLogger.log_image`` (caption attached), MLflow ``log_image`` on its
-client; a logger without an image API (``CSVLogger``, others with a ``log_dir``) gets PNG files
-``<log_dir>/images/<tag>/step_XXXXXX.png`` (+ ``.txt`` caption).
+Images are grids of tiles upscaled to at least 128 px with each tile's prompt and reward drawn
+under it (``dashboard.captioned_grid``), and go through each logger's own API (``log_image``):
+TensorBoard ``add_image``, W&B ``WandbLogger.log_image`` (caption attached), MLflow ``log_image``
+on its client; a logger without an image API (``CSVLogger``, others with a ``log_dir``) gets PNG
+files ``<log_dir>/images/<tag>/step_XXXXXX.png`` (+ ``.txt`` caption).
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import math
+import inspect
 import os
-import sys
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import TQDMProgressBar
 from lightning.pytorch.loggers import Logger, TensorBoardLogger
 from torch import Tensor
 
+from .dashboard import captioned_grid, compute_figures, single_reward_is_total, write_layout
 from .distributed import reduce_metrics
 from .rollout import RolloutResult, proxy_reward_correlation
 
@@ -49,9 +55,10 @@ DEFAULT_SAMPLE_PROMPTS = ["a cat", "a red square", "a horse", "a blue triangle"]
 class SampleSettings:
     """The image grid logged during training; YAML ``model.samples``.
 
-    every_n_rollouts: log a grid of ``prompts`` every N rollouts (0: never).
-    prompts: the fixed prompts of that grid (None: a default four).
-    seed: the grid's fixed seed (same noise every time: changes are the policy's).
+    Args:
+        every_n_rollouts: log a grid of ``prompts`` every N rollouts (0: never).
+        prompts: the fixed prompts of that grid (None: a default four).
+        seed: the grid's fixed seed (same noise every time: changes are the policy's).
     """
 
     every_n_rollouts: int = 0
@@ -82,19 +89,18 @@ def finite_group_std(x: Tensor) -> Tensor:
 
 
 def rollout_metrics(r: RolloutResult, advantages: Tensor, stats: Mapping[str, float], update_time: float,
-                    health: Mapping[str, float] | None, rollouts_done: int, lr: float,
-                    device: torch.device) -> dict[str, Tensor]:
+                    health: Mapping[str, float] | None, lr: float, device: torch.device) -> dict[str, Tensor]:
     """Metrics of the whole global batch: means over ranks (equal sizes: global means), sums of
     counts, max/min of extremes, slowest rank's timings; one reduction per kind (``reduce_metrics``:
     two collectives for every metric at once). Reward statistics are over the finite rewards
-    (``health/*`` counts the others)."""
+    (``health/*`` counts the others). All of them reach ``trainer.callback_metrics``; the loggers
+    get ``logged_rollout_metrics`` of them."""
     P, K = r.rewards.shape
     finite = r.rewards.isfinite()  # [P, K]
     m: dict[str, Tensor | float] = {
         "reward/mean": finite_mean(r.rewards),
         "reward/group_std": finite_mean(finite_group_std(r.rewards)),  # spread within groups
         "advantage/abs_mean": advantages.abs().mean(),
-        "rollouts": float(rollouts_done),
     }
     counts = {"compute/nfe": float(r.nfe), "compute/nfe_plain_gmax": float(r.nfe_full),
               "compute/previews": float(r.num_previews), **(health or {})}
@@ -122,38 +128,55 @@ def rollout_metrics(r: RolloutResult, advantages: Tensor, stats: Mapping[str, fl
     return out
 
 
-def log_rollout(module: pl.LightningModule, metrics: Mapping[str, Tensor], batch_size: int) -> None:
-    """A rollout's ``rollout_metrics`` through Lightning at its training step; ``reward`` (the
-    mean) also on the progress bar."""
-    module.log_dict(metrics, on_step=True, on_epoch=False, batch_size=batch_size)
-    module.log("reward", metrics["reward/mean"], prog_bar=True, on_step=True, batch_size=batch_size)
+def logged_rollout_metrics(metrics: Mapping[str, Tensor], rewards: Any) -> dict[str, float]:
+    """What the loggers get of ``rollout_metrics``: no constants (``compute/*``: hyperparameters, see
+    ``dashboard.compute_figures``), no component equal to ``reward/mean`` by construction, no
+    ``train/loss`` equal to ``train/policy_loss`` (no KL term)."""
+    dup = {f"reward/{n}" for n in getattr(rewards, "names", [])} if single_reward_is_total(rewards) else set()
+    if "train/kl" not in metrics:
+        dup.add("train/loss")
+    return {k: float(v) for k, v in metrics.items() if not k.startswith("compute/") and k not in dup}
+
+
+def log_rollout(module: pl.LightningModule, metrics: Mapping[str, Tensor], batch_size: int, step: int) -> bool:
+    """A rollout's ``rollout_metrics``: all of them to ``trainer.callback_metrics`` (callbacks, the
+    checkpoint monitor; ``reward/mean`` also to the progress bar), and on rank 0
+    ``logged_rollout_metrics`` to every logger at ``step`` (the 0-based rollout index), every
+    ``log_every_n_steps`` rollouts and the last. Written here rather than through ``self.log``
+    so that Lightning adds no ``epoch`` counter to every row. Returns whether the loggers got them."""
+    module.log_dict({k: v for k, v in metrics.items() if k != "reward/mean"}, on_step=True, on_epoch=False,
+                    batch_size=batch_size, logger=False)
+    module.log("reward/mean", metrics["reward/mean"], prog_bar=True, on_step=True, on_epoch=False,
+               batch_size=batch_size, logger=False)
+    trainer = module.trainer
+    last = trainer.max_steps is not None and 0 < trainer.max_steps <= trainer.global_step
+    if module.global_rank != 0 or not module.loggers or ((step + 1) % max(1, trainer.log_every_n_steps) and not last):
+        return False
+    values = logged_rollout_metrics(metrics, getattr(module, "rewards", None))
+    for logger in module.loggers:
+        logger.log_metrics(values, step=step)
+    return True
 
 
 @contextlib.contextmanager
-def written_if_raised(module: pl.LightningModule, metrics: Mapping[str, Tensor]) -> Iterator[None]:
-    """Send ``metrics`` to every logger at once (rank 0, at the trainer's step) if the body raises:
-    Lightning drops the metrics of a training step that fails, and the rollout that stopped a run
-    (``health.BadRolloutGuard``) is the one to look at."""
+def written_if_raised(module: pl.LightningModule, metrics: Mapping[str, Tensor], step: int,
+                      logged: bool) -> Iterator[None]:
+    """If the body raises: send ``metrics`` to every logger (rank 0, at the rollout's ``step``)
+    unless ``log_rollout`` already did (``logged``), and flush them: the rollout that stopped a
+    run (``health.BadRolloutGuard``) is the one to look at, whatever ``log_every_n_steps`` says."""
     try:
         yield
     except Exception:
         if module.global_rank == 0:
+            values = logged_rollout_metrics(metrics, getattr(module, "rewards", None))
             for logger in module.loggers:
-                logger.log_metrics({k: float(v) for k, v in metrics.items()}, step=module.trainer.global_step)
+                if not logged:
+                    logger.log_metrics(values, step=step)
                 logger.save()
         raise
 
 
 # ---- images --------------------------------------------------------------------------------------
-def image_grid(images: Tensor, nrow: int) -> Tensor:
-    """[B, 3, H, W] -> one [3, rows*H, nrow*W] grid (B padded with black to a full grid)."""
-    B, C, H, W = images.shape
-    rows = math.ceil(B / nrow)
-    pad = images.new_zeros(rows * nrow - B, C, H, W)
-    x = torch.cat([images, pad]).view(rows, nrow, C, H, W)  # [rows, nrow, C, H, W]
-    return x.permute(2, 0, 3, 1, 4).reshape(C, rows * H, nrow * W)
-
-
 def to_uint8_hwc(image: Tensor):
     """[3, H, W] float in [0, 1] -> [H, W, 3] uint8 numpy array (what PIL, W&B and MLflow take)."""
     return (image.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
@@ -165,7 +188,8 @@ def image_path(log_dir: str, tag: str, step: int) -> str:
 
 
 def log_image(loggers: Iterable[Logger], tag: str, image: Tensor, step: int, caption: str | None = None) -> None:
-    """One [3, H, W] image in [0, 1] under ``tag`` at ``step``, through each logger's own API.
+    """One [3, H, W] image in [0, 1] under ``tag`` at ``step``, through each logger's own API;
+    ``caption`` where the logger takes one (W&B; a ``.txt`` beside a PNG file).
 
     Call on rank 0 only (Lightning's loggers write on rank 0; the PNG files would clash)."""
     from PIL import Image
@@ -174,8 +198,6 @@ def log_image(loggers: Iterable[Logger], tag: str, image: Tensor, step: int, cap
         kind = type(logger).__name__
         if isinstance(logger, TensorBoardLogger):
             logger.experiment.add_image(tag, image.detach().float().clamp(0, 1).cpu(), step)
-            if caption:
-                logger.experiment.add_text(f"{tag}/caption", caption, step)
         elif kind == "WandbLogger":
             logger.log_image(key=tag, images=[to_uint8_hwc(image)], step=step,
                              **({"caption": [caption]} if caption else {}))
@@ -190,27 +212,40 @@ def log_image(loggers: Iterable[Logger], tag: str, image: Tensor, step: int, cap
                     f.write(caption + "\n")
 
 
-def log_rollout_images(module: pl.LightningModule, r: RolloutResult, prompts: list[str], step: int) -> None:
-    """``samples/fixed_prompts``: ``prompts`` with fixed noise (changes are the policy's);
-    ``samples/survivors``: what pruning kept of the first prompt's group, in group order, the prompt
-    as caption. Rank 0 only: the other ranks need not sample."""
+def log_rollout_images(module: pl.LightningModule, r: RolloutResult, prompts: list[str], step: int,
+                       score: Callable[[Any, Tensor, list[str]], list[float] | None]) -> None:
+    """``samples/fixed_prompts``: ``prompts`` with fixed noise (changes are the policy's), each
+    captioned with its prompt and its reward by ``score(module, images, prompts)`` (None: prompts
+    only); ``samples/survivors``: what pruning kept of the first prompt's group, in group order,
+    each with the reward it was trained on. Rank 0 only: the other ranks need not sample."""
     if not module.loggers or module.global_rank != 0:
         return
-    grid = image_grid(module.sample(prompts).cpu(), nrow=len(prompts))
-    log_image(module.loggers, "samples/fixed_prompts", grid, step, caption=" | ".join(prompts))
-    kept = image_grid(r.images[: r.group_size].cpu(), nrow=r.group_size)
-    log_image(module.loggers, "samples/survivors", kept, step, caption=r.prompts[0])
+    images = module.sample(prompts).cpu()  # [B, 3, H, W]
+    scores = score(module, images, prompts)
+    captions = prompts if scores is None else [f"{p} - reward {s:.3f}" for p, s in zip(prompts, scores)]
+    log_image(module.loggers, "samples/fixed_prompts", captioned_grid(images, captions, nrow=len(prompts)), step,
+              caption=" | ".join(captions))
+    K = r.group_size
+    kept = [f"reward {float(v):.3f}" for v in r.rewards[0]]
+    grid = captioned_grid(r.images[:K].cpu(), kept, nrow=K, title=f"kept of the group of: {r.prompts[0]}")
+    log_image(module.loggers, "samples/survivors", grid, step, caption=f"{r.prompts[0]}: " + ", ".join(kept))
 
 
 # ---- held-out evaluation -------------------------------------------------------------------------
-def log_eval(module: pl.LightningModule, stage: str, metrics: Mapping[str, Tensor], images: list[Tensor],
-             step: int, total_key: str, scalars: bool = True) -> None:
+def log_eval(module: pl.LightningModule, stage: str, metrics: Mapping[str, Tensor],
+             images: list[tuple[Tensor, Tensor]], step: int, total_key: str, scalars: bool = True,
+             prompts: list[str] | None = None) -> None:
     """Rank 0: the held-out means, ``hp_metric`` (= the held-out total, validation only) and an
-    image grid (first image of up to 16 prompts), all at ``step``. ``scalars=False`` (a standalone
-    ``validate``/``test``, where Lightning itself logs the means it returns): the image grid only."""
+    image grid (first image of up to 16 prompts, each captioned with its prompt and total), all at
+    ``step``. ``images``: (images [n, 3, H, W], their item rows [n, 2 + S]) per batch. A column
+    equal to the total by construction (one training reward, weight 1) is not logged twice.
+    ``scalars=False`` (a standalone ``validate``/``test``, where Lightning itself logs the means it
+    returns): the image grid only."""
     if module.global_rank != 0 or not module.loggers:
         return
-    values = {k: float(v) for k, v in metrics.items()} if scalars else {}
+    rewards = getattr(module, "rewards", None)
+    dup = {f"{stage}/{n}" for n in rewards.names} if single_reward_is_total(rewards) else set()
+    values = {k: float(v) for k, v in metrics.items() if k not in dup} if scalars else {}
     hp = stage == "val" and total_key in values
     for logger in module.loggers if values else ():
         if hp and isinstance(logger, TensorBoardLogger) and module not in _HP_SESSION_WRITTEN:
@@ -222,8 +257,12 @@ def log_eval(module: pl.LightningModule, stage: str, metrics: Mapping[str, Tenso
             logger.log_metrics({**values, **({HP_METRIC: values[total_key]} if hp else {})}, step=step)
         logger.save()
     if images:
-        shown = torch.cat(images)[:16]  # [n, 3, H, W]
-        log_image(module.loggers, f"{stage}/images", image_grid(shown, nrow=min(8, len(shown))), step)
+        shown = torch.cat([i for i, _ in images])[:16]  # [n, 3, H, W]
+        rows = torch.cat([r.cpu() for _, r in images])[:16]  # [n, 2 + S]; column 2: the total
+        text = (lambda i: prompts[i]) if prompts is not None else (lambda i: f"prompt {i}")
+        captions = [f"{text(int(r[0]))} - {float(r[2]):.3f}" for r in rows]
+        log_image(module.loggers, f"{stage}/images", captioned_grid(shown, captions, nrow=min(8, len(shown))), step,
+                  caption=" | ".join(captions))
 
 
 # ---- hyperparameters -----------------------------------------------------------------------------
@@ -240,20 +279,35 @@ def _flatten(prefix: str, value: Any, out: dict[str, Any]) -> None:
     # anything else (callables, modules) does not define a run by a value a table can show
 
 
+#: constructor arguments a backend keeps under another attribute name
+BACKEND_ATTRIBUTES = {"dtype": "dtype_name", "preview_decoder": "preview_source"}
+
+
+def backend_settings(backend: Any) -> dict[str, Any]:
+    """``backend.<arg>`` for every argument of the backend class's constructor, as the backend holds
+    it: the settings this family has (SD1.5's ``eta``, SD3's ``sde_kind`` and ``noise_level``),
+    none of another family's. ``lora`` becomes ``lora.<field>``."""
+    out: dict[str, Any] = {}
+    missing = object()
+    for name in inspect.signature(type(backend).__init__).parameters:
+        value = getattr(backend, BACKEND_ATTRIBUTES.get(name, name), missing)
+        if name == "self" or value is missing:
+            continue
+        _flatten("lora" if name == "lora" else f"backend.{name}", value, out)
+    return out
+
+
 def run_hparams(module: pl.LightningModule) -> dict[str, Any]:
     """The settings that define a run, flattened to plain values for the HParams view / W&B config /
-    ``hparams.yaml``: the module's own arguments, the backend (class, T, guidance, resolution, LoRA
-    rank/alpha), the schedule (class, sizes, checkpoints, rule), the optimizer (class, lr, weight
-    decay), the rewards and their weights, and the datamodule's prompts per step."""
+    ``hparams.yaml``: the module's own arguments, the backend (class and its own constructor
+    settings, LoRA), the schedule (class, sizes, checkpoints, rule), the optimizer (class, lr,
+    weight decay), the rewards and their weights, the datamodule's prompts per step, and the
+    constant compute of a rollout (``dashboard.compute_figures``)."""
     hp: dict[str, Any] = {}
     _flatten("", dict(module.hparams_initial), hp)
     b = module.backend
     hp["backend"] = f"{type(b).__module__}.{type(b).__qualname__}"
-    for k in ("num_steps", "guidance_scale", "resolution", "eta", "sde_window", "seed"):
-        _flatten(f"backend.{k}", getattr(b, k, None), hp)
-    lora = getattr(b, "lora", None)
-    hp["lora.rank"] = None if lora is None else int(lora.rank)
-    hp["lora.alpha"] = None if lora is None else float(lora.alpha)
+    hp.update(backend_settings(b))
     s = module.schedule
     hp["schedule"] = type(s).__name__
     for k in ("group_size", "checkpoints", "keep", "final_keep", "rule"):
@@ -271,74 +325,21 @@ def run_hparams(module: pl.LightningModule) -> dict[str, Any]:
     data = getattr(module.trainer, "datamodule", None) if module._trainer is not None else None
     if data is not None and hasattr(data, "prompts_per_step"):
         hp["data.prompts_per_step"] = int(data.prompts_per_step)
+    hp.update(compute_figures(module))
     return hp
 
 
-def log_run_hparams(module: pl.LightningModule) -> None:
-    """Rank 0, at the start of fit: the run's hyperparameters to every logger (``hparams.yaml``,
-    W&B config, MLflow params). No ``hp_metric`` placeholder: TensorBoard's HParams session is
-    written with the first held-out total (``log_eval``); a run without held-out prompts has none."""
+def log_run_start(module: pl.LightningModule) -> None:
+    """Rank 0, at the start of fit: TensorBoard's custom-scalars layout (``dashboard.write_layout``)
+    and the run's hyperparameters to every logger (``hparams.yaml``, W&B config, MLflow params). No
+    ``hp_metric`` placeholder: TensorBoard's HParams session is written with the first held-out
+    total (``log_eval``); a run without held-out prompts has none."""
     if module.global_rank != 0:
         return
+    write_layout(module)
     hp = run_hparams(module)
     for logger in module.loggers:
         if isinstance(logger, TensorBoardLogger):
             logger.log_hyperparams(hp, {})  # stores them (hparams.yaml), no placeholder metric
         else:
             logger.log_hyperparams(hp)
-
-
-# ---- progress inside a rollout -------------------------------------------------------------------
-class ProGRPOProgressBar(TQDMProgressBar):
-    """Lightning's tqdm bar, counting optimizer updates against ``max_steps`` (not "Epoch 0/-2" of an
-    endless epoch), with the rollout's progress inside it: ``rollout k: step t/T, live N, previews M``.
-
-    The in-rollout updates redraw only on a terminal (``isatty``): a CI log gets Lightning's own
-    per-``refresh_rate`` lines and nothing more. Use it in ``trainer.callbacks``."""
-
-    def __init__(self, refresh_rate: int = 1, leave: bool = False, live: bool | None = None) -> None:
-        super().__init__(refresh_rate=refresh_rate, leave=leave)
-        self.live = live  # None: on when stderr is a terminal
-
-    def _counts_updates(self, trainer: pl.Trainer) -> bool:
-        return trainer.max_steps is not None and trainer.max_steps > 0
-
-    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        super().on_train_epoch_start(trainer, pl_module)
-        if self._counts_updates(trainer):
-            bar = self.train_progress_bar
-            bar.total, bar.initial, bar.n = trainer.max_steps, 0, trainer.global_step
-            bar.set_description(f"rollout {getattr(pl_module, 'rollouts_done', 0)}, updates")
-
-    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
-                           batch_idx: int) -> None:
-        if not self._counts_updates(trainer):
-            return super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
-        bar = self.train_progress_bar
-        if self.is_enabled and (batch_idx + 1) % self.refresh_rate == 0:
-            bar.n = trainer.global_step
-            bar.set_description(f"rollout {getattr(pl_module, 'rollouts_done', 0)}, updates", refresh=False)
-            bar.set_postfix(self.get_metrics(trainer, pl_module))
-
-    def rollout_step(self, rollout: int, step: int, num_steps: int, live: int, previews: int) -> None:
-        """Called by the rollout after every denoising step (see ``rollout_progress``)."""
-        live_on = self.live if self.live is not None else sys.stderr.isatty()
-        if not (self.is_enabled and live_on):
-            return
-        try:
-            bar = self.train_progress_bar
-        except TypeError:  # not training (no bar yet)
-            return
-        bar.set_description(f"rollout {rollout}: step {step}/{num_steps}, live {live}, previews {previews}")
-
-
-def rollout_progress(module: pl.LightningModule) -> Callable[[int, int, int, int], None] | None:
-    """The rollout's per-step callback ``(step, num_steps, live, previews)``, or None when the run's
-    progress bar is not a ``ProGRPOProgressBar`` (or is off)."""
-    if module._trainer is None or module.global_rank != 0:
-        return None
-    bar = module.trainer.progress_bar_callback
-    if not isinstance(bar, ProGRPOProgressBar):
-        return None
-    rollout = module.rollouts_done
-    return lambda step, num_steps, live, previews: bar.rollout_step(rollout, step, num_steps, live, previews)

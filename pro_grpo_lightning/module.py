@@ -39,7 +39,7 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.strategies import FSDPStrategy
 from torch import Tensor
 
-from . import checkpointing, evaluation, logs
+from . import checkpointing, evaluation, logs, progress
 from .backends.base import DiffusionBackend
 from .data import PromptBatch
 from .distributed import RankSyncedRewardSet
@@ -58,6 +58,9 @@ from .update import UpdateSettings, check_optimizer, check_trainable, grpo_updat
 # With manual optimisation Lightning warns that a step-interval checkpoint holds the weights after
 # the optimizer step: that is the state we mean to save (it matches the saved rollout counter).
 warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization")
+# The frozen parts (base denoiser weights under LoRA, VAE, text encoders, reward models) are in eval
+# mode on purpose: no dropout while sampling or scoring. Lightning warns about any eval-mode module.
+warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode at the start of training")
 
 
 class ProGRPOModule(pl.LightningModule):
@@ -100,7 +103,7 @@ class ProGRPOModule(pl.LightningModule):
         self.save_hyperparameters({"reward_normalize": reward_normalize, "update": asdict(update),
                                    "advantages": asdict(advantages), "rollout": asdict(rollout),
                                    "samples": asdict(samples), "seed": seed},
-                                  logger=False)  # logs.log_run_hparams logs the run's flattened settings
+                                  logger=False)  # logs.log_run_start logs the run's flattened settings
         self.automatic_optimization = False
         self.strict_loading = False  # checkpoints hold the adapter, not the frozen base weights
         self.optimizer_name = check_optimizer(optimizer)  # refuses a learning rate that trains nothing
@@ -128,7 +131,8 @@ class ProGRPOModule(pl.LightningModule):
         self.run_config: str | None = None  # the resolved YAML of this run (set by the CLI), saved in checkpoints
         self.held_out: dict[str, dict[int, dict[str, float]]] = {}  # {stage: {step: {column: mean}}}, saved too
         self._eval_rows: list[Tensor] = []  # per evaluation batch: [B, 2 + scores] on this rank
-        self._eval_images: list[Tensor] = []
+        self._eval_images: list[tuple[Tensor, Tensor]] = []  # per batch: first images [n, 3, H, W], their rows
+        self.last_heldout: float | None = None  # the last held-out total (val/total), for the progress bar
 
     def set_run_config(self, text: str) -> None:
         """The resolved YAML of this run (the CLI gives it), saved in every checkpoint."""
@@ -195,7 +199,7 @@ class ProGRPOModule(pl.LightningModule):
         result = self.rollout.run(prompts, local_gen, audit=audit, metadata=metadata,
                                   noise_generator=noise_gen,
                                   rank=self.global_rank, world_size=self.trainer.world_size,
-                                  progress=logs.rollout_progress(self))
+                                  progress=progress.rollout_progress(self))
 
         # Non-finite guard (health.py): trajectories with a NaN/inf reward are masked, groups left
         # with < 2 finite rewards too; nothing non-finite reaches the optimizer.
@@ -216,19 +220,20 @@ class ProGRPOModule(pl.LightningModule):
         steps, skipped = stats.pop("steps"), stats.pop("skipped_steps")
         bad, health = adv.report(result, steps, skipped)
         self.rollouts_done += 1
-        logged = logs.rollout_metrics(result, adv.advantages, stats, update_time, health, self.rollouts_done,
+        logged = logs.rollout_metrics(result, adv.advantages, stats, update_time, health,
                                       opt.param_groups[0]["lr"], self.device)
         logged.update({k: torch.tensor(v) for k, v in self.backend.compile_metrics().items()})  # this rank's graphs
-        logs.log_rollout(self, logged, batch_size=len(prompts))
-        with logs.written_if_raised(self, logged):  # a guard's stop: Lightning would drop these metrics
+        written = logs.log_rollout(self, logged, batch_size=len(prompts), step=self.rollouts_done - 1)
+        with logs.written_if_raised(self, logged, self.rollouts_done - 1, written):  # the rollout a guard stops on
             self.guard.update(bad, nonfinite_counts(result.components), total=result.rewards.numel(),
                               skipped_steps=int(skipped), health=health, components=result.components)
         if self.samples.due(self.rollouts_done - 1):
             # at the rollout's own step: the step Lightning gives its scalars (0-based rollout index)
-            logs.log_rollout_images(self, result, self.sample_prompts, step=self.rollouts_done - 1)
+            logs.log_rollout_images(self, result, self.sample_prompts, step=self.rollouts_done - 1,
+                                    score=evaluation.text_scores)
 
     def on_fit_start(self) -> None:
-        logs.log_run_hparams(self)
+        logs.log_run_start(self)
 
     def clip_grad_norm(self, params: list[Tensor], max_norm: float) -> Tensor:
         """Clip the LoRA gradients to ``max_norm`` in place; return the pre-clip total norm.
@@ -294,11 +299,12 @@ class ProGRPOModule(pl.LightningModule):
 
     test_step = validation_step
 
-    def eval_outputs(self, batch: dict[str, Any]) -> tuple[Tensor, Tensor]:
-        """One held-out batch: its score rows [B, 2 + S] and the grid's images (one per prompt, CPU)."""
+    def eval_outputs(self, batch: dict[str, Any]) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+        """One held-out batch: its score rows [B, 2 + S] and the grid's images (one per prompt, CPU)
+        with their rows (the captions: prompt and score)."""
         images, rows = evaluation.eval_batch(self, batch, self.sample_batch_size)  # [B, 3, H, W], [B, 2 + S]
-        first = batch["image_index"] == 0  # one image per prompt for the grid
-        return rows, images[first.to(images.device)].cpu()
+        first = (batch["image_index"] == 0).to(images.device)  # one image per prompt for the grid
+        return rows, (images[first].cpu(), rows[first.to(rows.device)].cpu())
 
     def evaluate(self, batches: Iterable[dict[str, Any]], stage: str) -> None:
         """The held-out evaluation of ``batches`` at once, logged as ``<stage>/*`` (the EMA
@@ -324,7 +330,9 @@ class ProGRPOModule(pl.LightningModule):
 
     def _finish_eval(self, stage: str) -> None:
         rows, images, self._eval_rows, self._eval_images = self._eval_rows, self._eval_images, [], []
-        evaluation.finish_eval(self, stage, rows, images)
+        total = evaluation.finish_eval(self, stage, rows, images)
+        if stage == "val" and total is not None:
+            self.last_heldout = total
 
     def trained_steps(self) -> int:
         """Optimizer steps behind the current weights (in validate/test: the checkpoint's)."""

@@ -25,9 +25,10 @@ STD_MODES = ("group", "global")
 class AdvantageSettings:
     """How rewards become advantages (``group_advantages``); YAML ``model.advantages``.
 
-    clip: advantages clipped to [-clip, clip] (None: no clipping).
-    std: "group" (per prompt) or "global" (whole batch, across ranks) std.
-    eps: added to the std.
+    Args:
+        clip: advantages clipped to [-clip, clip] (None: no clipping).
+        std: "group" (per prompt) or "global" (whole batch, across ranks) std.
+        eps: added to the std.
     """
 
     clip: float | None = 5.0

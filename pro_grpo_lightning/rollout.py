@@ -38,26 +38,27 @@ from .steps import draw_noise
 class RolloutSettings:
     """How a rollout samples; YAML ``model.rollout``.
 
-    preview_scale: resize factor of the x0 latents before the pruning previews' decode (1 = full
-        size). It resizes whatever decodes the previews: the VAE, or the backend's
-        ``preview_decoder`` (an ``AutoencoderTiny``) when one is set. Both decoders are
-        convolutional, so 0.5 decodes a half-resolution preview at about a quarter of the
-        decoder's cost; reward models resize to 224 px anyway. It trades proxy quality for speed:
-        watch ``pruning/proxy_true_corr_*`` when lowering it (``docs/benchmarks.md``, "Preview
-        decoders", measures both knobs on the quickstart's model).
-    shared_initial_noise: every trajectory of a prompt's group starts from the *same* initial
-        latent, so the group differs only by the SDE step noise, which is what the policy gradient
-        credits (DanceGRPO, Xue et al. 2025, arXiv:2505.07818, shares the initialisation noise
-        within a group). With independent starts (Flow-GRPO's default) part of the within-group
-        reward spread comes from x_T, which no action caused, and that part is noise in the gradient.
-    audit_every_n_rollouts: every N rollouts keep the whole expanded group alive to measure how
-        often the proxy picks what the true reward would (0: never; costs a full G_max rollout).
-    sample_batch_size: rows per denoiser, VAE-decode and reward call (None: all live rows at once).
-        Counted *before* classifier-free guidance: a CFG backend runs 2 x sample_batch_size rows
-        through the network in one call. The whole batch's noise is drawn first and the chunks are
-        concatenated, so noise, selections, rewards and log-probs do not depend on it (to float
-        tolerance). A denoiser is latency-bound below some batch size, so smaller chunks cost time
-        without saving any below that size: lower it only when the rollout does not fit in memory.
+    Args:
+        preview_scale: resize factor of the x0 latents before the pruning previews' decode (1 = full
+            size). It resizes whatever decodes the previews: the VAE, or the backend's
+            ``preview_decoder`` (an ``AutoencoderTiny``) when one is set. Both decoders are
+            convolutional, so 0.5 decodes a half-resolution preview at about a quarter of the
+            decoder's cost; reward models resize to 224 px anyway. It trades proxy quality for speed:
+            watch ``pruning/proxy_true_corr_*`` when lowering it (``docs/benchmarks.md``, "Preview
+            decoders", measures both knobs on the quickstart's model).
+        shared_initial_noise: every trajectory of a prompt's group starts from the *same* initial
+            latent, so the group differs only by the SDE step noise, which is what the policy gradient
+            credits (DanceGRPO, Xue et al. 2025, arXiv:2505.07818, shares the initialisation noise
+            within a group). With independent starts (Flow-GRPO's default) part of the within-group
+            reward spread comes from x_T, which no action caused, and that part is noise in the gradient.
+        audit_every_n_rollouts: every N rollouts keep the whole expanded group alive to measure how
+            often the proxy picks what the true reward would (0: never; costs a full G_max rollout).
+        sample_batch_size: rows per denoiser, VAE-decode and reward call (None: all live rows at once).
+            Counted *before* classifier-free guidance: a CFG backend runs 2 x sample_batch_size rows
+            through the network in one call. The whole batch's noise is drawn first and the chunks are
+            concatenated, so noise, selections, rewards and log-probs do not depend on it (to float
+            tolerance). A denoiser is latency-bound below some batch size, so smaller chunks cost time
+            without saving any below that size: lower it only when the rollout does not fit in memory.
     """
 
     preview_scale: float = 1.0

@@ -29,26 +29,27 @@ class UpdateSettings:
     """How one rollout is trained on; YAML ``model.update``. Defaults follow Flow-GRPO / DanceGRPO
     where they agree.
 
-    inner_epochs: passes over the rollout's (trajectory, step) pairs.
-    timestep_fraction: share of each trajectory's trainable steps used per epoch (random subset).
-    train_batch_size: (trajectory, step) pairs per forward/backward.
-    minibatches_per_step: minibatches accumulated per optimizer step; None = all of an epoch
-        (one optimizer step per inner epoch).
-    clip_range: PPO ratio clip epsilon (baseline 1e-4: log-probs are means over latent dims).
-    kl_beta: weight of the KL to the reference (0 skips the reference forward).
-    kl_type: "exact" (closed-form Gaussian KL with the step std), "output" (||eps - eps_ref||^2 /
-        ||v - v_ref||^2 mean over dims) or "flow_grpo" (flow backends only: Flow-GRPO's form, which
-        divides by the SDE coefficient without dt, so Flow-GRPO's published betas transfer).
-    max_grad_norm: gradient-norm clip (None or 0 disables).
-    ratio_norm: "none" (the plain ratio) or "grpo_guard" (flow backends only): GRPO-Guard's
-        regulated clipping (Wang et al., arXiv 2510.22319): each step's log-ratio normalised
-        (RatioNorm, ``objectives.guard_log_ratio``: its mean back to 0 and one scale for every
-        step) and, with ``guard_reweight``, each step's loss weighted by 1 / (sigma - sigma_next).
-        The rollout then records every step's mean (as much memory as the latents). The
-        normalised log-ratio is about s (the step std) times the plain one, so ``clip_range`` needs
-        retuning (docs/algorithm.md, section 1).
-    guard_reweight: with "grpo_guard", apply its step reweighting (False: RatioNorm alone, as
-        Flow-Factory's ``grpo-guard`` trainer does).
+    Args:
+        inner_epochs: passes over the rollout's (trajectory, step) pairs.
+        timestep_fraction: share of each trajectory's trainable steps used per epoch (random subset).
+        train_batch_size: (trajectory, step) pairs per forward/backward.
+        minibatches_per_step: minibatches accumulated per optimizer step; None = all of an epoch
+            (one optimizer step per inner epoch).
+        clip_range: PPO ratio clip epsilon (baseline 1e-4: log-probs are means over latent dims).
+        kl_beta: weight of the KL to the reference (0 skips the reference forward).
+        kl_type: "exact" (closed-form Gaussian KL with the step std), "output" (||eps - eps_ref||^2 /
+            ||v - v_ref||^2 mean over dims) or "flow_grpo" (flow backends only: Flow-GRPO's form, which
+            divides by the SDE coefficient without dt, so Flow-GRPO's published betas transfer).
+        max_grad_norm: gradient-norm clip (None or 0 disables).
+        ratio_norm: "none" (the plain ratio) or "grpo_guard" (flow backends only): GRPO-Guard's
+            regulated clipping (Wang et al., arXiv 2510.22319): each step's log-ratio normalised
+            (RatioNorm, ``objectives.guard_log_ratio``: its mean back to 0 and one scale for every
+            step) and, with ``guard_reweight``, each step's loss weighted by 1 / (sigma - sigma_next).
+            The rollout then records every step's mean (as much memory as the latents). The
+            normalised log-ratio is about s (the step std) times the plain one, so ``clip_range`` needs
+            retuning (docs/algorithm.md, section 1).
+        guard_reweight: with "grpo_guard", apply its step reweighting (False: RatioNorm alone, as
+            Flow-Factory's ``grpo-guard`` trainer does).
     """
 
     inner_epochs: int = 1
@@ -80,6 +81,15 @@ class UpdateSettings:
         if self.ratio_norm not in RATIO_NORMS:
             raise ValueError(f"update.ratio_norm must be one of {RATIO_NORMS}, got {self.ratio_norm!r}")
 
+    def optimizer_steps(self, num_trajectories: int, num_trainable_steps: int) -> int:
+        """Optimizer steps ``grpo_update`` takes on a rollout of ``num_trajectories`` trained
+        trajectories with ``num_trainable_steps`` trainable steps each (none masked): per inner
+        epoch, ceil(minibatches / minibatches_per_step) with ceil(pairs / train_batch_size)
+        minibatches of the epoch's N x ceil(timestep_fraction x n) pairs (``training_pairs``)."""
+        pairs = num_trajectories * max(1, math.ceil(self.timestep_fraction * num_trainable_steps))
+        chunks = math.ceil(pairs / self.train_batch_size)
+        return self.inner_epochs * math.ceil(chunks / (self.minibatches_per_step or chunks))
+
 
 def check_optimizer(optimizer: Callable[[list[Tensor]], torch.optim.Optimizer]) -> str:
     """Build the optimizer on a dummy parameter (no weights needed): its class name, and a
@@ -87,7 +97,7 @@ def check_optimizer(optimizer: Callable[[list[Tensor]], torch.optim.Optimizer]) 
     probe = optimizer([torch.nn.Parameter(torch.zeros(1))])
     lr = probe.param_groups[0].get("lr")
     if lr is not None and not (math.isfinite(float(lr)) and float(lr) > 0):
-        raise ConfigError(f"model.optimizer.init_args.lr={float(lr)}: must be a finite number > 0 "
+        raise ConfigError(f"optimizer.init_args.lr={float(lr)}: must be a finite number > 0 "
                           f"(a learning rate of 0 trains nothing)")
     return f"{type(probe).__module__}.{type(probe).__qualname__}"
 

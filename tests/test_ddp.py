@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from pro_grpo_lightning.cli import main
 from pro_grpo_lightning.data import PromptDataModule, ResumableDataLoader, ResumableShuffleSampler
@@ -30,12 +31,12 @@ trainer:
   max_steps: 2
 """ + CALLBACKS_WITH_EXPORT + """\
 model:
-  optimizer:
-    class_path: torch.optim.SGD
-    init_args: {{lr: 1.0}}
   reward_normalize: batch
   update:
     train_batch_size: 8
+optimizer:
+  class_path: torch.optim.SGD
+  init_args: {{lr: 1.0}}
 data:
   val_prompts: [a cat, a dog, a horse]  # 3 items on 2 ranks: shards of 2 and 1, gathered at the end
   eval_images_per_prompt: 1
@@ -127,7 +128,9 @@ def test_two_gloo_ranks_equal_one_process_with_the_same_global_batch(tmp_path):
                          ("reward/max", 1e-4), ("reward/group_std", 1e-4), ("train/grad_norm", 1e-5),
                          ("train/ratio_mean", 1e-6)]:
             assert float(a[key]) == pytest.approx(float(b[key]), rel=tol, abs=tol), key
-        assert float(a["compute/nfe"]) == float(b["compute/nfe"]) == 2 * (4 * 2 + 2 * 2)  # summed over ranks
+    for n in ("single", "ddp"):  # the global batch's denoiser calls: 2 x 2 prompts in both (a constant, logged once)
+        (hp,) = glob.glob(str(tmp_path / n / "run" / "*" / "hparams.yaml"))
+        assert yaml.safe_load(open(hp))["compute.nfe_per_rollout"] == 2 * (4 * 2 + 2 * 2)
 
     # the held-out table after the last rollout (gathered from both ranks) and the exported LoRA
     tables = [list(csv.DictReader(open(glob.glob(str(tmp_path / n / "run" / "*" / "eval" / "val_step000002.csv"))[0])))

@@ -119,8 +119,9 @@ def test_raw_and_ema_held_out_scores_are_both_logged(tmp_path):
     module, trainer = fit(tmp_path, "eval", 3, ema, val_prompts=VAL)
     with open(Path(trainer.log_dir) / "metrics.csv") as f:
         rows = list(csv.DictReader(f))
-    raw = {r["step"]: float(r["val/brightness"]) for r in rows if r.get("val/brightness")}
-    ema_rows = {r["step"]: float(r["val_ema/brightness"]) for r in rows if r.get("val_ema/brightness")}
+    # one training reward (brightness, weight 1): its held-out score is the total
+    raw = {r["step"]: float(r["val/total"]) for r in rows if r.get("val/total")}
+    ema_rows = {r["step"]: float(r["val_ema/total"]) for r in rows if r.get("val_ema/total")}
     assert len(raw) == 2 and set(raw) == set(ema_rows)  # every 2 steps and at the end, both
     assert sorted(p.name for p in (Path(trainer.log_dir) / "eval").glob("val_ema_*.csv")) == [
         "val_ema_step000002.csv", "val_ema_step000003.csv"]
@@ -182,10 +183,9 @@ trainer:
 """ + CALLBACKS_WITH_EXPORT + """\
     - class_path: pro_grpo_lightning.ema.EMA
       init_args: {{decay: 0.5}}
-model:
-  optimizer:
-    class_path: torch.optim.AdamW
-    init_args: {{lr: 0.03}}
+optimizer:
+  class_path: torch.optim.AdamW
+  init_args: {{lr: 0.03}}
 data:
   prompts_per_step: 2
 """

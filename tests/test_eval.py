@@ -82,7 +82,8 @@ def test_evaluation_every_n_and_at_the_end_with_fixed_noise_and_no_effect_on_tra
     # batch counter, one less)
     assert [int(r["step"]) for r in logged] == [2, 3]
     mean = sum(float(r["brightness"]) for r in table) / len(table)
-    assert float(logged[-1]["val/brightness"]) == pytest.approx(mean, rel=1e-5)
+    assert float(logged[-1]["val/total"]) == pytest.approx(mean, rel=1e-5)  # one reward, weight 1: the total
+    assert "val/brightness" not in logged[-1]  # not logged twice
     assert "val/colorfulness" in logged[-1]
     md = (eval_dir / "val_step000003.md").read_text()
     assert "| a horse |" in md and "**mean**" in md
@@ -105,7 +106,7 @@ def test_a_full_sanity_check_is_logged_as_the_starting_point(tmp_path):
     items = EvalItems(VAL, 2, eval_seed=7)
     images = sample_items(fresh.backend, [items[k]["prompt"] for k in range(6)], [items[k]["seed"] for k in range(6)])
     bright = Brightness()(images, [items[k]["prompt"] for k in range(6)])
-    assert float(logged[0]["val/brightness"]) == pytest.approx(float(bright.mean()), rel=1e-5)
+    assert float(logged[0]["val/total"]) == pytest.approx(float(bright.mean()), rel=1e-5)
     for k, row in enumerate(start):
         assert float(row["brightness"]) == pytest.approx(float(bright[k]), rel=1e-5)
     # a partial sanity check (1 batch of 4 of the 6 items) scores nothing: not logged, no table

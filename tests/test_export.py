@@ -87,9 +87,9 @@ trainer:
 model:
   backend:
     init_args: {{lora: {{rank: 4, alpha: 8}}}}
-  optimizer:
-    class_path: torch.optim.SGD
-    init_args: {{lr: 5.0}}
+optimizer:
+  class_path: torch.optim.SGD
+  init_args: {{lr: 5.0}}
 data:
   prompts_per_step: 2
 """

@@ -78,7 +78,7 @@ PRO = ("{class_path: pro_grpo_lightning.schedules.ProGRPOSchedule, "
 
 
 def metrics(out: Path) -> list[dict[str, float]]:
-    return run_metrics(out, "rollouts")
+    return run_metrics(out, "reward/mean")  # one row per rollout (NaN when no reward was finite)
 
 
 def assert_finite_checkpoint(path: Path) -> dict:
@@ -243,7 +243,8 @@ def test_nan_on_a_third_of_the_final_images_trains_on(tmp_path, capsys, normaliz
     for r in rows:
         assert r["health/nonfinite_rewards"] == 3 and r["health/masked_trajectories"] == 3
         assert r["health/skipped_updates"] == 0 and r["train/grad_norm"] > 0
-        assert 0 < r["reward/faulty"] < 1 and math.isfinite(r["reward/mean"])  # the finite ones' mean
+        faulty = r["reward/faulty"] if normalize != "none" else r["reward/mean"]  # one reward, weight 1: the mean
+        assert 0 < faulty < 1 and math.isfinite(r["reward/mean"])  # the finite ones' mean
     state = assert_finite_checkpoint(tmp_path / "r/ckpt/last.ckpt")
     assert state["global_step"] == 3  # every rollout trained
     if normalize == "running":
@@ -394,7 +395,7 @@ def test_unreadable_checkpoints_are_one_line_naming_the_path(trained, tmp_path, 
 @pytest.mark.parametrize("override, field", [
     ("model:\n  schedule:\n    init_args: {group_size: 6, checkpoints: [1], keep: [2], rule: ovf}\n", "schedule"),
     ("model:\n  backend:\n    init_args: {lora: {rank: 2, alpha: 4}}\n", "lora.rank=4"),
-    ("model:\n  optimizer: {class_path: torch.optim.SGD, init_args: {lr: 0.01, momentum: 0.9}}\n", "optimizer"),
+    ("optimizer: {class_path: torch.optim.SGD, init_args: {lr: 0.01, momentum: 0.9}}\n", "optimizer"),
 ])
 def test_resume_mismatch_is_one_line_before_weights_load(trained, tmp_path, capsys, monkeypatch, override, field):
     loads = LoadCounter(monkeypatch)
@@ -538,7 +539,7 @@ TINY = ["fit", "--config", str(ROOT / "configs/tiny_sd15.yaml"), "--trainer.max_
 
 
 @pytest.mark.parametrize("args, expected", [
-    (["--model.optimizer.init_args.lr=0"], "model.optimizer.init_args.lr=0.0: must be a finite number > 0"),
+    (["--optimizer.lr=0"], "optimizer.init_args.lr=0.0: must be a finite number > 0"),
     (["--model.rewards=[{class_path: pro_grpo_lightning.rewards.image_stats.Brightness, init_args: {weight: 0}}]"],
      "every weight is 0 (brightness=0)"),
     (["--model.rewards=[{class_path: pro_grpo_lightning.rewards.image_stats.Brightness, init_args: {weight: .nan}}]"],

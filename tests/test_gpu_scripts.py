@@ -218,8 +218,8 @@ def test_fsdp_smoke_verdict_needs_equal_logs_and_adapters(tmp_path):
 
     from benchmarks.gpu import fsdp_smoke
 
-    steps = {0: {"train/loss": -0.5, "train/grad_norm": 0.2, "reward/mean": 0.5},
-             1: {"train/loss": -0.4, "train/grad_norm": 0.3, "reward/mean": 0.6}}
+    steps = {0: {"train/policy_loss": -0.5, "train/grad_norm": 0.2, "reward/mean": 0.5},
+             1: {"train/policy_loss": -0.4, "train/grad_norm": 0.3, "reward/mean": 0.6}}
     plain = {"returncode": 0, "steps": steps}
     same = fsdp_smoke.compare(plain, {"returncode": 0, "steps": {k: dict(v) for k, v in steps.items()}}, 1e-3)
     assert same["ok"] and same["steps_compared"] == [0, 1]

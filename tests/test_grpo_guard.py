@@ -280,11 +280,11 @@ model:
     class_path: pro_grpo_lightning.backends.sd3.TinySD3Backend
     init_args: {{num_steps: 4, resolution: 32, guidance_scale: 1.0, seed: 0, max_sequence_length: 8,
                 lora: {{rank: 2, alpha: 2}}}}
-  optimizer:
-    class_path: torch.optim.SGD
-    init_args: {{lr: 1.0}}
   reward_normalize: batch
   update: {{train_batch_size: 6, ratio_norm: grpo_guard}}
+optimizer:
+  class_path: torch.optim.SGD
+  init_args: {{lr: 1.0}}
 data:
   val_prompts: null
 """

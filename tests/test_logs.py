@@ -1,5 +1,6 @@
-"""What a run shows in its loggers: TensorBoard events of a tiny CLI run read back, PNGs of a CSV run,
-W&B offline, and the rollout's progress display (``pro_grpo_lightning/logs.py``)."""
+"""What a run shows in its loggers: TensorBoard events of a tiny CLI run read back (tags, the
+custom-scalars layout, image sizes, hyperparameters), PNGs of a CSV run, W&B offline
+(``pro_grpo_lightning/logs.py``, ``dashboard.py``)."""
 
 from __future__ import annotations
 
@@ -17,7 +18,8 @@ from PIL import Image
 
 from cli_runs import config_args
 from pro_grpo_lightning.cli import main
-from pro_grpo_lightning.logs import HP_METRIC, ProGRPOProgressBar, image_grid, log_image
+from pro_grpo_lightning.dashboard import MIN_TILE, captioned_grid, upscale
+from pro_grpo_lightning.logs import HP_METRIC, backend_settings, log_image
 
 TB_RUN = """\
 trainer:
@@ -68,27 +70,59 @@ def _hparams(run_dir: Path) -> tuple[dict[str, object], list[str]]:
     return values, [m.name.tag for m in exp.metric_infos]
 
 
+def _layout(acc):
+    """The custom-scalars layout written into the run's events."""
+    from tensorboard.plugins.custom_scalar import layout_pb2
+
+    (event,) = acc.Tensors("custom_scalars__config__")
+    return layout_pb2.Layout.FromString(event.tensor_proto.string_val[0])
+
+
+def _size(acc, tag, i=0):
+    return Image.open(io.BytesIO(acc.Images(tag)[i].encoded_image_string)).size
+
+
 def test_tensorboard_run_reads_well(tmp_path):
     main(["fit", *config_args(tmp_path, "tb", TB_RUN)])
     (run_dir,) = (tmp_path / "tb").iterdir()
     acc = _events(run_dir)
+    scalars = set(acc.Tags()["scalars"])
+    # one quantity, one tag: no counters, no constants, no second copy of a reward or of the loss
+    assert not {"epoch", "rollouts", "reward", "train/loss"} & scalars  # kl_beta 0: loss = policy loss
+    assert not {t for t in scalars if t.startswith("compute/")}
+    assert "reward/brightness" not in scalars and "val/brightness" not in scalars  # one reward: the total
+    assert {"reward/mean", "reward/min", "reward/max", "group_std/expanded_proxy", "group_std/survivors_proxy",
+            "train/policy_loss", "val/total", HP_METRIC} <= scalars
+    # the first screen of the layout: reward and held-out score; every chart's tags exist
+    layout = _layout(acc)
+    titles = [c.title for c in layout.category]
+    assert titles[:5] == ["1. reward and held-out score", "2. spread within groups", "3. pruning and proxy quality",
+                          "4. compute", "5. losses"]
+    first = layout.category[0].chart
+    assert list(first[0].multiline.tag) == ["reward/mean", "reward/min", "reward/max"]
+    assert list(first[1].multiline.tag)[0] == "val/.*" and len(first) == 2  # one reward: no components chart
+    import re as _re
+    for category in layout.category[:2]:  # reward, held-out score, spreads: all logged here
+        for chart in category.chart:
+            assert any(_re.fullmatch(t, s) for t in chart.multiline.tag for s in scalars), chart.title
+    assert "denoiser calls saved vs plain G_max: 25%" in layout.category[3].chart[0].title  # 4+4+2+2 of 4 x 4
     images = acc.Tags()["images"]
     # one tag per kind, with a step per logged rollout (the slider), at the rollout scalars' steps
     assert sorted(t for t in images if t.startswith("samples/")) == ["samples/fixed_prompts", "samples/survivors"]
     survivors = [e.step for e in acc.Images("samples/survivors")]
     assert survivors == [0, 1, 2, 3] == [e.step for e in acc.Images("samples/fixed_prompts")]
     assert [e.step for e in acc.Scalars("reward/mean")] == survivors
-    # the prompt travels as the image's caption (a text summary at the same step)
-    assert "samples/survivors/caption/text_summary" in acc.Tags()["tensors"]
-    # a survivors image is the 2 survivors of one prompt side by side: 2 x 32 px wide
-    img = Image.open(io.BytesIO(acc.Images("samples/survivors")[0].encoded_image_string))
-    assert img.size == (2 * 32, 32)
+    # images: 32 px tiles upscaled to 128 px, a caption band under each (and a title above the survivors)
+    w, h = _size(acc, "samples/survivors")
+    assert w == 2 * 128 and h > 128 + 13  # the 2 survivors of one prompt, side by side
+    w, h = _size(acc, "samples/fixed_prompts")
+    assert w == 2 * 128 and h > 128
+    assert _size(acc, "val/images")[0] == 2 * 128  # 2 held-out prompts, first image of each
     # held-out: starting point (full sanity check) and every 2 updates; scalars, images and the
     # table all at the optimizer steps behind the evaluated weights
     val_steps = [e.step for e in acc.Scalars("val/total")]
     assert val_steps == [0, 2, 4]
     assert [e.step for e in acc.Images("val/images")] == val_steps
-    assert [e.step for e in acc.Scalars("val/brightness")] == val_steps
     tables = sorted(p.name for p in (run_dir / "eval").glob("val_step*.csv"))
     assert tables == [f"val_step{s:06d}.csv" for s in val_steps]
     # the table's mean total is the logged val/total, step by step
@@ -106,6 +140,7 @@ def test_tensorboard_run_reads_well(tmp_path):
     assert metrics == [HP_METRIC]
     assert values["backend"] == "pro_grpo_lightning.backends.sd15.TinySD15Backend"
     assert values["backend.num_steps"] == 4 and values["backend.guidance_scale"] == 3.0
+    assert values["backend.eta"] == 1.0 and "backend.sde_kind" not in values  # SD1.5's own settings only
     assert values["schedule"] == "ProGRPOSchedule" and values["schedule.rule"] == "ovf"
     assert values["schedule.group_size"] == 4
     assert values["schedule.checkpoints"] == "[1]" and values["schedule.keep"] == "[2]"
@@ -113,8 +148,20 @@ def test_tensorboard_run_reads_well(tmp_path):
     assert values["optimizer.lr"] == pytest.approx(0.003)
     assert values["update.clip_range"] == 0.01 and values["update.kl_beta"] == 0.0
     assert values["data.prompts_per_step"] == 2
+    # the constants, once: 2 prompts x (4 x 2 steps + 2 x 2 steps) of 2 x 4 x 4 unpruned
+    assert values["compute.nfe_per_rollout"] == 24 and values["compute.nfe_plain_gmax"] == 32
+    assert values["compute.nfe_saved_frac"] == pytest.approx(0.25) and values["compute.previews_per_rollout"] == 8
     saved = yaml.safe_load((run_dir / "hparams.yaml").read_text())
     assert saved["schedule.keep"] == "[2]" and saved["lora.rank"] == 4
+
+
+def test_hparams_hold_the_settings_the_backend_has():
+    """SD3 has no ``eta`` (an SD1.5 field) but has ``sde_kind`` and ``noise_level``; nothing loads."""
+    from pro_grpo_lightning.backends.sd3 import TinySD3Backend
+
+    hp = backend_settings(TinySD3Backend(num_steps=6, noise_level=0.5, sde_kind="dance"))
+    assert hp["backend.sde_kind"] == "dance" and hp["backend.noise_level"] == 0.5 and hp["backend.num_steps"] == 6
+    assert "backend.eta" not in hp and hp["backend.dtype"] == "float32" and "lora.rank" in hp
 
 
 def test_csv_run_writes_images(tmp_path):
@@ -129,11 +176,21 @@ def test_csv_run_writes_images(tmp_path):
     from pro_grpo_lightning.data import load_prompt_set
 
     caption = (run_dir / "images" / "samples" / "survivors" / "step_000000.txt").read_text().strip()
-    assert caption in load_prompt_set("colors")[0]  # the survivors' prompt
+    prompt, rewards = caption.split(": ", 1)
+    assert prompt in load_prompt_set("colors")[0] and len(rewards.split(", ")) == 2  # its 2 survivors' rewards
+    assert all(r.startswith("reward ") for r in rewards.split(", "))
+    sheet = Image.open(run_dir / "images" / "samples" / "survivors" / "step_000000.png")
+    assert sheet.size[0] == 2 * MIN_TILE and sheet.size[1] > MIN_TILE  # upscaled tiles, captions under them
+    fixed = (run_dir / "images" / "samples" / "fixed_prompts" / "step_000000.txt").read_text().strip()
+    assert fixed.startswith("a cat - reward ") and " | a dog - reward " in fixed
     val = sorted(p.name for p in (run_dir / "images" / "val" / "images").glob("*.png"))
     assert val == ["step_000000.png", "step_000002.png"]
+    val_caption = (run_dir / "images" / "val" / "images" / "step_000000.txt").read_text()
+    assert val_caption.startswith("a cat - 0.") and "a horse - " in val_caption
     with open(run_dir / "metrics.csv") as f:
-        rows = [r for r in csv.DictReader(f) if r.get("val/total")]
+        rows = list(csv.DictReader(f))
+    assert "epoch" not in rows[0] and "rollouts" not in rows[0] and "compute/nfe" not in rows[0]
+    rows = [r for r in rows if r.get("val/total")]
     assert [int(r["step"]) for r in rows] == [0, 2]
     assert [float(r[HP_METRIC]) for r in rows] == [float(r["val/total"]) for r in rows]
     assert yaml.safe_load((run_dir / "hparams.yaml").read_text())["lora.rank"] == 4
@@ -169,50 +226,15 @@ def test_wandb_offline_gets_images(tmp_path, monkeypatch):
     wandb.finish()
 
 
-PROGRESS_RUN = """\
-trainer:
-  max_steps: 2
-  enable_progress_bar: true
-  logger:
-    class_path: lightning.pytorch.loggers.TensorBoardLogger
-    init_args: {{save_dir: "{out}", name: tb}}
-  callbacks:
-    - class_path: pro_grpo_lightning.logs.ProGRPOProgressBar
-      init_args: {{live: true}}
-data:
-  prompts: colors
-  prompts_per_step: 2
-"""
-
-
-def test_progress_bar_and_a_run_without_held_out_set(tmp_path):
-    """Inside a rollout the bar says where it is; its count is updates out of max_steps. Without
-    held-out prompts there is no hp_metric (not even Lightning's -1 placeholder)."""
-    cli = main(config_args(tmp_path, "progress", PROGRESS_RUN), run=False)
-    bar = cli.trainer.progress_bar_callback
-    assert isinstance(bar, ProGRPOProgressBar)
-    seen = []
-    step_fn = bar.rollout_step
-
-    def recording(rollout, step, num_steps, live, previews):
-        step_fn(rollout, step, num_steps, live, previews)
-        seen.append((rollout, step, num_steps, live, previews, bar.train_progress_bar.desc.rstrip(": ")))
-
-    bar.rollout_step = recording
-    cli.trainer.fit(cli.model, cli.datamodule)
-    # 2 rollouts x T=4 steps; 2 prompts x 4 trajectories, pruned to 2 each at step index 1 (8 previews)
-    assert [(r, s) for r, s, *_ in seen] == [(0, 1), (0, 2), (0, 3), (0, 4), (1, 1), (1, 2), (1, 3), (1, 4)]
-    assert [x[3] for x in seen[:4]] == [8, 4, 4, 4]
-    assert [x[4] for x in seen[:4]] == [0, 8, 8, 8]
-    assert seen[1][5] == "rollout 0: step 2/4, live 4, previews 8"
-    assert bar.train_progress_bar.total == 2 and bar.train_progress_bar.n == 2
-    (run_dir,) = (tmp_path / "tb").iterdir()
-    assert HP_METRIC not in _events(run_dir).Tags()["scalars"]
-    assert yaml.safe_load((run_dir / "hparams.yaml").read_text())["schedule.rule"] == "ovf"
-
-
-def test_image_grid_layout():
-    imgs = torch.arange(3, dtype=torch.float32).view(3, 1, 1, 1).expand(3, 3, 2, 2)
-    g = image_grid(imgs, nrow=2)
-    assert g.shape == (3, 4, 4)
-    assert g[0, 0, 0] == 0 and g[0, 0, 2] == 1 and g[0, 2, 0] == 2 and g[0, 2, 2] == 0  # padded black
+def test_captioned_grid_upscales_by_nearest_and_captions_each_tile():
+    imgs = torch.rand(3, 3, 32, 16)  # 3 tiles of 32 x 16 px
+    up = upscale(imgs)
+    assert up.shape == (3, 3, 256, 128)  # x8: the short side reaches 128 px
+    assert torch.equal(up[:, :, ::8, ::8], imgs)  # nearest: every pixel a block
+    assert torch.equal(up[:, :, 7::8, 7::8], imgs)
+    grid = captioned_grid(imgs, ["a red square - 0.500", "b", "c"], nrow=2)
+    assert grid.shape[0] == 3 and grid.shape[2] == 2 * 128 and grid.shape[1] > 2 * 256  # 2 rows + caption bands
+    back = (grid * 255).round()
+    assert torch.equal(back[:, :256, :128], (up[0].clamp(0, 1) * 255).round())  # tile 0 at the top left, unchanged
+    band = grid[:, 256:256 + 13, :128]
+    assert (band < 0.5).any() and (band > 0.5).any()  # dark text on white under tile 0

@@ -24,11 +24,11 @@ trainer:
   num_sanity_val_steps: 0
 """ + CALLBACKS_WITH_EXPORT + """\
 model:
-  optimizer:
-    class_path: torch.optim.SGD
-    init_args: {{lr: 5.0}}
   eval_rewards:
     - class_path: pro_grpo_lightning.rewards.image_stats.JpegCompressibility
+optimizer:
+  class_path: torch.optim.SGD
+  init_args: {{lr: 5.0}}
 data:
   prompts_per_step: 2
   val_prompts: ["a red square", "a blue triangle", "a green circle"]

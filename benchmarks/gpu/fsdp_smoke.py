@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[2]
-KEYS = ("train/loss", "train/grad_norm", "reward/mean")
+KEYS = ("train/policy_loss", "train/grad_norm", "reward/mean")  # train/loss is logged only with a KL term
 
 
 def overlay(out: Path, steps: int) -> dict[str, Any]:
@@ -76,7 +76,7 @@ def run(strategy: str, accelerator: str, out: Path, steps: int, timeout: float) 
     if found:
         with open(found[0]) as f:
             rows = [{k: float(v) for k, v in r.items() if v != ""} for r in csv.DictReader(f)]
-    result["steps"] = {int(r["step"]): {k: r[k] for k in KEYS if k in r} for r in rows if "train/loss" in r}
+    result["steps"] = {int(r["step"]): {k: r[k] for k in KEYS if k in r} for r in rows if "train/policy_loss" in r}
     lora = sorted((out / "lora").glob("*.safetensors"))
     result["export"] = [p.name for p in lora]
     if code:

@@ -8,6 +8,8 @@ from .clip_score import ClipScore
 from .hps import HPSv21
 from .image_reward import ImageReward
 from .pickscore import PickScore
+from .remote import RemoteReward
+from .shapes import ShapesExact, ShapesReward
 
 __all__ = [
     "Reward",
@@ -20,4 +22,7 @@ __all__ = [
     "ImageReward",
     "ClipScore",
     "LaionAesthetic",
+    "ShapesReward",
+    "ShapesExact",
+    "RemoteReward",
 ]
