@@ -224,6 +224,19 @@ class ExpandPruneRollout:
                                                  antialias=True)  # [B, C, h', w']
         return chunked(self.backend.decode_preview, x0.shape[0], self.sample_batch_size, x0)
 
+    def decode_and_score(self, latents: Tensor, texts: Sequence[str], metadata: Sequence[dict] | None = None, *,
+                         preview: bool) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+        """Images of ``latents`` [R, *latent] and their rewards, as a rollout scores them:
+        ``preview``: x0 previews (``preview_images``; the reward statistics are not updated), else the
+        final images (``backend.decode``, statistics updated); ``sample_batch_size`` rows per decode
+        and per reward call. Returns images [R, 3, H, W], total [R], {name: raw score [R]}."""
+        if preview:
+            images = self.preview_images(latents)  # [R, 3, H', W']
+        else:
+            images = chunked(self.backend.decode, latents.shape[0], self.sample_batch_size, latents)  # [R, 3, H, W]
+        total, comps = self.rewards(images, texts, metadata, update_stats=not preview, chunk=self.sample_batch_size)
+        return images, total, comps
+
     @torch.no_grad()
     def run(self, prompts: Sequence[str], generator: torch.Generator | None = None, *,
             audit: bool = False, metadata: Sequence[dict] | None = None,
@@ -315,9 +328,9 @@ class ExpandPruneRollout:
             if sched.rule not in ("none", "random"):  # these rules ignore scores: skip the preview
                 # audit: preview every row of the expanded group, to correlate over all of it
                 rows = torch.arange(P * G, device=device) if audit else live  # [R]
-                images = self.preview_images(out.x0.index_select(0, rows))  # [R, 3, H, W]
                 texts, meta = rows_of(prompt_of.index_select(0, rows))
-                total, _ = self.rewards(images, texts, meta, chunk=self.sample_batch_size)  # [R]
+                images, total, _ = self.decode_and_score(out.x0.index_select(0, rows), texts, meta,
+                                                         preview=True)  # [R, 3, H, W], [R]
                 if audit:
                     audit_previews.append(total.view(P, G))  # [P, G]
                     total = total.index_select(0, live)  # [P*G_live]
@@ -344,10 +357,9 @@ class ExpandPruneRollout:
         # True rewards of the final images (of every physical row in audit mode).
         t0 = time.perf_counter()
         scored_rows = torch.arange(x.shape[0], device=device) if audit else live
-        images = chunked(backend.decode, scored_rows.numel(), self.sample_batch_size,
-                         x.index_select(0, scored_rows))  # [R, 3, H, W]
         texts, meta = rows_of(prompt_of.index_select(0, scored_rows))
-        total, comps = self.rewards(images, texts, meta, update_stats=True, chunk=self.sample_batch_size)  # [R]
+        images, total, comps = self.decode_and_score(x.index_select(0, scored_rows), texts, meta,
+                                                     preview=False)  # [R, 3, H, W], [R]
         audit_stats: dict[str, Tensor] = {}
         if audit:
             # rows are all P*G trajectories; ``live`` the proxy-selected survivors

@@ -83,13 +83,7 @@ def check_trainable(backend: DiffusionBackend, settings: UpdateSettings) -> None
     backend cannot compute. At least one step must be trainable: a flow backend never trains its
     last step (it ends on the data, std 0); a DDIM backend with eta 0 samples no step
     stochastically. ``kl_type='flow_grpo'`` needs a flow backend's SDE coefficient."""
-    from .backends.flow_base import FlowMatchingBackend
-
-    steps = backend.window_steps()  # [T] bool
-    if isinstance(backend, FlowMatchingBackend):
-        steps[-1] = False
-    elif float(getattr(backend, "eta", 1.0)) == 0.0:
-        steps[:] = False
+    steps = backend.trainable_steps_from_settings()  # [T] bool
     if not bool(steps.any()):
         window = f", sde_window={list(backend.sde_window)}" if backend.sde_window is not None else ""
         raise ConfigError(f"model.backend: num_steps={backend.num_steps}{window} leaves no trainable step "
@@ -119,6 +113,53 @@ def training_pairs(num_traj: int, trainable: Tensor, fraction: float,
     traj = torch.arange(num_traj, device=dev).repeat_interleave(m)  # [N*m]
     perm = torch.randperm(traj.numel(), generator=generator, device=generator.device if generator else dev).to(dev)
     return traj[perm], step[perm]
+
+
+@dataclass
+class Minibatch:
+    """One minibatch of stored (trajectory, step) transitions, b rows: what ``minibatch_loss`` trains on.
+
+    latents, next_latents: [b, *latent] x_t and the stored x_{t+1}; step_index: [b] long;
+    cond: the rows' conditioning; old_log_prob: [b], recorded at rollout time; advantages: [b].
+    """
+
+    latents: Tensor
+    next_latents: Tensor
+    step_index: Tensor
+    cond: dict[str, Tensor]
+    old_log_prob: Tensor
+    advantages: Tensor
+
+    @classmethod
+    def of(cls, rollout: RolloutResult, advantages: Tensor, traj: Tensor, step: Tensor) -> Minibatch:
+        """The pairs (``traj`` [b], ``step`` [b]) of a rollout; advantages [N], one per trajectory."""
+        return cls(latents=rollout.latents[traj, step], next_latents=rollout.latents[traj, step + 1],
+                   step_index=step, cond=select_rows(rollout.cond, rollout.prompt_index.index_select(0, traj)),
+                   old_log_prob=rollout.log_probs[traj, step], advantages=advantages[traj])
+
+
+def minibatch_loss(backend: DiffusionBackend, batch: Minibatch,
+                   settings: UpdateSettings) -> tuple[Tensor, dict[str, Tensor]]:
+    """The loss of one minibatch (to call ``backward`` on) and its statistics (``policy_loss``, the
+    PPO-clip statistics, ``kl`` when ``kl_beta > 0``): the policy re-scores the stored transitions
+    with grad; with ``kl_beta > 0`` the frozen reference runs the same rows without grad.
+    ``grpo_update`` trains with it and the memory plan traces it, so both run this one function."""
+    out = backend.step(batch.latents, batch.step_index, batch.cond, next_latents=batch.next_latents)
+    policy_loss, stats = ppo_clip_loss(out.log_prob, batch.old_log_prob, batch.advantages, settings.clip_range)
+    loss = policy_loss
+    stats = {"policy_loss": policy_loss.detach(), **stats}
+    if settings.kl_beta > 0:
+        with torch.no_grad(), backend.reference():
+            ref = backend.step(batch.latents, batch.step_index, batch.cond, next_latents=batch.next_latents)
+        if settings.kl_type == "exact":
+            kl = gaussian_kl(out.mean, ref.mean, out.std)  # [b]
+        elif settings.kl_type == "flow_grpo":
+            kl = flow_grpo_kl(out.mean, ref.mean, backend.kl_std(batch.step_index))  # [b]
+        else:
+            kl = output_kl(out.model_output, ref.model_output)  # [b]
+        loss = loss + settings.kl_beta * kl.mean()
+        stats["kl"] = kl.mean().detach()
+    return loss, stats
 
 
 def grpo_update(backend: DiffusionBackend, rollout: RolloutResult, advantages: Tensor,
@@ -164,29 +205,11 @@ def grpo_update(backend: DiffusionBackend, rollout: RolloutResult, advantages: T
         per_step = settings.minibatches_per_step or len(chunks)
         optimizer.zero_grad(set_to_none=True)
         for i, (tr, st) in enumerate(chunks):
-            x_t = rollout.latents[tr, st]  # [b, *latent]
-            x_next = rollout.latents[tr, st + 1]  # [b, *latent]
-            old_log_prob = rollout.log_probs[tr, st]  # [b]
-            cond = select_rows(rollout.cond, rollout.prompt_index.index_select(0, tr))
-            out = backend.step(x_t, st, cond, next_latents=x_next)
-            policy_loss, stats = ppo_clip_loss(out.log_prob, old_log_prob, advantages[tr], settings.clip_range)
-            loss = policy_loss
-            if settings.kl_beta > 0:
-                with torch.no_grad(), backend.reference():
-                    ref = backend.step(x_t, st, cond, next_latents=x_next)
-                if settings.kl_type == "exact":
-                    kl = gaussian_kl(out.mean, ref.mean, out.std)  # [b]
-                elif settings.kl_type == "flow_grpo":
-                    kl = flow_grpo_kl(out.mean, ref.mean, backend.kl_std(st))  # [b]
-                else:
-                    kl = output_kl(out.model_output, ref.model_output)  # [b]
-                loss = loss + settings.kl_beta * kl.mean()
-                add("kl", kl.mean().detach())
+            loss, stats = minibatch_loss(backend, Minibatch.of(rollout, advantages, tr, st), settings)
             # scale so an optimizer step sees the mean over its minibatches
             n_in_step = min(per_step, len(chunks) - (i // per_step) * per_step)
             backward(loss / n_in_step)
             add("loss", loss.detach())
-            add("policy_loss", policy_loss.detach())
             for k, v in stats.items():
                 add(k, v)
             if (i + 1) % per_step == 0 or i + 1 == len(chunks):

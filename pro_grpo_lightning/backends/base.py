@@ -177,6 +177,11 @@ class DiffusionBackend(nn.Module, abc.ABC):
     def trainable_steps(self) -> Tensor:
         """[T] bool: steps whose log-prob is well defined for training (e.g. not a zero-std step)."""
 
+    def trainable_steps_from_settings(self) -> Tensor:
+        """[T] bool on the CPU: the steps ``trainable_steps`` can report, known from the settings
+        alone (before any weights load; ``update.check_trainable``). Here: those inside ``sde_window``."""
+        return self.window_steps()
+
     def window_steps(self) -> Tensor:
         """[T] bool on the CPU: steps inside ``sde_window`` (all True without one)."""
         inside = torch.ones(self.num_steps, dtype=torch.bool)  # [T]

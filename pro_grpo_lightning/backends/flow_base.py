@@ -163,6 +163,12 @@ class FlowMatchingBackend(PipelineBackend):
         not_last = torch.arange(self.num_steps) < self.num_steps - 1  # [T]
         return (std > 0) & not_last & self.window_steps()  # [T]
 
+    def trainable_steps_from_settings(self) -> Tensor:
+        """[T] bool: the window's steps but the last (it ends on the data: std 0), from the settings alone."""
+        steps = self.window_steps()  # [T]
+        steps[-1] = False
+        return steps
+
     def kl_std(self, step_index: Tensor) -> Tensor:
         """[B] float32: the std Flow-GRPO's KL divides by at each row's step (``objectives.flow_grpo_kl``).
 
