@@ -6,9 +6,10 @@ Nothing at real size had run end to end except in one GPU memory check. Here eac
 is the paper config's hub id built by the library with ``NetworkSource("random", "cpu", seed)``
 (the architecture from ``architectures.py``, seeded random weights; no hub, no files), at 128 px:
 SD1.5 in float32, SD3.5-M in bfloat16 without T5 (``drop_t5``: the 4.8 B-parameter encoder would
-not fit this machine's shared memory next to the 2.2 B MMDiT). One prompt, G = 4 trajectories
-pruned to 2 after step 1 of T = 4 (OVF on the x0 previews), rewarded by ``Brightness`` (no
-network), then one ``grpo_update`` with AdamW. Checked and stored per family:
+not fit this machine's shared memory next to the 2.2 B MMDiT) and 16 T5 tokens (zeros) instead of
+256, which keeps the sequence short enough for a CPU. One prompt, G = 4 trajectories pruned to 2
+after step 1 of T = 4 (OVF on the x0 previews), rewarded by ``Brightness`` (no network), then one
+``grpo_update`` with AdamW. Checked and stored per family:
 
 - shapes of the rollout (latents [K, T + 1, C, h, w], log-probs [K, T], images [K, 3, 128, 128]);
 - the LoRA adapter: which modules carry it (the family's default targets) and its size;
@@ -53,7 +54,7 @@ from .report import git_commit  # noqa: E402
 FAMILIES = {
     "sd15": (SD15Backend, "runwayml/stable-diffusion-v1-5", dict(dtype="float32", guidance_scale=4.5)),
     "sd35m": (SD3Backend, "stabilityai/stable-diffusion-3.5-medium",
-              dict(dtype="bfloat16", guidance_scale=4.5, drop_t5=True, max_sequence_length=256)),
+              dict(dtype="bfloat16", guidance_scale=4.5, drop_t5=True, max_sequence_length=16)),
 }
 T, G, K, PRUNE_AT = 4, 4, 2, 1
 

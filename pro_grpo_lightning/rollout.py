@@ -110,8 +110,9 @@ def _cat(outs: list):  # noqa: ANN202
 
 
 @dataclass
-class Checkpoint:
-    """What happened at one selection point (a pruning checkpoint, or the final static selection).
+class PruningPoint:
+    """What happened at one pruning point (a step the schedule's ``checkpoints`` names, or the final
+    static selection); not a training checkpoint (``checkpointing.py``).
 
     step:   the 0-based step whose x0 preview was scored (T for the final selection on true rewards)
     scores: [P, G_before] the (proxy) scores of every trajectory live there (None for rule "none")
@@ -158,7 +159,7 @@ class RolloutResult:
     rewards: Tensor
     components: dict[str, Tensor]
     images: Tensor
-    checkpoints: list[Checkpoint]
+    checkpoints: list[PruningPoint]
     nfe: int
     nfe_full: int
     num_previews: int
@@ -297,7 +298,7 @@ class ExpandPruneRollout:
         lp_hist: list[Tensor] = []  # T entries
         stage_of_step: list[int] = []  # physical-batch stage of each step's output
         remaps: list[Tensor] = []  # per physical prune: [rows after] -> rows before
-        checkpoints: list[Checkpoint] = []
+        checkpoints: list[PruningPoint] = []
         keep_at = dict(zip(sched.checkpoints, sched.keep))
         audit_previews: list[Tensor] = []  # audit: each checkpoint's preview scores of all rows [P, G]
         nfe = previews = 0
@@ -338,7 +339,7 @@ class ExpandPruneRollout:
                 previews += images.shape[0]
             kept = select_indices(scores, k_next, sched.rule, group_size=group_live, num_groups=P,
                                   generator=generator, device=device)  # [P, k_next]
-            checkpoints.append(Checkpoint(t, scores, kept, kept))  # survivors filled in at the end
+            checkpoints.append(PruningPoint(t, scores, kept, kept))  # survivors filled in at the end
             keep_rows = flat_indices(kept, group_live)  # [P*k_next], positions within ``live``
             group_live = k_next
             if audit:
@@ -382,7 +383,7 @@ class ExpandPruneRollout:
         if sched.final_keep is not None:  # static selection on the true reward (no early stop)
             kept = select_indices(rewards, sched.final_keep, sched.rule, group_size=group_live,
                                   num_groups=P, generator=generator, device=device)  # [P, K]
-            checkpoints.append(Checkpoint(T, rewards, kept, kept))
+            checkpoints.append(PruningPoint(T, rewards, kept, kept))
             keep_rows = flat_indices(kept, group_live)  # [P*K]
             live = live.index_select(0, keep_rows)
             rewards = rewards.flatten().index_select(0, keep_rows).view(P, -1)
@@ -413,7 +414,7 @@ class ExpandPruneRollout:
             num_previews=previews, timings=timings, audit=audit_stats, metadata=metadata)
 
     @staticmethod
-    def _survivor_positions(checkpoints: list[Checkpoint], P: int, K: int) -> list[Tensor]:
+    def _survivor_positions(checkpoints: list[PruningPoint], P: int, K: int) -> list[Tensor]:
         """For each checkpoint, the final survivors' local index in the group live there ([P*K]).
 
         Walk backwards: a survivor's position after checkpoint i indexes checkpoint i's ``kept``.

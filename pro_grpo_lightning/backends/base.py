@@ -373,6 +373,11 @@ class PipelineBackend(DiffusionBackend):
         """Whether a denoiser call runs classifier-free guidance (two network rows per sample)."""
         return self.guidance_scale > 1.0
 
+    def memory_settings(self) -> dict[str, Any]:
+        """The settings that decide this backend's memory, by their config names, as the memory
+        plan reads them and its levers change them; a family adds its own (offloading, T5)."""
+        return {"gradient_checkpointing": self.gradient_checkpointing, "vae_decode_chunk": self.vae_decode_chunk}
+
     def build_components(self) -> dict[str, Any]:
         """The pipeline components from ``self.networks``: ``load_components()`` for pretrained
         weights (and for models built in code, on the source's device); else the architecture of

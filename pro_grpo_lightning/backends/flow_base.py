@@ -92,6 +92,9 @@ class FlowMatchingBackend(PipelineBackend):
                                f"expected ({self.num_steps + 1},)")
 
     # ---- prompts -------------------------------------------------------------------------------
+    def memory_settings(self) -> dict[str, Any]:
+        return {**super().memory_settings(), "offload_text_encoders": self.offload_text_encoders}
+
     def set_offload_text_encoders(self, offload: bool) -> None:
         """The ``offload_text_encoders`` switch: True keeps the text encoders on the CPU between
         encodes (moved to the denoiser's device only while encoding); False leaves them where the

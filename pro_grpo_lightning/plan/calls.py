@@ -75,12 +75,13 @@ class TracedCalls:
         self.T = b.num_steps
         self.G = self.schedule.group_size
         self.K = self.schedule.final_size
+        memory = b.memory_settings()  # the levers' current values, by their config names
         self.settings = Settings(
             prompts_per_step=prompts_per_step, sample_batch_size=sample_batch_size,
             train_batch_size=module.settings.train_batch_size,
-            gradient_checkpointing=bool(getattr(b, "gradient_checkpointing", False)),
-            offload_text_encoders=bool(getattr(b, "offload_text_encoders", False)),
-            vae_decode_chunk=getattr(b, "vae_decode_chunk", None), drop_t5=bool(getattr(b, "drop_t5", False)))
+            gradient_checkpointing=bool(memory["gradient_checkpointing"]),
+            offload_text_encoders=bool(memory.get("offload_text_encoders", False)),
+            vae_decode_chunk=memory["vae_decode_chunk"], drop_t5=bool(memory.get("drop_t5", False)))
         if self.settings.offload_text_encoders:  # the plan counts offloading itself: nothing moves
             b.set_offload_text_encoders(False)
         self.weights = self._weights()
@@ -133,7 +134,7 @@ class TracedCalls:
             lora += sum(_nbytes(p) for p in child.parameters() if p.requires_grad)
             if frozen:
                 out[name] = frozen
-        if getattr(self.backend, "finetune", "lora") == "full":  # the denoiser itself trains, in its dtype
+        if self.backend.finetune == "full":  # the denoiser itself trains, in its dtype
             out[TRAINED_FULL] = lora
             out["AdamW state (2 per trained weight, its dtype)"] = 2 * lora
             return out
@@ -148,7 +149,7 @@ class TracedCalls:
     def _depth_setup(self) -> None:
         """The denoiser (and a fully fine-tuned run's reference copy) cut to shallow copies (``Depth``)."""
         nets = [self.backend.denoiser()]
-        ref = getattr(self.backend, "reference_denoiser", None)
+        ref = self.backend.reference_denoiser
         if ref is not None:  # fully fine-tuned: the KL reference is a frozen copy of the same stack
             nets.append(ref)
         self.depth = Depth(nets)

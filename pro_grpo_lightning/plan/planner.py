@@ -42,7 +42,7 @@ class Planner(TracedCalls):
     def _previews_differ(self, preview: bool) -> bool:
         """Whether ``preview`` decodes differ from ``decode``'s: only with a preview decoder (else the
         preview and final decodes are one cached trace)."""
-        return preview and getattr(self.backend, "preview_decoder", None) is not None
+        return preview and self.backend.preview_decoder is not None
 
     def decoded_side(self, preview_scale: float = 1.0, preview: bool = False) -> int:
         """Side of a decoded image (previews at ``preview_scale`` are smaller), from a decode of 1 row."""
@@ -205,7 +205,7 @@ class Planner(TracedCalls):
         if not st.gradient_checkpointing:
             options.append(("gradient_checkpointing", "model.backend.init_args.gradient_checkpointing: true",
                             {"gradient_checkpointing": True}, False))
-        offloadable = hasattr(self.backend, "offload_text_encoders") and self.text_encoder_names()
+        offloadable = "offload_text_encoders" in self.backend.memory_settings() and self.text_encoder_names()
         if offloadable and not st.offload_text_encoders:
             options.append(("offload_text_encoders", "model.backend.init_args.offload_text_encoders: true",
                             {"offload_text_encoders": True}, False))
