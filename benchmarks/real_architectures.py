@@ -8,8 +8,10 @@ is the paper config's hub id built by the library with ``NetworkSource("random",
 SD1.5 in float32, SD3.5-M in bfloat16 without T5 (``drop_t5``: the 4.8 B-parameter encoder would
 not fit this machine's shared memory next to the 2.2 B MMDiT) and 16 T5 tokens (zeros) instead of
 256, which keeps the sequence short enough for a CPU. One prompt, G = 4 trajectories pruned to 2
-after step 1 of T = 4 (OVF on the x0 previews), rewarded by ``Brightness`` (no network), then one
-``grpo_update`` with AdamW. Checked and stored per family:
+by OVF on the x0 previews (SD1.5: after step 1 of T = 4, with CFG 4.5; SD3.5-M: after step 0 of
+T = 2, without CFG, so that a 2.2 B bf16 MMDiT runs in minutes on a shared CPU), rewarded by
+``Brightness`` (no network), then one ``grpo_update`` with AdamW. Checked and stored per family
+(``<family>.json``):
 
 - shapes of the rollout (latents [K, T + 1, C, h, w], log-probs [K, T], images [K, 3, 128, 128]);
 - the LoRA adapter: which modules carry it (the family's default targets) and its size;
@@ -51,26 +53,27 @@ from pro_grpo_lightning.update import UpdateSettings, grpo_update  # noqa: E402
 
 from .report import git_commit  # noqa: E402
 
+#: family -> (backend class, hub id, backend settings, (T, G, K, pruning step)).
 FAMILIES = {
-    "sd15": (SD15Backend, "runwayml/stable-diffusion-v1-5", dict(dtype="float32", guidance_scale=4.5)),
+    "sd15": (SD15Backend, "runwayml/stable-diffusion-v1-5", dict(dtype="float32", guidance_scale=4.5), (4, 4, 2, 1)),
     "sd35m": (SD3Backend, "stabilityai/stable-diffusion-3.5-medium",
-              dict(dtype="bfloat16", guidance_scale=4.5, drop_t5=True, max_sequence_length=16)),
+              dict(dtype="bfloat16", guidance_scale=1.0, drop_t5=True, max_sequence_length=16), (2, 4, 2, 0)),
 }
-T, G, K, PRUNE_AT = 4, 4, 2, 1
 
 
 def _backend(family: str) -> Any:
-    cls, hub_id, kwargs = FAMILIES[family]
+    cls, hub_id, kwargs, (T, _, _, _) = FAMILIES[family]
     with source_checks_skipped():  # a hub id that is not downloaded: only its architecture is read
         return cls(hub_id, num_steps=T, resolution=128, lora=LoraSettings(rank=8, alpha=8), **kwargs)
 
 
-def _schedule() -> ProGRPOSchedule:
-    return ProGRPOSchedule(group_size=G, checkpoints=[PRUNE_AT], keep=[K], rule="ovf")
+def _schedule(family: str) -> ProGRPOSchedule:
+    _, G, K, prune_at = FAMILIES[family][3]
+    return ProGRPOSchedule(group_size=G, checkpoints=[prune_at], keep=[K], rule="ovf")
 
 
-def _module(backend: Any) -> ProGRPOModule:
-    return ProGRPOModule(backend=backend, rewards=[Brightness()], schedule=_schedule(),
+def _module(backend: Any, family: str) -> ProGRPOModule:
+    return ProGRPOModule(backend=backend, rewards=[Brightness()], schedule=_schedule(family),
                          update=UpdateSettings(train_batch_size=2, clip_range=1e-4))
 
 
@@ -93,7 +96,8 @@ def run_family(family: str, seed: int, log: Any) -> dict[str, Any]:
     log(f"{family}: built in {built_s:.0f}s, LoRA on {len(adapted)} modules ({lora_params / 1e6:.2f} M parameters)")
 
     rewards = RewardSet([Brightness()])
-    rollout = ExpandPruneRollout(backend, rewards, _schedule())
+    rollout = ExpandPruneRollout(backend, rewards, _schedule(family))
+    T = backend.num_steps
     t0 = time.perf_counter()
     res = rollout.run(["a photo of a red apple on a wooden table"], torch.Generator().manual_seed(seed))
     rollout_s = time.perf_counter() - t0
@@ -122,7 +126,7 @@ def run_family(family: str, seed: int, log: Any) -> dict[str, Any]:
     log(f"{family}: update {update_s:.0f}s, {stats['steps']:.0f} optimizer step(s), {changed} adapter tensors changed")
 
     # the plan at real size vs the CPU allocator on these real-size weights
-    planner = Planner(_module(_backend(family)), prompts_per_step=1, target="cpu")
+    planner = Planner(_module(_backend(family), family), prompts_per_step=1, target="cpu")
     pairs = {"denoiser call, 2 rows": (planner.denoise(2), _no_grad(planner.denoise_call(2, backend=backend))),
              "update minibatch of 2": (planner.update(2, False), planner.update_call(2, False, backend=backend))}
     plan_vs = {}
@@ -132,6 +136,7 @@ def run_family(family: str, seed: int, log: Any) -> dict[str, Any]:
         log(f"{family}: {what}: plan {planned / 2**20:.1f} MiB vs CPU allocator {measured / 2**20:.1f} MiB")
     return {
         "hub_id": FAMILIES[family][1], "settings": {k: str(v) for k, v in FAMILIES[family][2].items()},
+        "schedule": dict(zip(("T", "G", "K", "pruned_after_step"), FAMILIES[family][3])), "resolution": 128,
         "seconds": {"build": built_s, "rollout": rollout_s, "update": update_s},
         "shapes": {"latents": list(res.latents.shape), "log_probs": list(res.log_probs.shape),
                    "images": list(res.images.shape), "rewards": list(res.rewards.shape)},
@@ -159,9 +164,10 @@ def flux_on_meta() -> dict[str, Any]:
 
 def _flux_module() -> ProGRPOModule:
     with source_checks_skipped():
-        backend = FluxBackend("black-forest-labs/FLUX.1-dev", num_steps=T, resolution=128, dtype="bfloat16",
+        backend = FluxBackend("black-forest-labs/FLUX.1-dev", num_steps=4, resolution=128, dtype="bfloat16",
                               max_sequence_length=512)
-    return _module(backend)
+    return ProGRPOModule(backend=backend, rewards=[Brightness()],
+                         schedule=ProGRPOSchedule(group_size=4, checkpoints=[1], keep=[2], rule="ovf"))
 
 
 def _peak_rss_gib() -> float:
@@ -184,13 +190,14 @@ def main(argv: list[str] | None = None) -> int:
     result: dict[str, Any] = {"command": "python -m benchmarks.real_architectures " + " ".join(argv or sys.argv[1:]),
                               "git_commit": git_commit(), "torch": torch.__version__,
                               "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
-                              "load_average_start": os.getloadavg(), "families": {}}
-    for family in args.families:
-        result["families"][family] = flux_on_meta() if family == "flux" else run_family(family, args.seed, log)
-        (args.out / "real_architectures.json").write_text(json.dumps(result, indent=1))
-    result["load_average_end"] = os.getloadavg()
-    (args.out / "real_architectures.json").write_text(json.dumps(result, indent=1))
-    log(f"wrote {args.out / 'real_architectures.json'}")
+                              "load_average_start": os.getloadavg()}
+    for family in args.families:  # one file per family, written as soon as it is done
+        t0 = time.perf_counter()
+        out = flux_on_meta() if family == "flux" else run_family(family, args.seed, log)
+        path = args.out / f"{family}.json"
+        path.write_text(json.dumps({**result, "family": family, "result": out, "wall_s": time.perf_counter() - t0,
+                                    "load_average_end": os.getloadavg()}, indent=1))
+        log(f"wrote {path}")
     return 0
 
 

@@ -21,7 +21,6 @@ or from another backend / LoRA setting), before any base weights load.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import inspect
 import os
@@ -33,6 +32,7 @@ from lightning.pytorch.strategies import FSDPStrategy
 from lightning.pytorch.utilities import rank_zero_info
 
 from .backends.base import DiffusionBackend
+from .errors import OneLineParser
 from .loading import LORA_WEIGHT_NAME
 
 
@@ -203,8 +203,8 @@ _FIT_ARGUMENTS = set(inspect.signature(pl.Trainer.fit).parameters) - {"self", "m
 
 
 def main(argv: list[str] | None = None) -> str:
-    parser = argparse.ArgumentParser(
-        prog="python -m pro_grpo_lightning.export",
+    parser = OneLineParser(
+        prog="pro-grpo export",
         description="Export a Pro-GRPO checkpoint's LoRA in diffusers format (or merged into a pipeline).")
     parser.add_argument("--config", action="append",
                         help="the run's YAML (repeatable, as for fit); default: the config the checkpoint carries")

@@ -16,7 +16,6 @@ the server has no authentication.
 
 from __future__ import annotations
 
-import argparse
 import importlib
 import json
 import sys
@@ -26,6 +25,7 @@ from typing import Any
 
 import torch
 
+from .errors import OneLineParser
 from .rewards.base import Reward
 from .rewards.remote import decode_request, scores_to_json
 
@@ -116,7 +116,7 @@ class _Handler(BaseHTTPRequestHandler):
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m pro_grpo_lightning.reward_server",
+    p = OneLineParser(prog="pro-grpo serve-reward",
                                 description="Serve a Reward over HTTP for RemoteReward.")
     p.add_argument("--reward", required=True, help="import path of a Reward subclass, e.g. "
                    "pro_grpo_lightning.rewards.pickscore.PickScore or my_pkg.scorers.MyReward")
@@ -149,4 +149,6 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from .cli import run_main
+
+    sys.exit(run_main(main))

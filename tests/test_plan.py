@@ -244,6 +244,9 @@ def test_plan_command_json_and_verdict(capsys, one_thread):
     assert r["weights"]["transformer"] > 0 and "reward brightness" in r["weights"]
     phases = [p["name"] for p in r["phases"]]
     assert phases[0].startswith("encode") and any(n.startswith("update") for n in phases)
+    assert [c["gpu_memory"] for c in r["cards"]] == [2 * 2**30, 24 * 2**30, 40 * 2**30, 80 * 2**30]
+    text = plan.format_report(r)  # GiB throughout, a fit line per card, no library boilerplate
+    assert "     2 GiB  fits as is" in text and "    80 GiB  fits as is" in text and "MiB" not in text
     assert plan.parse_memory("24GB") == 24 * 2**30 == plan.parse_memory("24 GiB")
     with pytest.raises(ValueError, match="gpu_memory"):
         plan.parse_memory("lots")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import dataclasses
 import json
@@ -11,7 +10,7 @@ import warnings
 from collections.abc import Iterator, Sequence
 from typing import Any
 
-from ..errors import ConfigError
+from ..errors import ConfigError, OneLineParser
 from .planner import Planner
 from .tracking import GiB, MiB, build_run
 
@@ -41,12 +40,19 @@ CARDS = (24, 40, 80)
 @contextlib.contextmanager
 def quiet() -> Iterator[None]:
     """The libraries' info lines and warnings off while the run is built and traced (the plan prints
-    only its own output); errors still show."""
+    only its own output); errors still show. diffusers and transformers through their own verbosity
+    switches (their loggers reset their level when first configured)."""
     import logging
 
-    names = ("lightning.pytorch", "lightning.fabric", "lightning_fabric", "diffusers", "transformers")
-    loggers = [logging.getLogger(n) for n in names]
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    libraries = [diffusers_logging, transformers_logging]
+    verbosity = [lib.get_verbosity() for lib in libraries]
+    loggers = [logging.getLogger(n) for n in ("lightning.pytorch", "lightning.fabric", "lightning_fabric")]
     levels = [lg.level for lg in loggers]
+    for lib in libraries:
+        lib.set_verbosity_error()
     for lg in loggers:
         lg.setLevel(logging.ERROR)
     try:
@@ -54,6 +60,8 @@ def quiet() -> Iterator[None]:
             warnings.simplefilter("ignore")
             yield
     finally:
+        for lib, v in zip(libraries, verbosity):
+            lib.set_verbosity(v)
         for lg, level in zip(loggers, levels):
             lg.setLevel(level)
 
@@ -162,13 +170,8 @@ def fit_table(reports: Sequence[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # one line, exit 2 (cli.run_main), not a usage dump
-        raise ConfigError(f"plan: {message} (see --help)")
-
-
-def plan_parser() -> argparse.ArgumentParser:
-    parser = _Parser(
+def plan_parser() -> OneLineParser:
+    parser = OneLineParser(
         prog="pro-grpo plan",
         description="Expected peak GPU memory of a training config, per phase, without a GPU or weights: "
                     "whether it fits 24 / 40 / 80 GiB cards (and --gpu_memory) and which settings to change. "
