@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from ..networks import UnknownArchitecture
-from .tracking import CUDA_BLOCK, Depth, LiveBytes, _module_bytes, _nbytes, fake_backend, fake_reward
+from .tracking import CUDA_BLOCK, Depth, LiveBytes, fake_backend, fake_reward, module_bytes, tensor_bytes
 
 #: The weights-table row of what the optimizer trains: the LoRA adapter, or the whole denoiser
 #: with ``finetune: full`` (then its frozen copy, the KL reference, is the ``reference_denoiser`` row).
@@ -31,8 +31,6 @@ class Settings:
     vae_decode_chunk: int | None
     drop_t5: bool
     weight_bytes_scale: float = 1.0  # 0.5: frozen weights fp32 -> bf16 (the "dtype" lever)
-
-
 
 
 class TracedCalls:
@@ -67,7 +65,7 @@ class TracedCalls:
             except UnknownArchitecture as err:
                 self.notes.append(str(err))
                 continue
-            self.reward_bytes[f"reward {r.name}"] = _module_bytes(r)
+            self.reward_bytes[f"reward {r.name}"] = module_bytes(r)
             if r in list(module.rewards.rewards):
                 self.rewards.append(r)  # until a trace finds that it cannot score fake images
         b = self.backend
@@ -129,9 +127,9 @@ class TracedCalls:
         out: dict[str, int] = {}
         lora = 0
         for name, child in self.backend.named_children():
-            frozen = sum(_nbytes(p) for p in child.parameters() if not p.requires_grad)
-            frozen += sum(_nbytes(t) for t in child.buffers())
-            lora += sum(_nbytes(p) for p in child.parameters() if p.requires_grad)
+            frozen = sum(tensor_bytes(p) for p in child.parameters() if not p.requires_grad)
+            frozen += sum(tensor_bytes(t) for t in child.buffers())
+            lora += sum(tensor_bytes(p) for p in child.parameters() if p.requires_grad)
             if frozen:
                 out[name] = frozen
         if self.backend.finetune == "full":  # the denoiser itself trains, in its dtype
@@ -195,10 +193,12 @@ class TracedCalls:
         return lambda: backend.encode_prompts(texts)
 
     def _reward_set(self, rewards: Sequence[Any]) -> Any:
-        """The run's reward set over ``rewards`` (those that score fake images), its normalisation kept."""
+        """A reward set over ``rewards`` (those that score fake images) with the run's weights. Its
+        normalisation is left out: it branches on the scores' values (which fake tensors do not
+        have) and holds a few [B, n] statistics, nothing next to a reward model's activations."""
         from ..rewards.combine import RewardSet
 
-        return RewardSet(list(rewards), normalize=self.module.rewards.normalize)
+        return RewardSet(list(rewards), normalize="none")
 
     def score_call(self, rows: int, chunk: int | None, preview_scale: float = 1.0, backend: Any = None,
                    rewards: Sequence[Any] | None = None, sample_batch_size: int | None = None,

@@ -108,13 +108,16 @@ def _g(n: int) -> str:
     return f"{n / GiB:.2f}"
 
 
-def fit_line(card: dict[str, Any], overhead: int) -> str:
-    """``fits`` / the levers to pull in order with the peak they reach / that nothing fits."""
+def fit_line(card: dict[str, Any], overhead: int, short: bool = False) -> str:
+    """``fits as is`` / the levers to pull in order and the peak + overhead they reach / that no
+    lever fits it. ``short``: settings without their ``model.backend.init_args.`` / ``model.`` prefix."""
     if card["fits"]:
         return "fits as is"
     if card["advice"] and card["advice"][-1]["peak"] + overhead <= card["gpu_memory"]:
-        pulls = "; ".join(lv["change"].split(" (")[0] for lv in card["advice"])
-        return f"{pulls} -> {_g(card['advice'][-1]['peak'])} GiB"
+        changes = [lv["change"].split(" (")[0] for lv in card["advice"]]
+        if short:
+            changes = [c.removeprefix("model.backend.init_args.").removeprefix("model.") for c in changes]
+        return f"{'; '.join(changes)} -> {_g(card['advice'][-1]['peak'])} + {overhead / GiB:.1f} GiB"
     return "no lever fits it: a larger card or sharding (FSDP)"
 
 
@@ -166,7 +169,7 @@ def fit_table(reports: Sequence[dict[str, Any]]) -> str:
         cards = {c["gpu_memory"]: c for c in r["cards"]}
         fits = " | ".join("yes" if cards[c * GiB]["fits"] else "no" for c in CARDS)
         lines.append(f"| `{name}` | {r['resident'] / GiB:.1f} | {r['peak'] / GiB:.1f} + "
-                     f"{r['overhead'] / GiB:.1f} ({at}) | {fits} | {fit_line(cards[CARDS[0] * GiB], r['overhead'])} |")
+                     f"{r['overhead'] / GiB:.1f} ({at}) | {fits} | {fit_line(cards[CARDS[0] * GiB], r['overhead'], short=True)} |")
     return "\n".join(lines)
 
 

@@ -116,6 +116,7 @@ def measured_peak_bytes(fn: Callable[[], Any], device: torch.device | str = "cpu
         peak = max(peak, current)
     return peak
 
+
 # ---- building without weights ------------------------------------------------------------------------
 def build_run(config: str | Sequence[str], overrides: Sequence[str] = ()) -> tuple[Any, Any]:
     """(module, datamodule) of ``fit --config config`` (several: a base and its overlays, in order),
@@ -147,6 +148,7 @@ def fake_reward(reward: Any, fake_mode: Any) -> None:
     reward.configure_model()
     fake_tensors(reward, fake_mode)
 
+
 # ---- depth: stacks of identical blocks ---------------------------------------------------------------
 def _signature(block: nn.Module) -> tuple:
     """What makes two blocks compute the same thing: class, parameter names, shapes and dtypes."""
@@ -177,12 +179,12 @@ def block_stacks(net: nn.Module) -> list[tuple[nn.Module, str, list[tuple[int, i
             out.append((net, attr, runs))
     return out
 
-def _nbytes(t: Tensor) -> int:
+def tensor_bytes(t: Tensor) -> int:
     return t.numel() * t.element_size()
 
 
-def _module_bytes(m: nn.Module) -> int:
-    return sum(_nbytes(p) for p in m.parameters()) + sum(_nbytes(b) for b in m.buffers())
+def module_bytes(m: nn.Module) -> int:
+    return sum(tensor_bytes(p) for p in m.parameters()) + sum(tensor_bytes(b) for b in m.buffers())
 
 
 class Depth:
