@@ -132,7 +132,7 @@ def make_recorder(budget_s: float, every_s: float, max_rollouts: int | None,
             row: dict[str, Any] = {"rollouts": r, "wall_s": wall}
             for src in (trainer.callback_metrics, trainer.logged_metrics):
                 for key, val in src.items():
-                    if (key == "reward/mean" or key.startswith(("compute/", "time/"))) and key not in row:
+                    if (key == "reward/mean" or key.startswith(("compute/", "time/", "train/"))) and key not in row:
                         row[key] = float(val)
             self.rows.append(row)
             if wall > budget_s:

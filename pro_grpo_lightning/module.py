@@ -121,7 +121,8 @@ class ProGRPOModule(pl.LightningModule):
         self.seed = seed
         self.rollouts_done = 0
         # checks the schedule against the backend's steps here, before any weights load
-        self.rollout = ExpandPruneRollout(backend, self.rewards, schedule, rollout)
+        self.rollout = ExpandPruneRollout(backend, self.rewards, schedule, rollout,
+                                          record_means=update.ratio_norm != "none")  # GRPO-Guard needs mu_old
         self.guards = guards
         self.guard = BadRolloutGuard(guards.max_bad_rollouts)
         self.run_config: str | None = None  # the resolved YAML of this run (set by the CLI), saved in checkpoints

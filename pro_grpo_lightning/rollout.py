@@ -136,6 +136,10 @@ class RolloutResult:
     step_index:    [T] long, 0..T-1
     latents:       [N, T + 1, *latent_shape]  x at every noise level, the noisiest first
     log_probs:     [N, T]                     log-prob of each sampled step (sampling policy)
+    means:         [N, T, *latent_shape]      each sampled step's Gaussian mean mu_old, recorded
+                                              only when the update needs it (GRPO-Guard's
+                                              RatioNorm, ``ExpandPruneRollout(record_means=True)``);
+                                              else None
     rewards:       [P, K]                     true total reward of the final images
     components:    {name: [P, K]}             each reward's raw score
     images:        [N, 3, H, W]               final images in [0, 1]
@@ -166,6 +170,7 @@ class RolloutResult:
     timings: dict[str, float] = field(default_factory=dict)
     audit: dict[str, Tensor] = field(default_factory=dict)
     metadata: list[dict] | None = None
+    means: Tensor | None = None
 
     @property
     def num_prompts(self) -> int:
@@ -194,15 +199,19 @@ class ExpandPruneRollout:
         schedule: G_max, checkpoints, sizes and selection rule; checked against T here.
         settings: preview scale, shared starts, rows per call (``RolloutSettings``). The audit
             period is the caller's: ``run(audit=True)``.
+        record_means: also keep every step's Gaussian mean (``RolloutResult.means``, as large as
+            the latents), gathered through the prunes like the log-probs: what GRPO-Guard's
+            RatioNorm compares the re-scored mean against (``update.UpdateSettings.ratio_norm``).
     """
 
     def __init__(self, backend: DiffusionBackend, rewards: RewardSet, schedule: GroupSchedule,
-                 settings: RolloutSettings | None = None) -> None:
+                 settings: RolloutSettings | None = None, *, record_means: bool = False) -> None:
         schedule.validate_steps(backend.num_steps)  # settings only: no weights needed
         self.backend = backend
         self.rewards = rewards
         self.schedule = schedule
         self.settings = settings or RolloutSettings()
+        self.record_means = record_means
 
     @property
     def preview_scale(self) -> float:
@@ -296,6 +305,7 @@ class ExpandPruneRollout:
 
         lat_hist: list[Tensor] = [x]  # T + 1 entries, each at its step's physical batch size
         lp_hist: list[Tensor] = []  # T entries
+        mean_hist: list[Tensor] = []  # T entries when record_means, each [B, *latent]
         stage_of_step: list[int] = []  # physical-batch stage of each step's output
         remaps: list[Tensor] = []  # per physical prune: [rows after] -> rows before
         checkpoints: list[PruningPoint] = []
@@ -315,6 +325,8 @@ class ExpandPruneRollout:
             x = out.next_latents  # [B, *latent]
             lat_hist.append(x)
             lp_hist.append(out.log_prob)  # [B]
+            if self.record_means:
+                mean_hist.append(out.mean)  # [B, *latent]
             stage_of_step.append(len(remaps))
             _sync(device)
             timings["denoise"] += time.perf_counter() - t0
@@ -400,6 +412,8 @@ class ExpandPruneRollout:
         stage_of_latent = [0] + stage_of_step  # x_0 (noise) is at stage 0; x_{t+1} at step t's stage
         latents = torch.stack([h.index_select(0, rows_at_stage[s]) for h, s in zip(lat_hist, stage_of_latent)], 1)
         log_probs = torch.stack([h.index_select(0, rows_at_stage[s]) for h, s in zip(lp_hist, stage_of_step)], 1)
+        means = torch.stack([h.index_select(0, rows_at_stage[s]) for h, s in zip(mean_hist, stage_of_step)], 1) \
+            if self.record_means else None  # [N, T, *latent]
         checkpoints = [replace(ck, survivors=pos)
                        for ck, pos in zip(checkpoints, self._survivor_positions(checkpoints, P, group_live))]
 
@@ -411,7 +425,7 @@ class ExpandPruneRollout:
             rewards=rewards,  # [P, K]
             components={k: v.view(P, group_live) for k, v in comps.items()},
             images=images, checkpoints=checkpoints, nfe=nfe, nfe_full=P * G * T,
-            num_previews=previews, timings=timings, audit=audit_stats, metadata=metadata)
+            num_previews=previews, timings=timings, audit=audit_stats, metadata=metadata, means=means)
 
     @staticmethod
     def _survivor_positions(checkpoints: list[PruningPoint], P: int, K: int) -> list[Tensor]:

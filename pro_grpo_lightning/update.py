@@ -17,7 +17,8 @@ from torch import Tensor
 
 from .backends.base import DiffusionBackend, select_rows
 from .errors import ConfigError
-from .objectives import flow_grpo_kl, gaussian_kl, output_kl, ppo_clip_loss
+from .objectives import (RATIO_NORMS, flow_grpo_kl, gaussian_kl, guard_log_ratio, guard_step_weight,
+                         output_kl, ppo_clip_loss, ratio_step_sums, ratio_step_summary)
 from .rollout import RolloutResult
 
 KL_TYPES = ("exact", "output", "flow_grpo")
@@ -39,6 +40,15 @@ class UpdateSettings:
         ||v - v_ref||^2 mean over dims) or "flow_grpo" (flow backends only: Flow-GRPO's form, which
         divides by the SDE coefficient without dt, so Flow-GRPO's published betas transfer).
     max_grad_norm: gradient-norm clip (None or 0 disables).
+    ratio_norm: "none" (the plain ratio) or "grpo_guard" (flow backends only): GRPO-Guard's
+        regulated clipping (Wang et al., arXiv 2510.22319): each step's log-ratio normalised
+        (RatioNorm, ``objectives.guard_log_ratio``: its mean back to 0 and one scale for every
+        step) and, with ``guard_reweight``, each step's loss weighted by 1 / (sigma - sigma_next).
+        The rollout then records every step's mean (as much memory as the latents). The
+        normalised log-ratio is about s (the step std) times the plain one, so ``clip_range`` needs
+        retuning (docs/algorithm.md, section 1).
+    guard_reweight: with "grpo_guard", apply its step reweighting (False: RatioNorm alone, as
+        Flow-Factory's ``grpo-guard`` trainer does).
     """
 
     inner_epochs: int = 1
@@ -49,6 +59,8 @@ class UpdateSettings:
     kl_beta: float = 0.0
     kl_type: str = "exact"
     max_grad_norm: float | None = 1.0
+    ratio_norm: str = "none"
+    guard_reweight: bool = True
 
     def __post_init__(self) -> None:
         if self.inner_epochs < 1:
@@ -65,6 +77,8 @@ class UpdateSettings:
             raise ValueError(f"update.clip_range must be > 0, got {self.clip_range}")
         if self.max_grad_norm is not None and self.max_grad_norm < 0:
             raise ValueError(f"update.max_grad_norm must be >= 0 or None, got {self.max_grad_norm}")
+        if self.ratio_norm not in RATIO_NORMS:
+            raise ValueError(f"update.ratio_norm must be one of {RATIO_NORMS}, got {self.ratio_norm!r}")
 
 
 def check_optimizer(optimizer: Callable[[list[Tensor]], torch.optim.Optimizer]) -> str:
@@ -91,6 +105,9 @@ def check_trainable(backend: DiffusionBackend, settings: UpdateSettings) -> None
     if settings.kl_type == "flow_grpo" and not hasattr(backend, "kl_std"):
         raise ValueError(f"update.kl_type='flow_grpo' needs a flow-matching backend; {type(backend).__name__} "
                          f"has no SDE coefficient: use kl_type 'exact' or 'output'")
+    if settings.ratio_norm == "grpo_guard" and not hasattr(backend, "sigma_decrement"):
+        raise ConfigError(f"update.ratio_norm='grpo_guard' is defined for flow-matching backends (SD3, FLUX); "
+                          f"{type(backend).__name__} has no flow step for it: use ratio_norm 'none'")
 
 
 def training_pairs(num_traj: int, trainable: Tensor, fraction: float,
@@ -115,51 +132,64 @@ def training_pairs(num_traj: int, trainable: Tensor, fraction: float,
     return traj[perm], step[perm]
 
 
-@dataclass
-class Minibatch:
-    """One minibatch of stored (trajectory, step) transitions, b rows: what ``minibatch_loss`` trains on.
-
-    latents, next_latents: [b, *latent] x_t and the stored x_{t+1}; step_index: [b] long;
-    cond: the rows' conditioning; old_log_prob: [b], recorded at rollout time; advantages: [b].
-    """
-
-    latents: Tensor
-    next_latents: Tensor
-    step_index: Tensor
-    cond: dict[str, Tensor]
-    old_log_prob: Tensor
-    advantages: Tensor
-
-    @classmethod
-    def of(cls, rollout: RolloutResult, advantages: Tensor, traj: Tensor, step: Tensor) -> Minibatch:
-        """The pairs (``traj`` [b], ``step`` [b]) of a rollout; advantages [N], one per trajectory."""
-        return cls(latents=rollout.latents[traj, step], next_latents=rollout.latents[traj, step + 1],
-                   step_index=step, cond=select_rows(rollout.cond, rollout.prompt_index.index_select(0, traj)),
-                   old_log_prob=rollout.log_probs[traj, step], advantages=advantages[traj])
+def guard_terms(backend: DiffusionBackend, out, step: Tensor, old_mean: Tensor | None, next_latents: Tensor,
+                reweight: bool) -> tuple[Tensor, Tensor | None]:
+    """GRPO-Guard's (normalised log-ratio [b], loss weight [b] or None) of a minibatch's pairs at
+    ``step`` [b], from the re-scored step ``out`` and the rollout's recorded means ``old_mean``."""
+    if old_mean is None:
+        raise ValueError("update.ratio_norm='grpo_guard' needs the rollout's step means: "
+                         "sample with ExpandPruneRollout(..., record_means=True)")
+    log_ratio = guard_log_ratio(out.mean, old_mean, next_latents, out.std)  # [b]
+    weight = guard_step_weight(backend.sigma_decrement(step)) if reweight else None  # [b]
+    return log_ratio, weight
 
 
-def minibatch_loss(backend: DiffusionBackend, batch: Minibatch,
-                   settings: UpdateSettings) -> tuple[Tensor, dict[str, Tensor]]:
-    """The loss of one minibatch (to call ``backward`` on) and its statistics (``policy_loss``, the
-    PPO-clip statistics, ``kl`` when ``kl_beta > 0``): the policy re-scores the stored transitions
-    with grad; with ``kl_beta > 0`` the frozen reference runs the same rows without grad.
-    ``grpo_update`` trains with it and the memory plan traces it, so both run this one function."""
-    out = backend.step(batch.latents, batch.step_index, batch.cond, next_latents=batch.next_latents)
-    policy_loss, stats = ppo_clip_loss(out.log_prob, batch.old_log_prob, batch.advantages, settings.clip_range)
-    loss = policy_loss
-    stats = {"policy_loss": policy_loss.detach(), **stats}
-    if settings.kl_beta > 0:
-        with torch.no_grad(), backend.reference():
-            ref = backend.step(batch.latents, batch.step_index, batch.cond, next_latents=batch.next_latents)
-        if settings.kl_type == "exact":
-            kl = gaussian_kl(out.mean, ref.mean, out.std)  # [b]
-        elif settings.kl_type == "flow_grpo":
-            kl = flow_grpo_kl(out.mean, ref.mean, backend.kl_std(batch.step_index))  # [b]
-        else:
-            kl = output_kl(out.model_output, ref.model_output)  # [b]
-        loss = loss + settings.kl_beta * kl.mean()
-        stats["kl"] = kl.mean().detach()
-    return loss, stats
+def ratio_log_stats(sums: Tensor, raw_sums: Tensor, trainable: Tensor) -> dict[str, float]:
+    """Logged log-ratio statistics from the summed ``ratio_step_sums`` [6, T] of the clipped
+    (``sums``) and the raw (``raw_sums``) log-ratios: over all trained pairs (``log_ratio_std``,
+    ``log_ratio_skew``) and per trainable step t (``<stat>/step_<t>``: the mean, skewness and clip
+    fractions of the clipped log-ratio, the raw mean). The same keys on every rank (NaN for a step
+    no pair drew), so DDP's metric reduction lines up."""
+    summary, raw = ratio_step_summary(sums), ratio_step_summary(raw_sums)
+    out = {"log_ratio_std": summary["log_ratio_std_all"], "log_ratio_skew": summary["log_ratio_skew_all"]}
+    for t in trainable.nonzero().flatten().tolist():
+        for name in ("log_ratio_mean", "log_ratio_skew", "clip_frac_low", "clip_frac_high"):
+            out[f"{name}/step_{t:02d}"] = summary[name][t]
+        out[f"raw_log_ratio_mean/step_{t:02d}"] = raw["log_ratio_mean"][t]
+    return {k: float(v) for k, v in out.items()}
+
+
+def minibatch_loss(backend: DiffusionBackend, x_t: Tensor, step: Tensor, cond: dict[str, Tensor],
+                   x_next: Tensor, old_log_prob: Tensor, advantages: Tensor,
+                   settings: UpdateSettings, old_mean: Tensor | None = None,
+                   ) -> tuple[Tensor, Tensor, dict[str, Tensor], Tensor | None, tuple[Tensor, Tensor]]:
+    """The loss of one minibatch of b (trajectory, step) pairs, forward only (the caller runs the
+    backward): the policy re-scores the stored transitions x_t [b, *latent] -> x_next at ``step`` [b],
+    the PPO-clip loss against ``old_log_prob`` [b] with ``advantages`` [b] (with
+    ``ratio_norm='grpo_guard'``: on GRPO-Guard's normalised log-ratio against the recorded means
+    ``old_mean`` [b, *latent], weighted per step), plus ``kl_beta`` times the KL to the reference (a
+    no-grad forward with the adapter off). One function, so the update and the diagnostics that
+    trace its calls (``benchmarks/gpu/kernel_calls.py``) run the same code.
+    Returns (loss, policy_loss, stats, kl [b] or None, (raw, clipped) detached log-ratios [b])."""
+    out = backend.step(x_t, step, cond, next_latents=x_next)
+    log_ratio = weight = None
+    if settings.ratio_norm == "grpo_guard":
+        log_ratio, weight = guard_terms(backend, out, step, old_mean, x_next, settings.guard_reweight)
+    policy_loss, stats = ppo_clip_loss(out.log_prob, old_log_prob, advantages, settings.clip_range,
+                                       log_ratio=log_ratio, weight=weight)
+    raw = (out.log_prob - old_log_prob).detach()  # [b]
+    ratios = (raw, raw if log_ratio is None else log_ratio.detach())  # [b], [b]
+    if settings.kl_beta <= 0:
+        return policy_loss, policy_loss, stats, None, ratios
+    with torch.no_grad(), backend.reference():
+        ref = backend.step(x_t, step, cond, next_latents=x_next)
+    if settings.kl_type == "exact":
+        kl = gaussian_kl(out.mean, ref.mean, out.std)  # [b]
+    elif settings.kl_type == "flow_grpo":
+        kl = flow_grpo_kl(out.mean, ref.mean, backend.kl_std(step))  # [b]
+    else:
+        kl = output_kl(out.model_output, ref.model_output)  # [b]
+    return policy_loss + settings.kl_beta * kl.mean(), policy_loss, stats, kl, ratios
 
 
 def grpo_update(backend: DiffusionBackend, rollout: RolloutResult, advantages: Tensor,
@@ -179,8 +209,10 @@ def grpo_update(backend: DiffusionBackend, rollout: RolloutResult, advantages: T
     clip_grad_norm(params, max_norm) clips in place and returns the pre-clip total norm; default
     ``torch.nn.utils.clip_grad_norm_``. A sharding strategy passes its own (under FSDP only the
     root module's ``clip_grad_norm_`` sees every shard).
-    Returns means of the per-minibatch statistics (loss, policy_loss, kl, clip_frac, approx_kl,
-    ratio_mean) and of the pre-clip gradient norm over optimizer steps (finite ones), plus the
+    Returns means of the per-minibatch statistics (loss, policy_loss, kl, clip_frac and its low /
+    high sides, approx_kl, ratio_mean, log_ratio_mean, raw_log_ratio_mean), the log-ratio's
+    distribution over all pairs and per step (``ratio_log_stats``) and means of the pre-clip
+    gradient norm over optimizer steps (finite ones), plus the
     counts ``steps`` and ``skipped_steps``.
     """
     backward = backward or (lambda loss: loss.backward())
@@ -190,6 +222,9 @@ def grpo_update(backend: DiffusionBackend, rollout: RolloutResult, advantages: T
     trainable = backend.trainable_steps().to(rollout.latents.device)  # [T] bool
     params = backend.trainable_parameters()
     sums: dict[str, list[Tensor]] = {}
+    T = trainable.numel()
+    ratio_sums = torch.zeros(6, T, dtype=torch.float64, device=trainable.device)  # [6, T] clipped log-ratio
+    raw_sums = torch.zeros_like(ratio_sums)  # [6, T] log_prob - old_log_prob
     steps = skipped = 0
 
     def add(name: str, value: Tensor) -> None:  # no .item() here: one device sync at the end
@@ -205,11 +240,23 @@ def grpo_update(backend: DiffusionBackend, rollout: RolloutResult, advantages: T
         per_step = settings.minibatches_per_step or len(chunks)
         optimizer.zero_grad(set_to_none=True)
         for i, (tr, st) in enumerate(chunks):
-            loss, stats = minibatch_loss(backend, Minibatch.of(rollout, advantages, tr, st), settings)
+            x_t = rollout.latents[tr, st]  # [b, *latent]
+            x_next = rollout.latents[tr, st + 1]  # [b, *latent]
+            old_log_prob = rollout.log_probs[tr, st]  # [b]
+            cond = select_rows(rollout.cond, rollout.prompt_index.index_select(0, tr))
+            guarded = settings.ratio_norm == "grpo_guard" and rollout.means is not None
+            old_mean = rollout.means[tr, st] if guarded else None  # [b, *latent] GRPO-Guard's mu_old
+            loss, policy_loss, stats, kl, (raw, used) = minibatch_loss(
+                backend, x_t, st, cond, x_next, old_log_prob, advantages[tr], settings, old_mean=old_mean)
+            raw_sums += ratio_step_sums(raw, st, T, settings.clip_range)
+            ratio_sums += ratio_step_sums(used, st, T, settings.clip_range)
+            if kl is not None:
+                add("kl", kl.mean().detach())
             # scale so an optimizer step sees the mean over its minibatches
             n_in_step = min(per_step, len(chunks) - (i // per_step) * per_step)
             backward(loss / n_in_step)
             add("loss", loss.detach())
+            add("policy_loss", policy_loss.detach())
             for k, v in stats.items():
                 add(k, v)
             if (i + 1) % per_step == 0 or i + 1 == len(chunks):
@@ -226,8 +273,13 @@ def grpo_update(backend: DiffusionBackend, rollout: RolloutResult, advantages: T
                     continue
                 add("grad_norm", torch.as_tensor(norm))
                 optimizer.step()
+                # Autocast keeps the low-precision copy of each fp32 weight it cast for as long as its
+                # region lasts (Lightning's mixed precision: the whole training step), so without this
+                # the next minibatch would run on the weights of before this step (ratio stuck at 1).
+                torch.clear_autocast_cache()
                 optimizer.zero_grad(set_to_none=True)
                 if after_step is not None:
                     after_step()
     out = {k: float(torch.stack(v).mean()) for k, v in sums.items()}
+    out.update(ratio_log_stats(ratio_sums, raw_sums, trainable))
     return {**out, "steps": float(steps), "skipped_steps": float(skipped)}

@@ -539,6 +539,8 @@ TINY = ["fit", "--config", str(ROOT / "configs/tiny_sd15.yaml"), "--trainer.max_
      "reward 'brightness': weight=nan must be a finite number"),
     (["--model.backend.init_args.guidance_scale=-1"], "guidance_scale=-1.0: must be a finite number >= 0"),
     (["--model.backend.init_args.eta=0"], "leaves no trainable step"),
+    (["--model.update.ratio_norm=grpo_guard"], "update.ratio_norm='grpo_guard' is defined for flow-matching backends"),
+    (["--model.update.ratio_norm=bogus"], "update.ratio_norm must be one of ('none', 'grpo_guard'), got 'bogus'"),
     (["--model.rewards=[{class_path: pro_grpo_lightning.rewards.shapes.ShapesReward}]"],
      "data.prompts: reward 'shapes', prompt 0: "),
 ])

@@ -211,6 +211,24 @@ def test_gradient_checkpointing_and_chunks_lower_the_plan(one_thread):
     assert {"sample_batch_size", "train_batch_size", "gradient_checkpointing", "vae_decode_chunk"} <= names
 
 
+def test_recorded_step_means_grow_the_stored_trajectories(one_thread):
+    """GRPO-Guard's ``update.ratio_norm`` makes the rollout keep every step's mean: one latent more
+    per survivor and step in the gathered trajectories and in the update's stored rollout."""
+    planner = _planner("tiny", "sd3", 0.0)
+    st = planner.settings
+    before = {p.name: p for p in planner.plan(st)}
+    planner.module.rollout.record_means = True
+    try:
+        after = {p.name: p for p in planner.plan(st)}
+    finally:
+        planner.module.rollout.record_means = False
+    grown = 2 * planner.K * planner.T * planner.latent_bytes  # P = 2 prompts
+    gather = next(n for n in before if n.startswith("rollout: gather survivors"))
+    update = next(n for n in before if n.startswith("update:"))
+    assert after[gather].transient - before[gather].transient == grown > 0
+    assert after[update].persistent - before[update].persistent == grown
+
+
 def test_architecture_table_matches_the_real_parameter_counts():
     from benchmarks.models import REAL_PARAMS
 

@@ -134,3 +134,35 @@ def test_a_strategy_clip_replaces_torchs_and_reports_its_norm(setup):
     stats = grpo_update(backend, res, torch.randn(6), settings, opt, clip_grad_norm=clip)
     assert calls == [(len(backend.trainable_parameters()), 0.5)] * 3  # 30 pairs / 10 a step
     assert stats["grad_norm"] == 7.0
+
+
+def test_a_later_minibatch_sees_the_stepped_weights_under_autocast():
+    """bf16 autocast caches each fp32 LoRA weight's bf16 copy for its whole region (Lightning wraps
+    the training step in it): after the update's optimizer steps inside the region, a forward in
+    that region must compute with the new weights, as one in a fresh region does (a stale copy
+    would give what the weights of before the update give)."""
+    from pro_grpo_lightning.backends.base import LoraSettings
+    from pro_grpo_lightning.backends.flux import TinyFluxBackend
+
+    backend = TinyFluxBackend(num_steps=3, resolution=32, max_sequence_length=8, lora=LoraSettings(rank=4, alpha=4))
+    backend.configure_model()
+    rollout = ExpandPruneRollout(backend, RewardSet([MeanPixel()]), ProGRPOSchedule(4, [0], [2]))
+    res = rollout.run(["a cat"], torch.Generator().manual_seed(0))
+    settings = UpdateSettings(train_batch_size=2, minibatches_per_step=1, clip_range=10.0, max_grad_norm=None)
+    opt = torch.optim.SGD(backend.trainable_parameters(), lr=5.0)
+    x, x_next, st = res.latents[:, 0], res.latents[:, 1], torch.zeros(2, dtype=torch.long)
+    cond = {k: v[res.prompt_index] for k, v in res.cond.items()}
+
+    def log_prob():
+        return backend.step(x, st, cond, next_latents=x_next).log_prob.detach()
+
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        before = log_prob()  # casts (and caches) the adapter's weights as they are now
+        stats = grpo_update(backend, res, torch.tensor([1.0, -1.0]), settings, opt,
+                            generator=torch.Generator().manual_seed(1))
+        inside = log_prob()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        fresh = log_prob()
+    assert stats["steps"] == 2  # 2 trajectories x 2 trainable steps, 2 pairs per minibatch and per step
+    assert not torch.equal(fresh, before)  # the update moved the policy
+    assert torch.equal(inside, fresh)

@@ -19,6 +19,20 @@ is an audit rollout). Each variant runs in its own process: a CUDA error costs t
 
 ``--plan`` writes each variant's ``plan --json`` report (``plan.report``; no GPU, no weights) and
 ``--compare`` joins the two into a table of measured vs planned peak.
+
+Whether a config fits a card is decided by what the caching allocator *reserves* and what the card
+holds besides (CUDA context, library workspaces), not by the allocated peak alone: as shipped,
+SD3.5-M reserved 104 GiB on a 141 GiB H200 for a 60 GiB allocated peak, where nothing made the
+allocator give cached blocks back. A variant name may carry allocator settings after the table
+name (``allocator_settings``): ``sd35m_pro+cap80`` runs ``sd35m_pro`` with the allocator limited to
+80 GiB (a smaller card emulated on a larger one: does it still fit once the allocator must free its
+cache?), ``sd35m_pro+expandable`` with ``PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True``; ``DERIVED``
+lists the ones measured by default. Every result records the reserved peak, the card's used memory
+at each iteration's end and the allocator's retries (each a cache flush to avoid out-of-memory).
+
+    python -m benchmarks.gpu.memory_check --out DIR --unmeasured docs/results/gpu_memory  # what has no result yet
+    python -m benchmarks.gpu.memory_check --out DIR --only sd35m_pro+expandable+cap80
+    python -m benchmarks.gpu.memory_check --match compile --list                          # names only
 """
 
 from __future__ import annotations
@@ -58,9 +72,59 @@ SMOKE: dict[str, tuple[list[str], list[str], int]] = {
     "tiny_sd3": ([C + "tiny_sd3.yaml"], [], 2),
     "tiny_flux": ([C + "tiny_flux.yaml"], LEVERS_ON, 1),
 }
+#: Allocator settings a variant name can carry after its table name: ``NAME+expandable`` runs NAME with
+#: PyTorch's expandable segments (the caching allocator grows segments instead of caching fixed-size
+#: blocks, which is what closes the reserved-vs-allocated gap); ``NAME+capNN`` limits the caching
+#: allocator to NN GiB (``torch.cuda.set_per_process_memory_fraction``): a card of that size emulated on
+#: a larger one, where the allocator must free its cache and retry before it raises out-of-memory.
+ALLOCATOR_ENV = {"expandable": {"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}}
+#: Derived variants measured by default (``--unmeasured``): does SD3.5-M as shipped fit an 80 GiB card,
+#: with the default allocator and with expandable segments?
+DERIVED = ["sd35m_pro+cap80", "sd35m_pro+expandable", "sd35m_pro+expandable+cap80"]
+#: ``NAME+compiled``: NAME with these overrides added, the CLI setting that compiles the denoiser. Empty
+#: while the library has no compile option; the branch that adds one sets it here, and the session's
+#: ``compile`` stage then measures NAME and NAME+compiled side by side.
+COMPILE_OVERRIDES: list[str] = []
+SMOKE_DERIVED = ["tiny_sd3+expandable+cap80"]
 
 
-def _precision(configs: list[str]) -> str:
+def allocator_settings(name: str) -> tuple[dict[str, str], float | None]:
+    """(environment, cap in GiB or None) of a variant name ``NAME[+expandable][+capNN]``."""
+    env: dict[str, str] = {}
+    cap = None
+    for mod in name.split("+")[1:]:
+        if mod == "compiled":  # not an allocator setting: overrides added by ``with_derived``
+            continue
+        if mod in ALLOCATOR_ENV:
+            env.update(ALLOCATOR_ENV[mod])
+        elif mod.startswith("cap") and mod[3:].replace(".", "", 1).isdigit():
+            cap = float(mod[3:])
+        else:
+            raise ValueError(f"variant {name!r}: unknown setting {mod!r} (known: "
+                             f"{', '.join(sorted(ALLOCATOR_ENV))}, capNN)")
+    return env, cap
+
+
+def with_derived(table: dict[str, tuple[list[str], list[str], int]],
+                 names: list[str]) -> dict[str, tuple[list[str], list[str], int]]:
+    """The table plus derived variants (``NAME+setting``), each with its base variant's entry."""
+    out = dict(table)
+    for name in names:
+        base = name.split("+")[0]
+        if base not in table:
+            raise ValueError(f"variant {name!r}: no variant {base!r} in the table")
+        allocator_settings(name)  # refuse unknown settings now
+        configs, overrides, iterations = table[base]
+        if "compiled" in name.split("+")[1:]:
+            if not COMPILE_OVERRIDES:
+                raise ValueError(f"variant {name!r}: this version has no compile option (COMPILE_OVERRIDES is empty)")
+            overrides = overrides + COMPILE_OVERRIDES
+        out[name] = (configs, overrides, iterations)
+    return out
+
+
+def config_precision(configs: list[str]) -> str:
+    """The ``trainer.precision`` of a base config and its overlays (the last one that sets it)."""
     import yaml
 
     precision = "32-true"
@@ -76,6 +140,7 @@ class IterationTimer(pl.Callback):
     def __init__(self) -> None:
         self.seconds: list[float] = []
         self.peaks: list[int] = []  # CUDA allocator peak after each iteration
+        self.device_used: list[int] = []  # the card's used memory at the end of each iteration
         self._t0 = 0.0
 
     @staticmethod
@@ -92,6 +157,8 @@ class IterationTimer(pl.Callback):
         self.seconds.append(time.perf_counter() - self._t0)
         if torch.cuda.is_available():
             self.peaks.append(torch.cuda.max_memory_allocated())
+            free, total = torch.cuda.mem_get_info()
+            self.device_used.append(total - free)  # everything on the card: context, cache, workspaces
 
 
 def measure(name: str, configs: list[str], overrides: list[str], iterations: int, device: str,
@@ -99,13 +166,18 @@ def measure(name: str, configs: list[str], overrides: list[str], iterations: int
     from pro_grpo_lightning.networks import NetworkSource
     from pro_grpo_lightning.plan import build_run
 
+    _, cap = allocator_settings(name)
+    if cap is not None and device == "cuda":
+        total = torch.cuda.get_device_properties(0).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, cap * 2**30 / total))
+
     t0 = time.perf_counter()
     module, datamodule = build_run([str(ROOT / c) for c in configs], overrides)
     # every network of the real architecture (a local folder's config files or architectures.py, as
     # the plan reads it), built on the device in its dtype with random values; tiny models their code
     module.use_networks(NetworkSource("random", device, seed=0))
     timer = IterationTimer()
-    precision = _precision(configs)
+    precision = config_precision(configs)
     trainer = pl.Trainer(accelerator="gpu" if device == "cuda" else "cpu", devices=1, precision=precision,
                          max_steps=iterations, logger=False, enable_checkpointing=False,
                          num_sanity_val_steps=0, limit_val_batches=0, enable_progress_bar=False,
@@ -123,9 +195,13 @@ def measure(name: str, configs: list[str], overrides: list[str], iterations: int
     }
     if device == "cuda":
         free, total = torch.cuda.mem_get_info()
+        stats = torch.cuda.memory_stats()
         out.update(peak_allocated=torch.cuda.max_memory_allocated(), peak_reserved=torch.cuda.max_memory_reserved(),
                    peak_allocated_after_each_iteration=timer.peaks, device_used_after_teardown=total - free,
+                   device_used_after_each_iteration=timer.device_used,
+                   alloc_retries=stats.get("num_alloc_retries", 0), ooms=stats.get("num_ooms", 0),
                    device_total=total, device_name=torch.cuda.get_device_name())
+    out.update(alloc_conf=os.environ.get("PYTORCH_CUDA_ALLOC_CONF"), cap_gib=cap)
     del trainer, module, datamodule
     if device == "cuda":
         torch.cuda.empty_cache()
@@ -172,8 +248,9 @@ def run(out: Path, variants: dict[str, tuple[list[str], list[str], int]], device
 
             cmd = [sys.executable, "-m", "benchmarks.gpu.memory_check", "--out", str(out), "--only", name,
                    "--in-process"] + (["--smoke"] if device == "cpu" else [])
+            env = {**os.environ, **allocator_settings(name)[0]}  # read by the allocator when CUDA starts
             try:
-                subprocess.run(cmd, cwd=ROOT, timeout=max(left, 30))
+                subprocess.run(cmd, cwd=ROOT, timeout=max(left, 30), env=env)
             except subprocess.TimeoutExpired:
                 (out / f"{name}.error.txt").write_text(f"TimeoutExpired: stopped after {left:.0f}s\n")
             continue
@@ -193,6 +270,8 @@ def plan_all(out: Path, variants: dict[str, tuple[list[str], list[str], int]]) -
 
     out.mkdir(parents=True, exist_ok=True)
     for name, (configs, overrides, _) in variants.items():
+        if "+" in name:  # a derived variant: the plan of its table variant (allocator settings are not planned)
+            continue
         t0 = time.perf_counter()
         r = report([str(ROOT / c) for c in configs], overrides=overrides, target="cuda")
         r["plan_seconds"] = time.perf_counter() - t0
@@ -203,16 +282,17 @@ def plan_all(out: Path, variants: dict[str, tuple[list[str], list[str], int]]) -
 def compare(root: Path, variants: dict[str, tuple[list[str], list[str], int]]) -> str:
     lines = ["| variant | configs + overrides | planned peak (GiB) | measured peak allocated (GiB) | "
              "measured / planned | peak reserved (GiB) | "
-             "s / iteration (first, then later) |", "|---|---|---|---|---|---|---|"]
+             "s / iteration (first, then later) | card used at iteration ends (GiB) | allocator retries |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for name, (configs, overrides, _) in variants.items():
-        planned = root / f"{name}.plan.json"
+        planned = root / f"{name.split('+')[0]}.plan.json"  # a derived variant: its table variant's plan
         measured = root / f"{name}.json"
         p = json.loads(planned.read_text())["peak"] if planned.exists() else None
         if not measured.exists():
             err = root / f"{name}.error.txt"
             why = err.read_text().splitlines()[0] if err.exists() else "not run"
             lines.append(f"| {name} | {' '.join(Path(c).name for c in configs)} {' '.join(overrides)} | "
-                         f"{p / 2**30 if p else float('nan'):.2f} | {why} | | | |")
+                         f"{p / 2**30 if p else float('nan'):.2f} | {why} | | | | | |")
             continue
         m = json.loads(measured.read_text())
         g = 2**30
@@ -220,7 +300,9 @@ def compare(root: Path, variants: dict[str, tuple[list[str], list[str], int]]) -
         secs = ", ".join(f"{s:.1f}" for s in m["seconds_per_iteration"])
         lines.append(f"| {name} | {' '.join(Path(c).name for c in configs)} {' '.join(overrides)} | "
                      f"{p / g if p else float('nan'):.2f} | {m['peak_allocated'] / g:.2f} | {ratio} | "
-                     f"{m['peak_reserved'] / g:.2f} | {secs} |")
+                     f"{m['peak_reserved'] / g:.2f} | {secs} | "
+                     f"{', '.join(f'{u / g:.1f}' for u in m.get('device_used_after_each_iteration', []))} | "
+                     f"{m.get('alloc_retries', '')} |")
     text = "\n".join(lines) + "\n"
     (root / "comparison.md").write_text(text)
     return text
@@ -235,14 +317,29 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--plan", type=Path, metavar="DIR", help="write the plan of each variant and exit")
     p.add_argument("--compare", type=Path, metavar="DIR", help="write DIR/comparison.md and exit")
     p.add_argument("--in-process", action="store_true", help="no process per variant (one variant, or debugging)")
+    p.add_argument("--unmeasured", type=Path, metavar="DIR",
+                   help="only the variants (table and derived) without a DIR/<name>.json yet")
+    p.add_argument("--match", help="only the variants whose name contains this (e.g. 'compile')")
+    p.add_argument("--list", action="store_true", help="print the selected variants' names and exit")
     args = p.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    variants = SMOKE if args.smoke else VARIANTS
+    variants = with_derived(SMOKE, SMOKE_DERIVED) if args.smoke else with_derived(VARIANTS, DERIVED)
     if args.only:
+        try:  # any NAME+setting of a table variant may be named
+            variants = with_derived(variants, [n for n in args.only if n not in variants and "+" in n])
+        except ValueError as err:
+            p.error(f"--only: {err}")
         unknown = set(args.only) - set(variants)
         if unknown:
             p.error(f"--only: unknown variants {sorted(unknown)}; choose from {sorted(variants)}")
         variants = {k: v for k, v in variants.items() if k in args.only}
+    if args.unmeasured:
+        variants = {k: v for k, v in variants.items() if not (args.unmeasured / f"{k}.json").exists()}
+    if args.match:
+        variants = {k: v for k, v in variants.items() if args.match in k}
+    if args.list:
+        print("\n".join(variants))
+        return 0
     if args.plan:
         plan_all(args.plan, variants)
         return 0

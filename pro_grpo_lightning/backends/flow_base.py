@@ -183,6 +183,15 @@ class FlowMatchingBackend(PipelineBackend):
         sigmas = self._sigmas_on(idx.device)  # [T + 1], cached per device
         return flow_grpo_kl_std(sigmas[idx], sigmas[idx + 1], self.noise_level, self.sde_kind)  # [B]
 
+    def sigma_decrement(self, step_index: Tensor) -> Tensor:
+        """[B] float32: sigma - sigma_next (= -dt > 0) at each row's step, on ``step_index``'s device:
+        the step size GRPO-Guard's gradient reweighting divides by (``objectives.guard_step_weight``).
+        Its presence marks a backend whose steps that reweighting is defined for."""
+        self._require_configured()
+        idx = step_index.to(dtype=torch.long)  # [B]
+        sigmas = self._sigmas_on(idx.device)  # [T + 1]
+        return sigmas[idx] - sigmas[idx + 1]  # [B]
+
     # ---- latents / images ---------------------------------------------------------------------
     @property
     def vae_scale_factor(self) -> int:

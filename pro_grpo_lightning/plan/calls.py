@@ -251,14 +251,17 @@ class TracedCalls:
         """One update minibatch as ``update.grpo_update`` runs it: ``update.minibatch_loss`` (the
         policy forward with grad, the reference forward when ``kl_beta > 0``, the loss), its
         backward, the gradients dropped after (they are counted with the resident part)."""
-        from ..update import Minibatch, minibatch_loss
+        from ..update import minibatch_loss
 
         backend = backend or self.backend
+        settings = self.module.settings
         net = backend.denoiser()
         x, cond = self._rows(batch, backend)
+        x_next = backend.initial_latents(batch)  # [b, *latent]
         st = torch.full((batch,), min(1, self.T - 1), dtype=torch.long, device=x.device)
-        mb = Minibatch(latents=x, next_latents=backend.initial_latents(batch), step_index=st, cond=cond,
-                       old_log_prob=torch.zeros(batch, device=x.device), advantages=torch.ones(batch, device=x.device))
+        old, adv = torch.zeros(batch, device=x.device), torch.ones(batch, device=x.device)
+        # GRPO-Guard reads the rollout's recorded step means: a latent per pair, stored like x_next
+        old_mean = backend.initial_latents(batch) if settings.ratio_norm == "grpo_guard" else None
 
         def run() -> None:
             if checkpointing:  # set here, not when the call is built: builders may run ahead
@@ -266,7 +269,7 @@ class TracedCalls:
             else:
                 net.disable_gradient_checkpointing()
             net.train()
-            loss, _ = minibatch_loss(backend, mb, self.module.settings)
+            loss = minibatch_loss(backend, x, st, cond, x_next, old, adv, settings, old_mean=old_mean)[0]
             loss.backward()
             net.zero_grad(set_to_none=True)
         return run

@@ -134,8 +134,13 @@ class Planner(TracedCalls):
             return [P * self.G] * self.T
         return [P * g for g in self.schedule.group_sizes_per_step(self.T)]
 
+    def mean_bytes(self) -> int:
+        """Bytes per row and step of the recorded step means (GRPO-Guard's ``update.ratio_norm``
+        makes the rollout keep them, ``RolloutResult.means``): one latent, else nothing."""
+        return self.latent_bytes if self.module.rollout.record_means else 0
+
     def rollout_phases(self, st: Settings, audit: bool) -> list[Phase]:
-        P, T, L = st.prompts_per_step, self.T, self.latent_bytes
+        P, T, L, M = st.prompts_per_step, self.T, self.latent_bytes, self.mean_bytes()
         rows = self.live_rows(P, audit)
         res = self.resident(st)
         tag = "audit rollout" if audit else "rollout"
@@ -149,7 +154,7 @@ class Planner(TracedCalls):
             ph = Phase(f"{tag}: denoiser call, {chunk} of {rows[t]} rows", res, persistent, self.denoise(chunk))
             if best is None or ph.peak > best.peak:
                 best = ph
-            history += rows[t] * (L + 4)  # x_{t+1} [B, *latent] float32 and log-prob [B]
+            history += rows[t] * (L + 4 + M)  # x_{t+1} [B, *latent] float32, log-prob [B] (, mean)
             if t in keep_at and self.schedule.rule not in ("none", "random"):
                 scale = self.module.rollout_settings.preview_scale
                 phases.append(Phase(f"{tag}: previews after step {t}, {rows[t]} rows", res,
@@ -159,7 +164,7 @@ class Planner(TracedCalls):
         phases.insert(0, best)
         final = rows[-1]
         survivors = P * self.K
-        result = survivors * ((T + 1) * L + 4 * T + self.image_bytes)
+        result = survivors * ((T + 1) * L + T * M + 4 * T + self.image_bytes)
         phases.append(Phase(f"{tag}: final decode + reward, {final} rows", res,
                             history + final * self.cond_row_bytes,
                             self.score(final, st.vae_decode_chunk, 1.0, st.sample_batch_size)))
@@ -170,7 +175,7 @@ class Planner(TracedCalls):
     def update_phase(self, st: Settings) -> Phase:
         P, T, L = st.prompts_per_step, self.T, self.latent_bytes
         N = P * self.K
-        result = N * ((T + 1) * L + 4 * T + self.image_bytes) + P * self.cond_row_bytes
+        result = N * ((T + 1) * L + T * self.mean_bytes() + 4 * T + self.image_bytes) + P * self.cond_row_bytes
         lora = self.weights.get(TRAINED, self.weights.get(TRAINED_FULL, 0))  # its gradients
         b = st.train_batch_size
         ckpt = "with" if st.gradient_checkpointing else "without"

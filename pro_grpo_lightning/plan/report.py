@@ -153,7 +153,19 @@ def format_report(r: dict[str, Any]) -> str:
             flag = "  [changes results]" if lv["changes_results"] else ""
             lines.append(f"  {lv['change']:<78}{_g(lv['saving']):>7}{flag}")
     lines += [f"note: {note}" for note in r["notes"]]
+    if r["target"] == "cuda":
+        lines.append(f"note: {allocator_note()}")
     return "\n".join(lines)
+
+
+def allocator_note() -> str:
+    """What "fits" means against a card: the plan estimates the allocator's *allocated* peak; what the
+    card must hold is what PyTorch's caching allocator *reserves* (cached free blocks, fragmentation)
+    plus the runtime overhead. Measured reserved / allocated peaks: docs/results/gpu_memory."""
+    return ("the peak is what PyTorch allocates; its caching allocator reserves more (cached blocks, "
+            "fragmentation: SD3.5-M's reserved peak was well above its allocated one on a GPU, "
+            "docs/results/gpu_memory). On a card with little headroom set "
+            "PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True, which PyTorch provides to reduce fragmentation")
 
 
 def fit_table(reports: Sequence[dict[str, Any]]) -> str:
