@@ -1,6 +1,6 @@
 """What a learning-efficiency design can resolve: power of each comparison, and arms at equal rollouts.
 
-    python -m benchmarks.evidence_power DIR BUDGET_S [--gain-arm grpo] [--speedups 1.26 1.41]
+    python -m benchmarks.evidence_power DIR BUDGET_S [--speedups 1.26 1.41]
 
 From a learning-efficiency output folder's run files (``DIR/runs`` or ``DIR/run_files``), for the
 held-out reward at the end of the budget:

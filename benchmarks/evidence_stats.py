@@ -16,6 +16,7 @@ from __future__ import annotations
 import glob
 import json
 import sys
+from typing import Any
 
 from .learning_report import final_value
 from .stats import mean_ci, welch_interval
@@ -23,29 +24,40 @@ from .stats import mean_ci, welch_interval
 PAIRS = (("pro", "grpo12"), ("pro", "static"))  # besides every arm against grpo
 
 
-def main(argv: list[str] | None = None) -> None:
-    argv = sys.argv[1:] if argv is None else argv
-    if len(argv) != 2:
-        raise SystemExit(__doc__)
-    folder, budget = argv[0], float(argv[1])
+def compute(folder: str, budget: float) -> dict[str, Any]:
+    """{measure: {"arms": {arm: {"start", "final", "gain"}}, "pairs": {"a - b": welch}, "pooled_gain": mean_ci}}."""
     runs: dict[str, list[dict]] = {}
     for f in sorted(glob.glob(f"{folder}/runs/*.json") or glob.glob(f"{folder}/run_files/*.json")):
         with open(f) as fh:
             r = json.load(fh)
         runs.setdefault(r["settings"]["arm"], []).append(r)
+    if not runs:
+        raise ValueError(f"{folder}: no runs/*.json or run_files/*.json")
+    out: dict[str, Any] = {}
     for key in ("reward", "exact", "shape", "count"):
-        print(f"--- {key}")
         final = {a: [final_value(r, budget, key) for r in rs] for a, rs in runs.items()}
         start = {a: [r["curve"][0][key] for r in rs] for a, rs in runs.items()}
-        for a in final:
-            gain = [f - s for f, s in zip(final[a], start[a])]
-            print(a, "start", round(start[a][0], 4), "final", mean_ci(final[a]), "gain", mean_ci(gain))
+        arms = {a: {"start": start[a][0], "final": mean_ci(final[a]),
+                    "gain": mean_ci([f - s for f, s in zip(final[a], start[a])])} for a in final}
         pairs = [(a, "grpo") for a in final if a != "grpo"] + list(PAIRS)
-        for a, b in pairs:
-            if a in final and b in final:
-                print(f"{a} - {b}:", welch_interval(final[a], final[b]))
-        pooled = [f - s for a in final for f, s in zip(final[a], start[a])]
-        print("all arms gain", mean_ci(pooled))
+        out[key] = {"arms": arms,
+                    "pairs": {f"{a} - {b}": welch_interval(final[a], final[b]) for a, b in pairs
+                              if a in final and b in final},
+                    "pooled_gain": mean_ci([f - s for a in final for f, s in zip(final[a], start[a])])}
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 2:
+        raise SystemExit(__doc__)
+    for key, m in compute(argv[0], float(argv[1])).items():
+        print(f"--- {key}")
+        for a, v in m["arms"].items():
+            print(a, "start", round(v["start"], 4), "final", v["final"], "gain", v["gain"])
+        for name, w in m["pairs"].items():
+            print(f"{name}:", w)
+        print("all arms gain", m["pooled_gain"])
 
 
 if __name__ == "__main__":

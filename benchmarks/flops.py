@@ -207,6 +207,141 @@ def preview_targets(result: dict[str, Any], limit: float = 0.03) -> dict[str, An
             "met_with_best_option": {key: out[key][best[key]]["met"] for key in out}}
 
 
+#: The paper's per-epoch TFLOPs for SD3.5-M (Ge et al., CVPR 2026, arXiv 2512.15347, its FLOPs table)
+#: and the speed-ups its text claims, as reported there (not measured here).
+PAPER_SD35M_EPOCH_TFLOPS = {"sd35m_pickscore_flow_grpo.yaml": 453_474, "sd35m_pickscore_pro_grpo.yaml": 335_627,
+                            "sd35m_pickscore_pro_grpo_flash.yaml": 267_366}
+PAPER_SD35M_CLAIMED_SPEEDUP = {"sd35m_pickscore_pro_grpo.yaml": 1.26, "sd35m_pickscore_pro_grpo_flash.yaml": 1.41}
+SD35M_CONFIGS = ("sd35m_pickscore_flow_grpo.yaml", "sd35m_pickscore_pro_grpo.yaml", "sd35m_pickscore_pro_grpo_flash.yaml")
+
+
+def lora_train_flops(family: str, resolution: int, size: str, rank: int, alpha: float,
+                     max_sequence_length: int | None = None, checkpointing: bool = False) -> dict[str, Any]:
+    """One training pair under LoRA, counted on the meta device: the base forward (what the KL
+    reference runs, adapters off), the adapted forward (every rollout call), and forward + backward
+    with gradients for the adapter only (frozen base weights: no weight gradients; activation
+    gradients through every layer above the first adapter), with gradient checkpointing if asked
+    (its recomputation counted as it runs). Targets: the backend's defaults (``default_lora_targets``)."""
+    from peft import LoraConfig
+
+    from pro_grpo_lightning.backends.base import expand_lora_targets
+    from pro_grpo_lightning.backends.flux import FluxBackend
+    from pro_grpo_lightning.backends.sd3 import SD3Backend
+    from pro_grpo_lightning.backends.sd15 import SD15Backend
+
+    a = arch(family, size)
+    if max_sequence_length is not None:
+        a = dict(a, max_sequence_length=max_sequence_length)
+    targets = {"sd15": SD15Backend, "sd3": SD3Backend, "flux": FluxBackend}[family].default_lora_targets
+    with torch.device("meta"):
+        net, call, x = denoiser_call(family, a, resolution)
+        base = _count(lambda: call(x))
+        net.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, target_modules=expand_lora_targets(net, list(targets))))
+    if checkpointing:
+        net.enable_gradient_checkpointing()
+    net.train(checkpointing)
+    adapted = _count(lambda: call(x))
+
+    def fwd_bwd() -> None:
+        call(x).float().sum().backward()
+
+    train = _count(fwd_bwd)
+    lora_params = sum(p.numel() for p in net.parameters() if p.requires_grad)
+    return {"base_forward": base, "lora_forward": adapted, "train_pair": train, "backward_factor": train / adapted,
+            "lora_params": lora_params, "rank": rank, "checkpointing": checkpointing,
+            "max_sequence_length": a.get("max_sequence_length")}
+
+
+def read_config(path: Path) -> dict[str, Any]:
+    """A shipped YAML config with the base it overlays (``sd35m_pickscore_base.yaml``), merged; only
+    plain YAML is read (no class is imported from a name in the file)."""
+    import yaml
+
+    def merge(base: dict, over: dict) -> dict:
+        out = dict(base)
+        for k, v in over.items():
+            out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+        return out
+
+    cfg = yaml.safe_load(path.read_text())
+    base = path.parent / "sd35m_pickscore_base.yaml"
+    return merge(yaml.safe_load(base.read_text()), cfg) if path.name != base.name and base.exists() else cfg
+
+
+def config_schedule(cfg: dict[str, Any]) -> Any:
+    """The config's group schedule (the two schedule classes the shipped SD3.5-M configs use)."""
+    from pro_grpo_lightning.schedules import PlainGRPOSchedule, ProGRPOSchedule
+
+    spec = cfg["model"]["schedule"]
+    cls = {"PlainGRPOSchedule": PlainGRPOSchedule, "ProGRPOSchedule": ProGRPOSchedule}.get(spec["class_path"].rsplit(".", 1)[-1])
+    if cls is None:
+        raise ValueError(f"schedule {spec['class_path']!r}: only PlainGRPOSchedule and ProGRPOSchedule are counted here")
+    return cls(**spec["init_args"])
+
+
+def config_flops(cfg: dict[str, Any], units: dict[str, Any], train: dict[str, Any]) -> dict[str, float]:
+    """TFLOPs per prompt and iteration of a config, everything that runs counted: denoiser calls
+    (adapted forward), preview decodes + rewards, final decodes + rewards, and per training pair the
+    LoRA forward + backward plus the reference forward when ``kl_beta > 0``."""
+    import math
+
+    from benchmarks.measure import decoded_images
+
+    b, u = cfg["model"]["backend"]["init_args"], cfg["model"]["update"]
+    T = int(b["num_steps"])
+    sched = config_schedule(cfg)
+    previews, finals = decoded_images(sched, 1, T)
+    n_train = T - 1  # a flow model's last step (sigma_next = 0) is never trained
+    pairs = sched.final_size * math.ceil(float(u.get("timestep_fraction", 1.0)) * n_train) * int(u.get("inner_epochs", 1))
+    kl = float(u.get("kl_beta", 0.0)) > 0
+    image = units["vae_decode"] + units["reward"]
+    parts = {"denoise": sched.nfe_per_prompt(T) * train["lora_forward"], "previews": previews * image,
+             "finals": finals * image, "update": pairs * train["train_pair"],
+             "kl_reference": pairs * train["base_forward"] if kl else 0.0}
+    parts = {k: v / 1e12 for k, v in parts.items()}
+    parts["total"] = sum(parts.values())
+    parts.update(pairs=pairs, previews_n=previews, finals_n=finals, nfe=sched.nfe_per_prompt(T), kl=kl)
+    return parts
+
+
+def shipped_config_table(root: Path, resolution: int = 512, size: str = "full") -> dict[str, Any]:
+    """The shipped SD3.5-M configs' FLOPs per prompt and iteration next to the paper's per-epoch ratios."""
+    cfgs = {name: read_config(root / "configs" / name) for name in SD35M_CONFIGS}
+    b = cfgs[SD35M_CONFIGS[0]]["model"]["backend"]["init_args"]
+    lora = b.get("lora") or {}
+    train = lora_train_flops("sd3", resolution, size, int(lora.get("rank", 32)), float(lora.get("alpha", 64)),
+                             int(b.get("max_sequence_length", 256)), bool(b.get("gradient_checkpointing", False)))
+    units = unit_flops_full("sd3", resolution, size)
+    rows = {name: config_flops(cfg, units, train) for name, cfg in cfgs.items()}
+    ref = rows[SD35M_CONFIGS[0]]["total"]
+    paper_ref = PAPER_SD35M_EPOCH_TFLOPS[SD35M_CONFIGS[0]]
+    for name, r in rows.items():
+        r["fewer_flops_than_flow_grpo"] = ref / r["total"]
+        no_kl = r["total"] - r["kl_reference"]
+        r["fewer_flops_without_kl_forward"] = (ref - rows[SD35M_CONFIGS[0]]["kl_reference"]) / no_kl
+        r["paper_epoch_tflops"] = PAPER_SD35M_EPOCH_TFLOPS[name]
+        r["paper_epoch_ratio"] = paper_ref / PAPER_SD35M_EPOCH_TFLOPS[name]
+        r["paper_claimed"] = PAPER_SD35M_CLAIMED_SPEEDUP.get(name)
+    return {"lora_train": train, "rows": rows}
+
+
+def shipped_config_markdown(table: dict[str, Any]) -> str:
+    t = table["lora_train"]
+    head = (f"LoRA r {t['rank']} on SD3.5-M ({t['lora_params'] / 1e6:.1f} M adapter parameters, {t['max_sequence_length']} "
+            f"T5 tokens, checkpointing {'on' if t['checkpointing'] else 'off'}): forward + backward = "
+            f"{t['backward_factor']:.3f} x the adapted forward; the adapted forward is "
+            f"{t['lora_forward'] / t['base_forward']:.4f} x the base forward (the KL reference).\n\n")
+    rows = [[name, r["nfe"], r["previews_n"], r["pairs"], "yes" if r["kl"] else "no", f"{r['denoise']:.1f}",
+             f"{r['previews']:.1f}", f"{r['finals']:.1f}", f"{r['update']:.1f}", f"{r['kl_reference']:.1f}",
+             f"{r['total']:.1f}", f"{r['fewer_flops_than_flow_grpo']:.3f}", f"{r['fewer_flops_without_kl_forward']:.3f}",
+             f"{r['paper_epoch_tflops']:,}", f"{r['paper_epoch_ratio']:.3f}",
+             "-" if r["paper_claimed"] is None else f"{r['paper_claimed']:.2f}"] for name, r in table["rows"].items()]
+    return head + markdown_table(["config", "denoiser calls", "previews", "training pairs", "KL", "denoise TFLOP",
+                                  "previews TFLOP", "finals TFLOP", "update TFLOP", "KL forward TFLOP",
+                                  "total TFLOP / prompt", "fewer FLOPs than Flow-GRPO", "same without the KL forward",
+                                  "paper TFLOPs / epoch", "paper ratio", "paper claims"], rows)
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     p = argparse.ArgumentParser(prog="python -m benchmarks.flops", description=__doc__.split("\n\n")[0])
     p.add_argument("--steps-sd15", type=int, nargs="+", default=[50, 20], help="T for SD1.5 (paper 50, GPU plan 20)")
@@ -257,6 +392,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                                         f"{r['flop_model_total'] / win[1]['flop_model_total']:.3f}"])
         result["backends"][family] = {"unit_flops": units, "schedules": per_T, "window_schedules": per_T_window}
     result["targets"] = {"previews_add_under_3pct": preview_targets(result)}
+    t_cfg = ""
+    if "sd3" in args.families:
+        result["sd35m_configs"] = shipped_config_table(ROOT.parent, args.resolution, args.size)
+        t_cfg = shipped_config_markdown(result["sd35m_configs"])
     t1 = markdown_table(["model", "denoiser params", "TFLOP per row", "rows per call (CFG)", "F: TFLOP per call",
                          "c = fwd+bwd / fwd", "VAE decode TFLOP", "PickScore TFLOP", "preview / F"], rows_units)
     t_prev = markdown_table(["model", "preview option", "decode TFLOP", "decode / F", "decode + PickScore TFLOP",
@@ -268,7 +407,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                          "update (F)", "FLOP model (F)", "previews", "previews add (vae)", "previews add (tiny)",
                          "FLOPs / plain (model)", "incl. decodes+rewards, tiny previews",
                          "FLOPs / plain-w2 (model)"], rows_window) if rows_window else ""
-    tab = "\n\n".join(x for x in (t1, t_prev, t2, t3) if x)
+    tab = "\n\n".join(x for x in (t1, t_prev, t2, t3, t_cfg) if x)
     print(tab)
     (out / "flops.md").write_text(tab + "\n")
     files = {"json": str(out / "flops.json"), "table": str(out / "flops.md")}

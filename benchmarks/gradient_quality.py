@@ -1,6 +1,6 @@
 """Gradient quality per FLOP of each selection arm, on shared trajectories (common random numbers).
 
-    python -m benchmarks.gradient_quality [--config configs/quickstart.yaml] [--rollouts 8] [--prompts 8]
+    python -m benchmarks.gradient_quality [--config configs/quickstart.yaml] [--rollouts 8] [--prompts 8] [--reward brightness]
                                           [--schedule NAME=pro:16>10@4>6@6 ...] [--out DIR]
 
 Each rollout samples G_sample trajectories for each of the same P training prompts to the end
@@ -17,20 +17,19 @@ they train on (and what that costs):
 
 For every arm and rollout: its exact policy gradient on-policy (the GRPO loss's gradient before any
 optimizer step, ratio 1, with the config's advantages on the arm's rewards and one random subset
-of ``timestep_fraction`` of the trainable steps per trajectory, the same subset in every arm);
-the cosine with a reference that excludes this rollout (the sum of the *other* rollouts'
-gradients of the whole sampled group, G_sample trained); the trained group's true-reward spread;
-the cost in units of F = one denoiser call on one trajectory (denoiser calls + previews and final
-images x (decode + reward) / F + c x training pairs, c = (forward + backward) / F; each counted with
-``torch.utils.flop_counter`` on this model, as ``benchmarks.measure`` does).
+of ``timestep_fraction`` of the trainable steps per trajectory, the same subset in every arm); the
+trained group's true-reward spread; the cost in units of F = one denoiser call on one trajectory
+(denoiser calls + previews and final images x (decode + reward) / F + c x training pairs, c =
+(forward + backward) / F; each counted with ``torch.utils.flop_counter`` on this model, as
+``benchmarks.measure`` does). The random arms draw their subsets from a stream of their own.
 
 Because the GRPO gradient is linear in the advantages, each arm's gradient is a weighted sum of
 per-trajectory gradients h_i = d/dtheta sum_{t in S_i} log p(x_{t+1} | x_t): one backward per
-trajectory serves every arm. Across rollouts, an arm's signal share |s|^2 / E|g|^2 is estimated as
-in ``benchmarks.gradient_snr`` (point estimate). Quality per FLOP: the cosine per 1000 F of cost
-per prompt, with paired t intervals over rollouts against plain-K and plain-2K. The reference is
-itself noisy, which shrinks every arm's cosine by the same factor: differences between arms keep
-their sign, and their size is a lower bound.
+trajectory serves every arm. Scoring (``benchmarks.crossfit``): each arm's gradients in one half of
+the rollouts against the other half's whole-group reference (cross-fitting), per rollout and at
+equal FLOPs (every arm given the FLOPs of one plain-2K rollout), with delete-one-rollout jackknife
+intervals, Holm across each family of comparisons, and power against the positive control's effect
+(plain-2K - plain-K). The inner products this needs are saved as ``grams.npz``.
 """
 
 from __future__ import annotations
@@ -57,12 +56,6 @@ ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_SCHEDULES = ["quickstart=pro:16>10@4>6@6",  # configs/quickstart.yaml
                      "paper=pro:24>12@5>6@7",  # the paper's 48 -> 24 @5 -> 12 @7 (T = 10), sizes x 0.5
                      "early=pro:16>6@2"]  # one prune at round(0.2 T) (benchmarks.schedules' pro-early)
-
-
-def cosine(a: Tensor, b: Tensor) -> float:
-    """Cosine of two flat vectors (0 if either is zero)."""
-    den = a.double().norm() * b.double().norm()
-    return float(a.double() @ b.double() / den) if den > 0 else 0.0
 
 
 def arm_schedules(K: int, G_static: int, schedules: list[NamedSchedule]) -> list[NamedSchedule]:
@@ -191,6 +184,22 @@ def trajectory_gradients(module: Any, cond: Any, latents: Tensor, P: int, G: int
     return torch.stack(rows).view(P, G, -1), m  # [P, G, D]
 
 
+def arm_generator(seed: int, r: int) -> torch.Generator:
+    """The random arms' own stream for rollout ``r``: independent of the sampling stream (seed, r)."""
+    return torch.Generator().manual_seed(int(np.random.SeedSequence([seed, r, 1]).generate_state(1)[0]))
+
+
+def grams(grads: dict[str, list[Tensor]], full: list[Tensor]) -> dict[str, np.ndarray]:
+    """The inner products ``benchmarks.crossfit`` needs: GF [A, R, R], GG [A, R, R], FF [R, R] (float64)."""
+    F = torch.stack(full).double()  # [R, D]
+    GF, GG = [], []
+    for g in grads.values():
+        G = torch.stack(g).double()  # [R, D]
+        GF.append((G @ F.T).numpy())
+        GG.append((G @ G.T).numpy())
+    return {"GF": np.stack(GF), "GG": np.stack(GG), "FF": (F @ F.T).numpy()}
+
+
 def measure(module: Any, prompts: list[str], rollouts: int, schedules: list[NamedSchedule], K: int,
             G_static: int, seed: int = 0, log=print, state: Path | None = None,
             shard: tuple[int, int] = (0, 1), shards: Sequence[Path] = ()) -> dict[str, Any]:
@@ -214,7 +223,8 @@ def measure(module: Any, prompts: list[str], rollouts: int, schedules: list[Name
     per_rollout: list[dict[str, Any]] = []
     grads: dict[str, list[Tensor]] = {a.name: [] for a in arms}
     full: list[Tensor] = []
-    key = {"prompts": prompts, "arms": [a.spec for a in arms], "seed": seed}
+    key = {"prompts": prompts, "arms": [a.spec for a in arms], "seed": seed,
+           "rewards": module.rollout.rewards.names}
     if shards:
         per_rollout, grads, full = join_shards(shards, key)
         rollouts = len(full)
@@ -235,8 +245,9 @@ def measure(module: Any, prompts: list[str], rollouts: int, schedules: list[Name
         full.append(arm_gradient(H, torch.arange(G).expand(P, -1), final, m, adv_kw))
         row: dict[str, Any] = {"rollout": r, "final_mean": float(final.mean()),
                                "final_std": float(final.std(1, unbiased=False).mean()), "arms": {}}
+        arm_gen = arm_generator(seed, r)  # the random arms' subsets: not the sampling stream
         for a in arms:
-            idx = select_arm(a.schedule, previews, final, torch.Generator().manual_seed(seed * 100_003 + r))
+            idx = select_arm(a.schedule, previews, final, arm_gen)
             grads[a.name].append(arm_gradient(H, idx, final, m, adv_kw))
             row["arms"][a.name] = {"spread": float(final.gather(1, idx).std(1, unbiased=False).mean()),
                                    "reward": float(final.gather(1, idx).mean())}
@@ -247,21 +258,14 @@ def measure(module: Any, prompts: list[str], rollouts: int, schedules: list[Name
     if n_shard > 1:
         return {"shard": list(shard), "rollouts": [row["rollout"] for row in per_rollout]}
     rollouts = len(full)
-    total = torch.stack(full).sum(0)  # [D]
-    for r, row in enumerate(per_rollout):
-        ref = total - full[r]  # the other rollouts' whole-group gradients
-        for a in arms:
-            g = grads[a.name][r]
-            others = (torch.stack(grads[a.name]).sum(0) - g) / max(rollouts - 1, 1)
-            row["arms"][a.name].update(cos=cosine(g, ref), norm2=float(g.double() @ g.double()),
-                                       signal=float(g.double() @ others.double()))
     units = unit_costs(module, prompts[0])
     m_steps = math.ceil(frac * int(module.backend.trainable_steps().sum()))
     return {"config_prompts": prompts, "rollouts": rollouts, "K": K, "G_sample": G, "G_static": G_static,
             "T": T, "pairs_per_trajectory": m_steps, "preview_steps": preview_steps, "units_flops": units,
+            "rewards": key["rewards"],
             "arms": {a.name: {"spec": a.spec, "cost_F_per_prompt": arm_cost(a.schedule, T, m_steps, units)}
                      for a in arms},
-            "per_rollout": per_rollout, "seconds": time.perf_counter() - t0}
+            "per_rollout": per_rollout, "grams": grams(grads, full), "seconds": time.perf_counter() - t0}
 
 
 def join_shards(paths: Sequence[Path], key: dict[str, Any]) -> tuple[list, dict[str, list[Tensor]], list[Tensor]]:
@@ -286,40 +290,98 @@ def join_shards(paths: Sequence[Path], key: dict[str, Any]) -> tuple[list, dict[
     return [r for r, _, _ in rows], {a: [g[a] for _, g, _ in rows] for a in arms}, [f for _, _, f in rows]
 
 
-def summarize(res: dict[str, Any], seed: int = 0) -> dict[str, Any]:
-    """Per arm: mean cosine, paired differences vs plain-K and plain-2K (t intervals over rollouts),
-    spread, signal share (point estimate) and the cosine per 1000 F with its paired differences."""
-    from benchmarks.stats import mean_ci
+#: The comparisons each sentence of the evidence claims together: one Holm family each.
+def families(arms: Sequence[str], schedules: Sequence[str]) -> dict[str, list[tuple[str, str, str]]]:
+    """{family: [(name, arm, baseline)]}: the positive control alone, Pro-GRPO against both plain
+    baselines, Pro-GRPO against its own top-k / random ablations, and the remaining arms."""
+    pro = [f"pro-{s}" for s in schedules]
+    others = [a for a in arms if a not in pro and not a.startswith("plain")]
+    vs = lambda names: [(f"{a} - {b}", a, b) for a in names for b in ("plain-K", "plain-2K")]  # noqa: E731
+    return {"positive_control": [("plain-2K - plain-K", "plain-2K", "plain-K")],
+            "pro_vs_plain": vs(pro),
+            "pro_vs_ablations": [(f"pro-{s} - {k}-{s}", f"pro-{s}", f"{k}-{s}") for s in schedules
+                                 for k in ("topk", "random")],
+            "other_arms_vs_plain": vs(others)}
 
+
+def summarize(res: dict[str, Any], budget_arm: str = "plain-2K") -> dict[str, Any]:
+    """Per arm its quality per rollout and at equal compute (``benchmarks.crossfit``: cross-fitted,
+    delete-one-rollout jackknife); per comparison family the differences with 95 % intervals, Holm
+    correction, and power against the positive control's effect. Equal compute: every arm's
+    gradients aggregated over the FLOPs of one ``budget_arm`` rollout (n = cost(budget_arm) / cost)."""
+    from benchmarks.crossfit import compare_family, jack_se, jackknife, quality
+
+    g = res["grams"]
+    GF, GG, FF = (np.asarray(g[k], dtype=np.float64) for k in ("GF", "GG", "FF"))
+    names = list(res["arms"])
+    R = FF.shape[0]
+    cost = np.array([res["arms"][a]["cost_F_per_prompt"]["total"] for a in names])
+    n_flop = cost[names.index(budget_arm)] / cost  # [A] rollouts' worth at equal FLOPs
+    full, reps = jackknife(lambda keep: np.concatenate([quality(GF, GG, FF, 1.0, keep),
+                                                        quality(GF, GG, FF, n_flop, keep)]), R)
+    A = len(names)
+    se = jack_se(reps)
     rows = res["per_rollout"]
-    col = lambda arm, key: np.array([r["arms"][arm][key] for r in rows])  # noqa: E731
-    out = {}
-    for arm, info in res["arms"].items():
-        cos = col(arm, "cos")
-        share = col(arm, "signal").mean() / col(arm, "norm2").mean()
-        per_kf = 1000 * cos / info["cost_F_per_prompt"]["total"]  # [R] cosine per 1000 F per prompt
-        per_kf_K = 1000 * col("plain-K", "cos") / res["arms"]["plain-K"]["cost_F_per_prompt"]["total"]
-        per_kf_2K = 1000 * col("plain-2K", "cos") / res["arms"]["plain-2K"]["cost_F_per_prompt"]["total"]
-        out[arm] = {"spec": info["spec"], "cost": info["cost_F_per_prompt"]["total"],
-                    "cos": mean_ci(cos), "d_cos_vs_K": mean_ci(cos - col("plain-K", "cos")),
-                    "d_cos_vs_2K": mean_ci(cos - col("plain-2K", "cos")), "spread": mean_ci(col(arm, "spread")),
-                    "signal_share": float(share), "cos_per_kF": mean_ci(per_kf),
-                    "d_cos_per_kF_vs_K": mean_ci(per_kf - per_kf_K), "d_cos_per_kF_vs_2K": mean_ci(per_kf - per_kf_2K)}
+    arms = {a: {"spec": res["arms"][a]["spec"], "cost": float(cost[i]), "n_at_equal_flops": float(n_flop[i]),
+                "per_rollout": {"est": float(full[i]), "se": float(se[i])},
+                "per_flop": {"est": float(full[A + i]), "se": float(se[A + i])},
+                "spread": float(np.mean([r["arms"][a]["spread"] for r in rows]))}
+            for i, a in enumerate(names)}
+    schedules = [a[4:] for a in names if a.startswith("pro-")]
+    effect = float(full[names.index("plain-2K")] - full[names.index("plain-K")])
+    out: dict[str, Any] = {"arms": arms, "budget_arm": budget_arm, "positive_control_effect": effect,
+                           "rollouts": R, "families": {}}
+    for measure_name, off in (("per_rollout", 0), ("per_flop", A)):
+        for fam, comps in families(names, schedules).items():
+            i = [off + names.index(a) for _, a, _ in comps]
+            j = [off + names.index(b) for _, _, b in comps]
+            out["families"][f"{fam}/{measure_name}"] = compare_family(
+                [c[0] for c in comps], full[i] - full[j], reps[:, i] - reps[:, j], effect)
     return out
 
 
-def table(summary: dict[str, Any]) -> str:
+def table(summary: dict[str, Any], only: str | None = None) -> str:
+    """Markdown: the arms, then each family's comparisons (``only``: "arms" or one family's name)."""
     from benchmarks.report import markdown_table
 
-    f = lambda c, d=3: f"{c['mean']:+.{d}f} [{c['lo']:+.{d}f}, {c['hi']:+.{d}f}]" if c.get("lo") is not None \
-        else f"{c['mean']:+.{d}f}"  # noqa: E731
-    rows = [[arm, s["spec"], f"{s['cost']:.0f}", f(s["cos"]), f(s["d_cos_vs_K"]), f(s["d_cos_vs_2K"]),
-             f"{s['signal_share']:+.4f}", f(s["spread"]), f(s["cos_per_kF"]),
-             f(s["d_cos_per_kF_vs_K"]), f(s["d_cos_per_kF_vs_2K"])]
-            for arm, s in summary.items()]
-    return markdown_table(["arm", "schedule", "cost (F/prompt)", "cos vs reference", "Δcos vs plain-K",
-                           "Δcos vs plain-2K", "signal share", "trained spread", "cos per 1000 F",
-                           "Δ(cos per 1000 F) vs plain-K", "Δ vs plain-2K"], rows)
+    arms = markdown_table(["arm", "schedule", "cost (F/prompt)", "trained spread", "cos per rollout (± jackknife SE)",
+                           f"rollouts at the FLOPs of one {summary['budget_arm']}", "cos at equal FLOPs"],
+                          [[a, s["spec"], f"{s['cost']:.0f}", f"{s['spread']:.3f}",
+                            f"{s['per_rollout']['est']:+.4f} ± {s['per_rollout']['se']:.4f}",
+                            f"{s['n_at_equal_flops']:.2f}", f"{s['per_flop']['est']:+.4f} ± {s['per_flop']['se']:.4f}"]
+                           for a, s in summary["arms"].items()])
+    if only == "arms":
+        return arms
+    parts = [arms] if only is None else []
+    for fam, comps in summary["families"].items():
+        if only is not None and fam != only:
+            continue
+        parts.append(f"**{fam}** (Holm over {len(comps)}; power against the positive control's effect "
+                     f"{summary['positive_control_effect']:+.4f})\n\n" + markdown_table(
+            ["difference", "estimate", "95 % interval", "Holm-level interval", "p", "p (Holm)", "resolved",
+             "power", "80 %-power difference"],
+            [[nm, f"{c['est']:+.4f}", f"[{c['lo']:+.4f}, {c['hi']:+.4f}]",
+              f"[{c['lo_family']:+.4f}, {c['hi_family']:+.4f}]", f"{c['p']:.3g}", f"{c['p_holm']:.3g}",
+              "yes" if c["resolved"] else "no", f"{c.get('power', float('nan')):.2f}", f"{c['mde80']:.4f}"]
+             for nm, c in comps.items()]))
+    return "\n\n".join(parts)
+
+
+def save(res: dict[str, Any], out: Path) -> None:
+    """gradient_quality.json (everything but the Gram matrices), grams.npz (them), gradient_quality.md."""
+    g = res.pop("grams")
+    np.savez_compressed(out / "grams.npz", **{k: np.asarray(v, dtype=np.float64) for k, v in g.items()})
+    (out / "gradient_quality.json").write_text(json.dumps(res, indent=1) + "\n")
+    (out / "gradient_quality.md").write_text(table(res["summary"]) + "\n")
+    res["grams"] = g
+
+
+def load(out: Path) -> dict[str, Any]:
+    """A saved result with its Gram matrices (``np.load`` without pickles)."""
+    res = json.loads((out / "gradient_quality.json").read_text())
+    with np.load(out / "grams.npz", allow_pickle=False) as z:
+        res["grams"] = {k: z[k] for k in z.files}
+    return res
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -332,6 +394,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--schedule", nargs="+", default=DEFAULT_SCHEDULES, help="NAME=pro:G>k1@c1>... (K = the last k)")
     p.add_argument("--static-group", type=int, default=16, help="G of the static and extremes arms")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--reward", choices=["config", "brightness"], default="config",
+                   help="the config's reward, or mean image brightness (a reward whose gradient resolves)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override (repeatable)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", default=str(ROOT / "benchmarks/results/gradient_quality"))
@@ -344,14 +408,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         assert len(shard) == 2 and 0 <= shard[0] < shard[1]
     except (ValueError, AssertionError):
         p.error(f"--shard: expected I/N with 0 <= I < N, got {args.shard!r}")
-    if args.rollouts < 3:
-        p.error(f"--rollouts must be >= 3 (a leave-one-out reference and a pairwise signal), got {args.rollouts}")
+    if args.rollouts < 6:
+        p.error(f"--rollouts must be >= 6 (two halves of at least 3), got {args.rollouts}")
     schedules = [parse_schedule(s) for s in args.schedule]
     Ks = {s.schedule.final_size for s in schedules}
     if len(Ks) != 1 or any(s.kind != "pro" for s in schedules):
         p.error(f"--schedule: give pro schedules with one final K, got {args.schedule}")
     torch.set_num_threads(args.threads)
-    module, data = build_module(args.config, args.prompts, "config", args.set)
+    module, data = build_module(args.config, args.prompts, args.reward, args.set)
     data.setup("fit")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -367,9 +431,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         return res
     res.update(command=["python", "-m", "benchmarks.gradient_quality", *(argv if argv is not None else sys.argv[1:])],
                config=args.config, sets=args.set, seed=args.seed)
-    res["summary"] = summarize(res, args.seed)
-    (out / "gradient_quality.json").write_text(json.dumps(res, indent=1) + "\n")
-    (out / "gradient_quality.md").write_text(table(res["summary"]) + "\n")
+    res["summary"] = summarize(res)
+    save(res, out)
     print(table(res["summary"]))
     return res
 

@@ -287,6 +287,26 @@ def test_flops_entry_point_preview_columns_and_windows_at_toy_size(tmp_path):
     win = {r["name"]: r for r in data["backends"]["sd3"]["window_schedules"]["10"]}
     assert win["flash-w2-after"]["nfe"] == 180 and win["plain-w2"]["update_pairs"] == 48
     assert data["backends"]["sd15"]["window_schedules"] == {}
+    lora = data["sd35m_configs"]["lora_train"]  # counted on the mini SD3 with the backend's LoRA targets
+    assert lora["lora_forward"] > lora["base_forward"] and 1.5 < lora["backward_factor"] < 3.5 and lora["lora_params"] > 0
+
+
+def test_shipped_sd35m_config_flops_by_hand():
+    """Everything that runs, per prompt: calls x adapted forward, images x (decode + reward), pairs x
+    (LoRA train pair + the KL reference forward when kl_beta > 0); units in TFLOP for round numbers."""
+    T = 1e12
+    units = {"vae_decode": 3 * T, "reward": 1 * T}
+    train = {"lora_forward": 10 * T, "train_pair": 21 * T, "base_forward": 9 * T}
+    cfg = {name: flops.read_config(flops.ROOT.parent / "configs" / name) for name in flops.SD35M_CONFIGS}
+    plain = flops.config_flops(cfg["sd35m_pickscore_flow_grpo.yaml"], units, train)
+    assert (plain["nfe"], plain["pairs"], plain["kl"]) == (240, 24 * 9, True)  # G 24, 9 trained steps, kl 0.01
+    assert plain["total"] == pytest.approx(240 * 10 + 24 * 4 + 216 * (21 + 9))
+    std = flops.config_flops(cfg["sd35m_pickscore_pro_grpo.yaml"], units, train)  # 48 -> 24 @5 -> 12 @7
+    assert (std["nfe"], std["previews_n"], std["pairs"]) == (360, 72, 108)
+    assert std["total"] == pytest.approx(360 * 10 + (72 + 12) * 4 + 108 * 30)
+    no_kl = dict(cfg["sd35m_pickscore_pro_grpo.yaml"], model=dict(cfg["sd35m_pickscore_pro_grpo.yaml"]["model"],
+                 update=dict(cfg["sd35m_pickscore_pro_grpo.yaml"]["model"]["update"], kl_beta=0.0)))
+    assert flops.config_flops(no_kl, units, train)["kl_reference"] == 0.0
 
 
 def test_flux_depth_extrapolation_is_exact_in_flops():

@@ -3,10 +3,11 @@ real update's gradient, and one tiny run through the quickstart config."""
 
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 
-from benchmarks.gradient_quality import (arm_gradient, arm_schedules, cosine, main, sample, select_arm,
+from benchmarks.gradient_quality import (arm_gradient, arm_schedules, main, sample, select_arm,
                                          trajectory_gradients)
 from benchmarks.gradient_snr import GradientCapture
 from benchmarks.schedules import parse_schedule
@@ -29,12 +30,6 @@ def affine_module(T=5, G=6):
         backend.net.delta.copy_(torch.tensor([[0.1, -0.2], [0.3, 0.05]]))  # a non-trivial policy
     return SimpleNamespace(backend=backend,
                            rollout=ExpandPruneRollout(backend, RewardSet([MeanPixel()]), PlainGRPOSchedule(G)))
-
-
-def test_cosine_by_hand():
-    a = torch.tensor([3.0, 4.0])
-    assert cosine(a, a) == pytest.approx(1.0) and cosine(a, -2 * a) == pytest.approx(-1.0)
-    assert cosine(a, torch.tensor([-4.0, 3.0])) == pytest.approx(0.0) and cosine(a, torch.zeros(2)) == 0.0
 
 
 def test_arms_select_as_their_rules_say():
@@ -79,17 +74,25 @@ def test_arm_gradient_is_the_updates_gradient_and_zero_for_a_constant_reward():
     assert torch.equal(arm_gradient(H, idx[:, :3], torch.full((3, G), 0.7), m, ADV), torch.zeros(4))
 
 
+ARGS = ["--rollouts", "6", "--prompts", "1", "--threads", "1", "--schedule", "q=pro:4>3@4>2@6", "--static-group", "4"]
+
+
 def test_tiny_run_through_the_quickstart_config(tmp_path, one_thread):
-    res = main(["--rollouts", "3", "--prompts", "1", "--threads", "1", "--schedule", "q=pro:4>3@4>2@6",
-                "--static-group", "4", "--out", str(tmp_path)])
+    res = main(ARGS + ["--out", str(tmp_path)])
     assert res["G_sample"] == 4 and res["K"] == 2 and res["preview_steps"] == [4, 6]
-    arms = res["summary"]
-    assert set(arms) == {"plain-K", "plain-2K", "static-ovf", "static-extremes", "pro-q", "topk-q", "random-q"}
-    assert arms["plain-K"]["d_cos_vs_K"]["mean"] == 0.0 and arms["plain-2K"]["d_cos_vs_2K"]["mean"] == 0.0
-    # plain-2K = the whole sampled group of 4 = what the reference sums over the other rollouts
-    for row in res["per_rollout"]:
-        for a in row["arms"].values():
-            assert -1 <= a["cos"] <= 1 and 0 <= a["spread"] <= 0.5
+    s = res["summary"]
+    assert set(s["arms"]) == {"plain-K", "plain-2K", "static-ovf", "static-extremes", "pro-q", "topk-q", "random-q"}
+    assert set(s["families"]) == {f"{f}/{m}" for f in ("positive_control", "pro_vs_plain", "pro_vs_ablations",
+                                                      "other_arms_vs_plain") for m in ("per_rollout", "per_flop")}
+    assert list(s["families"]["pro_vs_plain/per_rollout"]) == ["pro-q - plain-K", "pro-q - plain-2K"]
+    assert s["arms"]["plain-2K"]["n_at_equal_flops"] == 1.0 and s["arms"]["plain-K"]["n_at_equal_flops"] == \
+        pytest.approx(2.0)  # plain-K costs exactly half of plain-2K
+    for a in s["arms"].values():
+        assert -1 <= a["per_rollout"]["est"] <= 1 and a["per_rollout"]["se"] > 0
+    # the stored Gram matrices recompute the summary
+    from benchmarks.gradient_quality import load, summarize
+    again = summarize(load(tmp_path))
+    assert again["families"]["positive_control/per_rollout"] == s["families"]["positive_control/per_rollout"]
     # costs in denoiser calls: plain 2 x 10 + update; Pro 4 x 5 + 3 x 2 + 2 x 3 + previews + update
     units = res["units_flops"]
     c = units["train_pair"] / units["denoiser_call"]
@@ -98,34 +101,41 @@ def test_tiny_run_through_the_quickstart_config(tmp_path, one_thread):
     assert res["arms"]["plain-K"]["cost_F_per_prompt"]["total"] == pytest.approx(20 + 2 * image + 2 * m * c)
     assert res["arms"]["pro-q"]["cost_F_per_prompt"]["total"] == pytest.approx(
         32 + (4 + 3) * image + 2 * image + 2 * m * c)
-    assert c > 1 and (tmp_path / "gradient_quality.json").exists() and (tmp_path / "gradient_quality.md").exists()
-    # the saved state is continued: asking again for 3 rollouts samples nothing and summarises the same
-    again = main(["--rollouts", "3", "--prompts", "1", "--threads", "1", "--schedule", "q=pro:4>3@4>2@6",
-                  "--static-group", "4", "--out", str(tmp_path)])
-    assert again["per_rollout"] == res["per_rollout"] and again["summary"] == res["summary"]
+    assert c > 1 and (tmp_path / "gradient_quality.md").exists() and (tmp_path / "grams.npz").exists()
+    # the saved state is continued: asking again for 6 rollouts samples nothing and summarises the same
+    assert main(ARGS + ["--out", str(tmp_path)])["summary"] == s
     with pytest.raises(ValueError, match="holds another setting"):
-        main(["--rollouts", "3", "--prompts", "1", "--threads", "1", "--schedule", "q=pro:4>3@4>2@5",
-              "--static-group", "4", "--out", str(tmp_path)])
+        main([*ARGS[:7], "q=pro:4>3@4>2@5", *ARGS[8:], "--out", str(tmp_path)])
+
+
+def test_random_arms_draw_from_their_own_stream():
+    """The random arms' subsets do not come from the sampling stream of the same rollout."""
+    from benchmarks.gradient_quality import arm_generator
+
+    a, b = arm_generator(0, 3), torch.Generator().manual_seed(3)
+    assert not torch.equal(torch.rand(8, generator=a), torch.rand(8, generator=b))
+    assert torch.equal(torch.rand(8, generator=arm_generator(0, 3)), torch.rand(8, generator=arm_generator(0, 3)))
 
 
 def test_shards_joined_equal_one_run(tmp_path, one_thread):
     """Rollout r depends only on (seed, r): 2 shards sampled apart and joined give the one-process
     run's per-rollout values and summary."""
-    args = ["--rollouts", "3", "--prompts", "1", "--threads", "1", "--schedule", "q=pro:4>3@4>2@6",
-            "--static-group", "4"]
-    whole = main(args + ["--out", str(tmp_path / "whole")])
+    whole = main(ARGS + ["--out", str(tmp_path / "whole")])
     parts = tmp_path / "parts"
-    assert main(args + ["--out", str(parts), "--shard", "1/2"])["rollouts"] == [1]
-    with pytest.raises(ValueError, match=r"missing \[0\]"):  # rollout 0's shard not there yet
-        main(args + ["--out", str(parts), "--join"])
-    assert main(args + ["--out", str(parts), "--shard", "0/2"])["rollouts"] == [0, 2]
-    joined = main(args + ["--out", str(parts), "--join"])
-    assert [r["rollout"] for r in joined["per_rollout"]] == [0, 1, 2]
+    assert main(ARGS + ["--out", str(parts), "--shard", "1/2"])["rollouts"] == [1, 3, 5]
+    with pytest.raises(ValueError, match=r"missing \[0"):  # rollout 0's shard not there yet
+        main(ARGS + ["--out", str(parts), "--join"])
+    assert main(ARGS + ["--out", str(parts), "--shard", "0/2"])["rollouts"] == [0, 2, 4]
+    joined = main(ARGS + ["--out", str(parts), "--join"])
+    assert [r["rollout"] for r in joined["per_rollout"]] == list(range(6))
     for a, b in zip(joined["per_rollout"], whole["per_rollout"]):
         for arm in a["arms"]:
             for k, v in a["arms"][arm].items():
                 assert v == pytest.approx(b["arms"][arm][k], rel=1e-6, abs=1e-9), (arm, k)
-    assert joined["summary"]["pro-q"]["cos"]["mean"] == pytest.approx(whole["summary"]["pro-q"]["cos"]["mean"])
+    np.testing.assert_allclose(joined["grams"]["GF"], whole["grams"]["GF"], rtol=1e-6, atol=1e-12)
+    assert joined["summary"]["arms"]["pro-q"]["per_rollout"]["est"] == \
+        pytest.approx(whole["summary"]["arms"]["pro-q"]["per_rollout"]["est"])
+
 
 def test_proxy_quality_summary_of_a_csv_log(tmp_path):
     from benchmarks.proxy_quality import summarize

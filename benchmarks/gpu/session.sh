@@ -75,9 +75,10 @@ if [ -n "${SMOKE:-}" ]; then SM=(--smoke); DEV=(--device cpu); else SM=(); DEV=(
 pids=()
 if has gq; then
   if [ -n "${SMOKE:-}" ]; then
-    GQ=(--rollouts 4 --prompts 1 --schedule "q=pro:4>3@4>2@6" --static-group 4 --threads 1); SHARDS=2
+    GQ=(--rollouts 6 --prompts 1 --schedule "q=pro:4>3@4>2@6" --static-group 4 --threads 1); SHARDS=2
   else
-    GQ=(--rollouts "${GQ_ROLLOUTS:-128}" --prompts 4 --threads 2); SHARDS=${GQ_SHARDS:-6}
+    GQ=(--rollouts "${GQ_ROLLOUTS:-128}" --prompts 4 --threads 2 --reward brightness
+        --schedule "quickstart=pro:16>10@4>6@6" "early=pro:16>6@2"); SHARDS=${GQ_SHARDS:-6}
   fi
   mkdir -p "$RES/gradient_quality"
   for i in $(seq 0 $((SHARDS - 1))); do
