@@ -98,6 +98,9 @@ def arch(family: str, size: str) -> dict[str, Any]:
         return dict(unet=SD15_UNET if full else MINI_SD15_UNET,
                     vae=SD15_VAE if full else dict(MINI_VAE, latent_channels=4, scaling_factor=0.18215),
                     clip_width=768 if full else 32)
+    if family == "sd3" and size == "block":  # SD3.5-M's first and last MMDiT-X blocks at real width (compile_cost)
+        return dict(transformer=dict(SD35M_TRANSFORMER, num_layers=2, dual_attention_layers=(0,)),
+                    vae=arch("sd3", "mini")["vae"], clip_widths=(768, 1280), max_sequence_length=77)
     if family == "sd3":
         return dict(transformer=SD35M_TRANSFORMER if full else MINI_SD3_TRANSFORMER,
                     vae=SD3_VAE if full else dict(MINI_VAE, latent_channels=16, scaling_factor=1.5305,
@@ -133,8 +136,8 @@ class _RandomInit:
     built_in_code = True
 
     def _setup_random(self, size: str, build_device: str, seed: int) -> None:
-        if size not in ("full", "mini"):
-            raise ValueError(f"random-weight backends take size 'full' or 'mini', got {size!r}")
+        if size not in ("full", "mini", "block"):
+            raise ValueError(f"random-weight backends take size 'full', 'mini' or 'block' (sd3), got {size!r}")
         self.size = size
         self.seed = seed
         self.use_networks(NetworkSource("random", build_device, seed))
@@ -219,11 +222,12 @@ class RandomFluxBackend(_RandomInit, FluxBackend):
 
 def build_backend(family: str, size: str, *, num_steps: int, resolution: int, device: str,
                   dtype: str = "float32", seed: int = 0, lora_rank: int = 8,
-                  vae_decode_chunk: int | None = None) -> DiffusionBackend:
-    """A configured backend on ``device`` (see the module docstring for what each size is)."""
+                  vae_decode_chunk: int | None = None, **options: Any) -> DiffusionBackend:
+    """A configured backend on ``device`` (see the module docstring for what each size is);
+    ``options``: further backend settings (e.g. ``compile``, ``guidance_scale``)."""
     lora = LoraSettings(rank=lora_rank, alpha=2.0 * lora_rank)
     common = dict(num_steps=num_steps, resolution=resolution, lora=lora, dtype=dtype,
-                  vae_decode_chunk=vae_decode_chunk)
+                  vae_decode_chunk=vae_decode_chunk, **options)
     if size == "tiny":
         cls = {"sd15": TinySD15Backend, "sd3": TinySD3Backend, "flux": TinyFluxBackend}[family]
         backend = cls(seed=seed, **common)

@@ -168,6 +168,7 @@ def run_main(fn: Callable[[list[str] | None], Any], argv: list[str] | None = Non
 #: ``pro-grpo <command> ...`` beside Lightning's own (fit, validate, test, predict): command ->
 #: (module, function taking argv), each with its own ``--help``.
 COMMANDS = {"plan": ("pro_grpo_lightning.plan.report", "run"),
+            "adapt": ("pro_grpo_lightning.adaptive", "main"),
             "export": ("pro_grpo_lightning.export", "main"),
             "serve-reward": ("pro_grpo_lightning.reward_server", "main")}
 

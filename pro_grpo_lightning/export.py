@@ -41,7 +41,7 @@ def _family(backend: DiffusionBackend) -> tuple[Any, str]:
     name = getattr(backend, "pipeline_class", "")
     if not name:
         raise TypeError(f"no diffusers pipeline is known for {type(backend).__name__}: "
-                        f"export supports SD1.x, SD3 and FLUX backends")
+                        f"export supports the PipelineBackend families")
     import diffusers
 
     return getattr(diffusers, name), backend.denoiser_component

@@ -64,7 +64,7 @@ class ProGRPOModule(pl.LightningModule):
     """Pro-GRPO (and its baselines, by schedule) on a LoRA policy.
 
     Args:
-        backend: the model family, by ``class_path`` (SD1.5, SD3, FLUX, or a tiny variant).
+        backend: the model family, by ``class_path`` (SD1.5, SDXL, SD3, FLUX, Qwen-Image, Z-Image, or a tiny variant).
         rewards: one or more rewards; the total is their weighted sum.
         schedule: group sizes, pruning checkpoints and selection rule, by ``class_path``.
         optimizer: optimizer over the LoRA parameters (``class_path`` + ``init_args``).
@@ -215,6 +215,7 @@ class ProGRPOModule(pl.LightningModule):
         self.rollouts_done += 1
         logged = logs.rollout_metrics(result, adv.advantages, stats, update_time, health, self.rollouts_done,
                                       opt.param_groups[0]["lr"], self.device)
+        logged.update({k: torch.tensor(v) for k, v in self.backend.compile_metrics().items()})  # this rank's graphs
         logs.log_rollout(self, logged, batch_size=len(prompts))
         with logs.written_if_raised(self, logged):  # a guard's stop: Lightning would drop these metrics
             self.guard.update(bad, nonfinite_counts(result.components), total=result.rewards.numel(),

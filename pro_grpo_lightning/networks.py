@@ -125,7 +125,7 @@ def _table_components(pretrained: str, text_encoders: Sequence[str]) -> dict[str
     for name, (cls_name, cfg) in PIPELINES[pretrained].items():
         if name == "scheduler" or (name.startswith("text_encoder") and name not in text_encoders):
             continue
-        if cls_name.startswith(("CLIP", "T5")):
+        if name.startswith("text_encoder"):  # transformers models; the rest are diffusers'
             comps[name] = transformers_model(cls_name, cfg).eval()
         else:
             comps[name] = diffusers_model(cls_name, cfg)
@@ -162,14 +162,20 @@ def _folder_components(folder: str, text_encoders: Sequence[str]) -> dict[str, A
 
 def stand_in_tokenizers(comps: dict[str, Any], t5_length: int) -> dict[str, Any]:
     """Offline tokenizers that pad to the same lengths as the real ones (ids are never meaningful:
-    the weights are random or absent): byte-level CLIP for CLIP encoders, character-level T5."""
-    from .offline_tokenizers import byte_level_clip_tokenizer, char_level_t5_tokenizer
+    the weights are random or absent): byte-level CLIP for CLIP encoders, character-level T5, and a
+    byte-level Qwen2 tokenizer with a chat template for the Qwen encoders (Qwen-Image, Z-Image):
+    those pad to the batch's longest prompt, which bytes make longer than the real BPE would (an
+    overestimate of the text tokens)."""
+    from .offline_tokenizers import QWEN_CHAT_TEMPLATE, byte_level_clip_tokenizer, byte_level_qwen_tokenizer, \
+        char_level_t5_tokenizer
 
     for name, net in list(comps.items()):
         if not name.startswith("text_encoder"):
             continue
         tok_name = "tokenizer" + name[len("text_encoder"):]
-        if type(net).__name__.startswith("T5"):
+        if type(net).__name__.startswith("Qwen"):
+            comps[tok_name] = byte_level_qwen_tokenizer(chat_template=QWEN_CHAT_TEMPLATE)
+        elif type(net).__name__.startswith("T5"):
             comps[tok_name] = char_level_t5_tokenizer(model_max_length=t5_length)
         else:  # CLIP pads to its context (77; a small local model may have fewer positions)
             positions = getattr(net.config, "max_position_embeddings", 77)

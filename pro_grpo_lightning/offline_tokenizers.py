@@ -12,7 +12,7 @@ import string
 from collections.abc import Sequence
 
 from tokenizers.pre_tokenizers import ByteLevel
-from transformers import CLIPTokenizer, T5TokenizerFast
+from transformers import CLIPTokenizer, Qwen2Tokenizer, T5TokenizerFast
 
 #: CLIP's special tokens, as in the real vocabulary.
 CLIP_BOS = "<|startoftext|>"
@@ -73,3 +73,29 @@ def char_level_t5_tokenizer(model_max_length: int = 256, words: Sequence[str] = 
     pieces += [("\u2581", -1.0)] + [("\u2581" + c, -1.5) for c in string.ascii_lowercase]
     pieces += [("\u2581" + w, -1.0) for w in dict.fromkeys(words)]
     return T5TokenizerFast(vocab=pieces, extra_ids=0, model_max_length=model_max_length)
+
+
+#: The special tokens of the Qwen2 / Qwen2.5 / Qwen3 chat vocabularies that the pipelines' prompt
+#: templates use (ids after the 256 byte symbols, in this order).
+QWEN_SPECIALS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
+
+
+#: A Qwen-style chat template (user / assistant turns between ``<|im_start|>`` and ``<|im_end|>``) for
+#: ``byte_level_qwen_tokenizer``; the real tokenizers ship their own (Qwen3's).
+QWEN_CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+                      "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def byte_level_qwen_tokenizer(model_max_length: int = 2048, chat_template: str | None = None) -> Qwen2Tokenizer:
+    """A Qwen2Tokenizer over the 256 byte symbols (no merges) plus Qwen's chat specials.
+
+    Vocabulary size 259: bytes 0-255, ``<|endoftext|>`` 256 (also pad, as in Qwen's), ``<|im_start|>``
+    257, ``<|im_end|>`` 258. Every string tokenizes (one token per byte); the chat markers of the
+    pipelines' prompt templates are one token each, as in the real vocabulary. Right padding, as Qwen's.
+    ``chat_template``: for ``apply_chat_template`` (``QWEN_CHAT_TEMPLATE`` for Z-Image's pipeline).
+    """
+    vocab = {s: i for i, s in enumerate(sorted(ByteLevel.alphabet()))}
+    tok = Qwen2Tokenizer(vocab=vocab, merges=[], model_max_length=model_max_length, chat_template=chat_template)
+    tok.add_special_tokens({"additional_special_tokens": list(QWEN_SPECIALS[1:])})
+    tok.padding_side = "right"
+    return tok

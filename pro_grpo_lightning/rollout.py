@@ -153,6 +153,9 @@ class RolloutResult:
                     whole expanded group, ...}
     metadata:      P metadata dicts, one per prompt (None when the prompt set has none); a
                    trajectory's is ``metadata[prompt_index[n]]``
+    probe_scores:  audit with ``probe_steps`` only: {step: [P, G_max]} every trajectory's preview
+                   score after that step (``adaptive.py`` measures candidate pruning points with it)
+    expanded_rewards: audit only: [P, G_max] the true reward of every trajectory of the expanded group
     """
 
     prompts: list[str]
@@ -171,6 +174,8 @@ class RolloutResult:
     audit: dict[str, Tensor] = field(default_factory=dict)
     metadata: list[dict] | None = None
     means: Tensor | None = None
+    probe_scores: dict[int, Tensor] = field(default_factory=dict)
+    expanded_rewards: Tensor | None = None
 
     @property
     def num_prompts(self) -> int:
@@ -252,7 +257,8 @@ class ExpandPruneRollout:
             audit: bool = False, metadata: Sequence[dict] | None = None,
             noise_generator: torch.Generator | None = None, rank: int = 0,
             world_size: int = 1,
-            progress: Callable[[int, int, int, int], None] | None = None) -> RolloutResult:
+            progress: Callable[[int, int, int, int], None] | None = None,
+            probe_steps: Sequence[int] = ()) -> RolloutResult:
         """Roll out ``prompts`` (this rank's P prompts of a global batch of ``world_size`` x P).
 
         Args:
@@ -268,7 +274,12 @@ class ExpandPruneRollout:
             rank, world_size: this process's place in the global batch.
             progress: called after every step (and its pruning) with (steps done, T, live
                 trajectories, previews scored so far): a progress display (``logs.py``).
+            probe_steps: audit only: also preview and score every trajectory after these steps,
+                whether or not the schedule prunes there (``RolloutResult.probe_scores``; counted in
+                ``num_previews`` and the preview time). The selections are the schedule's.
         """
+        if probe_steps and not audit:
+            raise ValueError("probe_steps needs audit=True: only an audit rollout keeps every trajectory alive")
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} outside world size {world_size}")
         backend, sched = self.backend, self.schedule
@@ -311,7 +322,16 @@ class ExpandPruneRollout:
         checkpoints: list[PruningPoint] = []
         keep_at = dict(zip(sched.checkpoints, sched.keep))
         audit_previews: list[Tensor] = []  # audit: each checkpoint's preview scores of all rows [P, G]
+        probe_at, probe_scores = set(int(s) for s in probe_steps), {}
         nfe = previews = 0
+
+        def score_previews(x0: Tensor, rows: Tensor) -> Tensor:
+            """Preview rewards of physical ``rows`` [R] of the step's x0 [B, *latent] -> [R]."""
+            nonlocal previews
+            texts, meta = rows_of(prompt_of.index_select(0, rows))
+            images, total, _ = self.decode_and_score(x0.index_select(0, rows), texts, meta, preview=True)
+            previews += images.shape[0]
+            return total  # [R]
 
         for t in range(T):
             t0 = time.perf_counter()
@@ -331,6 +351,12 @@ class ExpandPruneRollout:
             _sync(device)
             timings["denoise"] += time.perf_counter() - t0
 
+            probed = None  # audit: every row's preview score after a probed step, [P*G]
+            if t in probe_at:
+                t0 = time.perf_counter()
+                probed = score_previews(out.x0, torch.arange(P * G, device=device))  # [P*G]
+                probe_scores[t] = probed.view(P, G)
+                timings["preview"] += time.perf_counter() - t0
             if t not in keep_at:
                 if progress is not None:
                     progress(t + 1, T, P * group_live, previews)
@@ -341,14 +367,11 @@ class ExpandPruneRollout:
             if sched.rule not in ("none", "random"):  # these rules ignore scores: skip the preview
                 # audit: preview every row of the expanded group, to correlate over all of it
                 rows = torch.arange(P * G, device=device) if audit else live  # [R]
-                texts, meta = rows_of(prompt_of.index_select(0, rows))
-                images, total, _ = self.decode_and_score(out.x0.index_select(0, rows), texts, meta,
-                                                         preview=True)  # [R, 3, H, W], [R]
+                total = probed if probed is not None else score_previews(out.x0, rows)  # [R]
                 if audit:
                     audit_previews.append(total.view(P, G))  # [P, G]
                     total = total.index_select(0, live)  # [P*G_live]
                 scores = total.view(P, group_live)  # [P, G_live]
-                previews += images.shape[0]
             kept = select_indices(scores, k_next, sched.rule, group_size=group_live, num_groups=P,
                                   generator=generator, device=device)  # [P, k_next]
             checkpoints.append(PruningPoint(t, scores, kept, kept))  # survivors filled in at the end
@@ -374,6 +397,7 @@ class ExpandPruneRollout:
         images, total, comps = self.decode_and_score(x.index_select(0, scored_rows), texts, meta,
                                                      preview=False)  # [R, 3, H, W], [R]
         audit_stats: dict[str, Tensor] = {}
+        expanded = total.view(P, G) if audit else None  # [P, G] every trajectory's true reward
         if audit:
             # rows are all P*G trajectories; ``live`` the proxy-selected survivors
             # what the same rule would keep knowing the true rewards (random/none have no preference: OVF)
@@ -425,7 +449,8 @@ class ExpandPruneRollout:
             rewards=rewards,  # [P, K]
             components={k: v.view(P, group_live) for k, v in comps.items()},
             images=images, checkpoints=checkpoints, nfe=nfe, nfe_full=P * G * T,
-            num_previews=previews, timings=timings, audit=audit_stats, metadata=metadata, means=means)
+            num_previews=previews, timings=timings, audit=audit_stats, metadata=metadata, means=means,
+            probe_scores=probe_scores, expanded_rewards=expanded)
 
     @staticmethod
     def _survivor_positions(checkpoints: list[PruningPoint], P: int, K: int) -> list[Tensor]:

@@ -198,7 +198,7 @@ def test_session_script_smoke_end_to_end(tmp_path):
     assert "all " in text and "| update | (as shipped) | default | ok |" in text  # the tiny FLUX check ran
     assert "**agree**" in text  # ddp vs the plain strategy on CPU
     assert "| tiny_sd3 |" in text and "| tiny_sd3+expandable+cap80 |" in text
-    assert "compile | unavailable" in text
+    assert "| compile | 0 |" in text and "| tiny_sd3+compiled |" in text  # the backends' compile option
 
 
 def test_plan_output_says_what_the_caching_allocator_adds(capsys):

@@ -306,7 +306,10 @@ def test_plan_input_errors_are_one_line_before_any_build(tmp_path, capsys, monke
 
 #: The README's "what fits" rows, in its order (their plans are stored in docs/results/plan/).
 README_PLANS = ["sd15_hps_grpo", "sd15_hps_pro_grpo", "sd15_hps_clip_pro_grpo", "sd35m_pickscore_flow_grpo",
-                "sd35m_pickscore_pro_grpo", "sd35m_pickscore_pro_grpo_flash", "flux_dev_pickscore_pro_grpo"]
+                "sd35m_pickscore_pro_grpo", "sd35m_pickscore_pro_grpo_flash", "flux_dev_pickscore_pro_grpo",
+                "sdxl_hps_grpo", "sdxl_hps_pro_grpo", "sd35l_pickscore_flow_grpo", "sd35l_pickscore_pro_grpo",
+                "zimage_pickscore_grpo", "zimage_pickscore_pro_grpo", "qwenimage_pickscore_grpo",
+                "qwenimage_pickscore_pro_grpo"]
 
 
 def test_readme_fit_table_is_made_from_the_stored_plans():

@@ -67,10 +67,18 @@ VARIANTS: dict[str, tuple[list[str], list[str], int]] = {
     "sd35m_pro": ([C + "sd35m_pickscore_base.yaml", C + "sd35m_pickscore_pro_grpo.yaml"], [], 2),
     "sd35m_pro_levers": ([C + "sd35m_pickscore_base.yaml", C + "sd35m_pickscore_pro_grpo.yaml"],
                          LEVERS_ON + ["--model.rollout.sample_batch_size=48"], 1),
+    # the families of issue 26 (never run on a GPU yet): each shipped Pro-GRPO config as it is
+    "sdxl_pro": ([C + "sdxl_hps_pro_grpo.yaml"], [], 1),
+    "zimage_pro": ([C + "zimage_pickscore_pro_grpo.yaml"], [], 1),
+    "sd35l_pro": ([C + "sd35l_pickscore_base.yaml", C + "sd35l_pickscore_pro_grpo.yaml"], [], 1),
+    "qwenimage_pro": ([C + "qwenimage_pickscore_pro_grpo.yaml"], [], 1),
 }
 SMOKE: dict[str, tuple[list[str], list[str], int]] = {
     "tiny_sd3": ([C + "tiny_sd3.yaml"], [], 2),
     "tiny_flux": ([C + "tiny_flux.yaml"], LEVERS_ON, 1),
+    "tiny_sdxl": ([C + "tiny_sdxl.yaml"], [], 1),
+    "tiny_qwenimage": ([C + "tiny_qwenimage.yaml"], [], 1),
+    "tiny_zimage": ([C + "tiny_zimage.yaml"], [], 1),
 }
 #: Allocator settings a variant name can carry after its table name: ``NAME+expandable`` runs NAME with
 #: PyTorch's expandable segments (the caching allocator grows segments instead of caching fixed-size
@@ -81,10 +89,9 @@ ALLOCATOR_ENV = {"expandable": {"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:
 #: Derived variants measured by default (``--unmeasured``): does SD3.5-M as shipped fit an 80 GiB card,
 #: with the default allocator and with expandable segments?
 DERIVED = ["sd35m_pro+cap80", "sd35m_pro+expandable", "sd35m_pro+expandable+cap80"]
-#: ``NAME+compiled``: NAME with these overrides added, the CLI setting that compiles the denoiser. Empty
-#: while the library has no compile option; the branch that adds one sets it here, and the session's
-#: ``compile`` stage then measures NAME and NAME+compiled side by side.
-COMPILE_OVERRIDES: list[str] = []
+#: ``NAME+compiled``: NAME with these overrides added, the CLI setting that compiles the denoiser
+#: (``compiling.py``); the session's ``compile`` stage measures NAME and NAME+compiled side by side.
+COMPILE_OVERRIDES: list[str] = ["--model.backend.init_args.compile=true"]
 SMOKE_DERIVED = ["tiny_sd3+expandable+cap80"]
 
 

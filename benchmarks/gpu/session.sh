@@ -17,7 +17,8 @@
 #               (benchmarks/gpu/memory_check.py --unmeasured: the table's families, whatever branch added
 #               them, and the allocator variants NAME+cap80 / NAME+expandable), each in its own process
 #   compile     compiled vs eager, side by side: memory_check NAME and NAME+compiled for each NAME of
-#               COMPILE_BASES (default "sd35m_pro"); skipped while memory_check has no compile option
+#               COMPILE_BASES (default "sd35m_pro"); then benchmarks/compile_cost.py (rollout and update
+#               ratios, graphs after warm-up, max |log-ratio|, bf16) on COMPILE_MODELS (default "block")
 #   gq          (not default) the CPU mechanism benchmark as shards on the machine's other cores
 # Everything lands in one archive, OUT/results.tgz (the device tool brings back few files), with
 # OUT/session.log and stages.tsv (stage, exit code or "skipped", seconds, seconds left). Read it
@@ -166,6 +167,10 @@ if begin compile 120; then
     run_for "$(cap 100000)" "$PY" -m benchmarks.gpu.memory_check "${SM[@]}" --only "${pairs[@]}" \
       --out "$RES/compile" --budget-s $(( $(cap 100000) - 60 ))
     end compile $?
+    if [ -n "${SMOKE:-}" ]; then CC=(--model tiny --compile-backend aot_eager --repeats 1)
+    else CC=(--device cuda --dtype bfloat16 --repeats 3); for m in ${COMPILE_MODELS:-block}; do CC+=(--model "$m"); done; fi
+    run_for "$(cap 100000)" "$PY" -m benchmarks.compile_cost "${CC[@]}" --out "$RES/compile_cost"
+    echo "[session] compile_cost exit $? ($(left)s left)"
   else
     echo "[session] compile: no compile option in this version (memory_check has no COMPILE_OVERRIDES)"
     end compile unavailable

@@ -35,6 +35,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
+from ..compiling import DenoiserCompiler, check_compile_backend, compile_denoiser
 from ..loading import (check_pretrained_source, check_tokenizer_vocab, load_preview_decoder, parse_dtype,
                        resolve_pretrained_source)
 from ..networks import PRETRAINED, NetworkSource, architecture_components, preview_decoder_architecture
@@ -238,6 +239,13 @@ class DiffusionBackend(nn.Module, abc.ABC):
             for n, v in state.items():
                 params[n].copy_(v)
 
+    #: counts and delegates the denoiser's compilations (``compiling.py``); None: eager
+    compiler: DenoiserCompiler | None = None
+
+    def compile_metrics(self) -> dict[str, float]:
+        """``compile/*`` counts of a compiled denoiser; empty when it runs eagerly."""
+        return self.compiler.metrics() if self.compiler is not None else {}
+
     def extra_repr(self) -> str:
         window = f", sde_window={list(self.sde_window)}" if self.sde_window is not None else ""
         return (f"num_steps={self.num_steps}, guidance_scale={self.guidance_scale}, "
@@ -302,6 +310,15 @@ class PipelineBackend(DiffusionBackend):
             ``precision: bf16-mixed``. The KL reference is then a frozen copy of the base
             denoiser, made in ``configure_model`` only when ``keep_reference`` is True (the
             module sets it from ``kl_beta > 0``): with ``kl_beta: 0`` no copy is held.
+        compile: run the denoiser through ``torch.compile`` (``compiling.py``): static shapes, one
+            graph per batch size the schedule produces, compiled during the first rollout and
+            update and only looked up afterwards (``compile/graphs`` is logged; it stays flat after
+            the warm-up). The step arithmetic around the denoiser stays eager. Off by default: the
+            compile time (minutes for a real model) pays back only over many rollouts, and the
+            measured speed-up is in ``docs/benchmarks.md`` ("A compiled denoiser").
+        compile_backend: the ``torch.compile`` backend: "inductor" (generated kernels, the fast one),
+            "aot_eager" (the same tracing without code generation: a quick check that a model
+            compiles), or any ``torch.compiler.list_backends()`` name.
     """
 
     #: Name of diffusers' stock pipeline class of the family (what ``export.py`` builds and whose
@@ -320,8 +337,12 @@ class PipelineBackend(DiffusionBackend):
 
     def __init__(self, pretrained: str, *, revision: str | None = None, gradient_checkpointing: bool = False,
                  vae_decode_chunk: int | None = None, finetune: str = "lora",
-                 preview_decoder: str | None = None, **kwargs: Any) -> None:
+                 preview_decoder: str | None = None, compile: bool = False,
+                 compile_backend: str = "inductor", **kwargs: Any) -> None:
         super().__init__(**kwargs)
+        #: counts and delegates the denoiser's compilations; None: the denoiser runs eagerly
+        check_compile_backend(compile_backend)  # a typo fails at parse time, compiled or not
+        self.compiler = DenoiserCompiler(compile_backend) if compile else None
         if finetune not in ("lora", "full"):
             raise ValueError(f"finetune must be 'lora' or 'full', got {finetune!r}")
         self.finetune = finetune
@@ -453,6 +474,8 @@ class PipelineBackend(DiffusionBackend):
             with self.networks.adapter().building(self.weight_dtype):
                 self.attach_lora(net)
         self._setup(comps)
+        if self.compiler is not None:  # after the adapter and checkpointing: the compiled forward sees both
+            compile_denoiser(net, self.compiler)
         if self.preview_source is not None:
             self.preview_decoder = self._checked_preview_decoder(self._build_preview_decoder())
         self._configured = True
@@ -483,13 +506,18 @@ class PipelineBackend(DiffusionBackend):
             decoder.to(dtype=self.weight_dtype)
         return decoder.eval()
 
+    def lora_targets(self, net: nn.Module) -> list[str]:
+        """The names peft adapts: ``lora.target_modules`` (or the family's default) expanded against
+        ``net`` (``expand_lora_targets``)."""
+        return expand_lora_targets(net, self.lora.target_modules or self.default_lora_targets)
+
     def attach_lora(self, net: nn.Module) -> None:
         """Add the policy adapter (``self.lora``) to ``net``, trained in float32 whatever the base dtype."""
         from peft import LoraConfig
 
         settings = self.lora
         init = {"true": True, "default": True, "false": False}.get(str(settings.init).lower(), settings.init)
-        targets = expand_lora_targets(net, settings.target_modules or self.default_lora_targets)
+        targets = self.lora_targets(net)
         net.add_adapter(LoraConfig(r=settings.rank, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
                                    init_lora_weights=init, target_modules=targets))
         for name, module in net.named_modules():  # peft creates the adapter in the base dtype
@@ -550,10 +578,21 @@ class PipelineBackend(DiffusionBackend):
             return run(latents, times, cond)
         B, device = latents.shape[0], latents.device
         neg = self._negative_rows(B, device)
-        both = {k: torch.cat([neg[k].to(device), v.to(device)]) for k, v in cond.items()}  # [2B, ...] each
+        both = self.stack_cfg_rows({k: v.to(device) for k, v in neg.items()},
+                                   {k: v.to(device) for k, v in cond.items()})  # [2B, ...] each
         out = run(torch.cat([latents, latents]), torch.cat([times, times]), both)  # [2B, *latent]
         uncond, text = out.chunk(2)  # [B, *latent] each
-        return uncond + self.guidance_scale * (text - uncond)  # [B, *latent]
+        return self.combine_guidance(uncond, text)  # [B, *latent]
+
+    def stack_cfg_rows(self, negative: Conditioning, cond: Conditioning) -> Conditioning:
+        """CFG's one batch: the negative rows, then the prompts' rows (a family whose text length
+        varies per prompt batch pads both to one length here)."""
+        return {k: torch.cat([negative[k], v]) for k, v in cond.items()}  # [2B, ...] each
+
+    def combine_guidance(self, uncond: Tensor, text: Tensor) -> Tensor:
+        """The guided output from the two branches [B, ...]: uncond + scale * (text - uncond), the
+        rule of the SD, SD3 and SDXL pipelines (a family whose pipeline does more overrides it)."""
+        return uncond + self.guidance_scale * (text - uncond)  # [B, ...]
 
     def step(self, latents: Tensor, step_index: Tensor, cond: Conditioning, *,
              noise: Tensor | None = None, next_latents: Tensor | None = None,

@@ -21,11 +21,53 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from ..steps import StepOutput, draw_noise
 from ..steps.flow import FLOW_STEP_KINDS, flow_grpo_kl_std, flow_sde_step, flow_step_std
 from .base import Conditioning, LoraSettings, PipelineBackend
+
+
+def calculate_shift(image_seq_len: int, base_seq_len: int, max_seq_len: int, base_shift: float,
+                    max_shift: float) -> float:
+    """mu, linear in the image token count (diffusers' ``calculate_shift``: SD3, FLUX, Qwen-Image, Z-Image)."""
+    m = (max_shift - base_shift) / (max_seq_len - base_seq_len)
+    return image_seq_len * m + base_shift - m * base_seq_len
+
+
+def shifted_sigma_table(scheduler: Any, num_steps: int, image_seq_len: int, max_shift: float = 1.15,
+                        sigmas: Any = None) -> Tensor:
+    """[T + 1]: the sigma table the FLUX, Qwen-Image and Z-Image pipelines set: ``sigmas`` (default
+    ``linspace(1, 1 / T, T)``, FluxPipeline's and QwenImagePipeline's) and ``mu`` from the image token
+    count with the scheduler config's ``base_*`` / ``max_*`` values (``max_shift`` is the pipeline's
+    default when the config has none); the scheduler applies ``mu`` iff ``use_dynamic_shifting``."""
+    import numpy as np
+
+    cfg = scheduler.config
+    mu = calculate_shift(image_seq_len, cfg.get("base_image_seq_len", 256), cfg.get("max_image_seq_len", 4096),
+                         cfg.get("base_shift", 0.5), cfg.get("max_shift", max_shift))
+    if sigmas is None:
+        sigmas = np.linspace(1.0, 1.0 / num_steps, num_steps)
+    scheduler.set_timesteps(sigmas=sigmas, device="cpu", mu=mu)
+    return scheduler.sigmas.clone()  # [T + 1]
+
+
+def pad_text_rows(cond: Conditioning, length: int) -> Conditioning:
+    """Text rows ``prompt_embeds`` [B, L, D] and ``prompt_embeds_mask`` [B, L] padded to ``length``
+    tokens (zero embeddings, mask 0): the layout of the families whose text length varies with the
+    prompt batch (Qwen-Image, Z-Image)."""
+    extra = length - cond["prompt_embeds"].shape[1]
+    return {"prompt_embeds": F.pad(cond["prompt_embeds"], (0, 0, 0, extra)),  # [B, length, D]
+            "prompt_embeds_mask": F.pad(cond["prompt_embeds_mask"], (0, extra))}  # [B, length]
+
+
+class VariableTextMixin:
+    """CFG's one batch for text rows of varying length: both sides padded to the longer (``pad_text_rows``)."""
+
+    def stack_cfg_rows(self, negative: Conditioning, cond: Conditioning) -> Conditioning:
+        length = max(negative["prompt_embeds"].shape[1], cond["prompt_embeds"].shape[1])
+        return super().stack_cfg_rows(pad_text_rows(negative, length), pad_text_rows(cond, length))
 
 
 class FlowMatchingBackend(PipelineBackend):
@@ -47,7 +89,8 @@ class FlowMatchingBackend(PipelineBackend):
                  sde_kind: str, max_sequence_length: int, gradient_checkpointing: bool,
                  offload_text_encoders: bool, vae_decode_chunk: int | None,
                  sde_window: Sequence[int] | None = None, finetune: str = "lora",
-                 preview_decoder: str | None = None) -> None:
+                 preview_decoder: str | None = None, compile: bool = False,
+                 compile_backend: str = "inductor") -> None:
         if sde_kind not in FLOW_STEP_KINDS:
             raise ValueError(f"sde_kind={sde_kind!r}: choose one of {FLOW_STEP_KINDS}")
         if noise_level < 0 or (sde_kind == "cps" and noise_level > 1):
@@ -60,7 +103,8 @@ class FlowMatchingBackend(PipelineBackend):
         super().__init__(pretrained, revision=revision, gradient_checkpointing=gradient_checkpointing,
                          vae_decode_chunk=vae_decode_chunk, num_steps=num_steps, guidance_scale=guidance_scale,
                          resolution=resolution, lora=lora, dtype=dtype, negative_prompt=negative_prompt,
-                         sde_window=sde_window, finetune=finetune, preview_decoder=preview_decoder)
+                         sde_window=sde_window, finetune=finetune, preview_decoder=preview_decoder, compile=compile,
+            compile_backend=compile_backend)
         self.noise_level = float(noise_level)
         self.sde_kind = sde_kind
         self.max_sequence_length = int(max_sequence_length)
@@ -83,6 +127,21 @@ class FlowMatchingBackend(PipelineBackend):
         """[T + 1] float32: the scheduler's sigmas for ``num_steps``, ending at 0."""
 
     # ---- lifecycle ---------------------------------------------------------------------------
+    def load_flow_components(self, transformer_cls: Any, vae_cls: Any, text_encoders: dict[str, Any]) -> dict[str, Any]:
+        """The part of ``load_components`` every flow family shares: ``transformer`` and ``vae`` in
+        ``weight_dtype``, the ``FlowMatchEulerDiscreteScheduler`` (read for its sigma table), and each
+        named text encoder class from its subfolder; the family adds its tokenizers."""
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
+        dt = self.weight_dtype
+        comps: dict[str, Any] = {
+            "transformer": self._load(transformer_cls, "transformer", torch_dtype=dt),
+            "vae": self._load(vae_cls, "vae", torch_dtype=dt),
+            "scheduler": self._load(FlowMatchEulerDiscreteScheduler, "scheduler"),
+        }
+        comps.update({name: self._load(cls, name, dtype=dt) for name, cls in text_encoders.items()})
+        return comps
+
     def _setup(self, components: dict[str, Any]) -> None:
         self._tokenizers = {k: v for k, v in components.items() if k.startswith("tokenizer") and v is not None}
         self.scheduler = components["scheduler"]

@@ -23,13 +23,11 @@ number of image tokens, with the scheduler's base/max shift and sequence lengths
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 from torch import Tensor
 
 from .base import Conditioning, LoraSettings
-from .flow_base import FlowMatchingBackend
-from .sd3 import _calculate_shift
+from .flow_base import FlowMatchingBackend, shifted_sigma_table
 
 #: The ``pretrained`` value of the code-built tiny model (nothing to load).
 TINY_FLUX_SOURCE = "<tiny-flux>"
@@ -86,14 +84,16 @@ class FluxBackend(FlowMatchingBackend):
                  gradient_checkpointing: bool = False, offload_text_encoders: bool = False,
                  vae_decode_chunk: int | None = None, revision: str | None = None,
                  sde_window: list[int] | None = None, finetune: str = "lora",
-                 preview_decoder: str | None = None) -> None:
+                 preview_decoder: str | None = None, compile: bool = False,
+                 compile_backend: str = "inductor") -> None:
         super().__init__(
             pretrained=pretrained, revision=revision, num_steps=num_steps, guidance_scale=guidance_scale,
             resolution=resolution, lora=lora, dtype=dtype, negative_prompt="", noise_level=noise_level,
             sde_kind=sde_kind, max_sequence_length=max_sequence_length,
             gradient_checkpointing=gradient_checkpointing, offload_text_encoders=offload_text_encoders,
             vae_decode_chunk=vae_decode_chunk, sde_window=sde_window, finetune=finetune,
-            preview_decoder=preview_decoder)
+            preview_decoder=preview_decoder, compile=compile,
+            compile_backend=compile_backend)
 
     def uses_cfg(self) -> bool:
         return False  # dev: guidance embedding; schnell: no guidance
@@ -108,17 +108,11 @@ class FluxBackend(FlowMatchingBackend):
         return ("text_encoder", "text_encoder_2")
 
     def load_components(self) -> dict[str, object]:
-        from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
+        from diffusers import AutoencoderKL, FluxTransformer2DModel
         from transformers import CLIPTextModel, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
 
-        dt = self.weight_dtype
-        comps: dict[str, object] = {
-            "transformer": self._load(FluxTransformer2DModel, "transformer", torch_dtype=dt),
-            "vae": self._load(AutoencoderKL, "vae", torch_dtype=dt),
-            "scheduler": self._load(FlowMatchEulerDiscreteScheduler, "scheduler"),
-            "text_encoder": self._load(CLIPTextModel, "text_encoder", dtype=dt),
-            "text_encoder_2": self._load(T5EncoderModel, "text_encoder_2", dtype=dt),
-        }
+        comps = self.load_flow_components(FluxTransformer2DModel, AutoencoderKL,
+                                          {"text_encoder": CLIPTextModel, "text_encoder_2": T5EncoderModel})
         comps["tokenizer"] = self._load_tokenizer(CLIPTokenizer, "tokenizer",
                                                   comps["text_encoder"].config.vocab_size)
         comps["tokenizer_2"] = self._load_tokenizer(T5TokenizerFast, "tokenizer_2",
@@ -127,13 +121,7 @@ class FluxBackend(FlowMatchingBackend):
 
     def _sigma_table(self, scheduler) -> Tensor:
         side = self.resolution // self.vae_scale_factor
-        tokens = (side // 2) ** 2  # packed image tokens
-        cfg = scheduler.config
-        mu = _calculate_shift(tokens, cfg.get("base_image_seq_len", 256), cfg.get("max_image_seq_len", 4096),
-                              cfg.get("base_shift", 0.5), cfg.get("max_shift", 1.15))
-        sigmas = np.linspace(1.0, 1.0 / self.num_steps, self.num_steps)  # FluxPipeline's default table
-        scheduler.set_timesteps(sigmas=sigmas, device="cpu", mu=mu)  # mu used iff use_dynamic_shifting
-        return scheduler.sigmas.clone()  # [T + 1]
+        return shifted_sigma_table(scheduler, self.num_steps, (side // 2) ** 2)  # packed image tokens
 
     # ---- text --------------------------------------------------------------------------------
     def _encode(self, prompts: list[str], device: torch.device) -> Conditioning:
@@ -235,13 +223,15 @@ class TinyFluxBackend(FluxBackend):
                  max_sequence_length: int = 32, gradient_checkpointing: bool = False,
                  offload_text_encoders: bool = False, vae_decode_chunk: int | None = None,
                  sde_window: list[int] | None = None, finetune: str = "lora",
-                 preview_decoder: str | None = None) -> None:
+                 preview_decoder: str | None = None, compile: bool = False,
+                 compile_backend: str = "inductor") -> None:
         super().__init__(
             TINY_FLUX_SOURCE, num_steps=num_steps, guidance_scale=guidance_scale, resolution=resolution,
             lora=lora, dtype=dtype, noise_level=noise_level, sde_kind=sde_kind,
             max_sequence_length=max_sequence_length, gradient_checkpointing=gradient_checkpointing,
             offload_text_encoders=offload_text_encoders, vae_decode_chunk=vae_decode_chunk, sde_window=sde_window,
-            finetune=finetune, preview_decoder=preview_decoder)
+            finetune=finetune, preview_decoder=preview_decoder, compile=compile,
+            compile_backend=compile_backend)
         self.seed = seed
         self.guidance_embeds = guidance_embeds
 

@@ -68,7 +68,8 @@ class SD15Backend(PipelineBackend):
                  dtype: str = "float32", negative_prompt: str = "", revision: str | None = None,
                  vae_decode_chunk: int | None = None, gradient_checkpointing: bool = False,
                  sde_window: list[int] | None = None, finetune: str = "lora",
-                 preview_decoder: str | None = None) -> None:
+                 preview_decoder: str | None = None, compile: bool = False,
+                 compile_backend: str = "inductor") -> None:
         if eta < 0:
             raise ValueError(f"eta must be >= 0, got {eta}")
         if resolution % 8:
@@ -76,7 +77,8 @@ class SD15Backend(PipelineBackend):
         super().__init__(pretrained, revision=revision, gradient_checkpointing=gradient_checkpointing,
                          vae_decode_chunk=vae_decode_chunk, num_steps=num_steps, guidance_scale=guidance_scale,
                          resolution=resolution, lora=lora, dtype=dtype, negative_prompt=negative_prompt,
-                         sde_window=sde_window, finetune=finetune, preview_decoder=preview_decoder)
+                         sde_window=sde_window, finetune=finetune, preview_decoder=preview_decoder, compile=compile,
+            compile_backend=compile_backend)
         self.eta = float(eta)
         # Filled by configure_model().
         self.unet: nn.Module | None = None
@@ -110,12 +112,21 @@ class SD15Backend(PipelineBackend):
     def _setup(self, components: dict[str, Any]) -> None:
         self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
         self.latent_channels = int(self.unet.config.in_channels)
-        if self.resolution % self.vae_scale_factor:
-            raise ValueError(f"resolution {self.resolution} is not a multiple of the VAE factor "
-                             f"{self.vae_scale_factor} of {self.pretrained!r}")
+        multiple = self.resolution_multiple()
+        if self.resolution % multiple:
+            raise ValueError(f"resolution {self.resolution} is not a multiple of {multiple} (the VAE factor"
+                             f"{'' if multiple == self.vae_scale_factor else ' x the UNet down-sampling'}) "
+                             f"of {self.pretrained!r}")
         self.tokenizer = components["tokenizer"]
         self._set_schedule(components["scheduler"])
-        # CFG's unconditional embedding: computed once, moves with the module, never trained.
+        self._setup_negative(components)
+
+    def resolution_multiple(self) -> int:
+        """What the image side must be a multiple of: the VAE factor (SD1.x's UNet pads odd sizes)."""
+        return self.vae_scale_factor
+
+    def _setup_negative(self, components: dict[str, Any]) -> None:
+        """CFG's unconditional embedding: computed once, moves with the module, never trained."""
         neg = self._encode([self.negative_prompt])  # [1, L, D]
         self.register_buffer("negative_embeds", neg, persistent=False)
 
@@ -264,12 +275,14 @@ class TinySD15Backend(SD15Backend):
                  eta: float = 1.0, lora: LoraSettings | None = None, dtype: str = "float32",
                  negative_prompt: str = "", seed: int = 0, vae_decode_chunk: int | None = None,
                  gradient_checkpointing: bool = False, sde_window: list[int] | None = None,
-                 finetune: str = "lora", preview_decoder: str | None = None) -> None:
+                 finetune: str = "lora", preview_decoder: str | None = None, compile: bool = False,
+                 compile_backend: str = "inductor") -> None:
         super().__init__(TINY_SD15_SOURCE, num_steps=num_steps, guidance_scale=guidance_scale,
                          resolution=resolution, eta=eta, lora=lora, dtype=dtype,
                          negative_prompt=negative_prompt, vae_decode_chunk=vae_decode_chunk,
                          gradient_checkpointing=gradient_checkpointing, sde_window=sde_window, finetune=finetune,
-                         preview_decoder=preview_decoder)
+                         preview_decoder=preview_decoder, compile=compile,
+            compile_backend=compile_backend)
         self.seed = seed
 
     def load_components(self) -> dict[str, Any]:

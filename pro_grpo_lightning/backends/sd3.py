@@ -17,11 +17,13 @@ negative prompt is encoded once and cached.
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 from torch import Tensor
 
 from .base import Conditioning, LoraSettings
-from .flow_base import FlowMatchingBackend
+from .flow_base import FlowMatchingBackend, calculate_shift
 
 #: The ``pretrained`` value of the code-built tiny model (nothing to load).
 TINY_SD3_SOURCE = "<tiny-sd3>"
@@ -30,13 +32,6 @@ TINY_SD3_SOURCE = "<tiny-sd3>"
 #: shares the image-stream names). Checked against diffusers 0.42.1 module names.
 SD3_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0",
                     "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
-
-
-def _calculate_shift(image_seq_len: int, base_seq_len: int, max_seq_len: int, base_shift: float,
-                     max_shift: float) -> float:
-    """mu, linear in the image token count (diffusers' ``calculate_shift``, SD3 and FLUX pipelines)."""
-    m = (max_shift - base_shift) / (max_seq_len - base_seq_len)
-    return image_seq_len * m + base_shift - m * base_seq_len
 
 
 class SD3Backend(FlowMatchingBackend):
@@ -66,14 +61,16 @@ class SD3Backend(FlowMatchingBackend):
                  gradient_checkpointing: bool = False, offload_text_encoders: bool = False,
                  vae_decode_chunk: int | None = None, revision: str | None = None,
                  sde_window: list[int] | None = None, finetune: str = "lora",
-                 preview_decoder: str | None = None) -> None:
+                 preview_decoder: str | None = None, compile: bool = False,
+                 compile_backend: str = "inductor") -> None:
         super().__init__(
             pretrained=pretrained, revision=revision, num_steps=num_steps, guidance_scale=guidance_scale,
             resolution=resolution, lora=lora, dtype=dtype, negative_prompt=negative_prompt,
             noise_level=noise_level, sde_kind=sde_kind, max_sequence_length=max_sequence_length,
             gradient_checkpointing=gradient_checkpointing, offload_text_encoders=offload_text_encoders,
             vae_decode_chunk=vae_decode_chunk, sde_window=sde_window, finetune=finetune,
-            preview_decoder=preview_decoder)
+            preview_decoder=preview_decoder, compile=compile,
+            compile_backend=compile_backend)
         self.drop_t5 = drop_t5
 
     def memory_settings(self) -> dict[str, object]:
@@ -85,17 +82,13 @@ class SD3Backend(FlowMatchingBackend):
         return clips if self.drop_t5 else (*clips, "text_encoder_3")
 
     def load_components(self) -> dict[str, object]:
-        from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
+        from diffusers import AutoencoderKL, SD3Transformer2DModel
         from transformers import CLIPTextModelWithProjection, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
 
         dt = self.weight_dtype
-        comps: dict[str, object] = {
-            "transformer": self._load(SD3Transformer2DModel, "transformer", torch_dtype=dt),
-            "vae": self._load(AutoencoderKL, "vae", torch_dtype=dt),
-            "scheduler": self._load(FlowMatchEulerDiscreteScheduler, "scheduler"),
-            "text_encoder": self._load(CLIPTextModelWithProjection, "text_encoder", dtype=dt),
-            "text_encoder_2": self._load(CLIPTextModelWithProjection, "text_encoder_2", dtype=dt),
-        }
+        comps = self.load_flow_components(SD3Transformer2DModel, AutoencoderKL,
+                                          {"text_encoder": CLIPTextModelWithProjection,
+                                           "text_encoder_2": CLIPTextModelWithProjection})
         comps["tokenizer"] = self._load_tokenizer(CLIPTokenizer, "tokenizer",
                                                   comps["text_encoder"].config.vocab_size)
         comps["tokenizer_2"] = self._load_tokenizer(CLIPTokenizer, "tokenizer_2",
@@ -112,7 +105,7 @@ class SD3Backend(FlowMatchingBackend):
         kwargs = {}
         if scheduler.config.get("use_dynamic_shifting", False):
             tokens = (self.resolution // self.vae_scale_factor // self.transformer.config.patch_size) ** 2
-            kwargs["mu"] = _calculate_shift(tokens, scheduler.config.get("base_image_seq_len", 256),
+            kwargs["mu"] = calculate_shift(tokens, scheduler.config.get("base_image_seq_len", 256),
                                             scheduler.config.get("max_image_seq_len", 4096),
                                             scheduler.config.get("base_shift", 0.5),
                                             scheduler.config.get("max_shift", 1.16))
@@ -159,8 +152,10 @@ class SD3Backend(FlowMatchingBackend):
 
 
 # ---- tiny offline model --------------------------------------------------------------------------
-def build_tiny_sd3_components(resolution: int = 64, seed: int = 0) -> dict[str, object]:
+def build_tiny_sd3_components(resolution: int = 64, seed: int = 0, qk_norm: str | None = None) -> dict[str, object]:
     """Random-init SD3-architecture components (~0.3 M-param MMDiT), built in code, seeded.
+
+    ``qk_norm="rms_norm"``: the attention of SD3.5's blocks (RMS-normed queries and keys).
 
     Size rules the architecture imposes: T5 d_model = joint_attention_dim (64) >= sum of the CLIP
     hidden sizes (16 + 32, zero-padded), pooled_projection_dim = sum of the CLIP projections (16 + 32).
@@ -179,7 +174,7 @@ def build_tiny_sd3_components(resolution: int = 64, seed: int = 0) -> dict[str, 
         transformer = SD3Transformer2DModel(
             sample_size=latent_side, patch_size=2, in_channels=16, out_channels=16, num_layers=2,
             attention_head_dim=16, num_attention_heads=4, joint_attention_dim=64, caption_projection_dim=64,
-            pooled_projection_dim=48, pos_embed_max_size=latent_side)
+            pooled_projection_dim=48, pos_embed_max_size=latent_side, qk_norm=qk_norm)
         vae = AutoencoderKL(
             in_channels=3, out_channels=3, latent_channels=16, layers_per_block=1, norm_num_groups=8,
             down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
@@ -204,12 +199,22 @@ def build_tiny_sd3_components(resolution: int = 64, seed: int = 0) -> dict[str, 
             "text_encoder_3": t5, "tokenizer_3": t5_tok}
 
 
-def save_tiny_sd3_pipeline(path: str, resolution: int = 64, seed: int = 0) -> str:
+def save_tiny_sd3_pipeline(path: str, resolution: int = 64, seed: int = 0, qk_norm: str | None = None) -> str:
     """Write the tiny components as a diffusers folder (``StableDiffusion3Pipeline.save_pretrained``)."""
     from diffusers import StableDiffusion3Pipeline
 
-    StableDiffusion3Pipeline(**build_tiny_sd3_components(resolution, seed)).save_pretrained(path)
+    StableDiffusion3Pipeline(**build_tiny_sd3_components(resolution, seed, qk_norm)).save_pretrained(path)
     return path
+
+
+def build_tiny_sd35l_components(resolution: int = 64, seed: int = 0) -> dict[str, object]:
+    """The tiny SD3 components with SD3.5-Large's block type: RMS-normed q/k, no dual-attention blocks."""
+    return build_tiny_sd3_components(resolution, seed, qk_norm="rms_norm")
+
+
+def save_tiny_sd35l_pipeline(path: str, resolution: int = 64, seed: int = 0) -> str:
+    """Write ``build_tiny_sd35l_components`` as a diffusers folder."""
+    return save_tiny_sd3_pipeline(path, resolution, seed, qk_norm="rms_norm")
 
 
 class TinySD3Backend(SD3Backend):
@@ -220,6 +225,8 @@ class TinySD3Backend(SD3Backend):
     """
 
     built_in_code = True
+    #: the blocks' q/k normalisation (None: SD3's; "rms_norm": SD3.5's, ``TinySD35LBackend``)
+    qk_norm: ClassVar[str | None] = None
 
     def __init__(self, seed: int = 0, num_steps: int = 4, guidance_scale: float = 4.5, resolution: int = 64,
                  lora: LoraSettings | None = None, dtype: str = "float32", negative_prompt: str = "",
@@ -227,18 +234,27 @@ class TinySD3Backend(SD3Backend):
                  drop_t5: bool = False, gradient_checkpointing: bool = False,
                  offload_text_encoders: bool = False, vae_decode_chunk: int | None = None,
                  sde_window: list[int] | None = None, finetune: str = "lora",
-                 preview_decoder: str | None = None) -> None:
+                 preview_decoder: str | None = None, compile: bool = False,
+                 compile_backend: str = "inductor") -> None:
         super().__init__(
             TINY_SD3_SOURCE, num_steps=num_steps, guidance_scale=guidance_scale, resolution=resolution,
             lora=lora, dtype=dtype, negative_prompt=negative_prompt, noise_level=noise_level,
             sde_kind=sde_kind, max_sequence_length=max_sequence_length, drop_t5=drop_t5,
             gradient_checkpointing=gradient_checkpointing, offload_text_encoders=offload_text_encoders,
             vae_decode_chunk=vae_decode_chunk, sde_window=sde_window, finetune=finetune,
-            preview_decoder=preview_decoder)
+            preview_decoder=preview_decoder, compile=compile,
+            compile_backend=compile_backend)
         self.seed = seed
 
     def load_components(self) -> dict[str, object]:
-        comps = build_tiny_sd3_components(self.resolution, self.seed)
+        comps = build_tiny_sd3_components(self.resolution, self.seed, self.qk_norm)
         if self.drop_t5:
             comps.pop("text_encoder_3"), comps.pop("tokenizer_3")
         return comps
+
+
+class TinySD35LBackend(TinySD3Backend):
+    """``TinySD3Backend`` with SD3.5-Large's block type (RMS-normed q/k, no dual attention): the tiny
+    twin of ``configs/sd35l_pickscore_base.yaml``, whose model is this backend's class at 38 blocks."""
+
+    qk_norm = "rms_norm"

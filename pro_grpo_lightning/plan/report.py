@@ -168,6 +168,19 @@ def allocator_note() -> str:
             "PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True, which PyTorch provides to reduce fragmentation")
 
 
+def cards_of(r: dict[str, Any]) -> dict[int, dict[str, Any]]:
+    """{card bytes: its verdict} of a report; a report stored before ``cards`` existed (made with
+    ``--gpu_memory``: ``fits`` and ``advice`` for that card) gives the other ``CARDS`` the verdict of
+    the same peak + overhead, without advice."""
+    if "cards" in r:
+        return {c["gpu_memory"]: c for c in r["cards"]}
+    need = r["peak"] + r["overhead"]
+    cards = {c * GiB: {"gpu_memory": c * GiB, "fits": need <= c * GiB, "advice": []} for c in CARDS}
+    if "gpu_memory" in r:
+        cards[r["gpu_memory"]] = {"gpu_memory": r["gpu_memory"], "fits": r["fits"], "advice": r["advice"]}
+    return cards
+
+
 def fit_table(reports: Sequence[dict[str, Any]]) -> str:
     """The README's "what fits" table (markdown) from ``report`` outputs, one row per config: the
     weights on the GPU, the peak + overhead and its phase, the fit on each of ``CARDS``, and on the
@@ -178,7 +191,7 @@ def fit_table(reports: Sequence[dict[str, Any]]) -> str:
     for r in reports:
         name = os.path.splitext(os.path.basename(str(r["config"]).split()[-1]))[0]
         at = max(r["phases"], key=lambda p: p["peak"])["name"]
-        cards = {c["gpu_memory"]: c for c in r["cards"]}
+        cards = cards_of(r)
         fits = " | ".join("yes" if cards[c * GiB]["fits"] else "no" for c in CARDS)
         lines.append(f"| `{name}` | {r['resident'] / GiB:.1f} | {r['peak'] / GiB:.1f} + "
                      f"{r['overhead'] / GiB:.1f} ({at}) | {fits} | {fit_line(cards[CARDS[0] * GiB], r['overhead'], short=True)} |")
