@@ -24,66 +24,30 @@ Random weights change no timing: every kernel does the same work whatever the va
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any
-from unittest import mock
 
 import torch
 from torch import Tensor
 
+from pro_grpo_lightning.architectures import (CLIP_H_REWARD, FLUX_DEV_TRANSFORMER, FLUX_SCHEDULER, FLUX_VAE,
+                                              SD3_VAE, SD15_SCHEDULER, SD15_UNET, SD15_VAE, SD35M_TRANSFORMER)
 from pro_grpo_lightning.backends import (FluxBackend, LoraSettings, SD3Backend, SD15Backend, TinyFluxBackend,
                                          TinySD3Backend, TinySD15Backend)
 from pro_grpo_lightning.backends.base import DiffusionBackend
+from pro_grpo_lightning.loading import source_checks_skipped
 from pro_grpo_lightning.networks import NetworkSource
-from pro_grpo_lightning.backends.sd15 import SD15_SCHEDULER_CONFIG
 from pro_grpo_lightning.offline_tokenizers import byte_level_clip_tokenizer, char_level_t5_tokenizer
 from pro_grpo_lightning.rewards import Brightness, JpegCompressibility, PickScore, Reward, RewardSet
-from pro_grpo_lightning.rewards import clip_common
 
 FAMILIES = ("sd15", "sd3", "flux")
 SIZES = ("tiny", "mini", "full")
 
-# ---- real configuration numbers ------------------------------------------------------------------
-#: SD1.5 UNet (unet/config.json of runwayml/stable-diffusion-v1-5): 859.5 M parameters.
-SD15_UNET = dict(
-    sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
-    block_out_channels=(320, 640, 1280, 1280), norm_num_groups=32, cross_attention_dim=768,
-    attention_head_dim=8, act_fn="silu", flip_sin_to_cos=True, freq_shift=0, downsample_padding=1,
-    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"))
-#: SD1.x VAE (vae/config.json): 83.7 M parameters, factor 8, 4 latent channels.
-SD15_VAE = dict(
-    in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2, norm_num_groups=32,
-    block_out_channels=(128, 256, 512, 512), sample_size=512, scaling_factor=0.18215,
-    down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4)
-#: SD3.5-Medium MMDiT-X (transformer/config.json): 2.24 B parameters.
-SD35M_TRANSFORMER = dict(
-    sample_size=128, patch_size=2, in_channels=16, out_channels=16, num_layers=24, attention_head_dim=64,
-    num_attention_heads=24, joint_attention_dim=4096, caption_projection_dim=1536, pooled_projection_dim=2048,
-    pos_embed_max_size=384, qk_norm="rms_norm", dual_attention_layers=tuple(range(13)))
-#: SD3 / SD3.5 VAE: 16 latent channels, no quant convs, shift and scale.
-SD3_VAE = dict(
-    in_channels=3, out_channels=3, latent_channels=16, layers_per_block=2, norm_num_groups=32,
-    block_out_channels=(128, 256, 512, 512), sample_size=1024, scaling_factor=1.5305, shift_factor=0.0609,
-    use_quant_conv=False, use_post_quant_conv=False,
-    down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4)
-#: FLUX.1-dev transformer (transformer/config.json): 11.9 B parameters.
-FLUX_DEV_TRANSFORMER = dict(
-    patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
-    num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True,
-    axes_dims_rope=(16, 56, 56))
-FLUX_VAE = dict(SD3_VAE, scaling_factor=0.3611, shift_factor=0.1159)
-#: FLUX.1's scheduler (scheduler/scheduler_config.json).
-FLUX_SCHEDULER = dict(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
-                      base_image_seq_len=256, max_image_seq_len=4096)
-#: PickScore_v1 = CLIP ViT-H/14 (laion/CLIP-ViT-H-14-laion2B-s32B-b79K): 986 M parameters.
-PICKSCORE_CLIP = dict(
-    text=dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
-              max_position_embeddings=77, hidden_act="gelu"),
-    vision=dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=16,
-                image_size=224, patch_size=14, hidden_act="gelu"),
-    projection_dim=1024)
+# ---- real configuration numbers: the package's table (pro_grpo_lightning/architectures.py) --------
+#: SD1.5 UNet 859.5 M, SD1.x VAE 83.7 M (factor 8, 4 latent channels), SD3.5-Medium MMDiT-X 2.24 B,
+#: SD3 / SD3.5 VAE (16 channels, no quant convs, shift and scale), FLUX.1-dev transformer 11.9 B,
+#: FLUX's VAE and scheduler; PickScore_v1 = CLIP ViT-H/14 (986 M parameters).
+PICKSCORE_CLIP = CLIP_H_REWARD
 
 #: The public tiny preview decoder (diffusers ``AutoencoderTiny``, the TAESD family) of each family:
 #: its hub id in the package's table (``pro_grpo_lightning/architectures.py: PREVIEW_DECODERS``).
@@ -153,19 +117,6 @@ def arch(family: str, size: str) -> dict[str, Any]:
     raise ValueError(f"unknown family {family!r}; choose one of {FAMILIES}")
 
 
-@contextlib.contextmanager
-def built_on(device: torch.device | str, dtype: torch.dtype, seed: int) -> Iterator[None]:
-    """Construct modules directly on ``device`` in ``dtype`` (no fp32 CPU copy of 12 B parameters)."""
-    old = torch.get_default_dtype()
-    torch.manual_seed(seed)
-    torch.set_default_dtype(dtype)
-    try:
-        with torch.device(device):
-            yield
-    finally:
-        torch.set_default_dtype(old)
-
-
 def _clip_text(width: int, tokenizer: Any, with_projection: bool) -> torch.nn.Module:
     """One CLIP text layer of the real width (the text encoders are not timed)."""
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
@@ -213,7 +164,7 @@ class RandomSD15Backend(_RandomInit, SD15Backend):
         vae = AutoencoderKL(**a["vae"]).eval()
         text_encoder = _clip_text(a["clip_width"], tokenizer, with_projection=False)
         return dict(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
-                    scheduler=DDIMScheduler(**SD15_SCHEDULER_CONFIG))
+                    scheduler=DDIMScheduler(**SD15_SCHEDULER))
 
 
 class RandomSD3Backend(_RandomInit, SD3Backend):
@@ -306,12 +257,13 @@ class RandomPickScore(PickScore):
     or a toy one ("tiny"/"mini"). Non-finite scores (possible with random weights) become 0 so a
     timing run never stops in the selection's NaN check."""
 
-    def __init__(self, size: str = "full", dtype: str = "float32", seed: int = 0) -> None:
-        with mock.patch.object(clip_common, "check_source"):  # nothing to find: built in code
+    def __init__(self, size: str = "full", dtype: str = "float32", seed: int = 0, device: str = "cpu") -> None:
+        with source_checks_skipped():  # nothing to find: its architecture is built in code
             super().__init__(pretrained="<random-pickscore>", processor_pretrained=None, dtype=dtype)
         self.size, self.seed = size, seed
+        self.use_networks(NetworkSource("random", device, seed))
 
-    def _load(self) -> tuple[torch.nn.Module, Any]:
+    def architecture(self) -> torch.nn.Module:
         from transformers import CLIPConfig, CLIPModel
 
         spec = PICKSCORE_CLIP if self.size == "full" else MINI_CLIP
@@ -321,9 +273,7 @@ class RandomPickScore(PickScore):
         cfg = CLIPConfig(text_config=dict(spec["text"], projection_dim=spec["projection_dim"], **ids),
                          vision_config=dict(spec["vision"], projection_dim=spec["projection_dim"]),
                          projection_dim=spec["projection_dim"])
-        with built_on(self.device, self.weight_dtype, self.seed):
-            model = CLIPModel(cfg)
-        return model, tok
+        return CLIPModel(cfg)  # where and how the NetworkSource builds, with its stand-in tokenizer
 
     def score(self, images: Tensor, prompts: Sequence[str]) -> Tensor:
         return torch.nan_to_num(super().score(images, prompts), nan=0.0, posinf=0.0, neginf=0.0)
@@ -335,7 +285,7 @@ REWARDS = ("pickscore", "jpeg", "brightness")
 def build_rewards(name: str, size: str, device: str, dtype: str = "float32", seed: int = 0) -> RewardSet:
     """A configured ``RewardSet`` with one reward on ``device``."""
     if name == "pickscore":
-        reward: Reward = RandomPickScore(size=size, dtype=dtype, seed=seed)
+        reward: Reward = RandomPickScore(size=size, dtype=dtype, seed=seed, device=device)
     elif name == "jpeg":
         reward = JpegCompressibility()
     elif name == "brightness":

@@ -40,9 +40,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 
+from pro_grpo_lightning.networks import NetworkSource  # noqa: E402
+
 from .flops import PREVIEW_OPTIONS, denoiser_call, pickscore_clip, preview_decoders, reward_calls  # noqa: E402
 from .measure import count_flops, interleaved, median, timed  # noqa: E402
-from .models import arch, built_on  # noqa: E402
+from .models import arch  # noqa: E402
 from .report import ROOT, SCHEMA_VERSION, git_commit, json_safe, markdown_table, new_figure, save_figure  # noqa: E402
 from .schedules import paper_schedules  # noqa: E402
 
@@ -104,7 +106,7 @@ def measure_family(family: str, size: str, resolution: int, clip: Any, repeats: 
     dev = torch.device(device)
     tasks, flops = {}, {}
     keep = []  # the modules, alive until the rounds are done
-    with built_on(device, dtype, seed):
+    with NetworkSource("random", device, seed).building(dtype):
         for name, arch_v in variants.items():
             net, call, x = denoiser_call(family, arch_v, resolution, batch)
             keep.append(net)
@@ -117,7 +119,7 @@ def measure_family(family: str, size: str, resolution: int, clip: Any, repeats: 
     for k, fn in decoders.items():
         tasks[k] = fn
         flops[k] = count_flops(meta_decoders[k])
-    with built_on(device, dtype, seed):  # the reward's inputs on the device, in its dtype
+    with NetworkSource("random", device, seed).building(dtype):  # the reward's inputs on the device, in its dtype
         reward = reward_calls(clip, batch)
     tasks["reward"] = lambda: (reward["image"](), reward["text"]())
     flops["reward"] = sum(count_flops(fn) for fn in meta_reward.values())
@@ -280,7 +282,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     cuda = args.device.startswith("cuda")
     dtype = torch.bfloat16 if cuda else torch.float32
-    with built_on(args.device, dtype, args.seed):
+    with NetworkSource("random", args.device, args.seed).building(dtype):
         clip = pickscore_clip(args.size).eval()  # one reward model for every family
     result: dict[str, Any] = {
         "benchmark": NAME, "schema_version": SCHEMA_VERSION,

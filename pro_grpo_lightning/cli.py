@@ -13,6 +13,7 @@ config also travels inside every checkpoint, which is what ``export`` reads by d
 
 from __future__ import annotations
 
+import argparse
 import difflib
 import inspect
 import os
@@ -287,15 +288,20 @@ def check_checkpoint(model: ProGRPOModule, state: dict[str, Any], ckpt: str, sub
         print(f"resume from {ckpt}: applying {len(applied)} changed setting(s): {'; '.join(applied)}", file=sys.stderr)
 
 
-def main(args: list[str] | None = None, run: bool = True, save_config: bool = True) -> LightningCLI:
+def main(args: list[str] | None = None, run: bool = True, save_config: bool = True,
+         exit_on_error: bool = True) -> LightningCLI:
     """The CLI; ``run=False`` only builds the module, datamodule and trainer (scripts, benchmarks).
-    ``save_config=False`` keeps ``fit`` from writing the resolved config.yaml (runs without a logger)."""
+    ``save_config=False`` keeps ``fit`` from writing the resolved config.yaml (runs without a logger).
+    ``exit_on_error=False``: a settings error raises ``argparse.ArgumentError`` instead of printing
+    one line and exiting (the plan turns it into its own line)."""
+    kwargs = {} if exit_on_error else {"parser_kwargs": {"exit_on_error": False}}
     return ProGRPOCLI(ProGRPOModule, PromptDataModule, args=args, run=run, parser_class=OneLineErrors,
-                      auto_configure_optimizers=False, save_config_callback=RunConfig if save_config else None)
+                      auto_configure_optimizers=False, save_config_callback=RunConfig if save_config else None,
+                      **kwargs)
 
 
 #: errors that are about the user's settings or files: one line, exit status 2
-USER_ERRORS = (ConfigError, ValueError, FileNotFoundError, UnicodeDecodeError)
+USER_ERRORS = (ConfigError, ValueError, FileNotFoundError, UnicodeDecodeError, argparse.ArgumentError)
 
 
 def one_line(err: BaseException) -> str:
@@ -325,6 +331,26 @@ def run_main(fn: Callable[[list[str] | None], Any], argv: list[str] | None = Non
     return 0
 
 
+#: ``pro-grpo <command> ...`` beside Lightning's own (fit, validate, test, predict): command ->
+#: (module, function taking argv), each with its own ``--help``.
+COMMANDS = {"plan": ("pro_grpo_lightning.plan.report", "run"),
+            "adapt": ("pro_grpo_lightning.adaptive", "main"),
+            "export": ("pro_grpo_lightning.export", "main"),
+            "serve-reward": ("pro_grpo_lightning.reward_server", "main")}
+
+
+def command_main(argv: list[str]) -> int:
+    """``pro-grpo`` and ``python -m pro_grpo_lightning`` alike: a command of ``COMMANDS`` or
+    Lightning's CLI, with one-line errors (``run_main``); returns the exit status."""
+    if argv[:1] and argv[0] in COMMANDS:
+        import importlib
+
+        module, name = COMMANDS[argv[0]]
+        return run_main(getattr(importlib.import_module(module), name), argv[1:])
+    # Lightning reads the process's own arguments itself (it warns when given a copy of them)
+    return run_main(lambda args: main(args), None if argv == sys.argv[1:] else argv)
+
+
 def console_main() -> None:
-    """The ``pro-grpo`` console script: ``main`` with one-line errors (as ``python -m``)."""
-    sys.exit(run_main(lambda argv: main(argv), None))
+    """The ``pro-grpo`` console script (``command_main`` on the process's arguments)."""
+    sys.exit(command_main(sys.argv[1:]))

@@ -9,6 +9,8 @@ traceback instead.
 
 from __future__ import annotations
 
+import argparse
+
 
 class ConfigError(ValueError):
     """A setting (or a checkpoint) that cannot work: the message names the field and the value."""
@@ -20,3 +22,11 @@ class RewardError(RuntimeError):
 
 class OutputError(RuntimeError):
     """A file or folder that cannot be written (names the path, and says what was kept)."""
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """An ``argparse`` parser whose errors are a ``ConfigError`` (one ``error:`` line, exit 2, from
+    ``cli.run_main``) instead of a usage dump; ``--help`` is unchanged."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise ConfigError(f"{self.prog}: {message} (see --help)")

@@ -29,7 +29,6 @@ any base weights load.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import os
 import tempfile
@@ -42,6 +41,7 @@ from lightning.pytorch.strategies import FSDPStrategy
 from lightning.pytorch.utilities import rank_zero_info
 
 from .backends.base import DiffusionBackend
+from .errors import OneLineParser
 from .loading import LORA_WEIGHT_NAME
 from .model_card import write_model_card
 from .outputs import check_output_folder, staged_folder, write_digests
@@ -377,8 +377,8 @@ def export_checkpoint(ckpt: str, out: str, config: list[str] | None = None, merg
 
 
 def main(argv: list[str] | None = None) -> str:
-    parser = argparse.ArgumentParser(
-        prog="python -m pro_grpo_lightning.export",
+    parser = OneLineParser(
+        prog="pro-grpo export",
         description="Export a Pro-GRPO checkpoint's LoRA in diffusers format (or merged into a pipeline).")
     parser.add_argument("--config", action="append",
                         help="the run's YAML (repeatable, as for fit); default: the config the checkpoint carries")

@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from .objectives import STD_MODES, AdvantageSettings, group_advantages
+from .objectives import AdvantageSettings, finite_std, group_advantages
 
 if TYPE_CHECKING:
     from .rollout import RolloutResult
@@ -46,47 +46,6 @@ def finite_groups(rewards: Tensor, min_valid: int = 2) -> Tensor:
     finite = torch.isfinite(rewards)  # [P, K]
     enough = finite.sum(1, keepdim=True) >= min_valid  # [P, 1]
     return finite & enough  # [P, K]
-
-
-def finite_std(values: Tensor) -> Tensor:
-    """Population std over the finite entries of any tensor (0-dim); 0 when none are finite."""
-    finite = torch.isfinite(values)
-    n = finite.sum().clamp(min=1)
-    x = torch.where(finite, values, torch.zeros_like(values)).float()
-    mean = x.sum() / n
-    centred = torch.where(finite, x - mean, torch.zeros_like(x))
-    return (centred.pow(2).sum() / n).sqrt()
-
-
-def masked_group_advantages(rewards: Tensor, valid: Tensor, *, std_mode: str = "group", eps: float = 1e-4,
-                            clip: float | None = 5.0, global_std: Tensor | None = None) -> Tensor:
-    """``objectives.group_advantages`` over the ``valid`` entries only; the others get exactly 0.
-
-    rewards, valid: [P, K]. Each group's mean and population std are over its valid entries
-    (``global``: the std over every valid entry of the batch, or ``global_std``); a group whose
-    valid rewards are all equal gets 0 (as in ``group_advantages``). Returns [P, K] float32.
-    """
-    if std_mode not in STD_MODES:
-        raise ValueError(f"masked_group_advantages: unknown std_mode {std_mode!r}; choose one of {STD_MODES}")
-    dtype = torch.promote_types(rewards.dtype, torch.float32)
-    zero = torch.zeros((), dtype=dtype, device=rewards.device)
-    r = torch.where(valid, rewards.to(dtype), zero)  # [P, K] invalid -> 0 (never NaN in sums)
-    n = valid.sum(1, keepdim=True).clamp(min=1)  # [P, 1]
-    mean = r.sum(1, keepdim=True) / n  # [P, 1]
-    centred = torch.where(valid, r - mean, zero)  # [P, K]
-    hi = torch.where(valid, r, torch.full_like(r, float("-inf"))).amax(1, keepdim=True)  # [P, 1]
-    lo = torch.where(valid, r, torch.full_like(r, float("inf"))).amin(1, keepdim=True)  # [P, 1]
-    centred = centred.masked_fill(hi == lo, 0.0)  # constant groups: exactly 0
-    if std_mode == "group":
-        std = (centred.pow(2).sum(1, keepdim=True) / n).sqrt()  # [P, 1]
-    elif global_std is not None:
-        std = torch.as_tensor(global_std, dtype=dtype, device=r.device).reshape(1, 1)  # [1, 1]
-    else:
-        std = finite_std(torch.where(valid, r, torch.full_like(r, float("nan")))).to(dtype).reshape(1, 1)
-    adv = torch.where(valid, centred / (std + eps), zero)  # [P, K]
-    if clip is not None:
-        adv = adv.clamp(-clip, clip)
-    return adv
 
 
 def group_spread(rewards: Tensor, valid: Tensor) -> Tensor:
@@ -166,13 +125,10 @@ def finite_advantages(rewards: Tensor, settings: AdvantageSettings, strategy: An
     distributed = strategy is not None and strategy.world_size > 1
     global_std = None
     if settings.std == "global" and distributed:
-        every = strategy.all_gather(rewards).float()  # [W, P, K]
-        global_std = every.std(unbiased=False) if bool(every.isfinite().all()) else finite_std(every)
-    kwargs = {"std_mode": settings.std, "eps": settings.eps, "clip": settings.clip, "global_std": global_std}
-    if bool(valid.all()):
-        advantages = group_advantages(rewards, **kwargs)  # [P, K]
-    else:
-        advantages = masked_group_advantages(rewards, valid, **kwargs)  # [P, K]
+        masked = torch.where(valid, rewards.float(), torch.full_like(rewards.float(), float("nan")))  # [P, K]
+        global_std = finite_std(strategy.all_gather(masked))  # [W, P, K] -> std of the valid ones, as on one process
+    advantages = group_advantages(rewards, valid, std_mode=settings.std, eps=settings.eps, clip=settings.clip,
+                                  global_std=global_std)  # [P, K]
     spread = group_spread(rewards, valid)  # [P]
     counts = torch.stack([valid.sum().float(), spread.sum().float()])  # [2]
     if strategy is not None:

@@ -44,23 +44,35 @@ class AdvantageSettings:
             raise ValueError(f"advantages.eps must be >= 0, got {self.eps}")
 
 
-def group_advantages(rewards: Tensor, *, std_mode: str = "group", eps: float = 1e-4,
-                     clip: float | None = 5.0, global_std: Tensor | None = None) -> Tensor:
-    """Group-relative advantages ``A = (R - mean_group(R)) / (std + eps)``, clipped to ``[-clip, clip]``.
+def finite_std(values: Tensor) -> Tensor:
+    """Population std over the finite entries of any tensor (0-dim); 0 when none are finite."""
+    finite = torch.isfinite(values)
+    n = finite.sum().clamp(min=1)
+    x = torch.where(finite, values, torch.zeros_like(values)).float()
+    mean = x.sum() / n
+    centred = torch.where(finite, x - mean, torch.zeros_like(x))
+    return (centred.pow(2).sum() / n).sqrt()
 
-    rewards: [P, G]. Returns [P, G], float32 (float64 if rewards are float64).
+
+def group_advantages(rewards: Tensor, valid: Tensor | None = None, *, std_mode: str = "group",
+                     eps: float = 1e-4, clip: float | None = 5.0, global_std: Tensor | None = None) -> Tensor:
+    """Group-relative advantages ``A = (R - mean_group(R)) / (std + eps)``, clipped to ``[-clip, clip]``,
+    over the ``valid`` entries only (the others get exactly 0; None: all are valid).
+
+    rewards, valid: [P, G]. Returns [P, G], float32 (float64 if rewards are float64).
 
     std_mode:
-        "group":  std of each group (as DanceGRPO, which uses the unbiased std + 1e-8).
-        "global": one std over the whole batch (Flow-GRPO's ``global_std``); the mean is still
-                  the group's. Pass ``global_std`` (a scalar tensor) to use a std computed
-                  elsewhere, e.g. over all DDP ranks; it is only accepted with "global".
+        "group":  std of each group's valid rewards (DanceGRPO uses the unbiased std + 1e-8).
+        "global": one std over every valid reward of the batch (Flow-GRPO's ``global_std``); the
+                  mean is still the group's. Pass ``global_std`` (a scalar tensor) to use a std
+                  computed elsewhere, e.g. over all DDP ranks; it is only accepted with "global".
     Both stds are population stds (``unbiased=False``, as ``np.std`` in Flow-GRPO's stat
     tracker): defined for G = 1 and the natural scale of the G rewards actually seen.
 
-    A group whose rewards are all equal gets exactly 0 (never NaN, also for G = 1 and for a
+    A group whose valid rewards are all equal gets exactly 0 (never NaN, also for G = 1 and for a
     constant batch in global mode): its centred rewards are masked to 0, since the float mean of
     equal values need not reproduce them exactly and eps = 1e-4 would blow that rounding up.
+    Invalid entries (``health.py``: non-finite rewards) enter no sum, so they never make a NaN.
     """
     if std_mode not in STD_MODES:
         raise ValueError(f"group_advantages: unknown std_mode {std_mode!r}; choose one of {STD_MODES}")
@@ -72,17 +84,23 @@ def group_advantages(rewards: Tensor, *, std_mode: str = "group", eps: float = 1
     if clip is not None and clip <= 0:
         raise ValueError(f"group_advantages: clip must be > 0 or None, got {clip}")
     dtype = torch.promote_types(rewards.dtype, torch.float32)
-    r = rewards.to(dtype)  # [P, G]
-    centred = r - r.mean(dim=1, keepdim=True)  # [P, G]
-    constant = r.amax(dim=1, keepdim=True) == r.amin(dim=1, keepdim=True)  # [P, 1]
-    centred = centred.masked_fill(constant, 0.0)  # [P, G]
+    if valid is None:
+        valid = torch.ones(rewards.shape, dtype=torch.bool, device=rewards.device)  # [P, G]
+    zero = torch.zeros((), dtype=dtype, device=rewards.device)
+    r = torch.where(valid, rewards.to(dtype), zero)  # [P, G] invalid -> 0 (never NaN in sums)
+    n = valid.sum(1, keepdim=True).clamp(min=1)  # [P, 1]
+    mean = r.sum(1, keepdim=True) / n  # [P, 1]
+    centred = torch.where(valid, r - mean, zero)  # [P, G]
+    hi = torch.where(valid, r, torch.full_like(r, float("-inf"))).amax(1, keepdim=True)  # [P, 1]
+    lo = torch.where(valid, r, torch.full_like(r, float("inf"))).amin(1, keepdim=True)  # [P, 1]
+    centred = centred.masked_fill(hi == lo, 0.0)  # [P, G] constant groups: exactly 0
     if std_mode == "group":
-        std = r.std(dim=1, unbiased=False, keepdim=True)  # [P, 1]
+        std = (centred.pow(2).sum(1, keepdim=True) / n).sqrt()  # [P, 1]
     elif global_std is not None:
         std = torch.as_tensor(global_std, dtype=dtype, device=r.device).reshape(1, 1)  # [1, 1]
     else:
-        std = r.std(unbiased=False).reshape(1, 1)  # [1, 1]
-    adv = centred / (std + eps)  # [P, G]
+        std = finite_std(torch.where(valid, r, torch.full_like(r, float("nan")))).to(dtype).reshape(1, 1)
+    adv = torch.where(valid, centred / (std + eps), zero)  # [P, G]
     if clip is not None:
         adv = adv.clamp(-clip, clip)  # [P, G]
     return adv

@@ -23,7 +23,6 @@ time). A busy port is one line before the reward's weights load.
 
 from __future__ import annotations
 
-import argparse
 import hmac
 import importlib
 import json
@@ -37,7 +36,7 @@ from typing import Any
 
 import torch
 
-from .errors import RewardError
+from .errors import OneLineParser, RewardError
 from .rewards.base import Reward
 from .rewards.remote import TOKEN_ENV, decode_request, scores_to_json
 
@@ -279,8 +278,8 @@ def serve(reward: str, init_args: dict[str, Any] | None = None, host: str = "127
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m pro_grpo_lightning.reward_server",
-                                description="Serve a Reward over HTTP for RemoteReward.")
+    p = OneLineParser(prog="pro-grpo serve-reward",
+                      description="Serve a Reward over HTTP for RemoteReward.")
     p.add_argument("--reward", required=True, help="import path of a Reward subclass, e.g. "
                    "pro_grpo_lightning.rewards.pickscore.PickScore or my_pkg.scorers.MyReward")
     p.add_argument("--init_args", default="{}", help="JSON object of the reward's constructor arguments")
@@ -312,4 +311,6 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from .cli import run_main
+
+    sys.exit(run_main(main))

@@ -111,8 +111,9 @@ def _cat(outs: list):  # noqa: ANN202
 
 
 @dataclass
-class Checkpoint:
-    """What happened at one selection point (a pruning checkpoint, or the final static selection).
+class PruningPoint:
+    """What happened at one pruning point (a step the schedule's ``checkpoints`` names, or the final
+    static selection); not a training checkpoint (``checkpointing.py``).
 
     step:   the 0-based step whose x0 preview was scored (T for the final selection on true rewards)
     scores: [P, G_before] the (proxy) scores of every trajectory live there (None for rule "none")
@@ -166,7 +167,7 @@ class RolloutResult:
     rewards: Tensor
     components: dict[str, Tensor]
     images: Tensor
-    checkpoints: list[Checkpoint]
+    checkpoints: list[PruningPoint]
     nfe: int
     nfe_full: int
     num_previews: int
@@ -239,6 +240,19 @@ class ExpandPruneRollout:
                                                  antialias=True)  # [B, C, h', w']
         return chunked(self.backend.decode_preview, x0.shape[0], self.sample_batch_size, x0)
 
+    def decode_and_score(self, latents: Tensor, texts: Sequence[str], metadata: Sequence[dict] | None = None, *,
+                         preview: bool) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+        """Images of ``latents`` [R, *latent] and their rewards, as a rollout scores them:
+        ``preview``: x0 previews (``preview_images``; the reward statistics are not updated), else the
+        final images (``backend.decode``, statistics updated); ``sample_batch_size`` rows per decode
+        and per reward call. Returns images [R, 3, H, W], total [R], {name: raw score [R]}."""
+        if preview:
+            images = self.preview_images(latents)  # [R, 3, H', W']
+        else:
+            images = chunked(self.backend.decode, latents.shape[0], self.sample_batch_size, latents)  # [R, 3, H, W]
+        total, comps = self.rewards(images, texts, metadata, update_stats=not preview, chunk=self.sample_batch_size)
+        return images, total, comps
+
     @torch.no_grad()
     def run(self, prompts: Sequence[str], generator: torch.Generator | None = None, *,
             audit: bool = False, metadata: Sequence[dict] | None = None,
@@ -306,7 +320,7 @@ class ExpandPruneRollout:
         mean_hist: list[Tensor] = []  # T entries when record_means, each [B, *latent]
         stage_of_step: list[int] = []  # physical-batch stage of each step's output
         remaps: list[Tensor] = []  # per physical prune: [rows after] -> rows before
-        checkpoints: list[Checkpoint] = []
+        checkpoints: list[PruningPoint] = []
         keep_at = dict(zip(sched.checkpoints, sched.keep))
         audit_previews: list[Tensor] = []  # audit: each checkpoint's preview scores of all rows [P, G]
         probe_at, probe_scores = set(int(s) for s in probe_steps), {}
@@ -315,10 +329,10 @@ class ExpandPruneRollout:
         def score_previews(x0: Tensor, rows: Tensor) -> Tensor:
             """Preview rewards of physical ``rows`` [R] of the step's x0 [B, *latent] -> [R]."""
             nonlocal previews
-            images = self.preview_images(x0.index_select(0, rows))  # [R, 3, H, W]
             texts, meta = rows_of(prompt_of.index_select(0, rows))
+            images, total, _ = self.decode_and_score(x0.index_select(0, rows), texts, meta, preview=True)
             previews += images.shape[0]
-            return self.rewards(images, texts, meta, chunk=self.sample_batch_size)[0]  # [R]
+            return total  # [R]
 
         for t in range(T):
             t0 = time.perf_counter()
@@ -361,7 +375,7 @@ class ExpandPruneRollout:
                 scores = total.view(P, group_live)  # [P, G_live]
             kept = select_indices(scores, k_next, sched.rule, group_size=group_live, num_groups=P,
                                   generator=generator, device=device)  # [P, k_next]
-            checkpoints.append(Checkpoint(t, scores, kept, kept))  # survivors filled in at the end
+            checkpoints.append(PruningPoint(t, scores, kept, kept))  # survivors filled in at the end
             keep_rows = flat_indices(kept, group_live)  # [P*k_next], positions within ``live``
             group_live = k_next
             if audit:
@@ -380,10 +394,9 @@ class ExpandPruneRollout:
         # True rewards of the final images (of every physical row in audit mode).
         t0 = time.perf_counter()
         scored_rows = torch.arange(x.shape[0], device=device) if audit else live
-        images = chunked(backend.decode, scored_rows.numel(), self.sample_batch_size,
-                         x.index_select(0, scored_rows))  # [R, 3, H, W]
         texts, meta = rows_of(prompt_of.index_select(0, scored_rows))
-        total, comps = self.rewards(images, texts, meta, update_stats=True, chunk=self.sample_batch_size)  # [R]
+        images, total, comps = self.decode_and_score(x.index_select(0, scored_rows), texts, meta,
+                                                     preview=False)  # [R, 3, H, W], [R]
         audit_stats: dict[str, Tensor] = {}
         expanded = total.view(P, G) if audit else None  # [P, G] every trajectory's true reward
         if audit:
@@ -407,7 +420,7 @@ class ExpandPruneRollout:
         if sched.final_keep is not None:  # static selection on the true reward (no early stop)
             kept = select_indices(rewards, sched.final_keep, sched.rule, group_size=group_live,
                                   num_groups=P, generator=generator, device=device)  # [P, K]
-            checkpoints.append(Checkpoint(T, rewards, kept, kept))
+            checkpoints.append(PruningPoint(T, rewards, kept, kept))
             keep_rows = flat_indices(kept, group_live)  # [P*K]
             live = live.index_select(0, keep_rows)
             rewards = rewards.flatten().index_select(0, keep_rows).view(P, -1)
@@ -441,7 +454,7 @@ class ExpandPruneRollout:
             probe_scores=probe_scores, expanded_rewards=expanded)
 
     @staticmethod
-    def _survivor_positions(checkpoints: list[Checkpoint], P: int, K: int) -> list[Tensor]:
+    def _survivor_positions(checkpoints: list[PruningPoint], P: int, K: int) -> list[Tensor]:
         """For each checkpoint, the final survivors' local index in the group live there ([P*K]).
 
         Walk backwards: a survivor's position after checkpoint i indexes checkpoint i's ``kept``.

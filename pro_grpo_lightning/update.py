@@ -107,13 +107,7 @@ def check_trainable(backend: DiffusionBackend, settings: UpdateSettings) -> None
     backend cannot compute. At least one step must be trainable: a flow backend never trains its
     last step (it ends on the data, std 0); a DDIM backend with eta 0 samples no step
     stochastically. ``kl_type='flow_grpo'`` needs a flow backend's SDE coefficient."""
-    from .backends.flow_base import FlowMatchingBackend
-
-    steps = backend.window_steps()  # [T] bool
-    if isinstance(backend, FlowMatchingBackend):
-        steps[-1] = False
-    elif float(getattr(backend, "eta", 1.0)) == 0.0:
-        steps[:] = False
+    steps = backend.trainable_steps_from_settings()  # [T] bool
     if not bool(steps.any()):
         window = f", sde_window={list(backend.sde_window)}" if backend.sde_window is not None else ""
         raise ConfigError(f"model.backend: num_steps={backend.num_steps}{window} leaves no trainable step "

@@ -91,3 +91,15 @@ def test_unknown_backend_is_a_clear_error(tmp_path, capsys):
     with pytest.raises(SystemExit):
         parse(p)
     assert "nope" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command,words", [("plan", "peak GPU memory"), ("export", "Export"),
+                                           ("serve-reward", "Serve a Reward")])
+def test_commands_beside_lightnings_say_what_they_do(command, words, capsys):
+    """``pro-grpo plan|export|serve-reward --help`` (the console script and ``python -m
+    pro_grpo_lightning`` both run ``cli.command_main``) describe the command."""
+    from pro_grpo_lightning.cli import command_main
+
+    with pytest.raises(SystemExit) as exit_:
+        command_main([command, "--help"])
+    assert exit_.value.code == 0 and words in capsys.readouterr().out

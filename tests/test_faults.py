@@ -27,7 +27,7 @@ from pro_grpo_lightning.backends.sd15 import TinySD15Backend
 from pro_grpo_lightning.checkpointing import AtomicCheckpointIO, CheckpointError, load_checkpoint_file
 from pro_grpo_lightning.cli import main, run_main
 from pro_grpo_lightning.export import main as export_main
-from pro_grpo_lightning.health import (BadRolloutGuard, NonFiniteError, finite_groups, masked_group_advantages)
+from pro_grpo_lightning.health import BadRolloutGuard, NonFiniteError, finite_groups
 from pro_grpo_lightning.objectives import group_advantages
 from pro_grpo_lightning.rewards.combine import RewardSet
 from pro_grpo_lightning.rollout import ExpandPruneRollout
@@ -132,17 +132,17 @@ def test_masked_advantages_by_hand():
     r = torch.tensor([[1.0, NAN, 3.0, 5.0],   # 3 valid: mean 3, std sqrt(8/3)
                       [2.0, NAN, INF, 7.0],   # 2 valid: mean 4.5, std 2.5
                       [NAN, 4.0, NAN, -INF],  # 1 valid: whole group dropped
-                      [1.0, 2.0, 3.0, 4.0]])  # all valid: as group_advantages
+                      [1.0, 2.0, 3.0, 4.0]])  # all valid: mean 2.5, std sqrt(1.25)
     valid = finite_groups(r)
     assert valid.tolist() == [[True, False, True, True], [True, False, False, True],
                               [False] * 4, [True] * 4]
-    adv = masked_group_advantages(r, valid, eps=0.0, clip=None)
+    adv = group_advantages(r, valid, eps=0.0, clip=None)
     s = (8 / 3) ** 0.5
     expected = torch.tensor([[-2 / s, 0, 0, 2 / s], [-1, 0, 0, 1], [0, 0, 0, 0], [0, 0, 0, 0]])
-    expected[3] = group_advantages(r[3:], eps=0.0, clip=None)[0]
+    expected[3] = torch.tensor([-1.5, -0.5, 0.5, 1.5]) / 1.25 ** 0.5
     torch.testing.assert_close(adv, expected)
     assert torch.isfinite(adv).all()
-    glob_adv = masked_group_advantages(r, valid, std_mode="global", eps=0.0, clip=None)
+    glob_adv = group_advantages(r, valid, std_mode="global", eps=0.0, clip=None)
     vals = torch.tensor([1.0, 3.0, 5.0, 2.0, 7.0, 1.0, 2.0, 3.0, 4.0])  # every valid reward
     torch.testing.assert_close(glob_adv[1], torch.tensor([-2.5, 0, 0, 2.5]) / vals.std(unbiased=False))
 

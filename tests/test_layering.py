@@ -184,3 +184,12 @@ class Fine:
     assert [h.split(": ", 1)[1] for h in hits] == [
         "writes backend.load_components", "calls reward._load", "writes net._modules",
         "setattr(backend, ...)", "writes backend.attach_lora", "writes backend.vae_decode_chunk"], hits
+
+
+def test_readme_layout_names_every_module():
+    """The README's layout gives every module and subpackage of the package its job."""
+    layout = (ROOT.parent / "README.md").read_text(encoding="utf-8").split("## Layout", 1)[1]
+    names = [f"{p.name}/" if p.is_dir() else p.name for p in sorted(ROOT.iterdir())
+             if (p.is_dir() and (p / "__init__.py").exists()) or (p.suffix == ".py" and not p.name.startswith("__"))]
+    missing = [n for n in names if f"`{n}" not in layout]
+    assert missing == [], missing

@@ -165,8 +165,8 @@ def test_depth_extrapolation_matches_a_full_depth_trace(family, finetune, monkey
         for what, (deep, full) in pairs.items():
             assert full > 0 and _close(deep, full), f"{family} {what} {rows} rows: extrapolated {deep} vs traced {full}"
         # depth alone (rows traced as they are): exact without gradient checkpointing
-        assert planner._deep(lambda d: planner.update_traced(rows, False, d)) == planner.update_traced(rows, False)
-        assert planner._deep(lambda d: planner.denoise_traced(rows, d)) == planner.denoise_traced(rows)
+        assert planner.deep(lambda d: planner.update_traced(rows, False, d)) == planner.update_traced(rows, False)
+        assert planner.deep(lambda d: planner.denoise_traced(rows, d)) == planner.denoise_traced(rows)
 
 
 def test_block_runs_of_the_real_architectures():
@@ -254,7 +254,7 @@ def test_architecture_table_matches_the_real_parameter_counts():
 
 
 def test_plan_command_json_and_verdict(capsys, one_thread):
-    rc = plan.main(["--config", "configs/tiny_sd3.yaml", "--json", "--gpu-memory", "2GB"])
+    rc = plan.main(["--config", "configs/tiny_sd3.yaml", "--json", "--gpu_memory", "2GB"])
     assert rc == 0
     r = json.loads(capsys.readouterr().out)
     assert r["peak"] == max(p["peak"] for p in r["phases"])
@@ -262,8 +262,11 @@ def test_plan_command_json_and_verdict(capsys, one_thread):
     assert r["weights"]["transformer"] > 0 and "reward brightness" in r["weights"]
     phases = [p["name"] for p in r["phases"]]
     assert phases[0].startswith("encode") and any(n.startswith("update") for n in phases)
+    assert [c["gpu_memory"] for c in r["cards"]] == [2 * 2**30, 24 * 2**30, 40 * 2**30, 80 * 2**30]
+    text = plan.format_report(r)  # GiB throughout, a fit line per card, no library boilerplate
+    assert "     2 GiB  fits as is" in text and "    80 GiB  fits as is" in text and "MiB" not in text
     assert plan.parse_memory("24GB") == 24 * 2**30 == plan.parse_memory("24 GiB")
-    with pytest.raises(ValueError, match="gpu-memory"):
+    with pytest.raises(ValueError, match="gpu_memory"):
         plan.parse_memory("lots")
 
 
@@ -276,3 +279,47 @@ def test_unknown_architecture_is_one_line(tmp_path, capsys, one_thread):
     assert plan.main(["--config", str(cfg)]) == 2
     err = capsys.readouterr().err.strip()
     assert "nobody/unknown-model" in err and "unknown architecture" in err and "\n" not in err
+
+
+def test_plan_input_errors_are_one_line_before_any_build(tmp_path, capsys, monkeypatch):
+    """A missing file, a config without a schedule, an unreadable memory size: one ``error:`` line,
+    exit status 2, from ``pro-grpo plan`` and ``python -m pro_grpo_lightning plan`` alike."""
+    from pro_grpo_lightning import cli
+
+    def never(*args, **kwargs):  # noqa: ANN002, ANN003
+        raise AssertionError("the plan built a run")
+
+    cases = {("--config", str(tmp_path / "missing.yaml")): "no such file",
+             ("--config", "configs/tiny_sd3.yaml", "--gpu_memory", "lots"): "gpu_memory",
+             ("--json",): "--config"}
+    for args, words in cases.items():
+        monkeypatch.setattr(plan.report_module, "report", never)
+        assert cli.command_main(["plan", *args]) == 2, args
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error:") and words in err and "\n" not in err, err
+    monkeypatch.undo()
+    # the settings parser's own error (a base config without its schedule overlay): one line too
+    assert cli.command_main(["plan", "--config", "configs/sd35m_pickscore_base.yaml"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and "model.schedule" in err and "\n" not in err, err
+
+
+#: The README's "what fits" rows, in its order (their plans are stored in docs/results/plan/).
+README_PLANS = ["sd15_hps_grpo", "sd15_hps_pro_grpo", "sd15_hps_clip_pro_grpo", "sd35m_pickscore_flow_grpo",
+                "sd35m_pickscore_pro_grpo", "sd35m_pickscore_pro_grpo_flash", "flux_dev_pickscore_pro_grpo",
+                "sdxl_hps_grpo", "sdxl_hps_pro_grpo", "sd35l_pickscore_flow_grpo", "sd35l_pickscore_pro_grpo",
+                "zimage_pickscore_grpo", "zimage_pickscore_pro_grpo", "qwenimage_pickscore_grpo",
+                "qwenimage_pickscore_pro_grpo"]
+
+
+def test_readme_fit_table_is_made_from_the_stored_plans():
+    """The README's table is ``plan.fit_table`` of the stored ``plan --json`` outputs, as they are;
+    each stored plan is of the config it names."""
+    reports = []
+    for name in README_PLANS:
+        with open(f"docs/results/plan/{name}.json", encoding="utf-8") as f:
+            reports.append(json.load(f))
+        assert reports[-1]["config"].split()[-1] == f"configs/{name}.yaml"
+    with open("README.md", encoding="utf-8") as f:
+        readme = f.read()
+    assert plan.fit_table(reports) in readme

@@ -224,12 +224,12 @@ def shallow(net: nn.Module, blocks: int = 1) -> Iterator[list[str]]:
         idx = [i for start, n in runs for i in range(start, start + min(blocks, n))]
         saved.append((owner, attr, full))
         kept.append(f"{attr}: {len(idx)} of {len(full)}")
-        setattr(owner, attr, nn.ModuleList([full[i] for i in idx]))
+        owner.register_module(attr, nn.ModuleList([full[i] for i in idx]))  # nn.Module's public API
     try:
         yield kept
     finally:
         for owner, attr, full in saved:
-            setattr(owner, attr, full)
+            owner.register_module(attr, full)
 
 
 def autocast_for(precision: str, device_type: str) -> contextlib.AbstractContextManager:

@@ -178,6 +178,11 @@ class DiffusionBackend(nn.Module, abc.ABC):
     def trainable_steps(self) -> Tensor:
         """[T] bool: steps whose log-prob is well defined for training (e.g. not a zero-std step)."""
 
+    def trainable_steps_from_settings(self) -> Tensor:
+        """[T] bool on the CPU: the steps ``trainable_steps`` can report, known from the settings
+        alone (before any weights load; ``update.check_trainable``). Here: those inside ``sde_window``."""
+        return self.window_steps()
+
     def window_steps(self) -> Tensor:
         """[T] bool on the CPU: steps inside ``sde_window`` (all True without one)."""
         inside = torch.ones(self.num_steps, dtype=torch.bool)  # [T]
@@ -388,6 +393,11 @@ class PipelineBackend(DiffusionBackend):
     def uses_cfg(self) -> bool:
         """Whether a denoiser call runs classifier-free guidance (two network rows per sample)."""
         return self.guidance_scale > 1.0
+
+    def memory_settings(self) -> dict[str, Any]:
+        """The settings that decide this backend's memory, by their config names, as the memory
+        plan reads them and its levers change them; a family adds its own (offloading, T5)."""
+        return {"gradient_checkpointing": self.gradient_checkpointing, "vae_decode_chunk": self.vae_decode_chunk}
 
     def build_components(self) -> dict[str, Any]:
         """The pipeline components from ``self.networks``: ``load_components()`` for pretrained

@@ -151,6 +151,9 @@ class FlowMatchingBackend(PipelineBackend):
                                f"expected ({self.num_steps + 1},)")
 
     # ---- prompts -------------------------------------------------------------------------------
+    def memory_settings(self) -> dict[str, Any]:
+        return {**super().memory_settings(), "offload_text_encoders": self.offload_text_encoders}
+
     def set_offload_text_encoders(self, offload: bool) -> None:
         """The ``offload_text_encoders`` switch: True keeps the text encoders on the CPU between
         encodes (moved to the denoiser's device only while encoding); False leaves them where the
@@ -221,6 +224,12 @@ class FlowMatchingBackend(PipelineBackend):
         std = flow_step_std(self.sigmas[:-1], self.sigmas[1:], self.noise_level, self.sde_kind)  # [T]
         not_last = torch.arange(self.num_steps) < self.num_steps - 1  # [T]
         return (std > 0) & not_last & self.window_steps()  # [T]
+
+    def trainable_steps_from_settings(self) -> Tensor:
+        """[T] bool: the window's steps but the last (it ends on the data: std 0), from the settings alone."""
+        steps = self.window_steps()  # [T]
+        steps[-1] = False
+        return steps
 
     def kl_std(self, step_index: Tensor) -> Tensor:
         """[B] float32: the std Flow-GRPO's KL divides by at each row's step (``objectives.flow_grpo_kl``).

@@ -204,6 +204,10 @@ class SD15Backend(PipelineBackend):
         std = self._table("std", torch.device("cpu"))  # [T]
         return (std > 0) & std.log().isfinite() & self.window_steps()  # [T] bool
 
+    def trainable_steps_from_settings(self) -> Tensor:
+        """[T] bool: none with eta 0 (every step deterministic), else the window's, from the settings alone."""
+        return self.window_steps() & (self.eta > 0)  # [T]
+
     def timesteps(self) -> Tensor:
         """The UNet timestep of each step index: [T] long."""
         return self._table("timesteps", torch.device("cpu")).clone()

@@ -73,6 +73,9 @@ class SD3Backend(FlowMatchingBackend):
             compile_backend=compile_backend)
         self.drop_t5 = drop_t5
 
+    def memory_settings(self) -> dict[str, object]:
+        return {**super().memory_settings(), "drop_t5": self.drop_t5}
+
     # ---- components ------------------------------------------------------------------------
     def text_encoder_names(self) -> tuple[str, ...]:
         clips = ("text_encoder", "text_encoder_2")
