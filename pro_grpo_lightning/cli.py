@@ -111,10 +111,6 @@ class ProGRPOCLI(LightningCLI):
             self._ckpt_state = load_checkpoint_file(str(ckpt))
             check_checkpoint_weights(self._ckpt_state, f"ckpt_path={str(ckpt)!r}")
 
-    def before_instantiate_classes(self) -> None:
-        if self.subcommand == "predict":  # predict writes beside what it loads, not into a logger version
-            self.config["predict"]["trainer"]["logger"] = False
-
     def _before_run(self) -> None:
         sub = self.subcommand
         model, data = self.model, self.datamodule
@@ -145,7 +141,10 @@ class ProGRPOCLI(LightningCLI):
         become the module's ``optimizer`` / ``lr_scheduler``: built over the trainable parameters
         (``backend.trainable_parameters()``) once the weights load, not over ``model.parameters()``
         when the CLI starts (empty then). ``model.optimizer`` is the same setting; both given and
-        different is one line naming both."""
+        different is one line naming both. ``predict`` runs without a logger: it writes beside what it
+        loads, not into a new logger version."""
+        if self.subcommand == "predict":
+            self.config["predict"]["trainer"]["logger"] = False
         cfg = self.config[self.subcommand] if self.subcommand else self.config
         defaults = self._parser(self.subcommand).get_defaults() if self.subcommand else self.parser.get_defaults()
         for key in ("optimizer", "lr_scheduler"):

@@ -204,7 +204,8 @@ def test_sd35m_and_flux_configs_mirror_the_paper(real_configs):
         assert (b.lora.rank, b.lora.alpha) == (32, 64)
         assert [r.class_path for r in m.rewards] == ["pro_grpo_lightning.rewards.pickscore.PickScore"]
         assert (m["update"].clip_range, m.advantages.clip, m["update"].kl_beta) == (1e-4, 5.0, 0.01)  # m.update: a method
-        assert m.optimizer.class_path == "torch.optim.AdamW" and m.optimizer.init_args.lr == 3e-4
+        opt = real_configs[name].config.optimizer  # the top-level --optimizer (LightningCLI's spelling)
+        assert opt.class_path == "torch.optim.AdamW" and opt.init_args.lr == 3e-4
         assert real_configs[name].config.trainer.precision == "bf16-mixed"
         # the three runs differ in their schedule only (and in their log name)
         rest = {k: v for k, v in m.as_dict().items() if k not in ("schedule", "rollout")}

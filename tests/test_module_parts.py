@@ -59,7 +59,8 @@ def test_nonfinite_rewards_are_masked_and_reported():
         SimpleNamespace(step=4, scores=torch.tensor([[NAN]]))])  # the final selection is no preview
     bad, health = adv.report(result, steps=2.0, skipped=1.0)
     assert not bad and health == {"health/nonfinite_rewards": 3.0, "health/nonfinite_previews": 2.0,
-                                  "health/masked_trajectories": 4.0, "health/skipped_updates": 1.0}
+                                  "health/masked_trajectories": 4.0, "health/skipped_updates": 1.0,
+                                  "health/flat_groups": 0.0, "health/unrepresentable_groups": 0.0}
     assert adv.report(result, steps=2.0, skipped=2.0)[0]  # every optimizer step skipped: bad
     nothing = finite_advantages(torch.full((2, 3), NAN), AdvantageSettings())
     bad, health = nothing.report(result, steps=0.0, skipped=0.0)
@@ -97,7 +98,7 @@ def test_checkpoint_keeps_what_training_changes_and_restores_the_counters():
     pack_checkpoint(owner, ckpt)
     assert sorted(ckpt["state_dict"]) == ["adapter.bias", "adapter.weight", "rewards.mean"]
     assert ckpt["pro_grpo"] == {"rollouts_done": 7, "seed": 3, "rng": "per-rollout (seed, rollout index)",
-                                "schedule": "'plain G=4'", "identity": {"backend": "Tiny"}}
+                                "schedule": "'plain G=4'", "identity": {"backend": "Tiny"}, "held_out": {}}
     assert unpack_checkpoint(Owner(), ckpt, resume=True) == (7, 12)
     fresh = Owner()
     unpack_checkpoint(fresh, ckpt, resume=False)

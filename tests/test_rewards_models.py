@@ -400,8 +400,10 @@ def test_missing_sources_fail_in_init(tmp_path, monkeypatch):
         PickScore(pretrained=str(tmp_path / "missing"))
     with pytest.raises(FileNotFoundError, match="hub cache"):
         ClipScore(pretrained="nobody-here/no-such-clip-model")
+    (tmp_path / "weights").mkdir()
+    (tmp_path / "weights" / "model.safetensors").write_bytes(b"")  # not empty: the processor is checked next
     with pytest.raises(FileNotFoundError, match="processor_pretrained"):
-        HPSv21(pretrained=str(tmp_path), processor_pretrained="nobody-here/no-tokenizer")
+        HPSv21(pretrained=str(tmp_path / "weights"), processor_pretrained="nobody-here/no-tokenizer")
 
 
 def test_model_follows_the_reward_device(clip_dir):

@@ -233,7 +233,9 @@ def test_reward_is_fast_and_validates(reward):
         reward(images, prompts)
         best = min(best, time.perf_counter() - t0)
     assert best / 64 < 5e-3, f"{best / 64 * 1e3:.2f} ms per image"
-    with pytest.raises(ValueError, match="not a shapes prompt"):
+    from pro_grpo_lightning.errors import RewardError
+
+    with pytest.raises(RewardError, match="ShapesReward.*not a shapes prompt"):  # named, one line
         reward(images[:1], ["a cat"])
     with pytest.raises(ValueError, match="part_weights"):
         ShapesReward(part_weights=(1, 1, 1))
