@@ -72,7 +72,8 @@ class QwenImageBackend(VariableTextMixin, FlowMatchingBackend):
                  max_sequence_length: int = 512, gradient_checkpointing: bool = False,
                  offload_text_encoders: bool = False, vae_decode_chunk: int | None = None,
                  revision: str | None = None, sde_window: list[int] | None = None, finetune: str = "lora",
-                 preview_decoder: str | None = None) -> None:
+                 preview_decoder: str | None = None, compile: bool = False,
+                 compile_backend: str = "inductor") -> None:
         if max_sequence_length > TOKENIZER_MAX_LENGTH:
             raise ValueError(f"max_sequence_length must be <= {TOKENIZER_MAX_LENGTH} (QwenImagePipeline's limit), "
                              f"got {max_sequence_length}")
@@ -84,7 +85,8 @@ class QwenImageBackend(VariableTextMixin, FlowMatchingBackend):
             resolution=resolution, lora=lora, dtype=dtype, negative_prompt=negative_prompt,
             noise_level=noise_level, sde_kind=sde_kind, max_sequence_length=max_sequence_length,
             gradient_checkpointing=gradient_checkpointing, offload_text_encoders=offload_text_encoders,
-            vae_decode_chunk=vae_decode_chunk, sde_window=sde_window, finetune=finetune)
+            vae_decode_chunk=vae_decode_chunk, sde_window=sde_window, finetune=finetune, compile=compile,
+            compile_backend=compile_backend)
 
     # ---- the one place the networks come from -------------------------------------------------
     def load_components(self) -> dict[str, object]:
@@ -233,13 +235,14 @@ class TinyQwenImageBackend(QwenImageBackend):
                  noise_level: float = 0.7, sde_kind: str = "flow_grpo", max_sequence_length: int = 512,
                  gradient_checkpointing: bool = False, offload_text_encoders: bool = False,
                  vae_decode_chunk: int | None = None, sde_window: list[int] | None = None,
-                 finetune: str = "lora") -> None:
+                 finetune: str = "lora", compile: bool = False,
+                 compile_backend: str = "inductor") -> None:
         super().__init__(
             TINY_QWENIMAGE_SOURCE, num_steps=num_steps, guidance_scale=guidance_scale, resolution=resolution,
             lora=lora, dtype=dtype, negative_prompt=negative_prompt, noise_level=noise_level, sde_kind=sde_kind,
             max_sequence_length=max_sequence_length, gradient_checkpointing=gradient_checkpointing,
             offload_text_encoders=offload_text_encoders, vae_decode_chunk=vae_decode_chunk,
-            sde_window=sde_window, finetune=finetune)
+            sde_window=sde_window, finetune=finetune, compile=compile, compile_backend=compile_backend)
         self.seed = seed
 
 

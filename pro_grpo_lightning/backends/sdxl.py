@@ -55,12 +55,14 @@ class SDXLBackend(SD15Backend):
                  dtype: str = "float32", negative_prompt: str | None = None, revision: str | None = None,
                  vae_decode_chunk: int | None = None, gradient_checkpointing: bool = False,
                  sde_window: list[int] | None = None, finetune: str = "lora",
-                 preview_decoder: str | None = None) -> None:
+                 preview_decoder: str | None = None, compile: bool = False,
+                 compile_backend: str = "inductor") -> None:
         super().__init__(pretrained, num_steps=num_steps, guidance_scale=guidance_scale, resolution=resolution,
                          eta=eta, lora=lora, dtype=dtype, negative_prompt=negative_prompt or "",
                          revision=revision, vae_decode_chunk=vae_decode_chunk,
                          gradient_checkpointing=gradient_checkpointing, sde_window=sde_window,
-                         finetune=finetune, preview_decoder=preview_decoder)
+                         finetune=finetune, preview_decoder=preview_decoder,
+                         compile=compile, compile_backend=compile_backend)
         #: None: zero unconditional embeddings (``force_zeros_for_empty_prompt``)
         self.negative_prompt = negative_prompt
         self.text_encoder_2: Any = None
@@ -210,11 +212,13 @@ class TinySDXLBackend(SDXLBackend):
                  eta: float = 1.0, lora: LoraSettings | None = None, dtype: str = "float32",
                  negative_prompt: str | None = None, seed: int = 0, vae_decode_chunk: int | None = None,
                  gradient_checkpointing: bool = False, sde_window: list[int] | None = None,
-                 finetune: str = "lora", preview_decoder: str | None = None) -> None:
+                 finetune: str = "lora", preview_decoder: str | None = None, compile: bool = False,
+                 compile_backend: str = "inductor") -> None:
         super().__init__(TINY_SDXL_SOURCE, num_steps=num_steps, guidance_scale=guidance_scale,
                          resolution=resolution, eta=eta, lora=lora, dtype=dtype, negative_prompt=negative_prompt,
                          vae_decode_chunk=vae_decode_chunk, gradient_checkpointing=gradient_checkpointing,
-                         sde_window=sde_window, finetune=finetune, preview_decoder=preview_decoder)
+                         sde_window=sde_window, finetune=finetune, preview_decoder=preview_decoder,
+                         compile=compile, compile_backend=compile_backend)
         self.seed = seed
 
 

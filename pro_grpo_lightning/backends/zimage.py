@@ -60,7 +60,8 @@ class ZImageBackend(VariableTextMixin, FlowMatchingBackend):
                  gradient_checkpointing: bool = False, offload_text_encoders: bool = False,
                  vae_decode_chunk: int | None = None, revision: str | None = None,
                  sde_window: list[int] | None = None, finetune: str = "lora",
-                 preview_decoder: str | None = None) -> None:
+                 preview_decoder: str | None = None, compile: bool = False,
+                 compile_backend: str = "inductor") -> None:
         if cfg_normalization < 0:
             raise ValueError(f"cfg_normalization must be >= 0 (0: off), got {cfg_normalization}")
         super().__init__(
@@ -69,7 +70,7 @@ class ZImageBackend(VariableTextMixin, FlowMatchingBackend):
             noise_level=noise_level, sde_kind=sde_kind, max_sequence_length=max_sequence_length,
             gradient_checkpointing=gradient_checkpointing, offload_text_encoders=offload_text_encoders,
             vae_decode_chunk=vae_decode_chunk, sde_window=sde_window, finetune=finetune,
-            preview_decoder=preview_decoder)
+            preview_decoder=preview_decoder, compile=compile, compile_backend=compile_backend)
         self.cfg_normalization = float(cfg_normalization)
 
     # ---- the one place the networks come from -------------------------------------------------
@@ -206,14 +207,15 @@ class TinyZImageBackend(ZImageBackend):
                  cfg_normalization: float = 0.0, gradient_checkpointing: bool = False,
                  offload_text_encoders: bool = False, vae_decode_chunk: int | None = None,
                  sde_window: list[int] | None = None, finetune: str = "lora",
-                 preview_decoder: str | None = None) -> None:
+                 preview_decoder: str | None = None, compile: bool = False,
+                 compile_backend: str = "inductor") -> None:
         super().__init__(
             TINY_ZIMAGE_SOURCE, num_steps=num_steps, guidance_scale=guidance_scale, resolution=resolution,
             lora=lora, dtype=dtype, negative_prompt=negative_prompt, noise_level=noise_level, sde_kind=sde_kind,
             max_sequence_length=max_sequence_length, cfg_normalization=cfg_normalization,
             gradient_checkpointing=gradient_checkpointing, offload_text_encoders=offload_text_encoders,
             vae_decode_chunk=vae_decode_chunk, sde_window=sde_window, finetune=finetune,
-            preview_decoder=preview_decoder)
+            preview_decoder=preview_decoder, compile=compile, compile_backend=compile_backend)
         self.seed = seed
 
 
