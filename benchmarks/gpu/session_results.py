@@ -33,7 +33,15 @@ def unpack(archive: Path, into: Path) -> None:
         raise FileExistsError(f"--into {into}: the folder holds files already; choose a new one")
     into.mkdir(parents=True, exist_ok=True)
     with tarfile.open(archive) as tar:
-        tar.extractall(into, filter="data")  # "data": no absolute paths, links or files outside ``into``
+        if hasattr(tarfile, "data_filter"):  # Python >= 3.11.4
+            tar.extractall(into, filter="data")  # "data": no absolute paths, links or files outside ``into``
+            return
+        root = into.resolve()  # older 3.11: the same refusals by hand
+        for member in tar.getmembers():
+            target = (into / member.name).resolve()
+            if not (member.isfile() or member.isdir()) or root not in (target, *target.parents):
+                raise ValueError(f"{archive}: refusing archive member {member.name!r} (a link, device or path outside {into})")
+        tar.extractall(into)
 
 
 def _json(path: Path) -> Any:
