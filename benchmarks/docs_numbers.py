@@ -21,9 +21,18 @@ render); KEY says where the text comes from, and this module recomputes it. Keys
     json:PATH|KEY|KEY...@FMT             any value of a JSON file under docs/results (format spec FMT)
     txt:PATH|PREFIX|I[@D]                the I-th number after PREFIX on the line of a stored text output
                                          that starts with PREFIX (as written, or to D decimals); PREFIX#N: its N-th such line
+    mdtable:PATH[+PATH...][#N][|COLS[|ROWS]]  the N-th Markdown table (default 1) of a stored .md file,
+                                         as the benchmark wrote it: COLS / ROWS comma-separated 0-based
+                                         column / data-row indices or ranges (a-b), empty for all;
+                                         further files' rows appended under the first one's header
+    mdcell:PATH[#N]|ROW|COL[|I][@D]      one cell of such a table: ROW a data-row index or the row's
+                                         first cell, COL a column index; its I-th number (as written, or
+                                         to D decimals) or the whole cell
     summary:PATH|NAME@D                  a "NAME: mean [lo, hi]" line of a summary.txt, as mean [lo, hi]
     table:sd35m_configs | table:gq | table:gq:FAMILY   a generated table (the SD3.5-M config FLOPs; the
                                          mechanism's arms and families, or one part: "arms" or a family)
+    table:le:FOLDER:BUDGET[:ARM,ARM...]  a learning-efficiency run's arms (benchmarks.evidence_stats.markdown)
+    table:plan_fit:NAME,NAME...          the README's "what fits" table (plan.fit_table of plan/NAME.json)
     gpumem:VARIANT:planned|measured|gap_pct  gpu_memory: the plan's and the measured allocator peak
                                          (GiB), and |measured - planned| / planned in %
     previewcorr:ARM:CKPT                 preview_decoders: ARM's whole-group proxy correlation at
@@ -75,6 +84,70 @@ def _le(folder: str, budget: float) -> dict[str, Any]:
     from benchmarks.evidence_stats import compute
 
     return compute(str(RESULTS / "learning_efficiency" / folder), budget)
+
+
+def _indices(spec: str) -> list[int] | None:
+    """"0,2,4-6" -> [0, 2, 4, 5, 6]; "" -> None (all)."""
+    if not spec:
+        return None
+    out: list[int] = []
+    for part in spec.split(","):
+        a, _, b = part.partition("-")
+        out += list(range(int(a), int(b or a) + 1))
+    return out
+
+
+def _cells(line: str) -> list[str]:
+    return [c.strip() for c in line.strip().strip("|").split("|")]
+
+
+@functools.lru_cache(maxsize=None)
+def _md_table(ref: str) -> tuple[list[str], list[list[str]]]:
+    """(header cells, data rows) of the N-th Markdown table in a stored file: "PATH" or "PATH#N"."""
+    path, _, n = ref.partition("#")
+    tables: list[list[str]] = []
+    prev = False
+    for line in (RESULTS / path).read_text().splitlines():
+        is_row = line.startswith("|")
+        if is_row and not prev:
+            tables.append([])
+        if is_row:
+            tables[-1].append(line)
+        prev = is_row
+    lines = tables[int(n or 1) - 1]
+    return _cells(lines[0]), [_cells(ln) for ln in lines[2:]]
+
+
+def _md_tables(rest: str) -> str:
+    files, *sel = rest.split("|")
+    cols, rows = (_indices(s) for s in (sel + ["", ""])[:2])
+    parts = files.split("+")
+    head, body = _md_table(parts[0])
+    body = body + [r for p in parts[1:] for r in _md_table(p)[1]]
+    body = [body[i] for i in rows] if rows is not None else body
+    cols = cols if cols is not None else list(range(len(head)))
+    lines = ["| " + " | ".join(head[c] for c in cols) + " |", "|---" * len(cols) + "|"]
+    lines += ["| " + " | ".join(r[c] for c in cols) + " |" for r in body]
+    return "\n" + "\n".join(lines) + "\n\n"
+
+
+_NUMBER = re.compile(r"(?<![\d.])[-+−]?\d+(?:\.\d+)?(?:e[-+]?\d+)?")
+
+
+def _number(tok: str, fmt: str) -> str:
+    """A number token as written, or to ``fmt`` decimals (keeping a written sign)."""
+    if not fmt:
+        return tok
+    return format(float(tok.replace("−", "-")), ("+" if tok[0] in "+-−" else "") + f".{int(fmt)}f")
+
+
+def _md_cell(rest: str) -> str:
+    body, fmt = rest.rsplit("@", 1) if "@" in rest else (rest, "")
+    ref, row, col, *i = body.split("|")
+    _, rows = _md_table(ref)
+    r = rows[int(row)] if row.isdigit() else next(x for x in rows if x[0] == row)
+    cell = r[int(col)]
+    return _number(re.findall(_NUMBER, cell)[int(i[0])], fmt) if i else cell
 
 
 def _digits(key: str, default: int = 3) -> tuple[str, int]:
@@ -162,15 +235,13 @@ def value(key: str) -> str:
         return format(v, fmt)
     if kind == "txt":  # the I-th number of the line of a stored text output that starts with PREFIX
         body, fmt = rest.rsplit("@", 1) if "@" in rest else (rest, "")
-        path, prefix, i = body.split("|")
+        path, body = body.split("|", 1)
+        prefix, i = body.rsplit("|", 1)
         prefix, _, nth = prefix.partition("#")  # "PREFIX#2": the second line that starts with PREFIX
         lines = [ln for ln in (RESULTS / path).read_text().splitlines() if ln.startswith(prefix)]
         for line in lines[int(nth or 1) - 1:int(nth or 1)]:
             if line.startswith(prefix):
-                tok = re.findall(r"[-+]?\d+(?:\.\d+)?", line[len(prefix):])[int(i)]
-                if not fmt:
-                    return tok
-                return format(float(tok), ("+" if tok[0] in "+-" else "") + f".{int(fmt)}f")
+                return _number(re.findall(_NUMBER, line[len(prefix):])[int(i)], fmt)
         raise KeyError(f"{path}: no line starting {prefix!r}")
     if kind == "summary":
         body, d = _digits(rest)
@@ -180,7 +251,22 @@ def value(key: str) -> str:
                 m, lo, hi = (float(x) for x in re.findall(r"[-+]?\d+\.\d+", line.split(":", 1)[1])[:3])
                 return f"{m:.{d}f} [{lo:.{d}f}, {hi:.{d}f}]"
         raise KeyError(f"{path}: no line {name!r}")
+    if kind == "mdtable":
+        return _md_tables(rest)
+    if kind == "mdcell":
+        return _md_cell(rest)
     if kind == "table":  # a whole generated Markdown table
+        if rest.startswith("le:"):
+            from benchmarks.evidence_stats import markdown
+
+            _, folder, budget, *order = rest.split(":")
+            return "\n" + markdown(str(RESULTS / "learning_efficiency" / folder), float(budget),
+                                   order[0].split(",") if order else None) + "\n\n"
+        if rest.startswith("plan_fit:"):
+            from pro_grpo_lightning.plan import fit_table
+
+            names = rest.split(":", 1)[1].split(",")
+            return "\n" + fit_table([_json(f"plan/{n}.json") for n in names]) + "\n\n"
         if rest == "sd35m_configs":
             from benchmarks.flops import shipped_config_markdown
 
@@ -216,6 +302,44 @@ def value(key: str) -> str:
         t = _json("flops/flops.json")["sd35m_configs"]
         return format(t["lora_train"][field] if cfg == "lora" else t["rows"][cfg][field], fmt)
     raise KeyError(f"unknown number key {key!r}")
+
+
+#: The docs whose every result number must be marked (``unmarked``).
+SCANNED = ("README.md", "docs/evidence.md", "docs/benchmarks.md")
+#: What reads as a result: a decimal, a percentage, a ratio (1.3x), a size (GiB, MB...), a time (s, ms,
+#: minutes) or a FLOP count, with a sign or an interval's bracket around it as written.
+RESULT_LIKE = re.compile(
+    r"(?<![\w.@/-])[-+−]?\d+(?:[.,]\d+)*(?:e[-+]?\d+)?"
+    r"(\s?(?:%|x(?!\w)|[KMGT]i?B\b|[TGM]FLOPs?\b|s\b|ms\b|min(?:utes)?\b|hours?\b))?")
+_DECIMAL = re.compile(r"\d\.\d")
+#: Numbers that are settings, definitions or versions, not results (context included, so the same
+#: figure reported as a result is still caught). Kept short on purpose: a new entry needs a reason.
+SETTINGS = re.compile("|".join([
+    r"\b(?:95|80|5) ?% (?:t-|Welch |Student-t |percentile |bootstrap )?(?:CI|interval|t-interval|power|level|confidence|of the time)",
+    r"\b(?:95|80) ?%(?=[\]),;:]| with| at| power| \[| CI| intervals?\b)",
+    r"(?:CFG|guidance(?:_scale)?:?|noise level|lr|clip(?:_range)?|shape_margin|preview_scale|kl_beta|timestep_fraction|"
+    r"ema_decay|decay|bound|--bound|sde_window|Python|torch|noise_level|weight_decay|max_grad_norm) \(?[<>=]* ?\d[\d.e-]*",
+    r"\bvae@0\.5\b|\b\d{4}\.\d{5}\b",  # the half-scale preview option; arXiv ids
+    r"\b(?:24|40|48|80|141) ?Gi?B(?: card| GPU| cards)?",  # card sizes
+    r"\b1\.5 GiB",  # the plan's stated allowance for context and fragmentation (an assumption)
+    r"\b(?:360|420|600|900|1800) s\b|--budget-s \d+|\b60 s apart",  # the learning-efficiency budgets, snapshots
+]))
+
+
+def unmarked(text: str) -> list[tuple[int, str]]:
+    """(line, token) of every result-like number in ``text`` outside markers, code and settings."""
+    blank = lambda m: re.sub(r"[^\n]", " ", m.group(0))  # noqa: E731 (keeps line numbers)
+    text = MARK.sub(blank, text)
+    text = re.sub(r"^```.*?^```", blank, text, flags=re.S | re.M)
+    text = re.sub(r"`[^`\n]*`|\]\([^)]*\)|<!--.*?-->", blank, text, flags=re.S)
+    text = SETTINGS.sub(blank, text)
+    out = []
+    for i, line in enumerate(text.splitlines(), 1):
+        for m in RESULT_LIKE.finditer(line):
+            tok = m.group(0).strip()
+            if _DECIMAL.search(tok) or m.group(1) or line[m.end():m.end() + 2].strip().startswith("["):
+                out.append((i, tok))
+    return out
 
 
 def render(text: str) -> tuple[str, list[tuple[str, str, str]]]:

@@ -18,7 +18,8 @@ import json
 import sys
 from typing import Any
 
-from .learning_report import final_value
+from .learning_report import final_value, rollouts_in_budget
+from .report import markdown_table
 from .stats import mean_ci, welch_interval
 
 PAIRS = (("pro", "grpo12"), ("pro", "static"))  # besides every arm against grpo
@@ -26,13 +27,7 @@ PAIRS = (("pro", "grpo12"), ("pro", "static"))  # besides every arm against grpo
 
 def compute(folder: str, budget: float) -> dict[str, Any]:
     """{measure: {"arms": {arm: {"start", "final", "gain"}}, "pairs": {"a - b": welch}, "pooled_gain": mean_ci}}."""
-    runs: dict[str, list[dict]] = {}
-    for f in sorted(glob.glob(f"{folder}/runs/*.json") or glob.glob(f"{folder}/run_files/*.json")):
-        with open(f) as fh:
-            r = json.load(fh)
-        runs.setdefault(r["settings"]["arm"], []).append(r)
-    if not runs:
-        raise ValueError(f"{folder}: no runs/*.json or run_files/*.json")
+    runs = _runs(folder)
     out: dict[str, Any] = {}
     for key in ("reward", "exact", "shape", "count"):
         final = {a: [final_value(r, budget, key) for r in rs] for a, rs in runs.items()}
@@ -45,6 +40,45 @@ def compute(folder: str, budget: float) -> dict[str, Any]:
                               if a in final and b in final},
                     "pooled_gain": mean_ci([f - s for a in final for f, s in zip(final[a], start[a])])}
     return out
+
+
+def _runs(folder: str) -> dict[str, list[dict]]:
+    runs: dict[str, list[dict]] = {}
+    for f in sorted(glob.glob(f"{folder}/runs/*.json") or glob.glob(f"{folder}/run_files/*.json")):
+        with open(f) as fh:
+            r = json.load(fh)
+        runs.setdefault(r["settings"]["arm"], []).append(r)
+    if not runs:
+        raise ValueError(f"{folder}: no runs/*.json or run_files/*.json")
+    return runs
+
+
+def markdown(folder: str, budget: float, order: list[str] | None = None, d: int = 3) -> str:
+    """The arms' table docs/evidence.md shows for a run folder: rollouts in the budget, the final held-out
+    reward and its gain over the start, the exact rate, the count part and the Welch difference to grpo
+    (95 % t intervals over seeds; a start row first: every run starts from the same weights and noise).
+    ``order``: the arms to show, in that order (default: every arm, grpo first)."""
+    runs, m = _runs(folder), compute(folder, budget)
+    order = order or sorted(runs, key=lambda a: a != "grpo")
+
+    def iv(c: dict[str, float], sign: str = "", keys: tuple[str, str, str] = ("mean", "lo", "hi")) -> str:
+        a, lo, hi = (c[k] for k in keys)
+        return f"{a:{sign}.{d}f} [{lo:{sign}.{d}f}, {hi:{sign}.{d}f}]"
+    first = next(iter(m["reward"]["arms"].values()))
+    rows = [["(start, every run)", "", "", f"{first['start']:.{d}f}", "", f"{m['exact']['arms'][next(iter(runs))]['start']:.{d}f}",
+             f"{m['count']['arms'][next(iter(runs))]['start']:.{d}f}", ""]]
+    for arm in order:
+        rs = runs[arm]
+        n = [rollouts_in_budget(r) for r in rs]
+        pair = m["reward"]["pairs"].get(f"{arm} - grpo")
+        rows.append([arm, f"`{rs[0]['spec']}`", f"{sum(n) / len(n):.1f}", iv(m["reward"]["arms"][arm]["final"]),
+                     iv(m["reward"]["arms"][arm]["gain"], "+"), iv(m["exact"]["arms"][arm]["final"]),
+                     f"{m['count']['arms'][arm]['final']['mean']:.{d}f}",
+                     "reference" if arm == "grpo" else iv(pair, "+", ("diff", "lo", "hi"))])
+    head = ["arm", "schedule", f"rollouts in {budget:.0f} s (mean of {len(next(iter(runs.values())))})",
+            "final held-out reward [95 % CI]", "gain over the start [95 % CI]", "exact rate [95 % CI]",
+            "count part", "Δ vs grpo [95 % Welch CI]"]
+    return markdown_table(head, rows)
 
 
 def main(argv: list[str] | None = None) -> None:
