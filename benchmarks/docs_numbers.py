@@ -15,19 +15,20 @@ render); KEY says where the text comes from, and this module recomputes it. Keys
     cov:FAMILY/MEASURE:coverage|fwe      the zero-signal simulation (gradient_quality/coverage)
     cov:all                              its coverage over every interval
     le:FOLDER:BUDGET:MEASURE:WHAT@D      benchmarks.evidence_stats of learning_efficiency/FOLDER at
-                                         BUDGET s; WHAT: pooled, gain.ARM, final.ARM or pair.A - B; D decimals
-    le:FOLDER:rollouts.ARM | le:FOLDER:wall.ARM | le:FOLDER:rollout_ratio.A/B
-                                         mean rollouts in the budget / wall s per rollout / their ratio
+                                         BUDGET s; WHAT: pooled, gain.ARM, final.ARM, start.ARM or pair.A - B; D decimals
+    le:FOLDER:rollouts.ARM | wall.ARM | rollout_ratio.A/B | wall_ratio.A/B
+                                         mean rollouts in the budget / wall s per rollout / their ratios (@D)
     json:PATH|KEY|KEY...@FMT             any value of a JSON file under docs/results (format spec FMT)
     txt:PATH|PREFIX|I[@D]                the I-th number after PREFIX on the line of a stored text output
-                                         that starts with PREFIX (as written, or to D decimals); PREFIX#N: its N-th such line
+                                         that starts with PREFIX (@D as in mdcell); PREFIX#N: its N-th such line
     mdtable:PATH[+PATH...][#N][|COLS[|ROWS]]  the N-th Markdown table (default 1) of a stored .md file,
                                          as the benchmark wrote it: COLS / ROWS comma-separated 0-based
                                          column / data-row indices or ranges (a-b), empty for all;
                                          further files' rows appended under the first one's header
     mdcell:PATH[#N]|ROW|COL[|I][@D]      one cell of such a table: ROW a data-row index or the row's
-                                         first cell, COL a column index; its I-th number (as written, or
-                                         to D decimals) or the whole cell
+                                         first cell, COL a column index; its I-th number (as written, to
+                                         D decimals with its sign, or with a format spec: @.1e) or the
+                                         whole cell
     summary:PATH|NAME@D                  a "NAME: mean [lo, hi]" line of a summary.txt, as mean [lo, hi]
     table:sd35m_configs | table:gq | table:gq:FAMILY   a generated table (the SD3.5-M config FLOPs; the
                                          mechanism's arms and families, or one part: "arms" or a family)
@@ -135,10 +136,12 @@ _NUMBER = re.compile(r"(?<![\d.])[-+−]?\d+(?:\.\d+)?(?:e[-+]?\d+)?")
 
 
 def _number(tok: str, fmt: str) -> str:
-    """A number token as written, or to ``fmt`` decimals (keeping a written sign)."""
+    """A number token as written; to ``fmt`` decimals (keeping a written sign) if fmt is a count,
+    else formatted with the format spec ``fmt`` (".1e", ".2f": no sign unless the spec asks)."""
     if not fmt:
         return tok
-    return format(float(tok.replace("−", "-")), ("+" if tok[0] in "+-−" else "") + f".{int(fmt)}f")
+    v = float(tok.replace("−", "-"))
+    return format(v, ("+" if tok[0] in "+-−" else "") + f".{int(fmt)}f") if fmt.isdigit() else format(v, fmt)
 
 
 def _md_cell(rest: str) -> str:
@@ -195,12 +198,16 @@ def _le_value(folder: str, rest: list[str]) -> str:
         if kind == "rollouts":
             return f"{mean_rollouts(arm):.{d}f}"
         a, b = arm.split("/")
+        if kind == "wall_ratio":
+            return f"{data['arms'][a]['wall_s_per_rollout'] / data['arms'][b]['wall_s_per_rollout']:.{d}f}"
         return f"{mean_rollouts(a) / mean_rollouts(b):.{d}f}"
     budget, measure = float(rest[0]), rest[1]
     m = _le(folder, budget)[measure]
     if what == "pooled":
         return ci(m["pooled_gain"], d)
     kind, arm = what.split(".", 1)
+    if kind == "start":  # every run of an arm starts from the same weights and held-out noise
+        return f"{m['arms'][arm]['start']:.{d}f}"
     if kind == "pair":
         return ci(m["pairs"][arm], d, ("diff", "lo", "hi"))
     c = m["arms"][arm][kind]
