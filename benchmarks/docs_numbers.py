@@ -18,7 +18,8 @@ render); KEY says where the text comes from, and this module recomputes it. Keys
                                          BUDGET s; WHAT: pooled, gain.ARM, final.ARM, start.ARM or pair.A - B; D decimals
     le:FOLDER:rollouts.ARM | wall.ARM | rollout_ratio.A/B | wall_ratio.A/B
                                          mean rollouts in the budget / wall s per rollout / their ratios (@D)
-    json:PATH|KEY|KEY...@FMT             any value of a JSON file under docs/results (format spec FMT)
+    json:PATH|KEY|KEY...@FMT[/DIV]       any value of a JSON file under docs/results (format spec FMT;
+                                         /DIV: divided by DIV first, e.g. @.2f/1e12 for TFLOP)
     txt:PATH|PREFIX|I[@D]                the I-th number after PREFIX on the line of a stored text output
                                          that starts with PREFIX (@D as in mdcell); PREFIX#N: its N-th such line
     mdtable:PATH[+PATH...][#N][|COLS[|ROWS]]  the N-th Markdown table (default 1) of a stored .md file,
@@ -239,7 +240,8 @@ def value(key: str) -> str:
         v: Any = _json(path)
         for k in keys:
             v = v[int(k)] if isinstance(v, list) else v[k]
-        return format(v, fmt)
+        fmt, _, div = fmt.partition("/")  # "@.2f/1e12": in units of 1e12
+        return format(v / float(div) if div else v, fmt)
     if kind == "txt":  # the I-th number of the line of a stored text output that starts with PREFIX
         body, fmt = rest.rsplit("@", 1) if "@" in rest else (rest, "")
         path, body = body.split("|", 1)
