@@ -35,6 +35,7 @@ render); KEY says where the text comes from, and this module recomputes it. Keys
                                          mechanism's arms and families, or one part: "arms" or a family)
     table:le:FOLDER:BUDGET[:ARM,ARM...]  a learning-efficiency run's arms (benchmarks.evidence_stats.markdown)
     table:plan_fit:NAME,NAME...          the README's "what fits" table (plan.fit_table of plan/NAME.json)
+    table:finetune_memory                full fine-tuning's denoiser memory from flops.json's parameter counts
     gpumem:VARIANT:planned|measured|gap_pct  gpu_memory: the plan's and the measured allocator peak
                                          (GiB), and |measured - planned| / planned in %
     previewcorr:ARM:CKPT                 preview_decoders: ARM's whole-group proxy correlation at
@@ -152,6 +153,20 @@ def _md_cell(rest: str) -> str:
     r = rows[int(row)] if row.isdigit() else next(x for x in rows if x[0] == row)
     cell = r[int(col)]
     return _number(re.findall(_NUMBER, cell)[int(i[0])], fmt) if i else cell
+
+
+def _finetune_memory() -> str:
+    """The README's full fine-tuning memory table from the real-size parameter counts (flops/flops.json):
+    float32 weights + gradients + two AdamW states are 16 bytes per parameter and the frozen reference
+    copy 4; bfloat16 half of each (GiB = 2^30 bytes)."""
+    names = {"sd15": "SD1.5 UNet", "sd3": "SD3.5-M transformer", "flux": "FLUX.1 transformer"}
+    lines = ["| denoiser | params | float32 weights + grads + AdamW (16 B/param) | + reference copy (kl_beta > 0) "
+             "| bfloat16 weights + grads + AdamW (8 B/param) | + reference copy |", "|---" * 6 + "|"]
+    for fam, name in names.items():
+        n = _json("flops/flops.json")["backends"][fam]["unit_flops"]["params"]
+        gib = [n * b / 2 ** 30 for b in (16, 4, 8, 2)]
+        lines.append(f"| {name} | {n / 1e9:.2f} B | {gib[0]:.1f} | + {gib[1]:.1f} | {gib[2]:.1f} | + {gib[3]:.1f} |")
+    return "\n".join(lines)
 
 
 def _digits(key: str, default: int = 3) -> tuple[str, int]:
@@ -276,6 +291,8 @@ def value(key: str) -> str:
 
             names = rest.split(":", 1)[1].split(",")
             return "\n" + fit_table([_json(f"plan/{n}.json") for n in names]) + "\n\n"
+        if rest == "finetune_memory":  # full fine-tuning: the trained denoiser's bytes per parameter (arithmetic)
+            return "\n" + _finetune_memory() + "\n\n"
         if rest == "sd35m_configs":
             from benchmarks.flops import shipped_config_markdown
 
