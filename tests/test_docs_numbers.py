@@ -6,7 +6,7 @@ import shutil
 import pytest
 
 from benchmarks import docs_numbers
-from benchmarks.docs_numbers import DOCS, MARK, ROOT, main, render
+from benchmarks.docs_numbers import DOCS, MARK, ROOT, SCANNED, main, render, unmarked
 
 
 def test_every_marked_number_in_the_docs_matches_the_stored_results(capsys):
@@ -36,3 +36,33 @@ def test_value_kinds_by_hand():
     assert docs_numbers.ci({"mean": 0.01, "lo": -0.02, "hi": 0.04}, 2) == "+0.01 [-0.02, +0.04]"
     assert docs_numbers.value("summary:proxy_quality/summary.txt|pruning/audit_expanded_reward_std@3") == \
         "0.132 [0.114, 0.151]"
+
+
+def test_no_result_number_in_the_docs_is_left_unmarked():
+    """Every decimal, percentage, ratio, size, time or interval in README.md, docs/evidence.md and
+    docs/benchmarks.md is marked (so regenerated from docs/results), in code, or a setting the short
+    ``SETTINGS`` list names; the failure lists file:line."""
+    left = [f"{d}:{line}: {tok}" for d in SCANNED for line, tok in unmarked((ROOT / d).read_text())]
+    assert not left, "result numbers without a marker (mark them: benchmarks/docs_numbers.py):\n" + "\n".join(left)
+
+
+def test_the_scan_finds_a_planted_number_and_passes_what_is_not_a_result():
+    text = "\n".join([
+        "# Results",                                                    # 1
+        "Pro-GRPO is 1.37x faster and reaches 0.912 in 4.2 s.",         # 2: three results
+        "It saves 12.5 GiB (31 %), gain +0.004 [-0.001, +0.009].",      # 3: size, percentage, interval
+        "The interval starts at 66 [60, 70] rollouts.",                 # 4: an integer before an interval
+        "Marked: <!--#json:x-->0.5<!--/--> and `0.25` in code, guidance 4.5, lr 1e-3, 80 % power.",  # 5
+        "```bash", "python -m x --bound 0.05 --budget-s 3.5", "```",   # 6-8: a code block
+        "A 24 GB card, T = 10 steps, 360 s budget, arXiv 2512.15347.",  # 9: settings
+        "The log-ratio was -2.7e-4 at step 8.",                         # 10: an exponent
+    ])
+    found = unmarked(text)
+    assert found == [(2, "1.37x"), (2, "0.912"), (2, "4.2 s"), (3, "12.5 GiB"), (3, "31 %"), (3, "+0.004"),
+                     (3, "-0.001"), (3, "+0.009"), (4, "66"), (10, "-2.7e-4")], found
+    # planted in a real doc: found, with its line, and nothing else changes
+    text = (ROOT / "docs/benchmarks.md").read_text()
+    lines = text.splitlines()
+    lines.insert(3, "The tiny decoder saves 3.9x the time.")
+    before = [(i + (i > 3), tok) for i, tok in unmarked(text)]
+    assert sorted(unmarked("\n".join(lines))) == sorted(before + [(4, "3.9x")])
