@@ -45,7 +45,10 @@ render); KEY says where the text comes from, and this module recomputes it. Keys
     flops:CONFIG:FIELD@FMT               the shipped SD3.5-M configs' FLOP table (flops/flops.json)
 
 ``tests/test_docs_numbers.py`` runs the check, so a number edited by hand, or a result changed under
-it, fails the suite.
+it, fails the suite. It also runs ``unmarked`` over README.md, docs/evidence.md and docs/benchmarks.md:
+a decimal, percentage, ratio, size, time or interval outside a marker, a code span and the short
+``SETTINGS`` list (values named as settings, confidence levels, card sizes, the paper's quoted claims)
+fails with its file:line, so a new result number has to come with the key that regenerates it.
 """
 
 from __future__ import annotations
