@@ -30,6 +30,8 @@ render); KEY says where the text comes from, and this module recomputes it. Keys
                                          first cell, COL a column index; its I-th number (as written, to
                                          D decimals with its sign, or with a format spec: @.1e) or the
                                          whole cell
+    mdcol:PATH[#N]|COL|min|max[|ROWS][@D]  the smallest / largest first number in a column of such a
+                                         table (over ROWS: indices or ranges; @D as in mdcell)
     summary:PATH|NAME@D                  a "NAME: mean [lo, hi]" line of a summary.txt, as mean [lo, hi]
     table:sd35m_configs | table:gq | table:gq:FAMILY   a generated table (the SD3.5-M config FLOPs; the
                                          mechanism's arms and families, or one part: "arms" or a family)
@@ -172,6 +174,16 @@ def _finetune_memory() -> str:
     return "\n".join(lines)
 
 
+def _md_column(rest: str) -> str:
+    body, fmt = rest.rsplit("@", 1) if "@" in rest else (rest, "")
+    ref, col, which, *rows = body.split("|")
+    _, table = _md_table(ref)
+    picked = [table[i] for i in _indices(rows[0])] if rows and rows[0] else table
+    toks = [t[0] for r in picked if (t := re.findall(_NUMBER, r[int(col)]))]
+    tok = (min if which == "min" else max)(toks, key=lambda t: float(t.replace("−", "-")))
+    return _number(tok, fmt)
+
+
 def _digits(key: str, default: int = 3) -> tuple[str, int]:
     if "@" in key:
         key, d = key.rsplit("@", 1)
@@ -282,6 +294,8 @@ def value(key: str) -> str:
         return _md_tables(rest)
     if kind == "mdcell":
         return _md_cell(rest)
+    if kind == "mdcol":
+        return _md_column(rest)
     if kind == "table":  # a whole generated Markdown table
         if rest.startswith("le:"):
             from benchmarks.evidence_stats import markdown
