@@ -15,7 +15,8 @@ render); KEY says where the text comes from, and this module recomputes it. Keys
     cov:FAMILY/MEASURE:coverage|fwe      the zero-signal simulation (gradient_quality/coverage)
     cov:all                              its coverage over every interval
     le:FOLDER:BUDGET:MEASURE:WHAT@D      benchmarks.evidence_stats of learning_efficiency/FOLDER at
-                                         BUDGET s; WHAT: pooled, gain.ARM, final.ARM, start.ARM or pair.A - B; D decimals
+                                         BUDGET s; WHAT: pooled, gain.ARM, final.ARM, start.ARM or
+                                         pair.A - B; D decimals
     le:FOLDER:rollouts.ARM | wall.ARM | rollout_ratio.A/B | wall_ratio.A/B
                                          mean rollouts in the budget / wall s per rollout / their ratios (@D)
     json:PATH|KEY|KEY...@FMT[/DIV]       any value of a JSON file under docs/results (format spec FMT;
@@ -361,7 +362,8 @@ SETTINGS = re.compile("|".join([
     r"\b(?:95|80) ?%|\b5 ?% level",  # confidence and power levels
     r"(?:CFG|guidance(?:_scale)?|noise level|lr|clip(?:_range)?|shape_margin|preview_scale|kl_beta|"
     r"timestep_fraction|[Bb]ound|--bound|Python|torch)`?:? \(?[<>=]* ?\d[\d.e-]*",  # a setting named before its value
-    r"(?:under|within) \d+(?:\.\d+)? ?%|@round\([\d.]+ T\)|sampled every \d+ ms",  # targets, definitions
+    r"(?:under|within|<) \d+(?:\.\d+)? ?%|(?:target at most|coverage above) 0\.\d+",  # targets, nominal levels
+    r"@round\([\d.]+ T\)|sampled every \d+ ms",  # definitions
     r"\bvae@0\.5\b|\b\d{4}\.\d{5}\b",  # the half-scale preview option; arXiv ids
     r"\b(?:24|40|48|80|141) ?Gi?B(?: card| GPU| cards)?",  # card sizes
     r"\b1\.5 GiB",  # the plan's stated allowance for context and fragmentation (an assumption)

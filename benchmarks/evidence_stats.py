@@ -64,9 +64,8 @@ def markdown(folder: str, budget: float, order: list[str] | None = None, d: int 
     def iv(c: dict[str, float], sign: str = "", keys: tuple[str, str, str] = ("mean", "lo", "hi")) -> str:
         a, lo, hi = (c[k] for k in keys)
         return f"{a:{sign}.{d}f} [{lo:{sign}.{d}f}, {hi:{sign}.{d}f}]"
-    first = next(iter(m["reward"]["arms"].values()))
-    rows = [["(start, every run)", "", "", f"{first['start']:.{d}f}", "", f"{m['exact']['arms'][next(iter(runs))]['start']:.{d}f}",
-             f"{m['count']['arms'][next(iter(runs))]['start']:.{d}f}", ""]]
+    start = {k: f"{next(iter(m[k]['arms'].values()))['start']:.{d}f}" for k in ("reward", "exact", "count")}
+    rows = [["(start, every run)", "", "", start["reward"], "", start["exact"], start["count"], ""]]
     for arm in order:
         rs = runs[arm]
         n = [rollouts_in_budget(r) for r in rs]
