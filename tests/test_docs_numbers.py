@@ -66,3 +66,31 @@ def test_the_scan_finds_a_planted_number_and_passes_what_is_not_a_result():
     lines.insert(3, "The tiny decoder saves 3.9x the time.")
     before = [(i + (i > 3), tok) for i, tok in unmarked(text)]
     assert sorted(unmarked("\n".join(lines))) == sorted(before + [(4, "3.9x")])
+
+
+def test_stored_table_kinds_by_hand(tmp_path, monkeypatch):
+    """mdtable / mdcell / mdcol / json / txt on a small results folder written here."""
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "t.md").write_text(
+        "`cmd`\n\n| arm | x | y |\n|---|---|---|\n| a | 0.5 (0.4-0.6) | +1.25 [+1.0, +1.5] |\n| b | 12.5% | -0.75 |\n"
+        "\n| k | v |\n|---|---|\n| c | 3 |\n")
+    (tmp_path / "b" / "u.md").write_text("| arm | x | y |\n|---|---|---|\n| d | 7 | 8 |\n")
+    (tmp_path / "b" / "r.json").write_text('{"flops": [2.5e12, 1e9]}')
+    (tmp_path / "b" / "o.txt").write_text("| a | row | 1.5 | 2.25\n")
+    monkeypatch.setattr(docs_numbers, "RESULTS", tmp_path)
+    docs_numbers._md_table.cache_clear()
+    docs_numbers._json.cache_clear()
+    v = docs_numbers.value
+    try:
+        assert v("mdtable:b/t.md|0,2|1") == "\n| arm | y |\n|---|---|\n| b | -0.75 |\n\n"
+        assert v("mdtable:b/t.md#2") == "\n| k | v |\n|---|---|\n| c | 3 |\n\n"
+        assert v("mdtable:b/t.md+b/u.md||0,2").splitlines()[3:5] == ["| a | 0.5 (0.4-0.6) | +1.25 [+1.0, +1.5] |",
+                                                                    "| d | 7 | 8 |"]
+        assert v("mdcell:b/t.md|b|1") == "12.5%" and v("mdcell:b/t.md|0|1|2") == "0.6"  # "0.4-0.6": no minus
+        assert v("mdcell:b/t.md|a|2|0@1") == "+1.2" and v("mdcell:b/t.md|a|2|1@.2f") == "1.00"
+        assert v("mdcol:b/t.md|2|min") == "-0.75" and v("mdcol:b/t.md|2|max|0") == "+1.25"
+        assert v("json:b/r.json|flops|0@.1f/1e12") == "2.5" and v("json:b/r.json|flops|1@.0e") == "1e+09"
+        assert v("txt:b/o.txt|| a | row ||1") == "2.25"
+    finally:
+        docs_numbers._md_table.cache_clear()
+        docs_numbers._json.cache_clear()
