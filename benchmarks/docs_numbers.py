@@ -374,7 +374,9 @@ SETTINGS = re.compile("|".join([
 
 def unmarked(text: str) -> list[tuple[int, str]]:
     """(line, token) of every result-like number in ``text`` outside markers, code and settings."""
-    blank = lambda m: re.sub(r"[^\n]", " ", m.group(0))  # noqa: E731 (keeps line numbers)
+    def blank(m: re.Match) -> str:  # spaces in place of the match, its newlines kept: line numbers hold
+        return re.sub(r"[^\n]", " ", m.group(0))
+
     text = MARK.sub(blank, text)
     text = re.sub(r"^```.*?^```", blank, text, flags=re.S | re.M)
     text = SETTINGS.sub(blank, text)
