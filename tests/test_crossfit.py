@@ -57,6 +57,10 @@ def test_zero_signal_simulation_covers_and_a_signal_is_found():
     res = coverage(reps=12, rollouts=24, prompts=2, dim=30, K=4, G_static=8, schedules=sched, seed=1, log=lambda *_: None)
     assert res["intervals"] == 12 * sum(v["intervals"] // 12 for v in res["families"].values())
     assert 0.85 <= res["coverage_all"] <= 1.0
+    two = coverage(reps=4, rollouts=24, prompts=2, dim=30, K=4, G_static=8, schedules=sched, seed=1, log=lambda *_: None,
+                   looks=2)  # the same runs' first 4, scored at the two-look level: wider intervals cover more
+    assert two["level"] == 0.975 and two["coverage_all"] >= two["coverage_all_nominal"]
+    assert all(f["familywise_error"] <= f["familywise_error_nominal"] for f in two["families"].values())
     # a real policy gradient: more trajectories give a better gradient, resolved (the positive control)
     s = summarize(simulate_run(24, 2, 30, 4, 8, sched, seed=2, signal=3.0))
     pc = s["families"]["positive_control/per_rollout"]["plain-2K - plain-K"]
