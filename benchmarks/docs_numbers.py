@@ -14,8 +14,8 @@ render); KEY says where the text comes from, and this module recomputes it. Keys
     gqarm:ARM:FIELD                      per arm: per_rollout, per_flop (estimate ± SE), spread, cost, n
     gq:rollouts | gq:effect | gq:needed  rollouts joined; the positive control's effect; the rollouts
                                          80 % power at that effect would take (SE ~ 1 / sqrt(R), to 10)
-    cov:FAMILY/MEASURE:coverage|fwe      the zero-signal simulation (gradient_quality/coverage)
-    cov:all                              its coverage over every interval
+    cov:FAMILY/MEASURE:coverage|fwe      the zero-signal simulation (COV), at its looks' level; with
+    cov:all                              _nominal (coverage_nominal, ...) at 0.05; cov:all: every interval
     le:FOLDER:BUDGET:MEASURE:WHAT@D      benchmarks.evidence_stats of learning_efficiency/FOLDER at
                                          BUDGET s; WHAT: pooled, gain.ARM, final.ARM or pair.A - B; D decimals
     le:FOLDER:rollouts.ARM | le:FOLDER:wall.ARM | le:FOLDER:rollout_ratio.A/B
@@ -60,6 +60,7 @@ def ci(c: dict[str, Any], d: int = 3, keys: tuple[str, str, str] = ("mean", "lo"
 
 
 GQ = "main"  #: the mechanism benchmark's latest look
+COV = "gradient_quality/coverage/coverage.json"  #: its intervals' coverage at zero signal, at that look's size
 
 
 @functools.lru_cache(maxsize=None)
@@ -152,12 +153,12 @@ def value(key: str) -> str:
     if kind == "gqarm":
         return _gqarm_value(*rest.split(":"))
     if kind == "cov":
-        cov = _json("gradient_quality/coverage/coverage.json")
-        if rest == "all":
-            return f"{cov['coverage_all']:.3f}"
+        cov = _json(COV)
+        if rest in ("all", "all_nominal"):
+            return f"{cov['coverage_' + rest]:.3f}"
         fam, field = rest.rsplit(":", 1)
-        f = cov["families"][fam]
-        return f"{f['coverage']:.3f}" if field == "coverage" else f"{f['familywise_error']:.3f}"
+        field = field.replace("fwe", "familywise_error")
+        return f"{cov['families'][fam][field]:.3f}"
     if kind == "le":
         folder, *more = rest.split(":")
         return _le_value(folder, more)
