@@ -59,8 +59,8 @@ def ci(c: dict[str, Any], d: int = 3, keys: tuple[str, str, str] = ("mean", "lo"
     return f"{m:+.{d}f} [{lo:+.{d}f}, {hi:+.{d}f}]"
 
 
-GQ = "main"  #: the mechanism benchmark's latest look
-COV = "gradient_quality/coverage/coverage.json"  #: its intervals' coverage at zero signal, at that look's size
+GQ = "extension"  #: the mechanism benchmark's latest look
+COV = "gradient_quality/extension/coverage/coverage.json"  #: its intervals' coverage at zero signal, at that look's size
 
 
 @functools.lru_cache(maxsize=None)

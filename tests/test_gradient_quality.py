@@ -197,3 +197,24 @@ def test_the_first_look_is_recomputed_from_its_stored_grams():
             for k, v in c.items():
                 assert s["families"][fam][nm][k] == (pytest.approx(v, rel=1e-10, abs=1e-15)
                                                      if isinstance(v, float) else v), (fam, nm, k)
+
+
+def test_the_second_look_continues_the_first():
+    """docs/results/gradient_quality/extension continued the first look's saved states: its rollouts
+    0..127 are the first look's (per-rollout values equal, Gram matrices to float32 precision, the
+    first look's tables recomputed from them), and its stored summary is recomputed at two looks."""
+    from pathlib import Path
+
+    from benchmarks.gradient_quality import ROOT, load, summarize, table
+
+    first, second = (load(Path(ROOT / "docs/results/gradient_quality" / d)) for d in ("main", "extension"))
+    R1 = first["rollouts"]
+    assert second["rollouts"] > R1 and second["looks"] == 2
+    assert second["per_rollout"][:R1] == first["per_rollout"]
+    sub = dict(second, per_rollout=second["per_rollout"][:R1],
+               grams={k: v[..., :R1, :R1] for k, v in second["grams"].items()})  # rollouts 0..127
+    first_md = (ROOT / "docs/results/gradient_quality/main/gradient_quality.md").read_text()
+    assert table(summarize(sub, looks=1)) + "\n" == first_md
+    again = summarize(second)
+    assert again["alpha"] == pytest.approx(0.025) and table(again) + "\n" == \
+        (ROOT / "docs/results/gradient_quality/extension/gradient_quality.md").read_text()
