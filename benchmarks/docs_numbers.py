@@ -368,10 +368,10 @@ _DECIMAL = re.compile(r"\d\.\d")
 #: Numbers that are settings, definitions or versions, not results (context included, so the same
 #: figure reported as a result is still caught). Kept short on purpose: a new entry needs a reason.
 SETTINGS = re.compile("|".join([
-    r"\b(?:95|80) ?%|\b5 ?% level",  # confidence and power levels
+    r"\b(?:95|97\.5|80) ?%|\b5 ?% level|(?:alpha|nominal|two-look)\s+0\.\d+",  # confidence, power, test levels
     r"(?:CFG|guidance(?:_scale)?|noise level|lr|clip(?:_range)?|shape_margin|preview_scale|kl_beta|"
     r"timestep_fraction|[Bb]ound|--bound|Python|torch)`?:? \(?[<>=]* ?\d[\d.e-]*",  # a setting named before its value
-    r"(?:under|within|<) (?:3|10) ?%|(?:target at most|coverage above) 0\.\d+",  # the issues' targets, nominal levels
+    r"(?:under|within|<) (?:3|10) ?%|(?:target at most|coverage above)\s+0\.\d+",  # the issues' targets, nominal levels
     r"@round\([\d.]+ T\)|sampled every \d+ ms",  # definitions
     r"\bvae@0\.5\b|\b\d{4}\.\d{5}\b",  # the half-scale preview option; arXiv ids
     r"\b(?:24|40|48|80|141) ?Gi?B(?: card| GPU| cards)?",  # card sizes

@@ -38,21 +38,12 @@ def test_value_kinds_by_hand():
         "0.132 [0.114, 0.151]"
 
 
-#: Unmarked numbers known and waiting for their owner, (file, token): why. Each must still be there
-#: (the test fails once one is gone, so the entry is removed with it), and the list only shrinks.
-PENDING = {("docs/evidence.md", "-0.02"): "section 2's '+-0.02' uncertainty of the coverage simulation: "
-                                          "section 2 is being rewritten with the mechanism's second look"}
-
-
 def test_no_result_number_in_the_docs_is_left_unmarked():
     """Every decimal, percentage, ratio, size, time or interval in README.md, docs/evidence.md and
     docs/benchmarks.md is marked (so regenerated from docs/results), in code, or a setting the short
     ``SETTINGS`` list names; the failure lists file:line."""
-    found = [(d, line, tok) for d in SCANNED for line, tok in unmarked((ROOT / d).read_text())]
-    left = [f"{d}:{line}: {tok}" for d, line, tok in found if (d, tok) not in PENDING]
+    left = [f"{d}:{line}: {tok}" for d in SCANNED for line, tok in unmarked((ROOT / d).read_text())]
     assert not left, "result numbers without a marker (mark them: benchmarks/docs_numbers.py):\n" + "\n".join(left)
-    gone = set(PENDING) - {(d, tok) for d, _, tok in found}
-    assert not gone, f"marked or removed since: drop them from PENDING: {sorted(gone)}"
 
 
 def test_the_scan_finds_a_planted_number_and_passes_what_is_not_a_result():
