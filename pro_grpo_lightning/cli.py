@@ -13,16 +13,18 @@ config also travels inside every checkpoint, which is what ``export`` reads by d
 
 from __future__ import annotations
 
-import argparse
 import difflib
 import inspect
 import os
 import re
 import sys
 from collections.abc import Callable
+from argparse import ArgumentError
 from typing import Any, NoReturn
 
 import lightning.pytorch as pl
+from docstring_parser import parse as docstring_parse
+from jsonargparse import ActionConfigFile, ActionYesNo, ArgumentParser, Namespace
 from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, LRSchedulerTypeTuple, SaveConfigCallback
 from torch.optim import Optimizer
@@ -185,27 +187,19 @@ def _class_name(value: Any) -> str:
     return str(path or value).rsplit(".", 1)[-1]
 
 
-class OneLineErrors(LightningArgumentParser):
-    """A parse error in one line, ``error: <what>`` (exit status 2), without the usage, and for
-    a key that does not exist the nearest valid one: ``--model.update.clip_rnge`` answers
-    ``did you mean model.update.clip_range?``. ``PRO_GRPO_DEBUG=1``: jsonargparse's own output."""
+class OneLineMessages:
+    """What every parser of the package says on bad input: one line, and for a key that does not
+    exist the nearest valid one (``--model.update.clip_rnge`` answers ``did you mean
+    model.update.clip_range?``). Mixed into Lightning's parser (``OneLineErrors``: fit, validate,
+    test, predict) and into jsonargparse's (``CommandParser``: export, serve-reward)."""
 
     _UNKNOWN = [
         re.compile(r"unrecognized arguments: --?(?P<key>[\w.\-]+)"),
         re.compile(r"(?:Group|Subcommand) '(?P<group>[\w.]+)' does not accept option '(?P<key>[\w.]+)'"),
         re.compile(r'Parser key "(?P<group>[\w.]+)":\s*Problem with given class_path \'(?P<cls>[\w.]+)\':'
                    r"\s*Option '(?P<key>[\w.]+)' is not accepted"),
+        re.compile(r"Key '(?P<key>[\w.]+)' is not expected"),  # a key of a --config file
     ]
-
-    def __init__(self, *args: Any, related: list[LightningArgumentParser] | None = None, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.related = related  # every parser of the CLI (``ProGRPOCLI.init_parser``)
-
-    def error(self, message: str, ex: Exception | None = None) -> NoReturn:
-        if not self.exit_on_error or os.environ.get("PRO_GRPO_DEBUG", "") not in ("", "0"):
-            super().error(message, ex)
-        sys.stderr.write(f"error: {self.one_line(message)}\n")
-        self.exit(2)
 
     def one_line(self, message: str) -> str:
         text = " ".join(message.split())
@@ -223,7 +217,21 @@ class OneLineErrors(LightningArgumentParser):
             near = difflib.get_close_matches(key, valid, n=1, cutoff=0.6)
             hint = f"; did you mean {near[0]}?" if near else " (see --help)"
             return f"unknown setting {key}{hint}"
-        return text
+        return self._wrong_type(text) or text
+
+    _TYPE = re.compile(r'^Parser key "(?P<key>[\w.]+)":\s*(?:Expected a (?P<one>.+?)\. Got value: (?P<got>.+)'
+                       r"|Does not validate against any of the Union subtypes Subtypes: \[(?P<any>.+?)\] Errors:.*"
+                       r"Given value: (?P<given>.+))$")
+
+    def _wrong_type(self, text: str) -> str | None:
+        """jsonargparse's "Parser key "port": Expected a <class 'int'>. Got value: x" as
+        ``port='x': expected int`` (the Union's subtypes for an Optional)."""
+        m = self._TYPE.match(text)
+        if m is None:
+            return None
+        types = m["one"] or m["any"]
+        types = re.sub(r"<class '(?:\w+\.)*(\w+)'>", r"\1", types).replace("NoneType", "None").replace("typing.", "")
+        return f"{m['key']}={(m['got'] or m['given']).strip()}: expected {types.replace(', None', ' or None')}"
 
     def valid_keys(self, class_path: str | None = None) -> list[str]:
         """Every setting this parser (and its subcommands') accepts, dotted; with ``class_path`` (a
@@ -237,7 +245,55 @@ class OneLineErrors(LightningArgumentParser):
             for key in parser.get_defaults().keys():
                 first, _, rest = key.partition(".")
                 keys.add(rest if first in SUBCOMMANDS and rest else key)
-        return sorted(keys)
+        return sorted(keys - {"config", "__default_config__"})
+
+
+class OneLineErrors(OneLineMessages, LightningArgumentParser):
+    """Lightning's parser with a parse error in one line, ``error: <what>`` (exit status 2), without
+    the usage (``OneLineMessages``). ``PRO_GRPO_DEBUG=1``: jsonargparse's own output."""
+
+    def __init__(self, *args: Any, related: list[LightningArgumentParser] | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.related = related  # every parser of the CLI (``ProGRPOCLI.init_parser``)
+
+    def error(self, message: str, ex: Exception | None = None) -> NoReturn:
+        if not self.exit_on_error or _debug():
+            super().error(message, ex)
+        sys.stderr.write(f"error: {self.one_line(message)}\n")
+        self.exit(2)
+
+
+def _debug() -> bool:
+    return os.environ.get("PRO_GRPO_DEBUG", "") not in ("", "0")
+
+
+class CommandParser(OneLineMessages, ArgumentParser):
+    """The parser of a command beside Lightning's (``export``, ``serve-reward``), built like
+    ``fit``'s: its options are the arguments of the function that does the work, typed and
+    described by its signature and docstring (``add_function_arguments``); ``--config file.yaml``
+    holds any of them, ``--print_config`` prints them as such a file. A bool argument is a flag
+    (``--merge``, ``--merge false``, ``--no_merge``). A parse error is a ``ConfigError`` in one line
+    naming the setting (``cli.run_main``: ``error: ...``, exit status 2)."""
+
+    def __init__(self, function: Callable[..., Any], prog: str, description: str) -> None:
+        super().__init__(prog=prog, description=description, exit_on_error=False)
+        self.add_argument("--config", action=ActionConfigFile, help="a YAML file of these settings (as "
+                          "--print_config writes it); later options override it")
+        flags = [name for name, p in inspect.signature(function).parameters.items() if p.annotation in (bool, "bool")]
+        self.add_function_arguments(function, as_group=False, skip=set(flags))
+        docs = {p.arg_name: " ".join((p.description or "").split()) for p in docstring_parse(function.__doc__ or "").params}
+        for name in flags:
+            default = inspect.signature(function).parameters[name].default
+            self.add_argument(f"--{name}", action=ActionYesNo, nargs="?", default=default,
+                              help=docs.get(name))
+
+    def parse(self, argv: list[str] | None) -> Namespace:
+        try:
+            return self.parse_args(argv)
+        except ArgumentError as err:
+            if _debug():
+                raise
+            raise ConfigError(f"{self.prog}: {self.one_line(str(err))}") from None
 
 
 def last_checkpoint(trainer: pl.Trainer) -> str | None:
@@ -300,7 +356,7 @@ def main(args: list[str] | None = None, run: bool = True, save_config: bool = Tr
 
 
 #: errors that are about the user's settings or files: one line, exit status 2
-USER_ERRORS = (ConfigError, ValueError, FileNotFoundError, UnicodeDecodeError, argparse.ArgumentError)
+USER_ERRORS = (ConfigError, ValueError, FileNotFoundError, UnicodeDecodeError, ArgumentError)
 
 
 def one_line(err: BaseException) -> str:
@@ -323,7 +379,7 @@ def run_main(fn: Callable[[list[str] | None], Any], argv: list[str] | None = Non
                 raise
             raise output_error(err, str(err.filename), RUN_KEPT) from err
     except (*USER_ERRORS, NonFiniteError, RewardError, OutputError) as err:
-        if os.environ.get("PRO_GRPO_DEBUG", "") not in ("", "0"):
+        if _debug():
             raise
         print(f"error: {one_line(err)}", file=sys.stderr)
         return 1 if isinstance(err, (NonFiniteError, RewardError, OutputError)) else 2

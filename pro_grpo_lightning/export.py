@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 import tempfile
 from typing import Any
 
@@ -258,7 +259,7 @@ def _merged(configs: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
-def run_config(ckpt: str, state: dict[str, Any], configs: list[str] | None = None) -> tuple[dict[str, Any], bool]:
+def read_run_config(ckpt: str, state: dict[str, Any], configs: list[str] | None = None) -> tuple[dict[str, Any], bool]:
     """(the run's config as a dict, whether it came from the user): the ``configs`` the user names
     (merged in order), else the config the checkpoint carries, else a config.yaml beside it."""
     from .errors import ConfigError
@@ -267,7 +268,7 @@ def run_config(ckpt: str, state: dict[str, Any], configs: list[str] | None = Non
         with open(path, encoding="utf-8") as f:
             cfg = yaml.safe_load(f) or {}
         if not isinstance(cfg, dict):
-            raise ConfigError(f"config={path!r}: expected a YAML mapping, got {type(cfg).__name__}")
+            raise ConfigError(f"run_config={path!r}: expected a YAML mapping, got {type(cfg).__name__}")
         return cfg
 
     if configs:
@@ -281,7 +282,7 @@ def run_config(ckpt: str, state: dict[str, Any], configs: list[str] | None = Non
     for folder in (here, os.path.dirname(here)):
         if os.path.isfile(os.path.join(folder, "config.yaml")):
             return read(os.path.join(folder, "config.yaml")), False
-    raise ConfigError(f"ckpt={ckpt!r} carries no config and none is beside it: pass --config")
+    raise ConfigError(f"ckpt={ckpt!r} carries no config and none is beside it: pass --run_config")
 
 
 def build_backend(config: dict[str, Any], where: str, trust_config_classes: bool = False) -> DiffusionBackend:
@@ -302,7 +303,7 @@ def build_backend(config: dict[str, Any], where: str, trust_config_classes: bool
     if not trust_config_classes and not (class_path.startswith(PACKAGE_BACKENDS)
                                          and class_path.count(".") == PACKAGE_BACKENDS.count(".") + 1):
         raise ConfigError(f"{where}: model.backend.class_path={class_path!r} is not a backend of this package; "
-                          f"if you trust the file, pass --trust_config_classes (or your own --config)")
+                          f"if you trust the file, pass --trust_config_classes (or your own --run_config)")
     parser = ArgumentParser(exit_on_error=False)
     parser.add_subclass_arguments(DiffusionBackend, "backend", required=True)
     try:
@@ -336,7 +337,7 @@ def load_adapter(backend: DiffusionBackend, state: dict[str, Any], ckpt: str) ->
     return holder
 
 
-def export_checkpoint(ckpt: str, out: str, config: list[str] | None = None, merge: bool = False,
+def export_checkpoint(ckpt: str, out: str, run_config: str | list[str] | None = None, merge: bool = False,
                       ema: bool = False, overwrite: bool = False, trust_config_classes: bool = False) -> str:
     """Export a training checkpoint's LoRA (or pipeline) to ``out``; returns ``out``.
 
@@ -344,16 +345,16 @@ def export_checkpoint(ckpt: str, out: str, config: list[str] | None = None, merg
     the checkpoint (readable, ``weights_only=True``, its digest, finite and plausible weights), the
     config and its backend class. Only the backend is built (no reward, so no network and no
     reward weights); the checkpoint's stored config may name only this package's backends unless
-    ``trust_config_classes`` (a ``config`` the user names is the user's own).
+    ``trust_config_classes`` (a ``run_config`` the user names is the user's own).
 
     Args:
-        ckpt: a checkpoint of the run (e.g. ``checkpoints/last.ckpt``).
-        out: the output folder.
-        config: the run's YAML files, layered in order as for fit (default: the config the
-            checkpoint carries).
+        ckpt: a checkpoint of the run (e.g. checkpoints/last.ckpt).
+        out: the output folder (refused if not empty, unless overwrite).
+        run_config: the run's YAML, or a list of them layered in order as for fit (on the command
+            line: --run_config '[base.yaml, overlay.yaml]'); default: the config the checkpoint carries.
         merge: write a full pipeline with the LoRA fused.
         ema: export the EMA weights the checkpoint carries (the run's EMA callback), not the raw ones.
-        overwrite: replace a non-empty ``out`` (only once the new export is complete).
+        overwrite: replace a non-empty out (only once the new export is complete).
         trust_config_classes: let the checkpoint's stored config name a backend outside this package.
     """
     from .checkpointing import check_checkpoint_weights, load_checkpoint_file
@@ -361,8 +362,9 @@ def export_checkpoint(ckpt: str, out: str, config: list[str] | None = None, merg
     check_output_folder(out, overwrite)  # before anything is read: a typo costs nothing
     state = load_checkpoint_file(ckpt)
     check_checkpoint_weights(state, f"ckpt={ckpt!r}")
-    cfg, users = run_config(ckpt, state, config)
-    backend = build_backend(cfg, "--config" if users else f"ckpt={ckpt!r} (its stored config)",
+    configs = [run_config] if isinstance(run_config, str) else run_config
+    cfg, users = read_run_config(ckpt, state, configs)
+    backend = build_backend(cfg, "--run_config" if users else f"ckpt={ckpt!r} (its stored config)",
                             trust_config_classes or users)
     holder = load_adapter(backend, state, ckpt)
     if ema:
@@ -377,27 +379,50 @@ def export_checkpoint(ckpt: str, out: str, config: list[str] | None = None, merg
 
 
 def main(argv: list[str] | None = None) -> str:
-    parser = OneLineParser(
-        prog="pro-grpo export",
-        description="Export a Pro-GRPO checkpoint's LoRA in diffusers format (or merged into a pipeline).")
-    parser.add_argument("--config", action="append",
-                        help="the run's YAML (repeatable, as for fit); default: the config the checkpoint carries")
-    parser.add_argument("--ckpt", required=True, help="a checkpoint of that run (e.g. checkpoints/last.ckpt)")
-    parser.add_argument("--out", required=True, help="output folder (refused if not empty, unless --overwrite)")
-    parser.add_argument("--merge", action="store_true", help="write a full pipeline with the LoRA fused")
-    parser.add_argument("--ema", action="store_true",
-                        help="export the EMA weights the checkpoint carries (the run's EMA callback), not the raw ones")
-    parser.add_argument("--overwrite", action="store_true",
-                        help="replace a non-empty --out (only once the new export is complete)")
-    parser.add_argument("--trust_config_classes", action="store_true",
-                        help="let the checkpoint's stored config name a backend class outside this package")
-    args = parser.parse_args(argv)
-    return export_checkpoint(**vars(args))
+    """``pro-grpo export`` / ``python -m pro_grpo_lightning export``: ``export_checkpoint``'s arguments
+    as options (``cli.CommandParser``: ``--config`` files of them, ``--print_config``, one-line errors)."""
+    from .cli import CommandParser
+
+    parser = CommandParser(export_checkpoint, "pro-grpo export", DESCRIPTION)
+    args = parser.parse(legacy_run_config(argv, parser.prog))
+    return export_checkpoint(**{k: v for k, v in vars(args).items() if k != "config"})
+
+
+DESCRIPTION = ("Export a Pro-GRPO checkpoint's LoRA in diffusers format (or a pipeline with it merged). Only "
+               "the backend is built (no reward); the run's config comes from the checkpoint unless --run_config "
+               "names it. --config takes this command's own settings as YAML (as --print_config writes them).")
+
+
+def legacy_run_config(argv: list[str] | None, prog: str) -> list[str] | None:
+    """Until this command took ``--config`` files of its own settings (as ``fit`` does), ``--config``
+    named the run's YAML. Such a file (a run's config: a top-level ``model`` mapping, a key no export
+    setting has) still works as ``--run_config`` with one line saying so. Decided here, before the
+    parser, because jsonargparse would refuse the file's keys."""
+    if argv is None:
+        argv = sys.argv[1:]
+    out, runs = list(argv), []
+    i = 0
+    while i < len(out):
+        arg = out[i]
+        path = arg.split("=", 1)[1] if arg.startswith("--config=") else out[i + 1] if arg == "--config" and \
+            i + 1 < len(out) else None
+        cfg = None
+        if path is not None and os.path.isfile(path):
+            with contextlib.suppress(yaml.YAMLError, UnicodeDecodeError, OSError), open(path, encoding="utf-8") as f:
+                cfg = yaml.safe_load(f)
+        if isinstance(cfg, dict) and isinstance(cfg.get("model"), dict):
+            runs.append(path)
+            del out[i:i + (1 if "=" in arg else 2)]
+            continue
+        i += 1
+    if runs:
+        print(f"{prog}: --config {' '.join(runs)} is a run's config: read as --run_config (deprecated spelling; "
+              f"--config now takes export's own settings)", file=sys.stderr)
+        out += ["--run_config", runs[0] if len(runs) == 1 else "[" + ", ".join(map(repr, runs)) + "]"]
+    return out
 
 
 if __name__ == "__main__":
-    import sys
-
     from .cli import run_main
 
     sys.exit(run_main(main))
