@@ -24,12 +24,12 @@ from typing import Any, NoReturn
 
 import lightning.pytorch as pl
 from docstring_parser import parse as docstring_parse
-from jsonargparse import ActionConfigFile, ActionYesNo, ArgumentParser, Namespace
+from jsonargparse import ActionConfigFile, ActionYesNo, ArgumentParser, Namespace, get_loader, set_loader
 from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, LRSchedulerTypeTuple, SaveConfigCallback
 from torch.optim import Optimizer
 
-from .checkpointing import check_checkpoint_weights, load_checkpoint_file
+from .checkpointing import check_checkpoint_weights, load_checkpoint_file, migrate_config
 from .data import PromptDataModule
 from .errors import ConfigError, OutputError, RewardError
 from .health import NonFiniteError
@@ -198,7 +198,7 @@ class OneLineMessages:
         re.compile(r"(?:Group|Subcommand) '(?P<group>[\w.]+)' does not accept option '(?P<key>[\w.]+)'"),
         re.compile(r'Parser key "(?P<group>[\w.]+)":\s*Problem with given class_path \'(?P<cls>[\w.]+)\':'
                    r"\s*Option '(?P<key>[\w.]+)' is not accepted"),
-        re.compile(r"Key '(?P<key>[\w.]+)' is not expected"),  # a key of a --config file
+        re.compile(r"Option '(?P<key>[\w.]+)' is not accepted"),  # a key of a command's --config file
     ]
 
     def one_line(self, message: str) -> str:
@@ -248,11 +248,19 @@ class OneLineMessages:
         return sorted(keys - {"config", "__default_config__"})
 
 
+#: jsonargparse's YAML loader with renamed settings read under their new names
+#: (``checkpointing.migrate_config``): the parser mode of Lightning's parsers here.
+MIGRATING_YAML = "yaml_with_renames"
+set_loader(MIGRATING_YAML, lambda text: migrate_config(get_loader("yaml")(text), "a YAML file"))
+
+
 class OneLineErrors(OneLineMessages, LightningArgumentParser):
     """Lightning's parser with a parse error in one line, ``error: <what>`` (exit status 2), without
-    the usage (``OneLineMessages``). ``PRO_GRPO_DEBUG=1``: jsonargparse's own output."""
+    the usage (``OneLineMessages``), reading YAML with renamed settings migrated (``MIGRATING_YAML``).
+    ``PRO_GRPO_DEBUG=1``: jsonargparse's own output."""
 
     def __init__(self, *args: Any, related: list[LightningArgumentParser] | None = None, **kwargs: Any) -> None:
+        kwargs.setdefault("parser_mode", MIGRATING_YAML)
         super().__init__(*args, **kwargs)
         self.related = related  # every parser of the CLI (``ProGRPOCLI.init_parser``)
 
@@ -332,7 +340,8 @@ def check_checkpoint(model: ProGRPOModule, state: dict[str, Any], ckpt: str, sub
     model.check_identity(identity, f"ckpt_path={ckpt!r}", resume=sub == "fit")
     if sub != "fit" or not extra.get("config"):
         return
-    applied, refused = resume_changes(yaml.safe_load(extra["config"]) or {}, yaml.safe_load(run_config) or {},
+    saved = migrate_config(yaml.safe_load(extra["config"]) or {}, f"ckpt_path={ckpt!r} (its stored config)")
+    applied, refused = resume_changes(saved, yaml.safe_load(run_config) or {},
                                       model.guards.allow_schedule_change)
     if refused:
         more = f" (and {len(refused) - 1} more: {'; '.join(refused[1:])})" if len(refused) > 1 else ""

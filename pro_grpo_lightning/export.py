@@ -261,7 +261,9 @@ def _merged(configs: list[dict[str, Any]]) -> dict[str, Any]:
 
 def read_run_config(ckpt: str, state: dict[str, Any], configs: list[str] | None = None) -> tuple[dict[str, Any], bool]:
     """(the run's config as a dict, whether it came from the user): the ``configs`` the user names
-    (merged in order), else the config the checkpoint carries, else a config.yaml beside it."""
+    (merged in order), else the config the checkpoint carries, else a config.yaml beside it; renamed
+    settings under their new names (``checkpointing.migrate_config``)."""
+    from .checkpointing import migrate_config
     from .errors import ConfigError
 
     def read(path: str) -> dict[str, Any]:
@@ -272,16 +274,17 @@ def read_run_config(ckpt: str, state: dict[str, Any], configs: list[str] | None 
         return cfg
 
     if configs:
-        return _merged([read(p) for p in configs]), True
+        return _merged([migrate_config(read(p), f"run_config={p!r}") for p in configs]), True
     text = (state.get("pro_grpo") or {}).get("config")
     if text:
         cfg = yaml.safe_load(text)
         if isinstance(cfg, dict):
-            return cfg, False
+            return migrate_config(cfg, f"ckpt={ckpt!r} (its stored config)"), False
     here = os.path.dirname(os.path.abspath(ckpt))
     for folder in (here, os.path.dirname(here)):
-        if os.path.isfile(os.path.join(folder, "config.yaml")):
-            return read(os.path.join(folder, "config.yaml")), False
+        path = os.path.join(folder, "config.yaml")
+        if os.path.isfile(path):
+            return migrate_config(read(path), repr(path)), False
     raise ConfigError(f"ckpt={ckpt!r} carries no config and none is beside it: pass --run_config")
 
 

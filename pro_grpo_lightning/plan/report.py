@@ -129,7 +129,7 @@ def format_report(r: dict[str, Any]) -> str:
              f"settings: prompts_per_step {st['prompts_per_step']}, rows per denoiser / decode / reward call "
              f"{rows}, train_batch_size {st['train_batch_size']}, gradient_checkpointing "
              f"{st['gradient_checkpointing']}, offload_text_encoders {st['offload_text_encoders']}, "
-             f"vae_decode_chunk {st['vae_decode_chunk']}", "", f"{'weights by component':<50}{'GiB':>8}"]
+             f"decode_chunk {st['decode_chunk']}", "", f"{'weights by component':<50}{'GiB':>8}"]
     offloaded = st["offload_text_encoders"]
     for name, n in r["weights"].items():
         where = " (offloaded to CPU)" if offloaded and name.startswith("text_encoder") else ""
