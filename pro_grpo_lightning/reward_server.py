@@ -39,22 +39,22 @@ from typing import Any
 
 import torch
 
-from .errors import RewardError
+from .errors import ConfigError, RewardError
 from .rewards.base import Reward
 from .rewards.remote import TOKEN_ENV, decode_request, scores_to_json
 
 
 def load_reward(class_path: str, init_args: dict[str, Any] | None = None) -> Reward:
-    """Import ``module.Class`` and build it; a one-line ValueError when that is not a ``Reward``."""
+    """Import ``module.Class`` and build it; a one-line ``ConfigError`` when that is not a ``Reward``."""
     module_name, _, class_name = class_path.rpartition(".")
     if not module_name:
-        raise ValueError(f"--reward {class_path!r}: expected an import path module.Class")
+        raise ConfigError(f"--reward {class_path!r}: expected an import path module.Class")
     try:
         cls = getattr(importlib.import_module(module_name), class_name)
     except (ImportError, AttributeError) as err:
-        raise ValueError(f"--reward {class_path!r}: cannot import it ({err})") from None
+        raise ConfigError(f"--reward {class_path!r}: cannot import it ({err})") from None
     if not (isinstance(cls, type) and issubclass(cls, Reward)):
-        raise ValueError(f"--reward {class_path!r} is not a subclass of pro_grpo_lightning.rewards.Reward")
+        raise ConfigError(f"--reward {class_path!r} is not a subclass of pro_grpo_lightning.rewards.Reward")
     return cls(**(init_args or {}))
 
 
@@ -69,7 +69,7 @@ def check_binding(host: str, token: str | None) -> None:
     """Refuse (one line) to bind beyond loopback without a token: the reward would be open to anyone
     on the network (and its model to anyone's images)."""
     if host not in LOOPBACK and not host.startswith("127.") and not token:
-        raise ValueError(f"--host {host}: binding beyond loopback needs a token (--token, or the environment "
+        raise ConfigError(f"--host {host}: binding beyond loopback needs a token (--token, or the environment "
                          f"variable {TOKEN_ENV}); clients send it with RemoteReward(token=...) or the same variable")
 
 
@@ -275,13 +275,13 @@ def serve(reward: str, init_args: dict[str, Any] | None = None, host: str = "127
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     check_binding(host, token)
     if not 0 <= port <= 65535:
-        raise ValueError(f"--port {port}: expected 0 (a free port) to 65535")
+        raise ConfigError(f"--port {port}: expected 0 (a free port) to 65535")
     probe = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
     try:  # a busy port: one line before the reward's weights load
         probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         probe.bind((host, port))
     except OSError as err:
-        raise ValueError(f"--host {host} --port {port}: cannot listen there ({err.strerror or err})") from None
+        raise ConfigError(f"--host {host} --port {port}: cannot listen there ({err.strerror or err})") from None
     finally:
         probe.close()
     built = load_reward(reward, init_args)
