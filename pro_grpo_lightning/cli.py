@@ -90,7 +90,25 @@ class RunConfig(SaveConfigCallback):
 
 
 class ProGRPOCLI(LightningCLI):
-    """``LightningCLI`` plus the checks that must come before any weights load."""
+    """``LightningCLI`` plus the checks that must come before any weights load.
+
+    ``options``: a command built on a run's settings (``plan``, ``adapt``) adds its own settings,
+    a callable's (a dataclass's) arguments (``add_options``), beside fit's: one parser, one
+    ``--config`` (the run's YAML, which may hold them too), one ``--print_config``."""
+
+    def __init__(self, *args: Any, options: Callable[..., Any] | None = None, **kwargs: Any) -> None:
+        self.options = options
+        super().__init__(*args, **kwargs)
+
+    def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
+        """Lightning's; with ``exit_on_error=False`` a parse error is a one-line ``ConfigError``
+        naming the nearest valid setting (``OneLineMessages``), for ``run_main`` to print."""
+        try:
+            super().parse_arguments(parser, args)
+        except ArgumentError as err:
+            if _debug() or not isinstance(parser, OneLineMessages):
+                raise
+            raise ConfigError(parser.one_line(str(err))) from None
 
     def init_parser(self, **kwargs: Any) -> LightningArgumentParser:
         """Lightning's parser; the main parser and every subcommand's share one list of all of them,
@@ -180,6 +198,8 @@ class ProGRPOCLI(LightningCLI):
         # over ``model.parameters()``, which hold no LoRA weights before ``configure_model``).
         parser.add_optimizer_args((Optimizer,))
         parser.add_lr_scheduler_args(LRSchedulerTypeTuple)
+        if self.options is not None:
+            add_options(parser, self.options)
 
 
 def _class_name(value: Any) -> str:
@@ -287,13 +307,7 @@ class CommandParser(OneLineMessages, ArgumentParser):
         super().__init__(prog=prog, description=description, exit_on_error=False)
         self.add_argument("--config", action=ActionConfigFile, help="a YAML file of these settings (as "
                           "--print_config writes it); later options override it")
-        flags = [name for name, p in inspect.signature(function).parameters.items() if p.annotation in (bool, "bool")]
-        self.add_function_arguments(function, as_group=False, skip=set(flags))
-        docs = {p.arg_name: " ".join((p.description or "").split()) for p in docstring_parse(function.__doc__ or "").params}
-        for name in flags:
-            default = inspect.signature(function).parameters[name].default
-            self.add_argument(f"--{name}", action=ActionYesNo, nargs="?", default=default,
-                              help=docs.get(name))
+        add_options(self, function)
 
     def parse(self, argv: list[str] | None) -> Namespace:
         try:
@@ -302,6 +316,21 @@ class CommandParser(OneLineMessages, ArgumentParser):
             if _debug():
                 raise
             raise ConfigError(f"{self.prog}: {self.one_line(str(err))}") from None
+
+
+def add_options(parser: ArgumentParser, function: Callable[..., Any]) -> None:
+    """``function``'s arguments (a function's or a dataclass's) as top-level options of ``parser``,
+    typed by its signature and described by its docstring's ``Args``; a bool argument is a flag
+    (``--merge``, ``--merge false``, ``--no_merge``), as a command's switches were before."""
+    params = inspect.signature(function).parameters
+    flags = {name for name, p in params.items() if p.annotation in (bool, "bool")}
+    if isinstance(function, type):
+        parser.add_class_arguments(function, as_group=False, skip=flags)
+    else:
+        parser.add_function_arguments(function, as_group=False, skip=flags)
+    docs = {p.arg_name: " ".join((p.description or "").split()) for p in docstring_parse(function.__doc__ or "").params}
+    for name in sorted(flags, key=list(params).index):
+        parser.add_argument(f"--{name}", action=ActionYesNo, nargs="?", default=params[name].default, help=docs.get(name))
 
 
 def last_checkpoint(trainer: pl.Trainer) -> str | None:
@@ -353,15 +382,19 @@ def check_checkpoint(model: ProGRPOModule, state: dict[str, Any], ckpt: str, sub
 
 
 def main(args: list[str] | None = None, run: bool = True, save_config: bool = True,
-         exit_on_error: bool = True) -> LightningCLI:
-    """The CLI; ``run=False`` only builds the module, datamodule and trainer (scripts, benchmarks).
-    ``save_config=False`` keeps ``fit`` from writing the resolved config.yaml (runs without a logger).
-    ``exit_on_error=False``: a settings error raises ``argparse.ArgumentError`` instead of printing
-    one line and exiting (the plan turns it into its own line)."""
-    kwargs = {} if exit_on_error else {"parser_kwargs": {"exit_on_error": False}}
+         exit_on_error: bool = True, options: Callable[..., Any] | None = None,
+         description: str | None = None, prog: str | None = None) -> LightningCLI:
+    """The CLI; ``run=False`` only builds the module, datamodule and trainer (scripts, benchmarks,
+    ``plan``, ``adapt``). ``save_config=False`` keeps ``fit`` from writing the resolved config.yaml
+    (runs without a logger). ``exit_on_error=False``: a settings error raises a one-line
+    ``ConfigError`` instead of printing it and exiting (for ``run_main``). ``options`` and
+    ``description``, ``prog``: a command's own settings beside the run's, what ``--help`` says of it
+    and its name (``ProGRPOCLI``; with ``run=False``)."""
+    parser_kwargs: dict[str, Any] = {} if exit_on_error else {"exit_on_error": False}
+    parser_kwargs.update({k: v for k, v in (("description", description), ("prog", prog)) if v})
     return ProGRPOCLI(ProGRPOModule, PromptDataModule, args=args, run=run, parser_class=OneLineErrors,
                       auto_configure_optimizers=False, save_config_callback=RunConfig if save_config else None,
-                      **kwargs)
+                      parser_kwargs=parser_kwargs, options=options)
 
 
 #: errors that are about the user's settings or files: one line, exit status 2

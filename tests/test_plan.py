@@ -289,9 +289,10 @@ def test_plan_input_errors_are_one_line_before_any_build(tmp_path, capsys, monke
     def never(*args, **kwargs):  # noqa: ANN002, ANN003
         raise AssertionError("the plan built a run")
 
-    cases = {("--config", str(tmp_path / "missing.yaml")): "no such file",
+    cases = {("--config", str(tmp_path / "missing.yaml")): "File does not exist",
              ("--config", "configs/tiny_sd3.yaml", "--gpu_memory", "lots"): "gpu_memory",
-             ("--json",): "--config"}
+             ("--config", "configs/tiny_sd3.yaml", "--gpu_memroy", "8GB"): "did you mean gpu_memory?",
+             ("--json",): "required: model.backend"}
     for args, words in cases.items():
         monkeypatch.setattr(plan.report_module, "report", never)
         assert cli.command_main(["plan", *args]) == 2, args
