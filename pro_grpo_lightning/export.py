@@ -16,9 +16,11 @@ which ``predict`` checks). A non-empty output folder is refused unless ``overwri
 written beside it and moved into place only when complete (``outputs.py``).
 
 Also: the ``ExportLoRA`` callback (exports at the end of fit; YAML ``trainer.callbacks``) and
-``python -m pro_grpo_lightning.export --ckpt last.ckpt --out dir [--merge] [--ema] [--config run.yaml]
-[--overwrite] [--trust_config_classes]`` (``export_checkpoint``; ``--ema``: the EMA weights the
-checkpoint carries, see ``ema.py``). Without ``--config`` the export uses the run's own config,
+``pro-grpo export --ckpt last.ckpt --out dir [--merge] [--ema] [--run_config run.yaml] [--overwrite]
+[--trust_config_classes] [--config export.yaml] [--print_config]`` (also ``python -m
+pro_grpo_lightning export`` / ``python -m pro_grpo_lightning.export``; ``export_checkpoint``'s
+arguments, ``cli.CommandParser``; ``--ema``: the EMA weights the checkpoint carries, see
+``ema.py``). Without ``--run_config`` the export uses the run's own config,
 which every checkpoint carries (or, for a checkpoint written before it did, the ``config.yaml``
 next to it / in the folder above). It builds only the backend: no reward is built, so nothing
 connects to a reward server; a checkpoint's stored config may name only this package's backends
@@ -42,7 +44,6 @@ from lightning.pytorch.strategies import FSDPStrategy
 from lightning.pytorch.utilities import rank_zero_info
 
 from .backends.base import DiffusionBackend
-from .errors import OneLineParser
 from .loading import LORA_WEIGHT_NAME
 from .model_card import write_model_card
 from .outputs import check_output_folder, staged_folder, write_digests
