@@ -18,8 +18,8 @@ import inspect
 import os
 import re
 import sys
-from collections.abc import Callable
 from argparse import ArgumentError
+from collections.abc import Callable
 from typing import Any, NoReturn
 
 import lightning.pytorch as pl
@@ -245,7 +245,7 @@ class OneLineMessages:
 
     def _wrong_type(self, text: str) -> str | None:
         """jsonargparse's "Parser key "port": Expected a <class 'int'>. Got value: x" as
-        ``port='x': expected int`` (the Union's subtypes for an Optional)."""
+        ``port=x: expected int`` (the Union's subtypes for an Optional)."""
         m = self._TYPE.match(text)
         if m is None:
             return None
@@ -298,7 +298,7 @@ def _debug() -> bool:
 class CommandParser(OneLineMessages, ArgumentParser):
     """The parser of a command beside Lightning's (``export``, ``serve-reward``), built like
     ``fit``'s: its options are the arguments of the function that does the work, typed and
-    described by its signature and docstring (``add_function_arguments``); ``--config file.yaml``
+    described by its signature and docstring (``add_options``); ``--config file.yaml``
     holds any of them, ``--print_config`` prints them as such a file. A bool argument is a flag
     (``--merge``, ``--merge false``, ``--no_merge``). A parse error is a ``ConfigError`` in one line
     naming the setting (``cli.run_main``: ``error: ...``, exit status 2)."""
