@@ -77,11 +77,19 @@ def test_rich_bar_shows_rollouts_steps_reward_and_held_out(tmp_path):
 
 
 def test_tqdm_bar_shows_the_same(tmp_path, capsys):
-    cli = main(["fit", *config_args(tmp_path, "tqdm", RUN.format(callbacks=TQDM_BAR))])
+    """Two prompts, two a rollout: every rollout is an epoch of its own, and the count and the
+    clock go on across the epoch boundary (no frame back at 0/2 after rollout 1)."""
+    cli = main(["fit", *config_args(tmp_path, "tqdm", RUN.format(callbacks=TQDM_BAR)),
+                "--data.prompts=[a red square, a blue circle]"])
     assert type(cli.trainer.progress_bar_callback) is ProGRPOProgressBar  # named: kept as it is
+    assert cli.trainer.current_epoch == 2  # the run crossed an epoch boundary
     text = screen(capsys.readouterr().out)
     check_rollout_display(text)
-    last = [ln for ln in text.splitlines() if ln.startswith("rollout 2/2")][-1]
+    frames = [ln for ln in text.splitlines() if ln.startswith("rollout")]
+    assert "Training:" not in text  # the training bar's first frame already counts rollouts
+    counts = [int(re.search(r" (\d)/2 \[", ln).group(1)) for ln in frames]
+    assert counts[0] == 0 and counts[-1] == 2 and counts == sorted(counts), counts  # never back to 0/2
+    last = frames[-1]
     assert "2/2 [" in last and re.search(r"reward=0\.\d{3}", last) and re.search(r"held-out=0\.\d{3}", last), last
 
 
