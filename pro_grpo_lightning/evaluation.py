@@ -269,9 +269,7 @@ def finish_eval(module: Any, stage: str, rows: Sequence[Tensor], images: list[tu
     if not starting_point:  # for callbacks (checkpoint monitor, progress bar) and the return value of
         # trainer.validate/test. During fit not for the loggers: Lightning would log them at the
         # training batch counter, one behind the trained step, so logs.log_eval logs them instead.
-        # (a Trainer with ``logger=False`` has no logger to send them to: asking would warn)
-        module.log_dict(metrics, on_step=False, on_epoch=True, batch_size=rows.shape[0],
-                        logger=not fitting and bool(trainer.loggers))
+        module.log_dict(metrics, on_step=False, on_epoch=True, batch_size=rows.shape[0], logger=not fitting)
     total = float(means[names.index(EVAL_TOTAL)])
     if stage.startswith("val") and hasattr(module, "record_held_out"):  # for the export's model card
         module.record_held_out(stage, module.trained_steps(), {n: float(means[i]) for i, n in enumerate(names)})
