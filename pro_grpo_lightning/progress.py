@@ -183,6 +183,7 @@ class ProGRPORichProgressBar(RolloutDisplay, RichProgressBar):
                                  console_kwargs=console_kwargs)
         RolloutDisplay.__init__(self, live)
         self.train_text = ""
+        self.bar_per_epoch = leave
 
     def output_is_terminal(self) -> bool:
         return self.progress is not None and self.progress.console.is_terminal
@@ -213,8 +214,14 @@ class ProGRPORichProgressBar(RolloutDisplay, RichProgressBar):
             self.progress.refresh()
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """The training task counts rollouts across epochs (one epoch is one pass over the training
+        prompts): after the first epoch it is left as it is, not reset by Lightning's hook, so its
+        count and clock never restart (unless ``leave`` asks for a bar per epoch)."""
         self.step_text = ""
         self.train_text = self.description(trainer, pl_module, running=True)
+        if self.train_progress_bar_id is not None and not self.bar_per_epoch:
+            self.show_progress(trainer, pl_module, running=True)
+            return
         if self.is_enabled and self.progress is not None and self.train_progress_bar_id is None:
             total = planned_rollouts(trainer, pl_module)
             self.train_progress_bar_id = self.progress.add_task(

@@ -53,6 +53,10 @@ TQDM_BAR = """\
 """
 
 
+#: two training prompts, two a rollout: each rollout is an epoch of its own
+TWO_EPOCHS = ["--data.prompts=[a red square, a blue circle]"]
+
+
 def screen(text: str) -> str:
     """What the terminal showed, as lines: ANSI codes dropped, carriage returns as line breaks."""
     return ANSI.sub("", text).replace("\r", "\n")
@@ -72,11 +76,16 @@ def test_rich_bar_shows_rollouts_steps_reward_and_held_out(tmp_path):
     env = {**os.environ, "TTY_COMPATIBLE": "1", "COLUMNS": "200", "HF_HUB_OFFLINE": "1",
            "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     run = subprocess.run([sys.executable, "-m", "pro_grpo_lightning", "fit",
-                          *config_args(tmp_path, "rich", RUN.format(callbacks=""))],
+                          *config_args(tmp_path, "rich", RUN.format(callbacks="")), *TWO_EPOCHS],
                          env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     text = screen(run.stdout)
     check_rollout_display(text)
+    # two prompts, two a rollout: rollout 2 is the second epoch; the count and the clock go on
+    frames = [ln for ln in text.splitlines() if ln.startswith("rollout")]
+    counts = [int(m.group(1)) for m in (re.search(r" (\d)/2 ", ln) for ln in frames) if m]
+    clock = [m.group(0) for m in (re.search(r"\d+:\d\d:\d\d", ln) for ln in frames) if m]
+    assert counts == sorted(counts) and clock == sorted(clock), (counts, clock)
     last = [ln for ln in text.splitlines() if ln.startswith("rollout 2/2")][-1]
     assert " 2/2 " in last and re.search(r"reward: 0\.\d{3}", last) and re.search(r"held-out: 0\.\d{3}", last), last
     assert "v_num" not in text
@@ -86,8 +95,7 @@ def test_rich_bar_shows_rollouts_steps_reward_and_held_out(tmp_path):
 def test_tqdm_bar_shows_the_same(tmp_path, capsys):
     """Two prompts, two a rollout: every rollout is an epoch of its own, and the count and the
     clock go on across the epoch boundary (no frame back at 0/2 after rollout 1)."""
-    cli = main(["fit", *config_args(tmp_path, "tqdm", RUN.format(callbacks=TQDM_BAR)),
-                "--data.prompts=[a red square, a blue circle]"])
+    cli = main(["fit", *config_args(tmp_path, "tqdm", RUN.format(callbacks=TQDM_BAR)), *TWO_EPOCHS])
     assert type(cli.trainer.progress_bar_callback) is ProGRPOProgressBar  # named: kept as it is
     assert cli.trainer.current_epoch == 2  # the run crossed an epoch boundary
     text = screen(capsys.readouterr().out)
