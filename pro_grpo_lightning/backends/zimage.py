@@ -59,7 +59,7 @@ class ZImageBackend(VariableTextMixin, FlowMatchingBackend):
                  negative_prompt: str = "", noise_level: float = 0.7, sde_kind: str = "flow_grpo",
                  max_sequence_length: int = 512, cfg_normalization: float = 0.0,
                  gradient_checkpointing: bool = False, offload_text_encoders: bool = False,
-                 vae_decode_chunk: int | None = None, revision: str | None = None,
+                 decode_chunk: int | None = None, revision: str | None = None,
                  sde_window: list[int] | None = None, finetune: str = "lora",
                  preview_decoder: str | None = None, compile: bool = False,
                  compile_backend: str = "inductor") -> None:
@@ -70,7 +70,7 @@ class ZImageBackend(VariableTextMixin, FlowMatchingBackend):
             resolution=resolution, lora=lora, dtype=dtype, negative_prompt=negative_prompt,
             noise_level=noise_level, sde_kind=sde_kind, max_sequence_length=max_sequence_length,
             gradient_checkpointing=gradient_checkpointing, offload_text_encoders=offload_text_encoders,
-            vae_decode_chunk=vae_decode_chunk, sde_window=sde_window, finetune=finetune,
+            decode_chunk=decode_chunk, sde_window=sde_window, finetune=finetune,
             preview_decoder=preview_decoder, compile=compile, compile_backend=compile_backend)
         self.cfg_normalization = float(cfg_normalization)
 
@@ -210,7 +210,7 @@ class TinyZImageBackend(ZImageBackend):
                  lora: LoraSettings | None = None, dtype: str = "float32", negative_prompt: str = "",
                  noise_level: float = 0.7, sde_kind: str = "flow_grpo", max_sequence_length: int = 128,
                  cfg_normalization: float = 0.0, gradient_checkpointing: bool = False,
-                 offload_text_encoders: bool = False, vae_decode_chunk: int | None = None,
+                 offload_text_encoders: bool = False, decode_chunk: int | None = None,
                  sde_window: list[int] | None = None, finetune: str = "lora",
                  preview_decoder: str | None = None, compile: bool = False,
                  compile_backend: str = "inductor") -> None:
@@ -219,7 +219,7 @@ class TinyZImageBackend(ZImageBackend):
             lora=lora, dtype=dtype, negative_prompt=negative_prompt, noise_level=noise_level, sde_kind=sde_kind,
             max_sequence_length=max_sequence_length, cfg_normalization=cfg_normalization,
             gradient_checkpointing=gradient_checkpointing, offload_text_encoders=offload_text_encoders,
-            vae_decode_chunk=vae_decode_chunk, sde_window=sde_window, finetune=finetune,
+            decode_chunk=decode_chunk, sde_window=sde_window, finetune=finetune,
             preview_decoder=preview_decoder, compile=compile, compile_backend=compile_backend)
         self.seed = seed
 

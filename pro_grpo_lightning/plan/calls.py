@@ -28,7 +28,7 @@ class Settings:
     train_batch_size: int
     gradient_checkpointing: bool
     offload_text_encoders: bool
-    vae_decode_chunk: int | None
+    decode_chunk: int | None
     drop_t5: bool
     weight_bytes_scale: float = 1.0  # 0.5: frozen weights fp32 -> bf16 (the "dtype" lever)
 
@@ -79,7 +79,7 @@ class TracedCalls:
             train_batch_size=module.settings.train_batch_size,
             gradient_checkpointing=bool(memory["gradient_checkpointing"]),
             offload_text_encoders=bool(memory.get("offload_text_encoders", False)),
-            vae_decode_chunk=memory["vae_decode_chunk"], drop_t5=bool(memory.get("drop_t5", False)))
+            decode_chunk=memory["decode_chunk"], drop_t5=bool(memory.get("drop_t5", False)))
         if self.settings.offload_text_encoders:  # the plan counts offloading itself: nothing moves
             b.set_offload_text_encoders(False)
         self.weights = self._weights()
@@ -205,7 +205,7 @@ class TracedCalls:
                    preview: bool = False) -> Callable[[], Any]:
         """The rollout's own decode-and-score step (``ExpandPruneRollout.decode_and_score``) on ``rows``
         latents: ``sample_batch_size`` rows per decode and per reward call, ``chunk``
-        (``vae_decode_chunk``) latents per decoder call; ``preview``: the x0 previews at
+        (``decode_chunk``) latents per decoder call; ``preview``: the x0 previews at
         ``preview_scale`` (the backend's preview decoder), else the final images."""
         from ..rollout import ExpandPruneRollout
 
@@ -218,7 +218,7 @@ class TracedCalls:
         texts = [self.prompt] * rows
 
         def run() -> None:
-            backend.set_decode_batch_size(chunk)
+            backend.set_decode_chunk(chunk)
             rollout.decode_and_score(x, texts, preview=preview)
         return run
 
@@ -234,7 +234,7 @@ class TracedCalls:
         decode = backend.decode_preview if preview else backend.decode
 
         def run():
-            backend.set_decode_batch_size(chunk)
+            backend.set_decode_chunk(chunk)
             images = decode(x)  # [rows, 3, H, W]
             self.image_row_bytes[preview_scale, preview] = images[0].numel() * images.element_size()
         return run
