@@ -77,6 +77,18 @@ def test_a_typo_from_the_installed_entry_is_one_line_and_exit_2():
     assert proc.returncode == 2 and proc.stderr == "error: pro-grpo serve-reward: unknown setting prot; did you mean port?\n"
 
 
+def test_plan_of_the_quickstart_from_the_installed_script():
+    """The README's plan command on the quickstart, whose shapes reward cannot score fake images:
+    the plan still answers (decodes traced, the reward's activations left out with a note)."""
+    script = os.path.join(os.path.dirname(sys.executable), "pro-grpo")
+    assert os.path.exists(script), f"{script}: the package's console script is not installed"
+    proc = subprocess.run([script, "plan", "--config", "configs/quickstart.yaml"], cwd=ROOT, env=ENV,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "24 GiB  fits as is" in proc.stdout and "rollout: final decode + reward" in proc.stdout
+    assert "note: reward shapes: activations not estimated" in proc.stdout
+
+
 def described(function) -> dict[str, str]:
     return {p.arg_name: " ".join(p.description.split()) for p in parse_docstring(function.__doc__).params}
 

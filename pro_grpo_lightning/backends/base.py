@@ -284,9 +284,10 @@ class PipelineBackend(DiffusionBackend):
     A family sets the class attributes and implements ``load_components``, ``_setup`` (what it
     keeps from the components: tokenizers, schedule tables), ``guided_output`` (via ``_guided``),
     ``_transition`` (its step function), ``_negative_rows`` (CFG's negative prompt), plus the
-    text encoding, initial latents and decoding of ``DiffusionBackend``.
+    text encoding, initial latents and decoding of ``DiffusionBackend``. Its arguments are
+    ``DiffusionBackend``'s and these:
 
-    Args (beyond ``DiffusionBackend``'s):
+    Args:
         pretrained: a local diffusers folder, a ``pkg://`` folder or a hub id; checked here
             (``_check_source``, which the code-built tiny models override), loaded in
             ``configure_model``.

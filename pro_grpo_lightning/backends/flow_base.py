@@ -71,9 +71,10 @@ class VariableTextMixin:
 
 
 class FlowMatchingBackend(PipelineBackend):
-    """Shared machinery of the rectified-flow backends; see the module docstring.
+    """Shared machinery of the rectified-flow backends; see the module docstring. Its arguments are
+    ``PipelineBackend``'s and these:
 
-    Args (beyond ``PipelineBackend``'s):
+    Args:
         noise_level: the SDE's noise level (a for "flow_grpo"/"cps", eta for "dance").
         sde_kind: one of ``steps.flow.FLOW_STEP_KINDS``.
         max_sequence_length: T5 tokens per prompt.

@@ -211,8 +211,12 @@ def save_tiny_flux_pipeline(path: str, resolution: int = 64, seed: int = 0,
 class TinyFluxBackend(FluxBackend):
     """FLUX architecture at toy size, random weights built in code (no files, no hub); seeded.
 
-    ``guidance_embeds=True`` behaves like dev (guidance embedding), False like schnell.
     Defaults: 64 px, 4 steps, T5 truncated to 32 tokens.
+
+    Args:
+        seed: seed of the random weights built in code (the same seed builds the same model).
+        guidance_embeds: True: a guidance embedding, like dev (``guidance_scale`` is its input);
+            False: none, like schnell (``guidance_scale`` is ignored).
     """
 
     built_in_code = True

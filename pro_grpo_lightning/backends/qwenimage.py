@@ -55,8 +55,9 @@ QWENIMAGE_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add
 
 class QwenImageBackend(VariableTextMixin, FlowMatchingBackend):
     """Qwen-Image from a diffusers folder or hub id ("Qwen/Qwen-Image"); see the module docstring.
+    Its arguments are ``SD3Backend``'s (without ``drop_t5``: it has no T5), except:
 
-    Args: as ``SD3Backend``'s, except
+    Args:
         guidance_scale: the pipeline's ``true_cfg_scale`` (default 4.0, the model card's); <= 1: no CFG.
         negative_prompt: CFG's negative prompt (default " ", the model card's).
         max_sequence_length: text tokens kept per prompt after the template (pipeline: 512, at most 1024).
@@ -226,7 +227,11 @@ def save_tiny_qwenimage_pipeline(path: str, resolution: int = 64, seed: int = 0)
 
 
 class TinyQwenImageBackend(QwenImageBackend):
-    """Qwen-Image architecture at toy size, random weights built in code (no files); seeded."""
+    """Qwen-Image architecture at toy size, random weights built in code (no files); seeded.
+
+    Args:
+        seed: seed of the random weights built in code (the same seed builds the same model).
+    """
 
     built_in_code = True
 

@@ -268,7 +268,11 @@ def save_tiny_sd15_pipeline(path: str, resolution: int = 64, seed: int = 0) -> s
 
 
 class TinySD15Backend(SD15Backend):
-    """``SD15Backend`` on the code-built tiny model (``build_tiny_sd15_components``): no files."""
+    """``SD15Backend`` on the code-built tiny model (``build_tiny_sd15_components``): no files.
+
+    Args:
+        seed: seed of the random weights built in code (the same seed builds the same model).
+    """
 
     built_in_code = True
 

@@ -222,6 +222,9 @@ class TinySD3Backend(SD3Backend):
 
     Same code path as ``SD3Backend`` after the components exist. For tests, the quickstart and
     CPU benchmarks. Defaults: 64 px, 4 steps, T5 truncated to 32 tokens.
+
+    Args:
+        seed: seed of the random weights built in code (the same seed builds the same model).
     """
 
     built_in_code = True

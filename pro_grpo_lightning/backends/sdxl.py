@@ -37,8 +37,9 @@ TINY_SDXL_SOURCE = "<tiny-sdxl>"
 
 class SDXLBackend(SD15Backend):
     """SDXL (base 1.0 and fine-tunes of it) from a diffusers folder or hub id; see the module docstring.
+    Its arguments are ``SD15Backend``'s, except:
 
-    Args: as ``SD15Backend``, except
+    Args:
         negative_prompt: CFG's unconditional prompt; None (the default): zero embeddings, as the
             stock pipeline does when it is given no negative prompt.
         resolution: image side in pixels, a multiple of the VAE factor times the UNet's
@@ -204,7 +205,11 @@ def save_tiny_sdxl_pipeline(path: str, resolution: int = 64, seed: int = 0) -> s
 
 
 class TinySDXLBackend(SDXLBackend):
-    """``SDXLBackend`` on the code-built tiny model (``build_tiny_sdxl_components``): no files."""
+    """``SDXLBackend`` on the code-built tiny model (``build_tiny_sdxl_components``): no files.
+
+    Args:
+        seed: seed of the random weights built in code (the same seed builds the same model).
+    """
 
     built_in_code = True
 

@@ -39,8 +39,9 @@ ZIMAGE_LORA_TARGETS = ("attention.to_q", "attention.to_k", "attention.to_v", "at
 
 class ZImageBackend(VariableTextMixin, FlowMatchingBackend):
     """Z-Image (Turbo) from a diffusers folder or hub id ("Tongyi-MAI/Z-Image-Turbo"); see the module docstring.
+    Its arguments are ``SD3Backend``'s (without ``drop_t5``: it has no T5), except:
 
-    Args: as ``SD3Backend``'s, except
+    Args:
         num_steps: default 8 (Turbo's).
         guidance_scale: the pipeline's: > 0 runs CFG as ``pos + s (pos - neg)``; 0 (Turbo's) none.
         cfg_normalization: > 0 caps each guided sample's norm at this multiple of the conditional
@@ -197,7 +198,11 @@ def save_tiny_zimage_pipeline(path: str, resolution: int = 64, seed: int = 0) ->
 
 class TinyZImageBackend(ZImageBackend):
     """Z-Image architecture at toy size, random weights built in code (no files); seeded. CFG on by
-    default (``guidance_scale`` 2.0), so the tests exercise it (Turbo runs without)."""
+    default (``guidance_scale`` 2.0), so the tests exercise it (Turbo runs without).
+
+    Args:
+        seed: seed of the random weights built in code (the same seed builds the same model).
+    """
 
     built_in_code = True
 

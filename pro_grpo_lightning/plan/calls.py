@@ -11,12 +11,24 @@ import torch
 from torch import Tensor
 
 from ..networks import UnknownArchitecture
+from ..rewards.base import Reward
 from .tracking import CUDA_BLOCK, Depth, LiveBytes, fake_backend, fake_reward, module_bytes, tensor_bytes
 
 #: The weights-table row of what the optimizer trains: the LoRA adapter, or the whole denoiser
 #: with ``finetune: full`` (then its frozen copy, the KL reference, is the ``reference_denoiser`` row).
 TRAINED = "LoRA adapter (fp32)"
 TRAINED_FULL = "denoiser, fully fine-tuned"
+
+
+class UntracedRewards(Reward):
+    """Stands in for a run's rewards when none of them scores fake images (e.g. the shapes reward,
+    whose scoring reads pixel values): the rollout's decodes are still traced, the rewards' own
+    activations are left out (the plan notes each), their weights counted."""
+
+    default_name = "untraced"
+
+    def score(self, images: Tensor, prompts: Sequence[str]) -> Tensor:
+        return images.new_zeros(images.shape[0])  # [B]
 
 
 @dataclasses.dataclass
@@ -198,7 +210,7 @@ class TracedCalls:
         have) and holds a few [B, n] statistics, nothing next to a reward model's activations."""
         from ..rewards.combine import RewardSet
 
-        return RewardSet(list(rewards), normalize="none")
+        return RewardSet(list(rewards) or [UntracedRewards()], normalize="none")
 
     def score_call(self, rows: int, chunk: int | None, preview_scale: float = 1.0, backend: Any = None,
                    rewards: Sequence[Any] | None = None, sample_batch_size: int | None = None,
