@@ -369,8 +369,9 @@ _DECIMAL = re.compile(r"\d\.\d")
 #: figure reported as a result is still caught). Kept short on purpose: a new entry needs a reason.
 SETTINGS = re.compile("|".join([
     r"\b(?:95|97\.5|80) ?%|\b5 ?% level|(?:alpha|nominal|two-look)\s+0\.\d+",  # confidence, power, test levels
-    r"(?:CFG|guidance(?:_scale)?|noise level|lr|clip(?:_range)?|shape_margin|preview_scale|kl_beta|"
-    r"timestep_fraction|[Bb]ound|--bound|Python|torch)`?:? \(?[<>=]* ?\d[\d.e-]*",  # a setting named before its value
+    r"(?:CFG|guidance(?:_scale)?|noise level|lr|learning rate(?: of)?|clip(?:_range)?|shape_margin|preview_scale|"
+    # a setting named before its value
+    r"kl_beta|timestep_fraction|[Bb]ound|--bound|Python|torch)`?:? \(?[<>=]* ?\d[\d.e-]*",
     r"(?:under|within|<) (?:3|10) ?%|(?:target at most|coverage above)\s+0\.\d+",  # the issues' targets, nominal levels
     r"@round\([\d.]+ T\)|sampled every \d+ ms",  # definitions
     r"\bvae@0\.5\b|\b\d{4}\.\d{5}\b",  # the half-scale preview option; arXiv ids
