@@ -67,9 +67,9 @@ from .calls import TRAINED, TRAINED_FULL, Settings, TracedCalls
 from .planner import Lever, Phase, Planner
 from . import report as report_module
 from .report import CARDS, RUNTIME_OVERHEAD, allocator_note, fit_table, format_report, main, parse_memory, report
-from .tracking import (CUDA_BLOCK, GiB, LiveBytes, MiB, block_stacks, build_run, fake_backend, fake_reward,
+from .tracking import (CUDA_BLOCK, CpuWorkspace, GiB, LiveBytes, MiB, block_stacks, build_run, fake_backend, fake_reward,
                        measured_peak_bytes)
 
-__all__ = ["CARDS", "CUDA_BLOCK", "allocator_note", "GiB", "Lever", "LiveBytes", "MiB", "Phase", "Planner", "RUNTIME_OVERHEAD", "Settings",
+__all__ = ["CARDS", "CUDA_BLOCK", "CpuWorkspace", "allocator_note", "GiB", "Lever", "LiveBytes", "MiB", "Phase", "Planner", "RUNTIME_OVERHEAD", "Settings",
            "TRAINED", "TRAINED_FULL", "TracedCalls", "block_stacks", "build_run", "fake_backend", "fake_reward",
            "fit_table", "format_report", "main", "measured_peak_bytes", "parse_memory", "report"]

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from ..networks import UnknownArchitecture
-from .tracking import CUDA_BLOCK, Depth, LiveBytes, fake_backend, fake_reward, module_bytes, tensor_bytes
+from .tracking import CUDA_BLOCK, CpuWorkspace, Depth, LiveBytes, fake_backend, fake_reward, module_bytes, tensor_bytes
 
 #: The weights-table row of what the optimizer trains: the LoRA adapter, or the whole denoiser
 #: with ``finetune: full`` (then its frozen copy, the KL reference, is the ``reference_denoiser`` row).
@@ -43,7 +43,8 @@ class TracedCalls:
         prompts_per_step: P, prompts per rollout on one device.
         sample_batch_size: rows per denoiser, decode and reward call in the rollout (None: all live rows).
         prompt: a prompt of the run's task (task rewards may parse it).
-        target: "cuda" (round allocations to CUDA blocks) or "cpu" (exact bytes).
+        target: "cuda" (round allocations to CUDA blocks) or "cpu" (exact bytes, and what each
+            convolution allocates inside itself: ``CpuWorkspace``).
     """
 
     def __init__(self, module: Any, prompts_per_step: int, target: str = "cuda",
@@ -54,6 +55,8 @@ class TracedCalls:
         self.prompt = prompt  # every row's prompt (text is padded to fixed lengths: any prompt of the task)
         self.backend = module.backend
         self.block = CUDA_BLOCK if target == "cuda" else 1
+        #: on the CPU, what convolutions allocate inside themselves (measured once per signature)
+        self.workspace = CpuWorkspace() if target == "cpu" else None
         self.fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
         self.notes: list[str] = []
         fake_backend(self.backend, self.fake_mode)
@@ -165,7 +168,7 @@ class TracedCalls:
             self.traces += 1
             with self.fake_mode, self.depth.at(depth):
                 fn = make()  # inputs: created before tracking (counted as persistent, not transient)
-                tracker = LiveBytes(self.block)
+                tracker = LiveBytes(self.block, self.workspace)
                 with torch.set_grad_enabled(grad), tracker:
                     fn()
             self._cache[key] = tracker.peak

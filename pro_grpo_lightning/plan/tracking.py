@@ -38,9 +38,10 @@ class LiveBytes(TorchDispatchMode):
     them, and a storage is known by its ``id`` while a weak reference to it is alive.
     """
 
-    def __init__(self, block: int = 1) -> None:
+    def __init__(self, block: int = 1, workspace: Callable[[Any, tuple, dict], int] | None = None) -> None:
         super().__init__()
         self.block = block
+        self.workspace = workspace  # (op, args, kwargs) -> bytes it holds inside itself (``CpuWorkspace``)
         self.current = 0
         self.peak = 0
         self.peaks: list[int] = [0]
@@ -61,18 +62,27 @@ class LiveBytes(TorchDispatchMode):
         fresh = _FRESH.get(func)
         if fresh is None:  # per return value: may it be a new storage (no alias annotation)?
             fresh = _FRESH[func] = tuple(r.alias_info is None for r in func._schema.returns)
+        if self.workspace is not None:  # inside the op, with its outputs: a peak, nothing kept
+            inside = self.workspace(func, args, kwargs or {})
+            if inside:
+                self._count_outputs(out, fresh, args)
+                self.peaks[-1] = max(self.peaks[-1], self.current + inside)
+                self.peak = max(self.peak, self.peaks[-1])
         if not any(fresh):
             return out
+        self._count_outputs(out, fresh, args)
+        if self.current > self.peaks[-1]:
+            self.peaks[-1] = self.current
+            self.peak = max(self.peak, self.current)
+        return out
+
+    def _count_outputs(self, out: Any, fresh: tuple[bool, ...], args: tuple) -> None:
         outs = (out,) if len(fresh) == 1 else out
         for o, new in zip(outs, fresh):
             if new:
                 for t in (o if isinstance(o, (list, tuple)) else (o,)):
                     if isinstance(t, Tensor):
                         self._count(t, args)
-        if self.current > self.peaks[-1]:
-            self.peaks[-1] = self.current
-            self.peak = max(self.peak, self.current)
-        return out
 
     def _count(self, t: Tensor, args: tuple) -> None:
         st = t.untyped_storage()
@@ -90,6 +100,66 @@ class LiveBytes(TorchDispatchMode):
 
 #: Per op (``OpOverload``): for each return value, whether it may be a fresh storage.
 _FRESH: dict[Any, tuple[bool, ...]] = {}
+
+
+class CpuWorkspace:
+    """Bytes an op allocates inside itself on the CPU, on top of its outputs, for the ops found to
+    do so at real size: convolutions, and matrix products in 16-bit floats. Measured once per
+    signature (op, shapes, strides, dtypes, other arguments) on real zeros, by the allocator's
+    events (``measured_peak_bytes``).
+
+    A dispatch-level trace sees what ops return, not what they allocate while they run. On the CPU
+    oneDNN's convolution copies its weight and its input into its own blocked layout on every call
+    and frees the copies when it returns: at SD1.5's real width that copy (118 MB for an up block's
+    2560 -> 1280 3x3 convolution) is most of a no-grad denoiser call's peak, its activations (16 x 16
+    latents at 128 px) being small. A bfloat16 matrix product accumulates in a float32 buffer, and
+    ``bmm`` of a strided input packs a copy first (SD3.5-M's peak). How much depends on the CPU
+    (oneDNN picks the layout per instruction set), hence a measurement on this machine rather than
+    a rule (docs/results/real_architectures/). float32 matrix products allocate nothing inside
+    (measured) and are not probed: every op run for real would be running the network. The GPU
+    plan has no such figure (cuDNN's and cuBLAS's workspaces are not modelled).
+    """
+
+    CONVOLUTIONS = ("convolution", "convolution_backward")
+    PRODUCTS = ("mm", "addmm", "bmm", "baddbmm")
+
+    def __init__(self) -> None:
+        self.bytes: dict[tuple, int] = {}
+
+    def __call__(self, func: Any, args: tuple, kwargs: dict) -> int:
+        name = func.overloadpacket.__name__
+        half = any(isinstance(a, Tensor) and a.dtype in (torch.bfloat16, torch.float16) for a in args)
+        if name not in self.CONVOLUTIONS and not (name in self.PRODUCTS and half):
+            return 0
+        key = (str(func), _describe(args), _describe(sorted(kwargs.items())))
+        if key not in self.bytes:
+            self.bytes[key] = self._measure(func, args, kwargs)
+        return self.bytes[key]
+
+    @staticmethod
+    def _measure(func: Any, args: tuple, kwargs: dict) -> int:
+        from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+        def real(a: Any) -> Any:  # a convolution's arguments: tensors, lists of ints, flags
+            if not isinstance(a, Tensor):
+                return a
+            return torch.empty_strided(a.shape, a.stride(), dtype=a.dtype, device="cpu").zero_()
+
+        with unset_fake_temporarily(), torch.no_grad():
+            r_args, r_kwargs = [real(a) for a in args], {k: real(v) for k, v in kwargs.items()}
+            kept: list[Any] = []
+            peak = measured_peak_bytes(lambda: kept.append(func(*r_args, **r_kwargs)))
+            outs = kept[0] if isinstance(kept[0], (tuple, list)) else (kept[0],)  # backward: (dx, dw, db)
+            returned = sum(t.untyped_storage().nbytes() for t in outs if isinstance(t, Tensor))
+        return max(0, peak - returned)
+
+
+def _describe(a: Any) -> Any:
+    if isinstance(a, Tensor):
+        return ("tensor", tuple(a.shape), a.stride(), a.dtype)
+    if isinstance(a, (list, tuple)):
+        return tuple(_describe(x) for x in a)
+    return a
 def measured_peak_bytes(fn: Callable[[], Any], device: torch.device | str = "cpu") -> int:
     """The allocator's peak during ``fn()`` above what was allocated before it, on real tensors.
 
@@ -104,17 +174,24 @@ def measured_peak_bytes(fn: Callable[[], Any], device: torch.device | str = "cpu
         fn()
         torch.cuda.synchronize(device)
         return torch.cuda.max_memory_allocated(device) - base
+    levels = allocator_levels(fn)[2]
+    return max(levels, default=0)
+
+
+def allocator_levels(fn: Callable[[], Any]) -> tuple[list[Any], list[int], list[int]]:
+    """``fn()`` under ``torch.profiler`` with the CPU allocator's events: (every profiler event, the
+    allocator events' times, the bytes allocated since the start after each, in time order)."""
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
-    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
-                    if e.name() == "[memory]")
-    current = peak = 0
-    for _, n in events:
+    events = list(prof.profiler.kineto_results.events())
+    memory = sorted((e.start_ns(), e.nbytes()) for e in events if e.name() == "[memory]")
+    levels, current = [], 0
+    for _, n in memory:
         current += n
-        peak = max(peak, current)
-    return peak
+        levels.append(current)
+    return events, [t for t, _ in memory], levels
 
 
 # ---- building without weights ------------------------------------------------------------------------
