@@ -171,6 +171,7 @@ class TracedCalls:
                 tracker = LiveBytes(self.block, self.workspace)
                 with torch.set_grad_enabled(grad), tracker:
                     fn()
+                tracker.settle()
             self._cache[key] = tracker.peak
         return self._cache[key]
 

@@ -6,6 +6,7 @@ full depth."""
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import warnings
 import weakref
@@ -38,15 +39,16 @@ class LiveBytes(TorchDispatchMode):
     them, and a storage is known by its ``id`` while a weak reference to it is alive.
     """
 
-    def __init__(self, block: int = 1, workspace: Callable[[Any, tuple, dict], int] | None = None) -> None:
+    def __init__(self, block: int = 1, workspace: CpuWorkspace | None = None) -> None:
         super().__init__()
         self.block = block
-        self.workspace = workspace  # (op, args, kwargs) -> bytes it holds inside itself (``CpuWorkspace``)
+        self.workspace = workspace  # what ops hold inside themselves (``CpuWorkspace``; ``settle()``)
         self.current = 0
         self.peak = 0
         self.peaks: list[int] = [0]
         self.starts: list[int] = [0]
         self._live: dict[int, weakref.ref] = {}  # id(storage) -> its weak reference (callback: freed)
+        self._inside: list[tuple[int, int, tuple]] = []  # (segment, bytes alive with its outputs, op's key)
 
     def mark(self) -> None:
         """Start a new segment (its peak is counted from the bytes alive now)."""
@@ -63,11 +65,10 @@ class LiveBytes(TorchDispatchMode):
         if fresh is None:  # per return value: may it be a new storage (no alias annotation)?
             fresh = _FRESH[func] = tuple(r.alias_info is None for r in func._schema.returns)
         if self.workspace is not None:  # inside the op, with its outputs: a peak, nothing kept
-            inside = self.workspace(func, args, kwargs or {})
-            if inside:
+            key = self.workspace.key(func, args, kwargs or {})
+            if key is not None:
                 self._count_outputs(out, fresh, args)
-                self.peaks[-1] = max(self.peaks[-1], self.current + inside)
-                self.peak = max(self.peak, self.peaks[-1])
+                self._inside.append((len(self.peaks) - 1, self.current, key))
         if not any(fresh):
             return out
         self._count_outputs(out, fresh, args)
@@ -75,6 +76,17 @@ class LiveBytes(TorchDispatchMode):
             self.peaks[-1] = self.current
             self.peak = max(self.peak, self.current)
         return out
+
+    def settle(self) -> None:
+        """After the trace: the workspace of the ops that hold one (measured now, all at once) added
+        to the bytes alive at each, into the peaks."""
+        if not self._inside:
+            return
+        size = self.workspace.measure({key for _, _, key in self._inside})
+        for segment, alive, key in self._inside:
+            self.peaks[segment] = max(self.peaks[segment], alive + size[key])
+        self.peak = max(self.peak, *self.peaks)
+        self._inside.clear()
 
     def _count_outputs(self, out: Any, fresh: tuple[bool, ...], args: tuple) -> None:
         outs = (out,) if len(fresh) == 1 else out
@@ -124,34 +136,65 @@ class CpuWorkspace:
     PRODUCTS = ("mm", "addmm", "bmm", "baddbmm")
 
     def __init__(self) -> None:
-        self.bytes: dict[tuple, int] = {}
+        self.bytes: dict[tuple, int] = {}  # op's key -> bytes it held inside (measured)
+        self._ops: dict[tuple, tuple[Any, tuple, dict]] = {}  # op's key -> (op, arguments described)
 
-    def __call__(self, func: Any, args: tuple, kwargs: dict) -> int:
+    def key(self, func: Any, args: tuple, kwargs: dict) -> tuple | None:
+        """The key of this call when it is one of the ops measured (else None); kept for ``measure``."""
         name = func.overloadpacket.__name__
         half = any(isinstance(a, Tensor) and a.dtype in (torch.bfloat16, torch.float16) for a in args)
         if name not in self.CONVOLUTIONS and not (name in self.PRODUCTS and half):
-            return 0
-        key = (str(func), _describe(args), _describe(sorted(kwargs.items())))
-        if key not in self.bytes:
-            self.bytes[key] = self._measure(func, args, kwargs)
-        return self.bytes[key]
+            return None
+        described = (tuple(_describe(a) for a in args), {k: _describe(v) for k, v in kwargs.items()})
+        key = (str(func), repr(described))
+        self._ops.setdefault(key, (func, *described))
+        return key
 
-    @staticmethod
-    def _measure(func: Any, args: tuple, kwargs: dict) -> int:
-        from torch._subclasses.fake_tensor import unset_fake_temporarily
+    def measure(self, keys: set[tuple]) -> dict[tuple, int]:
+        """``keys``' workspace: those not measured yet run on real zeros, all in one profiler session
+        (starting one costs ~0.1 s: one per op made the CPU plan of a tiny UNet take a minute), each
+        in its own ``record_function`` range: the allocator's peak inside it above the bytes alive
+        when it began, less what it returned."""
+        todo = [k for k in keys if k not in self.bytes]
+        if todo:
+            from torch._subclasses.fake_tensor import unset_fake_temporarily
+            from torch.profiler import record_function
 
-        def real(a: Any) -> Any:  # a convolution's arguments: tensors, lists of ints, flags
-            if not isinstance(a, Tensor):
-                return a
-            return torch.empty_strided(a.shape, a.stride(), dtype=a.dtype, device="cpu").zero_()
+            returned: dict[str, int] = {}
 
-        with unset_fake_temporarily(), torch.no_grad():
-            r_args, r_kwargs = [real(a) for a in args], {k: real(v) for k, v in kwargs.items()}
-            kept: list[Any] = []
-            peak = measured_peak_bytes(lambda: kept.append(func(*r_args, **r_kwargs)))
-            outs = kept[0] if isinstance(kept[0], (tuple, list)) else (kept[0],)  # backward: (dx, dw, db)
-            returned = sum(t.untyped_storage().nbytes() for t in outs if isinstance(t, Tensor))
-        return max(0, peak - returned)
+            def run() -> None:
+                for i, k in enumerate(todo):
+                    func, args, kwargs = self._ops[k]
+                    r_args, r_kwargs = [_real(a) for a in args], {n: _real(v) for n, v in kwargs.items()}
+                    with record_function(f"workspace {i}"):
+                        out = func(*r_args, **r_kwargs)
+                    outs = out if isinstance(out, (tuple, list)) else (out,)  # backward: (dx, dw, db)
+                    returned[f"workspace {i}"] = sum(t.untyped_storage().nbytes() for t in outs
+                                                     if isinstance(t, Tensor))
+                    del out, outs, r_args, r_kwargs
+
+            with unset_fake_temporarily(), torch.no_grad():
+                events, times, levels = allocator_levels(run)
+            for e in events:
+                if e.name() in returned:
+                    i = bisect.bisect_left(times, e.start_ns())
+                    j = bisect.bisect_right(times, e.start_ns() + e.duration_ns())
+                    before = levels[i - 1] if i else 0
+                    held = max(levels[i:j], default=before) - before - returned[e.name()]
+                    self.bytes[todo[int(e.name().split()[1])]] = max(0, held)
+            for k in todo:  # an op that allocated nothing at all has no events in its range
+                self.bytes.setdefault(k, 0)
+        return {k: self.bytes[k] for k in keys}
+
+
+def _real(a: Any) -> Any:
+    """A described argument as a real value: tensors as zeros of their shape, strides and dtype."""
+    if isinstance(a, tuple) and a[:1] == ("tensor",):
+        _, shape, stride, dtype = a
+        return torch.empty_strided(shape, stride, dtype=dtype, device="cpu").zero_()
+    if isinstance(a, tuple):
+        return [_real(x) for x in a]
+    return a
 
 
 def _describe(a: Any) -> Any:
@@ -160,6 +203,8 @@ def _describe(a: Any) -> Any:
     if isinstance(a, (list, tuple)):
         return tuple(_describe(x) for x in a)
     return a
+
+
 def measured_peak_bytes(fn: Callable[[], Any], device: torch.device | str = "cpu") -> int:
     """The allocator's peak during ``fn()`` above what was allocated before it, on real tensors.
 
