@@ -49,6 +49,8 @@ class LiveBytes(TorchDispatchMode):
         self.starts: list[int] = [0]
         self._live: dict[int, weakref.ref] = {}  # id(storage) -> its weak reference (callback: freed)
         self._inside: list[tuple[int, int, tuple]] = []  # (segment, bytes alive with its outputs, op's key)
+        self.tensor_peak = 0  # ``settle()``: the peak of what ops return alone ...
+        self.inside_peak = 0  # ... and the peak inside the ops that hold a workspace
 
     def mark(self) -> None:
         """Start a new segment (its peak is counted from the bytes alive now)."""
@@ -80,11 +82,13 @@ class LiveBytes(TorchDispatchMode):
     def settle(self) -> None:
         """After the trace: the workspace of the ops that hold one (measured now, all at once) added
         to the bytes alive at each, into the peaks."""
+        self.tensor_peak = self.peak
         if not self._inside:
             return
         size = self.workspace.measure({key for _, _, key in self._inside})
         for segment, alive, key in self._inside:
             self.peaks[segment] = max(self.peaks[segment], alive + size[key])
+            self.inside_peak = max(self.inside_peak, alive + size[key])
         self.peak = max(self.peak, *self.peaks)
         self._inside.clear()
 
