@@ -45,13 +45,14 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.plan_compare", description=__doc__.split("\n\n")[0])
     p.add_argument("--plans", type=Path, default=Path("docs/results/plan"))
     p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--only", nargs="*", default=None, help="these plans' names only")
     args = p.parse_args(argv)
     result: dict[str, Any] = {"command": "python -m benchmarks.plan_compare " + " ".join(argv or sys.argv[1:]),
                               "git_commit": git_commit(), "plans": {}}
     for path in sorted(args.plans.glob("*.json")):
         old = json.loads(path.read_text())
-        if "phases" not in old:  # not a plan (this script's own output)
-            continue
+        if "phases" not in old or (args.only is not None and path.stem not in args.only):
+            continue  # not a plan (this script's own output), or not asked for
         configs = old["config"].split()
         t0 = time.perf_counter()
         new = report(configs[0] if len(configs) == 1 else configs, old.get("gpu_memory"),
@@ -61,8 +62,8 @@ def main(argv: list[str] | None = None) -> int:
                                       "traces": [old.get("traces"), new["traces"]],
                                       "seconds": time.perf_counter() - t0}
         print(f"{path.stem}: {'identical' if not diff else f'{len(diff)} differences'} "
-              f"({time.perf_counter() - t0:.0f} s)", flush=True)
-    args.out.write_text(json.dumps(result, indent=1))
+              f"({time.perf_counter() - t0:.0f} s)", *diff[:8], sep="\n  ", flush=True)
+        args.out.write_text(json.dumps(result, indent=1))  # after each plan: a stopped run keeps what it made
     return 0 if all(r["identical"] for r in result["plans"].values()) else 1
 
 
