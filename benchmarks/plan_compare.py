@@ -1,6 +1,7 @@
 """Every stored plan (``docs/results/plan/*.json``) made again by the current code, and compared.
 
     python -m benchmarks.plan_compare --out docs/results/plan/compared.json
+    python -m benchmarks.plan_compare --summary A.json B.json   # two such outputs: the same differences?
 
 Each stored file is the ``pro-grpo plan --json`` of the configs its ``config`` field names (with
 the ``--gpu_memory`` it was made with, and the overrides ``OVERRIDES`` lists for the file that had
@@ -44,9 +45,18 @@ def differences(old: Any, new: Any, path: str = "") -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.plan_compare", description=__doc__.split("\n\n")[0])
     p.add_argument("--plans", type=Path, default=Path("docs/results/plan"))
-    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--out", type=Path)
     p.add_argument("--only", nargs="*", default=None, help="these plans' names only")
+    p.add_argument("--summary", nargs=2, type=Path, default=None, metavar=("A", "B"),
+                   help="instead: whether two outputs of this script found the same differences, plan by plan")
     args = p.parse_args(argv)
+    if args.summary:
+        a, b = (json.loads(f.read_text())["plans"] for f in args.summary)
+        for name in sorted(set(a) | set(b)):
+            same = name in a and name in b and a[name]["differences"] == b[name]["differences"]
+            print(f"{name}: {'the same' if same else 'NOT the same'} "
+                  f"({len(a.get(name, {}).get('differences', []))} / {len(b.get(name, {}).get('differences', []))} differences)")
+        return 0
     result: dict[str, Any] = {"command": "python -m benchmarks.plan_compare " + " ".join(argv or sys.argv[1:]),
                               "git_commit": git_commit(), "plans": {}}
     for path in sorted(args.plans.glob("*.json")):
