@@ -119,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="benchmarks/results/adaptive_schedule")
     args, overrides = p.parse_known_args(argv)
     torch.set_num_threads(args.threads)
-    cli = build_cli(args.config, overrides)
+    cli = build_cli([a for c in args.config for a in ("--config", c)] + overrides)
     module, sched = cli.model, cli.model.schedule
     module.configure_model()
     module.backend.eval()

@@ -6,14 +6,16 @@
 A quoted number is marked in the Markdown source as ``<!--#KEY-->text<!--/-->`` (the comments do not
 render); KEY says where the text comes from, and this module recomputes it. Keys:
 
-    gq:FAMILY/MEASURE:COMPARISON:FIELD   the mechanism benchmark (docs/results/gradient_quality/main:
-                                         the summary recomputed from grams.npz); FIELD one of ci, est,
-                                         p_holm, power, mde80, family_ci, resolved
+    gq:FAMILY/MEASURE:COMPARISON:FIELD   the mechanism benchmark (docs/results/gradient_quality/GQ:
+                                         the summary recomputed from grams.npz, at its looks' level);
+                                         FIELD one of ci, est, p, p_holm, power, mde80, family_ci,
+                                         resolved, or nominal_ci|family_ci|power|mde80|resolved (at 0.05)
+    gq1:...                              the same keys for the first look (gradient_quality/main)
     gqarm:ARM:FIELD                      per arm: per_rollout, per_flop (estimate ± SE), spread, cost, n
     gq:rollouts | gq:effect | gq:needed  rollouts joined; the positive control's effect; the rollouts
                                          80 % power at that effect would take (SE ~ 1 / sqrt(R), to 10)
-    cov:FAMILY/MEASURE:coverage|fwe      the zero-signal simulation (gradient_quality/coverage)
-    cov:all                              its coverage over every interval
+    cov:FAMILY/MEASURE:coverage|fwe      the zero-signal simulation (COV), at its looks' level; with
+    cov:all                              _nominal (coverage_nominal, ...) at 0.05; cov:all: every interval
     le:FOLDER:BUDGET:MEASURE:WHAT@D      benchmarks.evidence_stats of learning_efficiency/FOLDER at
                                          BUDGET s; WHAT: pooled, gain.ARM, final.ARM or pair.A - B; D decimals
     le:FOLDER:rollouts.ARM | le:FOLDER:wall.ARM | le:FOLDER:rollout_ratio.A/B
@@ -57,8 +59,12 @@ def ci(c: dict[str, Any], d: int = 3, keys: tuple[str, str, str] = ("mean", "lo"
     return f"{m:+.{d}f} [{lo:+.{d}f}, {hi:+.{d}f}]"
 
 
+GQ = "extension"  #: the mechanism benchmark's latest look
+COV = "gradient_quality/extension/coverage/coverage.json"  #: its intervals' coverage at zero signal, at that look's size
+
+
 @functools.lru_cache(maxsize=None)
-def _gq(folder: str = "main") -> dict[str, Any]:
+def _gq(folder: str = GQ) -> dict[str, Any]:
     from benchmarks.gradient_quality import load, summarize
 
     res = load(RESULTS / "gradient_quality" / folder)
@@ -84,8 +90,8 @@ def _digits(key: str, default: int = 3) -> tuple[str, int]:
     return key, default
 
 
-def _gq_value(parts: list[str]) -> str:
-    s = _gq()
+def _gq_value(parts: list[str], folder: str = GQ) -> str:
+    s = _gq(folder)
     if parts == ["rollouts"]:
         return str(s["rollouts"])
     if parts == ["effect"]:
@@ -95,7 +101,10 @@ def _gq_value(parts: list[str]) -> str:
         return str(int(round(s["rollouts"] * (c["mde80"] / abs(c["est"])) ** 2, -1)))
     fam, comp, field = parts
     c = s["families"][fam][comp]
+    if field.startswith("nominal_"):  # the 0.05 figures of a later look (the first look's own)
+        c, field = c.get("nominal", c) | {"est": c["est"], "p_holm": c["p_holm"]}, field[len("nominal_"):]
     return {"ci": lambda: ci(c, 3, ("est", "lo", "hi")), "est": lambda: f"{c['est']:+.3f}",
+            "p": lambda: f"{c['p']:.2g}",
             "family_ci": lambda: ci(c, 3, ("est", "lo_family", "hi_family")),
             "p_holm": lambda: f"{c['p_holm']:.2g}", "power": lambda: f"{c['power']:.2f}",
             "mde80": lambda: f"{c['mde80']:.3f}", "resolved": lambda: "resolved" if c["resolved"] else "not resolved",
@@ -139,17 +148,17 @@ def _le_value(folder: str, rest: list[str]) -> str:
 def value(key: str) -> str:
     """The text ``key`` stands for (module docstring)."""
     kind, _, rest = key.partition(":")
-    if kind == "gq":
-        return _gq_value(rest.split(":"))
+    if kind in ("gq", "gq1"):
+        return _gq_value(rest.split(":"), GQ if kind == "gq" else "main")
     if kind == "gqarm":
         return _gqarm_value(*rest.split(":"))
     if kind == "cov":
-        cov = _json("gradient_quality/coverage/coverage.json")
-        if rest == "all":
-            return f"{cov['coverage_all']:.3f}"
+        cov = _json(COV)
+        if rest in ("all", "all_nominal"):
+            return f"{cov['coverage_' + rest]:.3f}"
         fam, field = rest.rsplit(":", 1)
-        f = cov["families"][fam]
-        return f"{f['coverage']:.3f}" if field == "coverage" else f"{f['familywise_error']:.3f}"
+        field = field.replace("fwe", "familywise_error")
+        return f"{cov['families'][fam][field]:.3f}"
     if kind == "le":
         folder, *more = rest.split(":")
         return _le_value(folder, more)

@@ -29,7 +29,10 @@ trajectory serves every arm. Scoring (``benchmarks.crossfit``): each arm's gradi
 the rollouts against the other half's whole-group reference (cross-fitting), per rollout and at
 equal FLOPs (every arm given the FLOPs of one plain-2K rollout), with delete-one-rollout jackknife
 intervals, Holm across each family of comparisons, and power against the positive control's effect
-(plain-2K - plain-K). The inner products this needs are saved as ``grams.npz``.
+(plain-2K - plain-K); ``--looks L`` when these comparisons have been looked at L times (a run
+continued after a first analysis): every interval and decision at family-wise alpha 0.05 / L, the
+nominal 95 % figures beside them. The inner products this needs are saved as ``grams.npz`` (float32,
+the blocks the cross-fitting reads).
 """
 
 from __future__ import annotations
@@ -189,6 +192,49 @@ def arm_generator(seed: int, r: int) -> torch.Generator:
     return torch.Generator().manual_seed(int(np.random.SeedSequence([seed, r, 1]).generate_state(1)[0]))
 
 
+def pack_grams(g: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The Gram matrices as stored: float32, only the blocks ``benchmarks.crossfit`` reads (GF between
+    rollouts of different halves, GG and FF within a half, these two symmetric: upper triangles).
+    Keys GF_01 / GF_10 [A, |half 0|, |half 1|] / [A, |half 1|, |half 0|], GG_0 / GG_1 [A, n(n+1)/2],
+    FF_0 / FF_1 [n(n+1)/2]."""
+    from benchmarks.crossfit import half_index
+
+    half = half_index(g["FF"].shape[0])
+    H = [np.flatnonzero(half == h) for h in (0, 1)]
+    out = {}
+    for h in (0, 1):
+        S, O = H[h], H[1 - h]
+        iu = np.triu_indices(len(S))
+        out[f"GF_{h}{1 - h}"] = g["GF"][:, S][:, :, O]
+        out[f"GG_{h}"] = g["GG"][:, S][:, :, S][:, iu[0], iu[1]]
+        out[f"FF_{h}"] = g["FF"][np.ix_(S, S)][iu]
+    return {k: v.astype(np.float32) for k, v in out.items()}
+
+
+def unpack_grams(z: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """``pack_grams``' inverse: GF, GG [A, R, R] and FF [R, R] (float64), NaN in the blocks not stored
+    (which the cross-fitted scoring never reads: a NaN there would show in every result)."""
+    from benchmarks.crossfit import half_index
+
+    A, n0, n1 = z["GF_01"].shape
+    R = n0 + n1
+    half = half_index(R)
+    H = [np.flatnonzero(half == h) for h in (0, 1)]
+    if [len(H[0]), len(H[1])] != [n0, n1]:
+        raise ValueError(f"grams.npz: halves of {n0} and {n1} rollouts do not split {R} rollouts as the scoring does")
+    GF, GG, FF = np.full((A, R, R), np.nan), np.full((A, R, R), np.nan), np.full((R, R), np.nan)
+    for h in (0, 1):
+        S, O = H[h], H[1 - h]
+        iu = np.triu_indices(len(S))
+        GF[np.ix_(np.arange(A), S, O)] = z[f"GF_{h}{1 - h}"]
+        for M, packed in ((GG, z[f"GG_{h}"]), (FF, z[f"FF_{h}"])):
+            block = np.zeros(packed.shape[:-1] + (len(S), len(S)))
+            block[..., iu[0], iu[1]] = packed
+            block[..., iu[1], iu[0]] = packed
+            M[..., S[:, None], S[None, :]] = block
+    return {"GF": GF, "GG": GG, "FF": FF}
+
+
 def grams(grads: dict[str, list[Tensor]], full: list[Tensor]) -> dict[str, np.ndarray]:
     """The inner products ``benchmarks.crossfit`` needs: GF [A, R, R], GG [A, R, R], FF [R, R] (float64)."""
     F = torch.stack(full).double()  # [R, D]
@@ -304,12 +350,14 @@ def families(arms: Sequence[str], schedules: Sequence[str]) -> dict[str, list[tu
             "other_arms_vs_plain": vs(others)}
 
 
-def summarize(res: dict[str, Any], budget_arm: str = "plain-2K") -> dict[str, Any]:
+def summarize(res: dict[str, Any], budget_arm: str = "plain-2K", looks: int | None = None) -> dict[str, Any]:
     """Per arm its quality per rollout and at equal compute (``benchmarks.crossfit``: cross-fitted,
-    delete-one-rollout jackknife); per comparison family the differences with 95 % intervals, Holm
-    correction, and power against the positive control's effect. Equal compute: every arm's
-    gradients aggregated over the FLOPs of one ``budget_arm`` rollout (n = cost(budget_arm) / cost)."""
-    from benchmarks.crossfit import compare_family, jack_se, jackknife, quality
+    delete-one-rollout jackknife); per comparison family the differences with intervals, Holm
+    correction, and power against the positive control's effect, at family-wise alpha 0.05 /
+    ``looks`` (default: the result's ``looks``, 1 if absent) with the nominal figures beside them.
+    Equal compute: every arm's gradients aggregated over the FLOPs of one ``budget_arm`` rollout
+    (n = cost(budget_arm) / cost)."""
+    from benchmarks.crossfit import LEVEL, compare_family, jack_se, quality_jackknife
 
     g = res["grams"]
     GF, GG, FF = (np.asarray(g[k], dtype=np.float64) for k in ("GF", "GG", "FF"))
@@ -317,8 +365,7 @@ def summarize(res: dict[str, Any], budget_arm: str = "plain-2K") -> dict[str, An
     R = FF.shape[0]
     cost = np.array([res["arms"][a]["cost_F_per_prompt"]["total"] for a in names])
     n_flop = cost[names.index(budget_arm)] / cost  # [A] rollouts' worth at equal FLOPs
-    full, reps = jackknife(lambda keep: np.concatenate([quality(GF, GG, FF, 1.0, keep),
-                                                        quality(GF, GG, FF, n_flop, keep)]), R)
+    full, reps = quality_jackknife(GF, GG, FF, [1.0, n_flop])  # [2A], [R, 2A]
     A = len(names)
     se = jack_se(reps)
     rows = res["per_rollout"]
@@ -329,14 +376,17 @@ def summarize(res: dict[str, Any], budget_arm: str = "plain-2K") -> dict[str, An
             for i, a in enumerate(names)}
     schedules = [a[4:] for a in names if a.startswith("pro-")]
     effect = float(full[names.index("plain-2K")] - full[names.index("plain-K")])
+    looks = int(res.get("looks", 1) if looks is None else looks)
     out: dict[str, Any] = {"arms": arms, "budget_arm": budget_arm, "positive_control_effect": effect,
                            "rollouts": R, "families": {}}
+    if looks > 1:
+        out |= {"looks": looks, "alpha": (1 - LEVEL) / looks}
     for measure_name, off in (("per_rollout", 0), ("per_flop", A)):
         for fam, comps in families(names, schedules).items():
             i = [off + names.index(a) for _, a, _ in comps]
             j = [off + names.index(b) for _, _, b in comps]
             out["families"][f"{fam}/{measure_name}"] = compare_family(
-                [c[0] for c in comps], full[i] - full[j], reps[:, i] - reps[:, j], effect)
+                [c[0] for c in comps], full[i] - full[j], reps[:, i] - reps[:, j], effect, looks)
     return out
 
 
@@ -353,34 +403,53 @@ def table(summary: dict[str, Any], only: str | None = None) -> str:
     if only == "arms":
         return arms
     parts = [arms] if only is None else []
+    looks = summary.get("looks", 1)
+    ci = lambda c, lo="lo", hi="hi": f"[{c[lo]:+.4f}, {c[hi]:+.4f}]"  # noqa: E731
+    yes = lambda r: "yes" if r else "no"  # noqa: E731
     for fam, comps in summary["families"].items():
         if only is not None and fam != only:
             continue
-        parts.append(f"**{fam}** (Holm over {len(comps)}; power against the positive control's effect "
-                     f"{summary['positive_control_effect']:+.4f})\n\n" + markdown_table(
-            ["difference", "estimate", "95 % interval", "Holm-level interval", "p", "p (Holm)", "resolved",
-             "power", "80 %-power difference"],
-            [[nm, f"{c['est']:+.4f}", f"[{c['lo']:+.4f}, {c['hi']:+.4f}]",
-              f"[{c['lo_family']:+.4f}, {c['hi_family']:+.4f}]", f"{c['p']:.3g}", f"{c['p_holm']:.3g}",
-              "yes" if c["resolved"] else "no", f"{c.get('power', float('nan')):.2f}", f"{c['mde80']:.4f}"]
+        head = f"**{fam}** (Holm over {len(comps)}; power against the positive control's effect " \
+               f"{summary['positive_control_effect']:+.4f}"
+        if looks == 1:
+            parts.append(head + ")\n\n" + markdown_table(
+                ["difference", "estimate", "95 % interval", "Holm-level interval", "p", "p (Holm)", "resolved",
+                 "power", "80 %-power difference"],
+                [[nm, f"{c['est']:+.4f}", ci(c), ci(c, "lo_family", "hi_family"), f"{c['p']:.3g}",
+                  f"{c['p_holm']:.3g}", yes(c["resolved"]), f"{c.get('power', float('nan')):.2f}", f"{c['mde80']:.4f}"]
+                 for nm, c in comps.items()]))
+            continue
+        a = summary["alpha"]
+        parts.append(head + f"; look {looks}: family-wise alpha 0.05 / {looks} = {a:g}, the nominal 0.05 beside it)\n\n"
+                     + markdown_table(
+            ["difference", "estimate", "95 % interval", f"{100 * (1 - a):g} % interval",
+             f"Holm-level interval ({a:g})", "p", "p (Holm)", "resolved at 0.05", f"resolved at {a:g}",
+             f"power at {a:g} (0.05)", f"80 %-power difference at {a:g} (0.05)"],
+            [[nm, f"{c['est']:+.4f}", ci(c["nominal"]), ci(c), ci(c, "lo_family", "hi_family"), f"{c['p']:.3g}",
+              f"{c['p_holm']:.3g}", yes(c["nominal"]["resolved"]), yes(c["resolved"]),
+              f"{c.get('power', float('nan')):.2f} ({c['nominal'].get('power', float('nan')):.2f})",
+              f"{c['mde80']:.4f} ({c['nominal']['mde80']:.4f})"]
              for nm, c in comps.items()]))
     return "\n\n".join(parts)
 
 
 def save(res: dict[str, Any], out: Path) -> None:
-    """gradient_quality.json (everything but the Gram matrices), grams.npz (them), gradient_quality.md."""
+    """gradient_quality.json (everything but the Gram matrices), grams.npz (them: ``pack_grams``),
+    gradient_quality.md."""
     g = res.pop("grams")
-    np.savez_compressed(out / "grams.npz", **{k: np.asarray(v, dtype=np.float64) for k, v in g.items()})
+    np.savez_compressed(out / "grams.npz", **pack_grams(g))
     (out / "gradient_quality.json").write_text(json.dumps(res, indent=1) + "\n")
     (out / "gradient_quality.md").write_text(table(res["summary"]) + "\n")
     res["grams"] = g
 
 
 def load(out: Path) -> dict[str, Any]:
-    """A saved result with its Gram matrices (``np.load`` without pickles)."""
+    """A saved result with its Gram matrices (``np.load`` without pickles): packed (``pack_grams``),
+    or full float64 GF, GG, FF (the first look's ``main/grams.npz``)."""
     res = json.loads((out / "gradient_quality.json").read_text())
     with np.load(out / "grams.npz", allow_pickle=False) as z:
-        res["grams"] = {k: z[k] for k in z.files}
+        g = {k: z[k] for k in z.files}
+    res["grams"] = unpack_grams(g) if "GF_01" in g else g
     return res
 
 
@@ -402,12 +471,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--shard", default="0/1", metavar="I/N",
                    help="sample only the rollouts r with r %% N == I into OUT/state.shardI.pt (parallel processes)")
     p.add_argument("--join", action="store_true", help="score the shards' states in OUT as one run")
+    p.add_argument("--looks", type=int, default=1, help="which look at these comparisons this is: "
+                   "intervals and Holm at family-wise alpha 0.05 / LOOKS (Bonferroni over looks)")
     args = p.parse_args(argv)
     try:
         shard = tuple(int(x) for x in args.shard.split("/"))
         assert len(shard) == 2 and 0 <= shard[0] < shard[1]
     except (ValueError, AssertionError):
         p.error(f"--shard: expected I/N with 0 <= I < N, got {args.shard!r}")
+    if args.looks < 1:
+        p.error(f"--looks must be >= 1, got {args.looks}")
     if args.rollouts < 6:
         p.error(f"--rollouts must be >= 6 (two halves of at least 3), got {args.rollouts}")
     schedules = [parse_schedule(s) for s in args.schedule]
@@ -430,7 +503,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print(f"shard {args.shard}: rollouts {res['rollouts']} saved; score them with --join")
         return res
     res.update(command=["python", "-m", "benchmarks.gradient_quality", *(argv if argv is not None else sys.argv[1:])],
-               config=args.config, sets=args.set, seed=args.seed)
+               config=args.config, sets=args.set, seed=args.seed, looks=args.looks)
+    res["grams"] = unpack_grams(pack_grams(res["grams"]))  # scored as stored: load + summarize gives the same
     res["summary"] = summarize(res)
     save(res, out)
     print(table(res["summary"]))

@@ -11,7 +11,7 @@ rollout jackknife). The per-trajectory log-prob gradients h are drawn independen
 (zero mean, a decaying spectrum over ``dim`` coordinates, a log-normal scale per trajectory), so every
 arm's expected gradient is 0 and every true difference is 0. Reported per comparison family: how
 often the 95 % interval covers 0 (target 0.95) and how often Holm resolves any comparison (the
-family-wise error, target at most 0.05).
+family-wise error, target at most 0.05); with ``--looks L`` the same at level 1 - 0.05 / L.
 """
 
 from __future__ import annotations
@@ -61,23 +61,37 @@ def simulate_run(rollouts: int, prompts: int, dim: int, K: int, G_static: int, s
 
 
 def coverage(reps: int, rollouts: int, prompts: int, dim: int, K: int = 6, G_static: int = 16,
-             schedules: list[str] | None = None, seed: int = 0, log=print) -> dict[str, Any]:
-    """Per family (and per measure): interval coverage of 0 and the Holm family-wise error over ``reps`` runs."""
+             schedules: list[str] | None = None, seed: int = 0, log=print, looks: int = 1) -> dict[str, Any]:
+    """Per family (and per measure): interval coverage of 0 and the Holm family-wise error over ``reps``
+    runs, scored as the benchmark's ``--looks`` scores (level 1 - 0.05 / looks; with looks > 1 the
+    nominal 95 % figures too, as ``coverage_nominal`` / ``familywise_error_nominal``)."""
     schedules = schedules or DEFAULT_SCHEDULES
     hits: dict[str, list[float]] = {}
     fwe: dict[str, list[bool]] = {}
     for i in range(reps):
-        s = summarize(simulate_run(rollouts, prompts, dim, K, G_static, schedules, seed * 100_003 + i))
+        s = summarize(simulate_run(rollouts, prompts, dim, K, G_static, schedules, seed * 100_003 + i), looks=looks)
         for fam, comps in s["families"].items():
             hits.setdefault(fam, []).extend(float(c["lo"] <= 0 <= c["hi"]) for c in comps.values())
             fwe.setdefault(fam, []).append(any(c["resolved"] for c in comps.values()))
+            if looks > 1:
+                nominal = [c["nominal"] for c in comps.values()]
+                hits.setdefault(fam + "#nominal", []).extend(float(c["lo"] <= 0 <= c["hi"]) for c in nominal)
+                fwe.setdefault(fam + "#nominal", []).append(any(c["resolved"] for c in nominal))
         if (i + 1) % 20 == 0:
             log(f"{i + 1}/{reps} runs")
-    all_hits = [h for v in hits.values() for h in v]
-    return {"reps": reps, "rollouts": rollouts, "prompts": prompts, "dim": dim, "K": K, "schedules": schedules,
-            "seed": seed, "coverage_all": float(np.mean(all_hits)), "intervals": len(all_hits),
-            "families": {f: {"coverage": float(np.mean(hits[f])), "intervals": len(hits[f]),
-                             "familywise_error": float(np.mean(fwe[f]))} for f in hits}}
+    fams = [f for f in hits if not f.endswith("#nominal")]
+    all_hits = [h for f in fams for h in hits[f]]
+    out = {"reps": reps, "rollouts": rollouts, "prompts": prompts, "dim": dim, "K": K, "schedules": schedules,
+           "seed": seed, "coverage_all": float(np.mean(all_hits)), "intervals": len(all_hits),
+           "families": {f: {"coverage": float(np.mean(hits[f])), "intervals": len(hits[f]),
+                            "familywise_error": float(np.mean(fwe[f]))} for f in fams}}
+    if looks > 1:
+        out |= {"looks": looks, "level": 1 - 0.05 / looks,
+                "coverage_all_nominal": float(np.mean([h for f in fams for h in hits[f + "#nominal"]]))}
+        for f in fams:
+            out["families"][f] |= {"coverage_nominal": float(np.mean(hits[f + "#nominal"])),
+                                   "familywise_error_nominal": float(np.mean(fwe[f + "#nominal"]))}
+    return out
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -89,12 +103,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--schedule", nargs="+", default=DEFAULT_SCHEDULES, help="as gradient_quality's --schedule")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--looks", type=int, default=1, help="score as gradient_quality --looks does (alpha 0.05 / LOOKS)")
     p.add_argument("--out", default=str(ROOT / "benchmarks/results/gradient_quality_sim"))
     args = p.parse_args(argv)
-    if args.rollouts < 6 or args.reps < 1 or args.dim < 1:
-        p.error(f"--rollouts must be >= 6, --reps and --dim >= 1; got {args.rollouts}, {args.reps}, {args.dim}")
+    if args.rollouts < 6 or args.reps < 1 or args.dim < 1 or args.looks < 1:
+        p.error(f"--rollouts must be >= 6, --reps, --dim and --looks >= 1; got {args.rollouts}, {args.reps}, "
+                f"{args.dim}, {args.looks}")
     torch.set_num_threads(args.threads)
-    res = coverage(args.reps, args.rollouts, args.prompts, args.dim, schedules=args.schedule, seed=args.seed)
+    res = coverage(args.reps, args.rollouts, args.prompts, args.dim, schedules=args.schedule, seed=args.seed,
+                   looks=args.looks)
     res["command"] = ["python", "-m", "benchmarks.gradient_quality_sim", *(argv if argv is not None else sys.argv[1:])]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

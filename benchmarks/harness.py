@@ -123,7 +123,7 @@ def build_bench(args: argparse.Namespace) -> Bench:
     schedules = resolve_schedules(args, args.steps)
     backend = build_backend(args.backend, args.size, num_steps=args.steps, resolution=args.resolution,
                             device=args.device, dtype=args.dtype, seed=args.seed, lora_rank=args.lora_rank,
-                            vae_decode_chunk=args.vae_decode_chunk)
+                            decode_chunk=args.decode_chunk)
     rewards = build_rewards(args.reward, "full" if args.size == "full" else "tiny", args.device,
                             dtype=args.dtype, seed=args.seed)
     prompts = [PROMPTS[i % len(PROMPTS)] for i in range(args.prompts)]

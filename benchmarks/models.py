@@ -222,12 +222,12 @@ class RandomFluxBackend(_RandomInit, FluxBackend):
 
 def build_backend(family: str, size: str, *, num_steps: int, resolution: int, device: str,
                   dtype: str = "float32", seed: int = 0, lora_rank: int = 8,
-                  vae_decode_chunk: int | None = None, **options: Any) -> DiffusionBackend:
+                  decode_chunk: int | None = None, **options: Any) -> DiffusionBackend:
     """A configured backend on ``device`` (see the module docstring for what each size is);
     ``options``: further backend settings (e.g. ``compile``, ``guidance_scale``)."""
     lora = LoraSettings(rank=lora_rank, alpha=2.0 * lora_rank)
     common = dict(num_steps=num_steps, resolution=resolution, lora=lora, dtype=dtype,
-                  vae_decode_chunk=vae_decode_chunk, **options)
+                  decode_chunk=decode_chunk, **options)
     if size == "tiny":
         cls = {"sd15": TinySD15Backend, "sd3": TinySD3Backend, "flux": TinyFluxBackend}[family]
         backend = cls(seed=seed, **common)

@@ -29,7 +29,7 @@ from .report import git_commit  # noqa: E402
 
 #: Stored plans made with overrides that their ``config`` field does not record (docs/results/plan/README.md).
 OVERRIDES = {"sdxl_hps_pro_grpo_without_levers": ["--model.backend.init_args.gradient_checkpointing", "false",
-                                                  "--model.backend.init_args.vae_decode_chunk", "null"]}
+                                                  "--model.backend.init_args.decode_chunk", "null"]}  # vae_decode_chunk then
 
 
 def differences(old: Any, new: Any, path: str = "") -> list[str]:

@@ -29,7 +29,7 @@ K of G_max scores K / G_max on average, the final-reward choice itself 1.
 
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import itertools
 import json
 import math
@@ -226,28 +226,47 @@ def format_table(result: dict[str, Any]) -> str:
     return "\n".join(rows)
 
 
-def build_cli(configs: Sequence[str], overrides: Sequence[str] = ()) -> Any:
-    """The module and data module of ``fit --config ...`` (overlays in order) without running it."""
+@dataclasses.dataclass
+class AdaptOptions:
+    """The adapt command's own settings, beside the run's (``fit``'s: ``--config`` and any override).
+
+    Args:
+        out: folder for schedule.yaml (the config overlay) and adaptive.json (the measurement); a
+            folder that already holds either is refused (nothing is replaced).
+        rollouts: audit rollouts to measure on.
+        bound: largest loss of overlap with the final-reward choice accepted, against the latest
+            pruning points.
+        candidates: 0-based steps to consider, e.g. [3, 5, 7] (default: every step).
+    """
+
+    out: str
+    rollouts: int = 8
+    bound: float = 0.05
+    candidates: list[int] | None = None
+
+
+DESCRIPTION = ("Choose a Pro-GRPO schedule's pruning points from a few audit rollouts of the config's model "
+               "(pro_grpo_lightning/adaptive.py). The run's settings are fit's (--config files, overrides such as "
+               "--data.prompts_per_step 2).")
+
+
+def build_cli(argv: Sequence[str], options: Any = None) -> Any:
+    """``fit``'s CLI on ``argv`` (``--config`` files, overlays in order, overrides), not run: the
+    module and data module. ``options``: the command's own settings beside the run's (``AdaptOptions``)."""
     from .cli import main as cli_main
 
     with warnings.catch_warnings():  # LightningCLI reads only ``args``, and warns when argv has more
         warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
-        return cli_main([a for c in configs for a in ("--config", c)] + list(overrides), run=False, save_config=False)
+        return cli_main(list(argv), run=False, save_config=False, exit_on_error=False, options=options,
+                        description=DESCRIPTION if options else None, prog="pro-grpo adapt" if options else None)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m pro_grpo_lightning adapt",
-        description="Choose a Pro-GRPO schedule's pruning points from a few audit rollouts of the config's model "
-                    "(module docstring of pro_grpo_lightning/adaptive.py); extra arguments override the config as in `fit`.")
-    parser.add_argument("--config", required=True, action="append", help="the run's YAML (repeatable, as in `fit`)")
-    parser.add_argument("--rollouts", type=int, default=8, help="audit rollouts to measure on (default 8)")
-    parser.add_argument("--bound", type=float, default=0.05,
-                        help="largest loss of overlap with the final-reward choice, against the latest points (0.05)")
-    parser.add_argument("--candidates", default=None,
-                        help="comma-separated 0-based steps to consider (default: every step)")
-    parser.add_argument("--out", required=True, help="folder for schedule.yaml (the overlay) and adaptive.json")
-    args, overrides = parser.parse_known_args(argv)
+    """``pro-grpo adapt`` / ``python -m pro_grpo_lightning adapt``: fit's parser plus ``AdaptOptions``
+    (one ``--config``, ``--print_config``, one-line errors); returns the exit status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    cli = build_cli(argv, AdaptOptions)
+    args = cli.config
     if args.rollouts < 1:
         raise ValueError(f"--rollouts must be >= 1, got {args.rollouts}")
     if not 0 <= args.bound <= 1:
@@ -255,10 +274,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     written = [p for p in (os.path.join(args.out, n) for n in ("schedule.yaml", "adaptive.json")) if os.path.exists(p)]
     if written:
         raise ValueError(f"--out {args.out!r} already holds {written[0]!r}: choose a new folder (nothing is replaced)")
-    cli = build_cli(args.config, overrides)
     module, sched = cli.model, cli.model.schedule
     T = module.backend.num_steps
-    steps = list(range(T)) if args.candidates is None else [int(s) for s in args.candidates.split(",")]
+    steps = list(range(T)) if args.candidates is None else list(args.candidates)
     if any(not 0 <= s < T for s in steps):
         raise ValueError(f"--candidates {steps}: steps must be in [0, {T}) for num_steps={T}")
     if not sched.keep or sched.final_keep is not None:
@@ -277,7 +295,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         cost = preview_cost_in_calls(module, prompts[0])
     result = analyse(probes, final, steps, sched.group_size, sched.keep, sched.rule, T, cost, args.bound)
     result["config_checkpoints"] = list(sched.checkpoints)
-    result["command"] = "python -m pro_grpo_lightning adapt " + " ".join(sys.argv[2:] if argv is None else argv)
+    result["command"] = "python -m pro_grpo_lightning adapt " + " ".join(argv)
     with open(os.path.join(args.out, "adaptive.json"), "w") as fh:
         json.dump(result, fh, indent=1)
     with open(os.path.join(args.out, "schedule.yaml"), "w") as fh:

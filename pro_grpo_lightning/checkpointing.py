@@ -32,6 +32,7 @@ import hashlib
 import os
 import pickle
 import re
+import sys
 import tempfile
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -280,6 +281,38 @@ def check_identity(saved: dict[str, Any], mine: dict[str, Any], path: str, resum
 RESUME_MAY_CHANGE = ("trainer.", "ckpt_path", "seed_everything", "prediction.", "model.guards.", "model.samples.",
                      "model.eval_rewards", "model.rollout.sample_batch_size", "data.val_prompts",
                      "data.test_prompts", "data.eval_", "data.predict_", "data.num_workers")
+
+
+#: Settings renamed since a config or a checkpoint may have been written: old key -> new key.
+#: Decided here, at the config (not as extra keyword arguments of every backend, which would show
+#: the old names in ``--help`` for ever): ``migrate_config`` reads the old key as the new one with one
+#: line saying so, for every YAML file ``fit`` / ``validate`` / ``test`` / ``predict`` / ``plan`` /
+#: ``adapt`` read (their parser's loader, ``cli.OneLineErrors``), for a checkpoint's stored config
+#: (resume's comparison, ``cli.check_checkpoint``) and for ``export``'s run config. On the command
+#: line an old key is refused in one line naming the new one as the nearest setting.
+RENAMED = {"vae_decode_chunk": "decode_chunk"}  # it chunks the preview decoder's decodes too
+_RENAMES_SAID: set[tuple[str, str]] = set()
+
+
+def migrate_config(cfg: Any, where: str = "a config") -> Any:
+    """``cfg`` (nested dicts and lists, as YAML loads them) with every key of ``RENAMED`` under
+    its new name; one line on stderr per old key and ``where`` (once per process). Both names
+    in one mapping is a ``ConfigError``."""
+    if isinstance(cfg, list):
+        return [migrate_config(v, where) for v in cfg]
+    if not isinstance(cfg, dict):
+        return cfg
+    out: dict[Any, Any] = {}
+    for key, value in cfg.items():
+        new = RENAMED.get(key, key) if isinstance(key, str) else key
+        if new != key:
+            if new in cfg:
+                raise ConfigError(f"{where}: both {key} and {new}: {key} is {new}'s old name; give only {new}")
+            if (key, where) not in _RENAMES_SAID:
+                _RENAMES_SAID.add((key, where))
+                print(f"deprecated: {key} ({where}) is now called {new}: read as {new}", file=sys.stderr)
+        out[new] = migrate_config(value, where)
+    return out
 
 
 def _flat(cfg: Any, prefix: str = "") -> dict[str, Any]:

@@ -13,21 +13,23 @@ config also travels inside every checkpoint, which is what ``export`` reads by d
 
 from __future__ import annotations
 
-import argparse
 import difflib
 import inspect
 import os
 import re
 import sys
+from argparse import ArgumentError
 from collections.abc import Callable
 from typing import Any, NoReturn
 
 import lightning.pytorch as pl
+from docstring_parser import parse as docstring_parse
+from jsonargparse import ActionConfigFile, ActionYesNo, ArgumentParser, Namespace, get_loader, set_loader
 from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, LRSchedulerTypeTuple, SaveConfigCallback
 from torch.optim import Optimizer
 
-from .checkpointing import check_checkpoint_weights, load_checkpoint_file
+from .checkpointing import check_checkpoint_weights, load_checkpoint_file, migrate_config
 from .data import PromptDataModule
 from .errors import ConfigError, OutputError, RewardError
 from .health import NonFiniteError
@@ -88,7 +90,25 @@ class RunConfig(SaveConfigCallback):
 
 
 class ProGRPOCLI(LightningCLI):
-    """``LightningCLI`` plus the checks that must come before any weights load."""
+    """``LightningCLI`` plus the checks that must come before any weights load.
+
+    ``options``: a command built on a run's settings (``plan``, ``adapt``) adds its own settings,
+    a callable's (a dataclass's) arguments (``add_options``), beside fit's: one parser, one
+    ``--config`` (the run's YAML, which may hold them too), one ``--print_config``."""
+
+    def __init__(self, *args: Any, options: Callable[..., Any] | None = None, **kwargs: Any) -> None:
+        self.options = options
+        super().__init__(*args, **kwargs)
+
+    def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
+        """Lightning's; with ``exit_on_error=False`` a parse error is a one-line ``ConfigError``
+        naming the nearest valid setting (``OneLineMessages``), for ``run_main`` to print."""
+        try:
+            super().parse_arguments(parser, args)
+        except ArgumentError as err:
+            if _debug() or not isinstance(parser, OneLineMessages):
+                raise
+            raise ConfigError(parser.one_line(str(err))) from None
 
     def init_parser(self, **kwargs: Any) -> LightningArgumentParser:
         """Lightning's parser; the main parser and every subcommand's share one list of all of them,
@@ -178,6 +198,8 @@ class ProGRPOCLI(LightningCLI):
         # over ``model.parameters()``, which hold no LoRA weights before ``configure_model``).
         parser.add_optimizer_args((Optimizer,))
         parser.add_lr_scheduler_args(LRSchedulerTypeTuple)
+        if self.options is not None:
+            add_options(parser, self.options)
 
 
 def _class_name(value: Any) -> str:
@@ -185,27 +207,19 @@ def _class_name(value: Any) -> str:
     return str(path or value).rsplit(".", 1)[-1]
 
 
-class OneLineErrors(LightningArgumentParser):
-    """A parse error in one line, ``error: <what>`` (exit status 2), without the usage, and for
-    a key that does not exist the nearest valid one: ``--model.update.clip_rnge`` answers
-    ``did you mean model.update.clip_range?``. ``PRO_GRPO_DEBUG=1``: jsonargparse's own output."""
+class OneLineMessages:
+    """What every parser of the package says on bad input: one line, and for a key that does not
+    exist the nearest valid one (``--model.update.clip_rnge`` answers ``did you mean
+    model.update.clip_range?``). Mixed into Lightning's parser (``OneLineErrors``: fit, validate,
+    test, predict) and into jsonargparse's (``CommandParser``: export, serve-reward)."""
 
     _UNKNOWN = [
         re.compile(r"unrecognized arguments: --?(?P<key>[\w.\-]+)"),
         re.compile(r"(?:Group|Subcommand) '(?P<group>[\w.]+)' does not accept option '(?P<key>[\w.]+)'"),
         re.compile(r'Parser key "(?P<group>[\w.]+)":\s*Problem with given class_path \'(?P<cls>[\w.]+)\':'
                    r"\s*Option '(?P<key>[\w.]+)' is not accepted"),
+        re.compile(r"Option '(?P<key>[\w.]+)' is not accepted"),  # a key of a command's --config file
     ]
-
-    def __init__(self, *args: Any, related: list[LightningArgumentParser] | None = None, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.related = related  # every parser of the CLI (``ProGRPOCLI.init_parser``)
-
-    def error(self, message: str, ex: Exception | None = None) -> NoReturn:
-        if not self.exit_on_error or os.environ.get("PRO_GRPO_DEBUG", "") not in ("", "0"):
-            super().error(message, ex)
-        sys.stderr.write(f"error: {self.one_line(message)}\n")
-        self.exit(2)
 
     def one_line(self, message: str) -> str:
         text = " ".join(message.split())
@@ -223,7 +237,21 @@ class OneLineErrors(LightningArgumentParser):
             near = difflib.get_close_matches(key, valid, n=1, cutoff=0.6)
             hint = f"; did you mean {near[0]}?" if near else " (see --help)"
             return f"unknown setting {key}{hint}"
-        return text
+        return self._wrong_type(text) or text
+
+    _TYPE = re.compile(r'^Parser key "(?P<key>[\w.]+)":\s*(?:Expected a (?P<one>.+?)\. Got value: (?P<got>.+)'
+                       r"|Does not validate against any of the Union subtypes Subtypes: \[(?P<any>.+?)\] Errors:.*"
+                       r"Given value: (?P<given>.+))$")
+
+    def _wrong_type(self, text: str) -> str | None:
+        """jsonargparse's "Parser key "port": Expected a <class 'int'>. Got value: x" as
+        ``port=x: expected int`` (the Union's subtypes for an Optional)."""
+        m = self._TYPE.match(text)
+        if m is None:
+            return None
+        types = m["one"] or m["any"]
+        types = re.sub(r"<class '(?:\w+\.)*(\w+)'>", r"\1", types).replace("NoneType", "None").replace("typing.", "")
+        return f"{m['key']}={(m['got'] or m['given']).strip()}: expected {types.replace(', None', ' or None')}"
 
     def valid_keys(self, class_path: str | None = None) -> list[str]:
         """Every setting this parser (and its subcommands') accepts, dotted; with ``class_path`` (a
@@ -237,7 +265,72 @@ class OneLineErrors(LightningArgumentParser):
             for key in parser.get_defaults().keys():
                 first, _, rest = key.partition(".")
                 keys.add(rest if first in SUBCOMMANDS and rest else key)
-        return sorted(keys)
+        return sorted(keys - {"config", "__default_config__"})
+
+
+#: jsonargparse's YAML loader with renamed settings read under their new names
+#: (``checkpointing.migrate_config``): the parser mode of Lightning's parsers here.
+MIGRATING_YAML = "yaml_with_renames"
+set_loader(MIGRATING_YAML, lambda text: migrate_config(get_loader("yaml")(text), "a YAML file"))
+
+
+class OneLineErrors(OneLineMessages, LightningArgumentParser):
+    """Lightning's parser with a parse error in one line, ``error: <what>`` (exit status 2), without
+    the usage (``OneLineMessages``), reading YAML with renamed settings migrated (``MIGRATING_YAML``).
+    ``PRO_GRPO_DEBUG=1``: jsonargparse's own output."""
+
+    def __init__(self, *args: Any, related: list[LightningArgumentParser] | None = None, **kwargs: Any) -> None:
+        kwargs.setdefault("parser_mode", MIGRATING_YAML)
+        super().__init__(*args, **kwargs)
+        self.related = related  # every parser of the CLI (``ProGRPOCLI.init_parser``)
+
+    def error(self, message: str, ex: Exception | None = None) -> NoReturn:
+        if not self.exit_on_error or _debug():
+            super().error(message, ex)
+        sys.stderr.write(f"error: {self.one_line(message)}\n")
+        self.exit(2)
+
+
+def _debug() -> bool:
+    return os.environ.get("PRO_GRPO_DEBUG", "") not in ("", "0")
+
+
+class CommandParser(OneLineMessages, ArgumentParser):
+    """The parser of a command beside Lightning's (``export``, ``serve-reward``), built like
+    ``fit``'s: its options are the arguments of the function that does the work, typed and
+    described by its signature and docstring (``add_options``); ``--config file.yaml``
+    holds any of them, ``--print_config`` prints them as such a file. A bool argument is a flag
+    (``--merge``, ``--merge false``, ``--no_merge``). A parse error is a ``ConfigError`` in one line
+    naming the setting (``cli.run_main``: ``error: ...``, exit status 2)."""
+
+    def __init__(self, function: Callable[..., Any], prog: str, description: str) -> None:
+        super().__init__(prog=prog, description=description, exit_on_error=False)
+        self.add_argument("--config", action=ActionConfigFile, help="a YAML file of these settings (as "
+                          "--print_config writes it); later options override it")
+        add_options(self, function)
+
+    def parse(self, argv: list[str] | None) -> Namespace:
+        try:
+            return self.parse_args(argv)
+        except ArgumentError as err:
+            if _debug():
+                raise
+            raise ConfigError(f"{self.prog}: {self.one_line(str(err))}") from None
+
+
+def add_options(parser: ArgumentParser, function: Callable[..., Any]) -> None:
+    """``function``'s arguments (a function's or a dataclass's) as top-level options of ``parser``,
+    typed by its signature and described by its docstring's ``Args``; a bool argument is a flag
+    (``--merge``, ``--merge false``, ``--no_merge``), as a command's switches were before."""
+    params = inspect.signature(function).parameters
+    flags = {name for name, p in params.items() if p.annotation in (bool, "bool")}
+    if isinstance(function, type):
+        parser.add_class_arguments(function, as_group=False, skip=flags)
+    else:
+        parser.add_function_arguments(function, as_group=False, skip=flags)
+    docs = {p.arg_name: " ".join((p.description or "").split()) for p in docstring_parse(function.__doc__ or "").params}
+    for name in sorted(flags, key=list(params).index):
+        parser.add_argument(f"--{name}", action=ActionYesNo, nargs="?", default=params[name].default, help=docs.get(name))
 
 
 def last_checkpoint(trainer: pl.Trainer) -> str | None:
@@ -276,7 +369,8 @@ def check_checkpoint(model: ProGRPOModule, state: dict[str, Any], ckpt: str, sub
     model.check_identity(identity, f"ckpt_path={ckpt!r}", resume=sub == "fit")
     if sub != "fit" or not extra.get("config"):
         return
-    applied, refused = resume_changes(yaml.safe_load(extra["config"]) or {}, yaml.safe_load(run_config) or {},
+    saved = migrate_config(yaml.safe_load(extra["config"]) or {}, f"ckpt_path={ckpt!r} (its stored config)")
+    applied, refused = resume_changes(saved, yaml.safe_load(run_config) or {},
                                       model.guards.allow_schedule_change)
     if refused:
         more = f" (and {len(refused) - 1} more: {'; '.join(refused[1:])})" if len(refused) > 1 else ""
@@ -288,19 +382,23 @@ def check_checkpoint(model: ProGRPOModule, state: dict[str, Any], ckpt: str, sub
 
 
 def main(args: list[str] | None = None, run: bool = True, save_config: bool = True,
-         exit_on_error: bool = True) -> LightningCLI:
-    """The CLI; ``run=False`` only builds the module, datamodule and trainer (scripts, benchmarks).
-    ``save_config=False`` keeps ``fit`` from writing the resolved config.yaml (runs without a logger).
-    ``exit_on_error=False``: a settings error raises ``argparse.ArgumentError`` instead of printing
-    one line and exiting (the plan turns it into its own line)."""
-    kwargs = {} if exit_on_error else {"parser_kwargs": {"exit_on_error": False}}
+         exit_on_error: bool = True, options: Callable[..., Any] | None = None,
+         description: str | None = None, prog: str | None = None) -> LightningCLI:
+    """The CLI; ``run=False`` only builds the module, datamodule and trainer (scripts, benchmarks,
+    ``plan``, ``adapt``). ``save_config=False`` keeps ``fit`` from writing the resolved config.yaml
+    (runs without a logger). ``exit_on_error=False``: a settings error raises a one-line
+    ``ConfigError`` instead of printing it and exiting (for ``run_main``). ``options`` and
+    ``description``, ``prog``: a command's own settings beside the run's, what ``--help`` says of it
+    and its name (``ProGRPOCLI``; with ``run=False``)."""
+    parser_kwargs: dict[str, Any] = {} if exit_on_error else {"exit_on_error": False}
+    parser_kwargs.update({k: v for k, v in (("description", description), ("prog", prog)) if v})
     return ProGRPOCLI(ProGRPOModule, PromptDataModule, args=args, run=run, parser_class=OneLineErrors,
                       auto_configure_optimizers=False, save_config_callback=RunConfig if save_config else None,
-                      **kwargs)
+                      parser_kwargs=parser_kwargs, options=options)
 
 
 #: errors that are about the user's settings or files: one line, exit status 2
-USER_ERRORS = (ConfigError, ValueError, FileNotFoundError, UnicodeDecodeError, argparse.ArgumentError)
+USER_ERRORS = (ConfigError, ValueError, FileNotFoundError, UnicodeDecodeError, ArgumentError)
 
 
 def one_line(err: BaseException) -> str:
@@ -323,7 +421,7 @@ def run_main(fn: Callable[[list[str] | None], Any], argv: list[str] | None = Non
                 raise
             raise output_error(err, str(err.filename), RUN_KEPT) from err
     except (*USER_ERRORS, NonFiniteError, RewardError, OutputError) as err:
-        if os.environ.get("PRO_GRPO_DEBUG", "") not in ("", "0"):
+        if _debug():
             raise
         print(f"error: {one_line(err)}", file=sys.stderr)
         return 1 if isinstance(err, (NonFiniteError, RewardError, OutputError)) else 2

@@ -1,6 +1,6 @@
 """The package's own errors: a setting, a file or a reward that cannot work, said in one line.
 
-``python -m pro_grpo_lightning`` and ``python -m pro_grpo_lightning.export`` print such errors
+``pro-grpo`` / ``python -m pro_grpo_lightning`` (every command, ``cli.run_main``) print such errors
 (and ``ValueError`` / ``FileNotFoundError`` raised while reading a config) as ``error: <message>``
 and exit with status 2 (a setting or a file the user gave) or 1 (the run stopped: a reward that
 failed, non-finite values, an output that cannot be written); ``PRO_GRPO_DEBUG=1`` shows the full
@@ -8,8 +8,6 @@ traceback instead.
 """
 
 from __future__ import annotations
-
-import argparse
 
 
 class ConfigError(ValueError):
@@ -22,11 +20,3 @@ class RewardError(RuntimeError):
 
 class OutputError(RuntimeError):
     """A file or folder that cannot be written (names the path, and says what was kept)."""
-
-
-class OneLineParser(argparse.ArgumentParser):
-    """An ``argparse`` parser whose errors are a ``ConfigError`` (one ``error:`` line, exit 2, from
-    ``cli.run_main``) instead of a usage dump; ``--help`` is unchanged."""
-
-    def error(self, message: str) -> None:  # type: ignore[override]
-        raise ConfigError(f"{self.prog}: {message} (see --help)")

@@ -16,9 +16,11 @@ which ``predict`` checks). A non-empty output folder is refused unless ``overwri
 written beside it and moved into place only when complete (``outputs.py``).
 
 Also: the ``ExportLoRA`` callback (exports at the end of fit; YAML ``trainer.callbacks``) and
-``python -m pro_grpo_lightning.export --ckpt last.ckpt --out dir [--merge] [--ema] [--config run.yaml]
-[--overwrite] [--trust_config_classes]`` (``export_checkpoint``; ``--ema``: the EMA weights the
-checkpoint carries, see ``ema.py``). Without ``--config`` the export uses the run's own config,
+``pro-grpo export --ckpt last.ckpt --out dir [--merge] [--ema] [--run_config run.yaml] [--overwrite]
+[--trust_config_classes] [--config export.yaml] [--print_config]`` (also ``python -m
+pro_grpo_lightning export`` / ``python -m pro_grpo_lightning.export``; ``export_checkpoint``'s
+arguments, ``cli.CommandParser``; ``--ema``: the EMA weights the checkpoint carries, see
+``ema.py``). Without ``--run_config`` the export uses the run's own config,
 which every checkpoint carries (or, for a checkpoint written before it did, the ``config.yaml``
 next to it / in the folder above). It builds only the backend: no reward is built, so nothing
 connects to a reward server; a checkpoint's stored config may name only this package's backends
@@ -31,6 +33,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 import tempfile
 from typing import Any
 
@@ -41,7 +44,6 @@ from lightning.pytorch.strategies import FSDPStrategy
 from lightning.pytorch.utilities import rank_zero_info
 
 from .backends.base import DiffusionBackend
-from .errors import OneLineParser
 from .loading import LORA_WEIGHT_NAME
 from .model_card import write_model_card
 from .outputs import check_output_folder, staged_folder, write_digests
@@ -258,30 +260,33 @@ def _merged(configs: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
-def run_config(ckpt: str, state: dict[str, Any], configs: list[str] | None = None) -> tuple[dict[str, Any], bool]:
+def read_run_config(ckpt: str, state: dict[str, Any], configs: list[str] | None = None) -> tuple[dict[str, Any], bool]:
     """(the run's config as a dict, whether it came from the user): the ``configs`` the user names
-    (merged in order), else the config the checkpoint carries, else a config.yaml beside it."""
+    (merged in order), else the config the checkpoint carries, else a config.yaml beside it; renamed
+    settings under their new names (``checkpointing.migrate_config``)."""
+    from .checkpointing import migrate_config
     from .errors import ConfigError
 
     def read(path: str) -> dict[str, Any]:
         with open(path, encoding="utf-8") as f:
             cfg = yaml.safe_load(f) or {}
         if not isinstance(cfg, dict):
-            raise ConfigError(f"config={path!r}: expected a YAML mapping, got {type(cfg).__name__}")
+            raise ConfigError(f"run_config={path!r}: expected a YAML mapping, got {type(cfg).__name__}")
         return cfg
 
     if configs:
-        return _merged([read(p) for p in configs]), True
+        return _merged([migrate_config(read(p), f"run_config={p!r}") for p in configs]), True
     text = (state.get("pro_grpo") or {}).get("config")
     if text:
         cfg = yaml.safe_load(text)
         if isinstance(cfg, dict):
-            return cfg, False
+            return migrate_config(cfg, f"ckpt={ckpt!r} (its stored config)"), False
     here = os.path.dirname(os.path.abspath(ckpt))
     for folder in (here, os.path.dirname(here)):
-        if os.path.isfile(os.path.join(folder, "config.yaml")):
-            return read(os.path.join(folder, "config.yaml")), False
-    raise ConfigError(f"ckpt={ckpt!r} carries no config and none is beside it: pass --config")
+        path = os.path.join(folder, "config.yaml")
+        if os.path.isfile(path):
+            return migrate_config(read(path), repr(path)), False
+    raise ConfigError(f"ckpt={ckpt!r} carries no config and none is beside it: pass --run_config")
 
 
 def build_backend(config: dict[str, Any], where: str, trust_config_classes: bool = False) -> DiffusionBackend:
@@ -302,7 +307,7 @@ def build_backend(config: dict[str, Any], where: str, trust_config_classes: bool
     if not trust_config_classes and not (class_path.startswith(PACKAGE_BACKENDS)
                                          and class_path.count(".") == PACKAGE_BACKENDS.count(".") + 1):
         raise ConfigError(f"{where}: model.backend.class_path={class_path!r} is not a backend of this package; "
-                          f"if you trust the file, pass --trust_config_classes (or your own --config)")
+                          f"if you trust the file, pass --trust_config_classes (or your own --run_config)")
     parser = ArgumentParser(exit_on_error=False)
     parser.add_subclass_arguments(DiffusionBackend, "backend", required=True)
     try:
@@ -336,7 +341,7 @@ def load_adapter(backend: DiffusionBackend, state: dict[str, Any], ckpt: str) ->
     return holder
 
 
-def export_checkpoint(ckpt: str, out: str, config: list[str] | None = None, merge: bool = False,
+def export_checkpoint(ckpt: str, out: str, run_config: str | list[str] | None = None, merge: bool = False,
                       ema: bool = False, overwrite: bool = False, trust_config_classes: bool = False) -> str:
     """Export a training checkpoint's LoRA (or pipeline) to ``out``; returns ``out``.
 
@@ -344,16 +349,16 @@ def export_checkpoint(ckpt: str, out: str, config: list[str] | None = None, merg
     the checkpoint (readable, ``weights_only=True``, its digest, finite and plausible weights), the
     config and its backend class. Only the backend is built (no reward, so no network and no
     reward weights); the checkpoint's stored config may name only this package's backends unless
-    ``trust_config_classes`` (a ``config`` the user names is the user's own).
+    ``trust_config_classes`` (a ``run_config`` the user names is the user's own).
 
     Args:
-        ckpt: a checkpoint of the run (e.g. ``checkpoints/last.ckpt``).
-        out: the output folder.
-        config: the run's YAML files, layered in order as for fit (default: the config the
-            checkpoint carries).
+        ckpt: a checkpoint of the run (e.g. checkpoints/last.ckpt).
+        out: the output folder (refused if not empty, unless overwrite).
+        run_config: the run's YAML, or a list of them layered in order as for fit (on the command
+            line: --run_config '[base.yaml, overlay.yaml]'); default: the config the checkpoint carries.
         merge: write a full pipeline with the LoRA fused.
         ema: export the EMA weights the checkpoint carries (the run's EMA callback), not the raw ones.
-        overwrite: replace a non-empty ``out`` (only once the new export is complete).
+        overwrite: replace a non-empty out (only once the new export is complete).
         trust_config_classes: let the checkpoint's stored config name a backend outside this package.
     """
     from .checkpointing import check_checkpoint_weights, load_checkpoint_file
@@ -361,8 +366,9 @@ def export_checkpoint(ckpt: str, out: str, config: list[str] | None = None, merg
     check_output_folder(out, overwrite)  # before anything is read: a typo costs nothing
     state = load_checkpoint_file(ckpt)
     check_checkpoint_weights(state, f"ckpt={ckpt!r}")
-    cfg, users = run_config(ckpt, state, config)
-    backend = build_backend(cfg, "--config" if users else f"ckpt={ckpt!r} (its stored config)",
+    configs = [run_config] if isinstance(run_config, str) else run_config
+    cfg, users = read_run_config(ckpt, state, configs)
+    backend = build_backend(cfg, "--run_config" if users else f"ckpt={ckpt!r} (its stored config)",
                             trust_config_classes or users)
     holder = load_adapter(backend, state, ckpt)
     if ema:
@@ -377,27 +383,50 @@ def export_checkpoint(ckpt: str, out: str, config: list[str] | None = None, merg
 
 
 def main(argv: list[str] | None = None) -> str:
-    parser = OneLineParser(
-        prog="pro-grpo export",
-        description="Export a Pro-GRPO checkpoint's LoRA in diffusers format (or merged into a pipeline).")
-    parser.add_argument("--config", action="append",
-                        help="the run's YAML (repeatable, as for fit); default: the config the checkpoint carries")
-    parser.add_argument("--ckpt", required=True, help="a checkpoint of that run (e.g. checkpoints/last.ckpt)")
-    parser.add_argument("--out", required=True, help="output folder (refused if not empty, unless --overwrite)")
-    parser.add_argument("--merge", action="store_true", help="write a full pipeline with the LoRA fused")
-    parser.add_argument("--ema", action="store_true",
-                        help="export the EMA weights the checkpoint carries (the run's EMA callback), not the raw ones")
-    parser.add_argument("--overwrite", action="store_true",
-                        help="replace a non-empty --out (only once the new export is complete)")
-    parser.add_argument("--trust_config_classes", action="store_true",
-                        help="let the checkpoint's stored config name a backend class outside this package")
-    args = parser.parse_args(argv)
-    return export_checkpoint(**vars(args))
+    """``pro-grpo export`` / ``python -m pro_grpo_lightning export``: ``export_checkpoint``'s arguments
+    as options (``cli.CommandParser``: ``--config`` files of them, ``--print_config``, one-line errors)."""
+    from .cli import CommandParser
+
+    parser = CommandParser(export_checkpoint, "pro-grpo export", DESCRIPTION)
+    args = parser.parse(legacy_run_config(argv, parser.prog))
+    return export_checkpoint(**{k: v for k, v in vars(args).items() if k != "config"})
+
+
+DESCRIPTION = ("Export a Pro-GRPO checkpoint's LoRA in diffusers format (or a pipeline with it merged). Only "
+               "the backend is built (no reward); the run's config comes from the checkpoint unless --run_config "
+               "names it. --config takes this command's own settings as YAML (as --print_config writes them).")
+
+
+def legacy_run_config(argv: list[str] | None, prog: str) -> list[str] | None:
+    """Until this command took ``--config`` files of its own settings (as ``fit`` does), ``--config``
+    named the run's YAML. Such a file (a run's config: a top-level ``model`` mapping, a key no export
+    setting has) still works as ``--run_config`` with one line saying so. Decided here, before the
+    parser, because jsonargparse would refuse the file's keys."""
+    if argv is None:
+        argv = sys.argv[1:]
+    out, runs = list(argv), []
+    i = 0
+    while i < len(out):
+        arg = out[i]
+        path = arg.split("=", 1)[1] if arg.startswith("--config=") else out[i + 1] if arg == "--config" and \
+            i + 1 < len(out) else None
+        cfg = None
+        if path is not None and os.path.isfile(path):
+            with contextlib.suppress(yaml.YAMLError, UnicodeDecodeError, OSError), open(path, encoding="utf-8") as f:
+                cfg = yaml.safe_load(f)
+        if isinstance(cfg, dict) and isinstance(cfg.get("model"), dict):
+            runs.append(path)
+            del out[i:i + (1 if "=" in arg else 2)]
+            continue
+        i += 1
+    if runs:
+        print(f"{prog}: --config {' '.join(runs)} is a run's config: read as --run_config (deprecated spelling; "
+              f"--config now takes export's own settings)", file=sys.stderr)
+        out += ["--run_config", runs[0] if len(runs) == 1 else "[" + ", ".join(map(repr, runs)) + "]"]
+    return out
 
 
 if __name__ == "__main__":
-    import sys
-
     from .cli import run_main
 
     sys.exit(run_main(main))

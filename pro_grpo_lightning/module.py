@@ -61,6 +61,9 @@ warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual opt
 # The frozen parts (base denoiser weights under LoRA, VAE, text encoders, reward models) are in eval
 # mode on purpose: no dropout while sampling or scoring. Lightning warns about any eval-mode module.
 warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode at the start of training")
+# Lightning's pytree helper (evaluation results, batch sizes) builds torch's ``LeafSpec``, which
+# recent torch releases deprecate: a notice about Lightning's code that a user of this package cannot act on.
+warnings.filterwarnings("ignore", category=FutureWarning, module=r"lightning\.pytorch\.utilities\._pytree")
 
 
 class ProGRPOModule(pl.LightningModule):

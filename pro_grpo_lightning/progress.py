@@ -22,6 +22,7 @@ from typing import Any
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import ProgressBar, RichProgressBar, TQDMProgressBar
 from lightning.pytorch.callbacks.progress.rich_progress import RichProgressBarTheme
+from lightning.pytorch.callbacks.progress.tqdm_progress import Tqdm
 
 #: the key under which the rollout's mean reward reaches the progress bar (``logs.log_rollout``)
 REWARD_KEY = "reward/mean"
@@ -139,14 +140,22 @@ class ProGRPOProgressBar(RolloutDisplay, TQDMProgressBar):
         if refresh:
             bar.refresh()
 
+    def init_train_tqdm(self) -> Tqdm:
+        """Lightning's training bar (its settings), whose first frame already reads ``rollout i/N``
+        rather than ``Training: 0/?``."""
+        module = self.trainer.lightning_module
+        return Tqdm(desc=self.description(self.trainer, module, running=True),
+                    total=planned_rollouts(self.trainer, module), initial=int(getattr(module, "rollouts_done", 0)),
+                    position=2 * self.process_position, disable=self.is_disabled, leave=True,
+                    dynamic_ncols=True, file=sys.stdout, smoothing=0, bar_format=self.BAR_FORMAT)
+
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """In place of tqdm's ``Epoch k`` bar over the epoch's batches: the rollout count, drawn once."""
+        """In place of tqdm's ``Epoch k`` bar over the epoch's batches: the rollout count, which
+        goes on across epochs (one epoch is one pass over the training prompts): the bar is reset
+        only when the planned number changes (``show``), so its count and clock never restart."""
         if self.bar_per_epoch:
             self.train_progress_bar = self.init_train_tqdm()
         self.step_text = ""
-        bar = self.train_progress_bar
-        bar.set_description(self.description(trainer, pl_module, running=True), refresh=False)
-        bar.reset(total=planned_rollouts(trainer, pl_module))
         self.show_progress(trainer, pl_module, running=True)
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
@@ -174,6 +183,7 @@ class ProGRPORichProgressBar(RolloutDisplay, RichProgressBar):
                                  console_kwargs=console_kwargs)
         RolloutDisplay.__init__(self, live)
         self.train_text = ""
+        self.bar_per_epoch = leave
 
     def output_is_terminal(self) -> bool:
         return self.progress is not None and self.progress.console.is_terminal
@@ -204,8 +214,14 @@ class ProGRPORichProgressBar(RolloutDisplay, RichProgressBar):
             self.progress.refresh()
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """The training task counts rollouts across epochs (one epoch is one pass over the training
+        prompts): after the first epoch it is left as it is, not reset by Lightning's hook, so its
+        count and clock never restart (unless ``leave`` asks for a bar per epoch)."""
         self.step_text = ""
         self.train_text = self.description(trainer, pl_module, running=True)
+        if self.train_progress_bar_id is not None and not self.bar_per_epoch:
+            self.show_progress(trainer, pl_module, running=True)
+            return
         if self.is_enabled and self.progress is not None and self.train_progress_bar_id is None:
             total = planned_rollouts(trainer, pl_module)
             self.train_progress_bar_id = self.progress.add_task(

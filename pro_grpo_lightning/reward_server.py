@@ -1,11 +1,14 @@
 """Serve any ``Reward`` over HTTP, for ``rewards.remote.RemoteReward`` to train against.
 
-    python -m pro_grpo_lightning.reward_server --reward <module.Class> [--init_args JSON] \\
-        [--host 127.0.0.1] [--port 8000] [--device cuda]
+    pro-grpo serve-reward --reward <module.Class> [--init_args JSON] [--host 127.0.0.1] [--port 8000] \\
+        [--device cuda] [--config server.yaml] [--print_config]
+
+(also ``python -m pro_grpo_lightning serve-reward`` and ``python -m pro_grpo_lightning.reward_server``;
+the options are ``serve``'s arguments, ``cli.CommandParser``.)
 
 ``--reward`` is an import path: a reward of this package (``pro_grpo_lightning.rewards.pickscore.PickScore``)
 or the user's own (``my_pkg.scorers.GenEvalReward``, importable in the server's environment).
-``--init_args`` is a JSON object of its constructor's arguments. The reward loads its weights
+``--init_args`` is a mapping of its constructor's arguments (JSON or YAML). The reward loads its weights
 (``configure_model``) once, before the server listens; requests are scored one at a time (a lock:
 reward models are rarely thread-safe) under ``torch.no_grad()``. The first line printed is
 ``reward_server: listening on http://HOST:PORT`` (with the bound port, so ``--port 0`` picks a free
@@ -36,22 +39,22 @@ from typing import Any
 
 import torch
 
-from .errors import OneLineParser, RewardError
+from .errors import ConfigError, RewardError
 from .rewards.base import Reward
 from .rewards.remote import TOKEN_ENV, decode_request, scores_to_json
 
 
 def load_reward(class_path: str, init_args: dict[str, Any] | None = None) -> Reward:
-    """Import ``module.Class`` and build it; a one-line ValueError when that is not a ``Reward``."""
+    """Import ``module.Class`` and build it; a one-line ``ConfigError`` when that is not a ``Reward``."""
     module_name, _, class_name = class_path.rpartition(".")
     if not module_name:
-        raise ValueError(f"--reward {class_path!r}: expected an import path module.Class")
+        raise ConfigError(f"--reward {class_path!r}: expected an import path module.Class")
     try:
         cls = getattr(importlib.import_module(module_name), class_name)
     except (ImportError, AttributeError) as err:
-        raise ValueError(f"--reward {class_path!r}: cannot import it ({err})") from None
+        raise ConfigError(f"--reward {class_path!r}: cannot import it ({err})") from None
     if not (isinstance(cls, type) and issubclass(cls, Reward)):
-        raise ValueError(f"--reward {class_path!r} is not a subclass of pro_grpo_lightning.rewards.Reward")
+        raise ConfigError(f"--reward {class_path!r} is not a subclass of pro_grpo_lightning.rewards.Reward")
     return cls(**(init_args or {}))
 
 
@@ -66,7 +69,7 @@ def check_binding(host: str, token: str | None) -> None:
     """Refuse (one line) to bind beyond loopback without a token: the reward would be open to anyone
     on the network (and its model to anyone's images)."""
     if host not in LOOPBACK and not host.startswith("127.") and not token:
-        raise ValueError(f"--host {host}: binding beyond loopback needs a token (--token, or the environment "
+        raise ConfigError(f"--host {host}: binding beyond loopback needs a token (--token, or the environment "
                          f"variable {TOKEN_ENV}); clients send it with RemoteReward(token=...) or the same variable")
 
 
@@ -246,22 +249,39 @@ class _Handler(BaseHTTPRequestHandler):
 
 
 def serve(reward: str, init_args: dict[str, Any] | None = None, host: str = "127.0.0.1", port: int = 8000,
-          device: str = "cpu", max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, read_timeout: float = 30.0,
+          device: str | None = None, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, read_timeout: float = 30.0,
           max_connections: int = 16, token: str | None = None) -> None:
-    """Build ``reward`` (an import path) with ``init_args``, load its weights, then serve it until
-    interrupted; prints ``reward_server: listening on <url> ...`` first. ``token`` None: the
-    environment variable ``PRO_GRPO_REWARD_TOKEN`` if set. Every check that needs no weights (the
-    binding's token, the port) comes before the reward loads."""
+    """Build ``reward`` with ``init_args``, load its weights, then serve it until interrupted; prints
+    ``reward_server: listening on <url> ...`` first. Every check that needs no weights (the
+    binding's token, the port) comes before the reward loads.
+
+    Args:
+        reward: import path of a Reward subclass, e.g. pro_grpo_lightning.rewards.pickscore.PickScore
+            or my_pkg.scorers.MyReward (importable where the server runs).
+        init_args: the reward's constructor arguments, a mapping (on the command line: JSON or YAML,
+            --init_args '{"device": "cuda"}').
+        host: interface to bind; beyond loopback (127.0.0.1, ::1, localhost) a token is required.
+        port: where to listen; 0 picks a free port (printed on the first line).
+        device: where the reward scores (default: cuda when available, else cpu).
+        max_body_bytes: the largest request body accepted (default: 8 float32 images of 1024 x 1024
+            plus 1 MiB); larger ones are refused unread.
+        read_timeout: seconds a connection may take to send a whole request, or stay idle.
+        max_connections: connections served at once; more are answered 503.
+        token: required from clients as a bearer token (default: the environment variable
+            PRO_GRPO_REWARD_TOKEN); mandatory beyond loopback. Prefer the environment variable:
+            a command line is visible in ps.
+    """
     token = token if token is not None else (os.environ.get(TOKEN_ENV) or None)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     check_binding(host, token)
     if not 0 <= port <= 65535:
-        raise ValueError(f"--port {port}: expected 0 (a free port) to 65535")
+        raise ConfigError(f"--port {port}: expected 0 (a free port) to 65535")
     probe = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
     try:  # a busy port: one line before the reward's weights load
         probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         probe.bind((host, port))
     except OSError as err:
-        raise ValueError(f"--host {host} --port {port}: cannot listen there ({err.strerror or err})") from None
+        raise ConfigError(f"--host {host} --port {port}: cannot listen there ({err.strerror or err})") from None
     finally:
         probe.close()
     built = load_reward(reward, init_args)
@@ -278,36 +298,16 @@ def serve(reward: str, init_args: dict[str, Any] | None = None, host: str = "127
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = OneLineParser(prog="pro-grpo serve-reward",
-                      description="Serve a Reward over HTTP for RemoteReward.")
-    p.add_argument("--reward", required=True, help="import path of a Reward subclass, e.g. "
-                   "pro_grpo_lightning.rewards.pickscore.PickScore or my_pkg.scorers.MyReward")
-    p.add_argument("--init_args", default="{}", help="JSON object of the reward's constructor arguments")
-    p.add_argument("--host", default="127.0.0.1", help="interface to bind (default: loopback only; any other "
-                   "needs a token)")
-    p.add_argument("--port", type=int, default=8000, help="0 picks a free port (printed on the first line)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--max_body_bytes", type=int, default=DEFAULT_MAX_BODY_BYTES,
-                   help="largest request body accepted (default: 8 float32 images of 1024 x 1024 + 1 MiB)")
-    p.add_argument("--read_timeout", type=float, default=30.0,
-                   help="seconds a connection may take to send a request, or stay idle")
-    p.add_argument("--max_connections", type=int, default=16, help="connections served at once (more: 503)")
-    p.add_argument("--token", default=None, help=f"required from clients (default: ${TOKEN_ENV}); mandatory "
-                   f"beyond loopback. Prefer the environment variable: a command line is visible in ps")
-    args = p.parse_args(argv)
-    try:
-        init_args = json.loads(args.init_args)
-        if not isinstance(init_args, dict):
-            raise ValueError("not an object")
-    except ValueError as err:
-        p.exit(2, f"reward_server: --init_args {args.init_args!r} must be a JSON object ({err})\n")
-    options = {k: v for k, v in vars(args).items() if k != "init_args"}
-    try:
-        serve(init_args=init_args, **options)
-    except (ValueError, TypeError, FileNotFoundError, RewardError) as err:
-        if os.environ.get("PRO_GRPO_DEBUG", "") not in ("", "0"):
-            raise
-        p.exit(2, f"reward_server: {' '.join(str(err).split())}\n")
+    """``pro-grpo serve-reward`` / ``python -m pro_grpo_lightning serve-reward`` /
+    ``python -m pro_grpo_lightning.reward_server``: ``serve``'s arguments as options
+    (``cli.CommandParser``: ``--config`` files of them, ``--print_config``, one-line errors)."""
+    from .cli import CommandParser
+
+    parser = CommandParser(serve, "pro-grpo serve-reward", "Serve a Reward over HTTP for RemoteReward to train "
+                           "against (safetensors and JSON, nothing unpickled). Loopback only unless a token is "
+                           "set. --config takes these settings as YAML (as --print_config writes them).")
+    args = parser.parse(argv)
+    serve(**{k: v for k, v in vars(args).items() if k != "config"})
 
 
 if __name__ == "__main__":

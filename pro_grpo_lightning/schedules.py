@@ -17,7 +17,18 @@ from .selection import SELECTION_RULES
 
 
 class GroupSchedule:
-    """Base class. Use ``ProGRPOSchedule``, ``PlainGRPOSchedule`` or ``StaticOVFSchedule``."""
+    """Base class. Use ``ProGRPOSchedule``, ``PlainGRPOSchedule`` or ``StaticOVFSchedule``.
+
+    Args:
+        group_size: G_max, trajectories each prompt starts with.
+        checkpoints: 0-based denoising steps after which the group is pruned (by its x0 previews'
+            rewards); strictly increasing.
+        keep: the group size after each checkpoint, one per checkpoint, strictly decreasing.
+        final_keep: after the last step, keep this many trajectories by their true rewards
+            (static OVF); None: no final selection.
+        rule: how survivors are chosen, one of ``selection.SELECTION_RULES`` ("ovf": Optimal
+            Variance Filtering, "random", "topk", "extremes", "none").
+    """
 
     def __init__(self, group_size: int, checkpoints: list[int] | None = None,
                  keep: list[int] | None = None, final_keep: int | None = None,
@@ -93,6 +104,13 @@ class ProGRPOSchedule(GroupSchedule):
     """Expand and prune: start at ``group_size`` = G_max, prune to ``keep[i]`` after step ``checkpoints[i]``.
 
     Paper, SD3.5-M "Standard": group_size 48, keep [24, 12]; SD-v1.4: 48, keep [32, 8].
+
+    Args:
+        group_size: G_max, trajectories each prompt starts with.
+        checkpoints: 0-based denoising steps after which the group is pruned; at least one.
+        keep: the group size after each checkpoint (one per checkpoint, strictly decreasing); the
+            last one is K, the trajectories trained on.
+        rule: how survivors are chosen from the previews' rewards (``selection.SELECTION_RULES``).
     """
 
     def __init__(self, group_size: int, checkpoints: list[int], keep: list[int], rule: str = "ovf") -> None:
@@ -102,7 +120,11 @@ class ProGRPOSchedule(GroupSchedule):
 
 
 class PlainGRPOSchedule(GroupSchedule):
-    """The baseline: G trajectories per prompt, all run to the end and all trained on."""
+    """The baseline: G trajectories per prompt, all run to the end and all trained on.
+
+    Args:
+        group_size: G, trajectories per prompt.
+    """
 
     def __init__(self, group_size: int) -> None:
         super().__init__(group_size, [], [], None, "none")
@@ -110,7 +132,13 @@ class PlainGRPOSchedule(GroupSchedule):
 
 class StaticOVFSchedule(GroupSchedule):
     """Post-sampling selection: run ``group_size`` trajectories to the end, score them with the
-    true reward, keep ``final_keep`` by ``rule`` (the paper's OVF observation, no early stop)."""
+    true reward, keep ``final_keep`` by ``rule`` (the paper's OVF observation, no early stop).
+
+    Args:
+        group_size: trajectories each prompt runs to the end.
+        final_keep: K, trajectories kept (and trained on) by their true rewards.
+        rule: how they are chosen (``selection.SELECTION_RULES``; "ovf" by default).
+    """
 
     def __init__(self, group_size: int, final_keep: int, rule: str = "ovf") -> None:
         super().__init__(group_size, [], [], final_keep, rule)

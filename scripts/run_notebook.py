@@ -3,7 +3,9 @@
     HF_HUB_OFFLINE=1 python scripts/run_notebook.py [--timeout 3600]
 
 The notebook runs in a temporary working directory (its ``logs/`` go there). Its last cell prints
-the run's wall and CPU time; ``tests/test_notebook.py`` reads the saved outputs.
+the wall and CPU time of each part of the run; ``tests/test_notebook.py`` reads the saved outputs.
+Stream outputs are saved as a notebook front end shows them (``coalesce_streams``: one stream per
+cell, a progress bar's redraws after a carriage return collapsed to its last frame).
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ def main() -> None:
         if cell.cell_type == "code":
             cell.outputs, cell.execution_count = [], None
     with tempfile.TemporaryDirectory() as work:
-        NotebookClient(nb, timeout=args.timeout, kernel_name="python3",
+        NotebookClient(nb, timeout=args.timeout, kernel_name="python3", coalesce_streams=True,
                        resources={"metadata": {"path": work}}).execute()
     nbformat.write(nb, NOTEBOOK)
     print(f"wrote {NOTEBOOK}")

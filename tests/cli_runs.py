@@ -10,6 +10,9 @@ import csv
 import glob
 from pathlib import Path
 
+import torch
+import yaml
+
 ROOT = Path(__file__).resolve().parent.parent
 
 BASE = """\
@@ -71,3 +74,13 @@ def run_metrics(out: Path, key: str) -> list[dict[str, float]]:
     (path,) = glob.glob(str(out / "run" / "*" / "metrics.csv"))
     with open(path) as f:
         return [{k: float(v) for k, v in r.items() if v != ""} for r in csv.DictReader(f) if r.get(key)]
+
+
+def edited_config_copy(trained: Path, dst: Path, edit) -> Path:
+    """A copy of ``trained`` whose stored run config (plain text, no pickle) was edited by ``edit(cfg)``."""
+    state = torch.load(trained, weights_only=True)
+    cfg = yaml.safe_load(state["pro_grpo"]["config"])
+    edit(cfg)
+    state["pro_grpo"]["config"] = yaml.safe_dump(cfg)
+    torch.save(state, dst)  # the tensors did not change: the digest still matches
+    return dst

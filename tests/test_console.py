@@ -1,7 +1,8 @@
 """What a user sees on the console: the progress display of a tiny run under Lightning's default
 (rich) bar and under tqdm, LightningCLI's ``--optimizer`` / ``--lr_scheduler`` next to
 ``--model.optimizer``, one-line parse errors naming the nearest valid key, a description for every
-setting of ``fit --help``, every shipped reward listed, and an overlay that adds callbacks."""
+setting of ``fit --help`` and for every argument of every shipped backend, reward and schedule
+(``--model.backend.help <class>``), every shipped reward listed, and an overlay that adds callbacks."""
 
 from __future__ import annotations
 
@@ -13,16 +14,22 @@ import re
 import subprocess
 import sys
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 import torch
+from jsonargparse import ArgumentParser
 from lightning.pytorch.callbacks import RichProgressBar, TQDMProgressBar
 
+import pro_grpo_lightning.backends as backends_pkg
 import pro_grpo_lightning.rewards as rewards_pkg
 from cli_runs import ROOT, config_args
+from pro_grpo_lightning import schedules
+from pro_grpo_lightning.backends.base import DiffusionBackend
 from pro_grpo_lightning.cli import main, run_main
 from pro_grpo_lightning.progress import ProGRPOProgressBar, ProGRPORichProgressBar, with_rollout_display
 from pro_grpo_lightning.rewards.base import Reward
+from pro_grpo_lightning.schedules import GroupSchedule
 
 TINY = str(ROOT / "configs/tiny_sd15.yaml")
 ANSI = re.compile(r"\x1b\[[0-9;?]*[a-zA-Z]")
@@ -46,6 +53,10 @@ TQDM_BAR = """\
 """
 
 
+#: two training prompts, two a rollout: each rollout is an epoch of its own
+TWO_EPOCHS = ["--data.prompts=[a red square, a blue circle]"]
+
+
 def screen(text: str) -> str:
     """What the terminal showed, as lines: ANSI codes dropped, carriage returns as line breaks."""
     return ANSI.sub("", text).replace("\r", "\n")
@@ -65,11 +76,16 @@ def test_rich_bar_shows_rollouts_steps_reward_and_held_out(tmp_path):
     env = {**os.environ, "TTY_COMPATIBLE": "1", "COLUMNS": "200", "HF_HUB_OFFLINE": "1",
            "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     run = subprocess.run([sys.executable, "-m", "pro_grpo_lightning", "fit",
-                          *config_args(tmp_path, "rich", RUN.format(callbacks=""))],
+                          *config_args(tmp_path, "rich", RUN.format(callbacks="")), *TWO_EPOCHS],
                          env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     text = screen(run.stdout)
     check_rollout_display(text)
+    # two prompts, two a rollout: rollout 2 is the second epoch; the count and the clock go on
+    frames = [ln for ln in text.splitlines() if ln.startswith("rollout")]
+    counts = [int(m.group(1)) for m in (re.search(r" (\d)/2 ", ln) for ln in frames) if m]
+    clock = [m.group(0) for m in (re.search(r"\d+:\d\d:\d\d", ln) for ln in frames) if m]
+    assert counts == sorted(counts) and clock == sorted(clock), (counts, clock)
     last = [ln for ln in text.splitlines() if ln.startswith("rollout 2/2")][-1]
     assert " 2/2 " in last and re.search(r"reward: 0\.\d{3}", last) and re.search(r"held-out: 0\.\d{3}", last), last
     assert "v_num" not in text
@@ -77,11 +93,18 @@ def test_rich_bar_shows_rollouts_steps_reward_and_held_out(tmp_path):
 
 
 def test_tqdm_bar_shows_the_same(tmp_path, capsys):
-    cli = main(["fit", *config_args(tmp_path, "tqdm", RUN.format(callbacks=TQDM_BAR))])
+    """Two prompts, two a rollout: every rollout is an epoch of its own, and the count and the
+    clock go on across the epoch boundary (no frame back at 0/2 after rollout 1)."""
+    cli = main(["fit", *config_args(tmp_path, "tqdm", RUN.format(callbacks=TQDM_BAR)), *TWO_EPOCHS])
     assert type(cli.trainer.progress_bar_callback) is ProGRPOProgressBar  # named: kept as it is
+    assert cli.trainer.current_epoch == 2  # the run crossed an epoch boundary
     text = screen(capsys.readouterr().out)
     check_rollout_display(text)
-    last = [ln for ln in text.splitlines() if ln.startswith("rollout 2/2")][-1]
+    frames = [ln for ln in text.splitlines() if ln.startswith("rollout")]
+    assert "Training:" not in text  # the training bar's first frame already counts rollouts
+    counts = [int(re.search(r" (\d)/2 \[", ln).group(1)) for ln in frames]
+    assert counts[0] == 0 and counts[-1] == 2 and counts == sorted(counts), counts  # never back to 0/2
+    last = frames[-1]
     assert "2/2 [" in last and re.search(r"reward=0\.\d{3}", last) and re.search(r"held-out=0\.\d{3}", last), last
 
 
@@ -145,14 +168,25 @@ def test_a_mistyped_key_is_one_line_naming_the_nearest(args, expected, tmp_path,
 
 
 # ---- help ---------------------------------------------------------------------------------------
-def shipped_rewards() -> list[type]:
-    """Every ``Reward`` subclass defined in the package's reward modules."""
+def shipped_classes(package: ModuleType, base: type) -> list[type]:
+    """Every concrete subclass of ``base`` defined in ``package`` (a module, or each module of a package)."""
+    modules = ([importlib.import_module(f"{package.__name__}.{info.name}") for info in pkgutil.iter_modules(package.__path__)]
+               if hasattr(package, "__path__") else [package])
+    return [c for m in modules for _, c in inspect.getmembers(m, inspect.isclass)
+            if issubclass(c, base) and c is not base and c.__module__ == m.__name__ and not inspect.isabstract(c)]
+
+
+def options_and_descriptions(help_text: str) -> list[tuple[str, str]]:
+    """(option, description) of each option of a jsonargparse help text ("" when it has none: the
+    line shows only its type, or it is the next option)."""
+    lines = help_text.splitlines()
     found = []
-    for info in pkgutil.iter_modules(rewards_pkg.__path__):
-        module = importlib.import_module(f"{rewards_pkg.__name__}.{info.name}")
-        found += [c for _, c in inspect.getmembers(module, inspect.isclass)
-                  if issubclass(c, Reward) and c is not Reward and c.__module__ == module.__name__
-                  and not inspect.isabstract(c)]
+    for i, line in enumerate(lines):
+        m = re.match(r"^  (--[\w.+\-]+)(?: [^ ].*?)?(?:\s{2,}(?P<desc>\S.*))?$", line)
+        if not m:
+            continue
+        desc = m.group("desc") or (lines[i + 1].strip() if i + 1 < len(lines) else "")
+        found.append((m.group(1), "" if desc.startswith(("(type:", "(required", "--")) else desc))
     return found
 
 
@@ -161,22 +195,13 @@ def test_fit_help_describes_every_setting_and_lists_every_reward(capsys, monkeyp
     with pytest.raises(SystemExit) as stop:
         main(["fit", "--help"])
     assert stop.value.code == 0
-    lines = capsys.readouterr().out.splitlines()
-    options = lines[next(i for i, ln in enumerate(lines) if ln.startswith("options:")):]
-    described = undescribed = 0
-    for i, line in enumerate(options):
-        m = re.match(r"^  (--[\w.+\-]+)(?: [^ ].*?)?(?:\s{2,}(?P<desc>\S.*))?$", line)
-        if not m:
-            continue
-        desc = m.group("desc") or (options[i + 1].strip() if i + 1 < len(options) else "")
-        if not desc or desc.startswith(("(type:", "(required", "--")):
-            undescribed += 1
-            print("no description:", line)
-        described += 1
-    assert described > 100 and undescribed == 0
+    out = capsys.readouterr().out
+    lines = out.splitlines()
+    options = options_and_descriptions(out[out.index("\noptions:"):])
+    assert len(options) > 100 and [o for o, d in options if not d] == []
     help_text = " ".join(" ".join(lines).split())
     readme = (ROOT / "README.md").read_text()
-    rewards = shipped_rewards()
+    rewards = shipped_classes(rewards_pkg, Reward)
     assert {c.__name__ for c in rewards} >= {"ShapesReward", "ShapesExact", "PickScore", "RemoteReward"}
     for cls in rewards:  # in the known subclasses of --model.rewards, and in the README
         assert re.search(rf"pro_grpo_lightning\.rewards\.(\w+\.)?{cls.__name__}\b", help_text), cls
@@ -197,3 +222,21 @@ def test_shipped_overlay_adds_callbacks_and_keeps_the_base_ones():
         overlay = command.count("--config ") >= 2 and command.rstrip().endswith(f"configs/{config.name}")
         if overlay and "callbacks" in body:
             assert "callbacks+:" in body and "  callbacks:" not in body, config.name
+
+
+def test_every_backend_reward_and_schedule_describes_each_argument(monkeypatch):
+    """What ``fit --model.backend.help <class>`` (``--model.rewards.help``, ``--model.schedule.help``)
+    prints: jsonargparse's arguments of the class, each with its description from the docstrings
+    (``Args:`` sections, read through the class's bases)."""
+    monkeypatch.setenv("COLUMNS", "400")
+    classes = (shipped_classes(backends_pkg, DiffusionBackend) + shipped_classes(rewards_pkg, Reward)
+               + shipped_classes(schedules, GroupSchedule))
+    assert {"SD3Backend", "TinyFluxBackend", "ZImageBackend", "ShapesReward", "ProGRPOSchedule"} <= {c.__name__ for c in classes}
+    missing = {}
+    for cls in classes:
+        parser = ArgumentParser()
+        parser.add_class_arguments(cls, "init_args")
+        options = options_and_descriptions(parser.format_help())
+        assert options, cls
+        missing.update({f"{cls.__name__} {o}": "" for o, d in options if not d})
+    assert not missing, sorted(missing)

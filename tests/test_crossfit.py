@@ -57,6 +57,10 @@ def test_zero_signal_simulation_covers_and_a_signal_is_found():
     res = coverage(reps=12, rollouts=24, prompts=2, dim=30, K=4, G_static=8, schedules=sched, seed=1, log=lambda *_: None)
     assert res["intervals"] == 12 * sum(v["intervals"] // 12 for v in res["families"].values())
     assert 0.85 <= res["coverage_all"] <= 1.0
+    two = coverage(reps=4, rollouts=24, prompts=2, dim=30, K=4, G_static=8, schedules=sched, seed=1, log=lambda *_: None,
+                   looks=2)  # the same runs' first 4, scored at the two-look level: wider intervals cover more
+    assert two["level"] == 0.975 and two["coverage_all"] >= two["coverage_all_nominal"]
+    assert all(f["familywise_error"] <= f["familywise_error_nominal"] for f in two["families"].values())
     # a real policy gradient: more trajectories give a better gradient, resolved (the positive control)
     s = summarize(simulate_run(24, 2, 30, 4, 8, sched, seed=2, signal=3.0))
     pc = s["families"]["positive_control/per_rollout"]["plain-2K - plain-K"]
@@ -83,3 +87,43 @@ def test_equal_flop_quality_is_the_cosine_of_an_actual_aggregate():
         empirical.append(np.mean(sums @ ref / (np.linalg.norm(sums, axis=1) * np.linalg.norm(ref))))
     assert predicted == pytest.approx(np.mean(empirical), abs=0.02)
     assert predicted > 1.5 * quality(GF, GG, FF, 1.0)[0]  # more compute, a better aggregate
+
+
+def test_jackknife_from_running_sums_equals_the_generic_jackknife():
+    """quality_jackknife's replicates are the generic delete-one jackknife's (odd R: unequal halves)."""
+    from benchmarks.crossfit import quality_jackknife
+
+    rng = np.random.default_rng(4)
+    A, R, D = 3, 11, 7
+    g = rng.normal(size=(A, R, D)) + 0.2
+    f = rng.normal(size=(R, D)) + 0.2
+    GF, GG, FF = np.einsum("ard,jd->arj", g, f), np.einsum("ard,asd->ars", g, g), f @ f.T
+    n = np.array([1.0, 2.5, 0.7])
+    full, reps = jackknife(lambda keep: np.concatenate([quality(GF, GG, FF, 1.0, keep),
+                                                        quality(GF, GG, FF, n, keep)]), R)
+    got_full, got_reps = quality_jackknife(GF, GG, FF, [1.0, n])
+    np.testing.assert_allclose(got_full, full, rtol=1e-12)
+    np.testing.assert_allclose(got_reps, reps, rtol=1e-12)
+
+
+def test_a_second_look_widens_every_interval_and_keeps_the_nominal_figures():
+    """looks = 2: intervals, Holm decisions, power and 80 %-power differences at alpha 0.025; the
+    nominal ones are the single look's."""
+    from benchmarks.crossfit import compare_family
+
+    rng = np.random.default_rng(5)
+    ests, reps = np.array([0.03, 0.01]), rng.normal(scale=0.05, size=(40, 2))
+    one, two = compare_family(["a", "b"], ests, reps, 0.02), compare_family(["a", "b"], ests, reps, 0.02, looks=2)
+    for nm in ("a", "b"):
+        c1, c2 = one[nm], two[nm]
+        assert c2["p"] == c1["p"] and c2["p_holm"] == c1["p_holm"] and "nominal" not in c1
+        assert c2["lo"] < c1["lo"] < c1["hi"] < c2["hi"] and c2["lo_family"] < c1["lo_family"]
+        assert c2["power"] < c1["power"] and c2["mde80"] > c1["mde80"]
+        assert {k: c2["nominal"][k] for k in c2["nominal"]} == {k: c1[k] for k in c2["nominal"]}
+    # the 97.5 % interval by hand: t quantile at 1 - 0.025 / 2 with R - 1 = 39 degrees of freedom
+    se = jack_se(reps)[0]
+    assert two["a"]["hi"] - 0.03 == pytest.approx(2.3313 * se, rel=1e-4)
+    # a p between the two levels resolves at the first look's alpha only
+    spread = np.array([[0.0], [0.1], [0.2], [0.05], [0.15]])  # jackknife SE sqrt(0.8 x 0.025) = sqrt(0.02)
+    c = compare_family(["x"], np.array([0.1]), spread * 0.1 / (3 * math.sqrt(0.02)), None, looks=2)  # t = 3, df 4
+    assert 0.025 < c["x"]["p_holm"] < 0.05 and c["x"]["nominal"]["resolved"] and not c["x"]["resolved"]

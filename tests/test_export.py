@@ -102,7 +102,7 @@ def test_export_callback_and_script_from_a_checkpoint(tmp_path):
     cli = cli_main(["fit", *base])
     (at_end,) = glob.glob(str(tmp_path / "run" / "*" / "lora" / LORA_WEIGHT_NAME))  # the callback's export
     (saved_config,) = glob.glob(str(tmp_path / "run" / "*" / "config.yaml"))  # what LightningCLI kept
-    export_main(["--config", saved_config, "--ckpt", str(tmp_path / "ckpt" / "last.ckpt"),
+    export_main(["--run_config", saved_config, "--ckpt", str(tmp_path / "ckpt" / "last.ckpt"),
                  "--out", str(tmp_path / "from_ckpt")])
     a, b = load_file(at_end), load_file(str(tmp_path / "from_ckpt" / LORA_WEIGHT_NAME))
     assert a.keys() == b.keys() and all(k.startswith("unet.") for k in a)

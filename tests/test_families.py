@@ -267,7 +267,7 @@ def test_full_finetuning_exports_a_pipeline_folder(name, tmp_path):
 
 @pytest.mark.parametrize("name", [n for n, f in FAMILIES.items() if f.config])
 def test_plan_of_the_tiny_config(name, capsys):
-    assert plan.main(["--config", str(ROOT / "configs" / FAMILIES[name].config), "--json", "--gpu-memory", "2GB"]) == 0
+    assert plan.main(["--config", str(ROOT / "configs" / FAMILIES[name].config), "--json", "--gpu_memory", "2GB"]) == 0
     r = json.loads(capsys.readouterr().out)
     denoiser = FAMILIES[name].backend.denoiser_component
     assert r["weights"][denoiser] > 0 and r["fits"] is True

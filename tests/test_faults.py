@@ -34,7 +34,7 @@ from pro_grpo_lightning.rollout import ExpandPruneRollout
 from pro_grpo_lightning.schedules import ProGRPOSchedule
 from pro_grpo_lightning.selection import select_indices
 from pro_grpo_lightning.update import UpdateSettings, grpo_update
-from tests.cli_runs import ROOT, config_args, run_metrics
+from tests.cli_runs import ROOT, config_args, edited_config_copy, run_metrics
 from tests.fakes import AffineBackend, MeanPixel
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -424,7 +424,7 @@ def test_export_refuses_another_lora_setting_before_weights_load(trained, tmp_pa
     other = tmp_path / "other.yaml"
     other.write_text(yaml.safe_dump(cfg))
     loads = LoadCounter(monkeypatch)
-    rc = run_main(export_main, ["--ckpt", str(trained), "--config", str(other), "--out", str(tmp_path / "x")])
+    rc = run_main(export_main, ["--ckpt", str(trained), "--run_config", str(other), "--out", str(tmp_path / "x")])
     line = error_line(capsys.readouterr().err)
     assert rc == 2 and "lora.rank=4" in line and "lora.rank=8" in line and loads.calls == 0
 
@@ -451,7 +451,7 @@ def test_two_runs_in_one_root_dir_never_collide_and_export_pairs_them(tmp_path, 
         cfg = yaml.safe_load((run / "config.yaml").read_text())
         assert cfg["model"]["backend"]["init_args"]["lora"]["rank"] == rank
         assert (run / "checkpoints" / "last.ckpt").is_file()  # beside its own config, no -v1 names
-        # export reads the config the checkpoint carries: no --config, the right LoRA rank
+        # export reads the config the checkpoint carries: no --run_config, the right LoRA rank
         out = tmp_path / f"lora_{version}"
         assert run_main(export_main, ["--ckpt", str(run / "checkpoints" / "last.ckpt"), "--out", str(out)]) == 0
         from safetensors.torch import load_file
@@ -726,16 +726,6 @@ def _umask() -> int:
     return mask
 
 
-def edited_config_copy(trained: Path, dst: Path, edit) -> Path:
-    """A copy of ``trained`` whose stored run config (plain text, no pickle) was edited by ``edit(cfg)``."""
-    state = torch.load(trained, weights_only=True)
-    cfg = yaml.safe_load(state["pro_grpo"]["config"])
-    edit(cfg)
-    state["pro_grpo"]["config"] = yaml.safe_dump(cfg)
-    torch.save(state, dst)  # the tensors did not change: the digest still matches
-    return dst
-
-
 def test_export_builds_only_the_backend_of_a_checkpoints_config(trained, tmp_path, capsys):
     import socket
 
@@ -767,7 +757,7 @@ def test_export_builds_only_the_backend_of_a_checkpoints_config(trained, tmp_pat
     line = error_line(capsys.readouterr().err)
     assert rc == 2 and line == (f"error: ckpt={str(ckpt)!r} (its stored config): model.backend.class_path="
                                 f"'tests.fakes.AffineBackend' is not a backend of this package; if you trust the "
-                                f"file, pass --trust_config_classes (or your own --config)")
+                                f"file, pass --trust_config_classes (or your own --run_config)")
     assert not (tmp_path / "other").exists()
 
 

@@ -157,7 +157,7 @@ def test_missing_sources_fail_early_with_the_path(cls, tmp_path, monkeypatch):
 
 
 def test_sd3_cfg_and_drop_t5():
-    sd3 = TinySD3Backend(guidance_scale=1.0, drop_t5=True, vae_decode_chunk=1, offload_text_encoders=True)
+    sd3 = TinySD3Backend(guidance_scale=1.0, drop_t5=True, decode_chunk=1, offload_text_encoders=True)
     sd3.configure_model()
     assert not hasattr(sd3, "text_encoder_3")
     cond = sd3.encode_prompts(PROMPTS)
@@ -173,7 +173,7 @@ def test_sd3_cfg_and_drop_t5():
         v_neg = sd3.step(x, torch.tensor([0, 1]), neg, generator=torch.Generator()).model_output
         torch.testing.assert_close(v3, v_neg + 3 * (v1 - v_neg), rtol=1e-4, atol=1e-5)
         chunked = sd3.decode(x)  # one latent per VAE call
-        sd3.vae_decode_chunk = None
+        sd3.decode_chunk = None
         torch.testing.assert_close(chunked, sd3.decode(x), rtol=1e-5, atol=1e-5)
     assert chunked.shape == (2, 3, 64, 64)
     assert sd3.text_encoder.device.type == "cpu"

@@ -204,7 +204,7 @@ def test_session_script_smoke_end_to_end(tmp_path):
 def test_plan_output_says_what_the_caching_allocator_adds(capsys):
     from pro_grpo_lightning import plan
 
-    assert plan.main(["--config", "configs/tiny_sd3.yaml", "--gpu-memory", "2GB"]) == 0
+    assert plan.main(["--config", "configs/tiny_sd3.yaml", "--gpu_memory", "2GB"]) == 0
     last = capsys.readouterr().out.strip().splitlines()[-1]
     assert last == f"note: {plan.allocator_note()}" and "expandable_segments:True" in last
 

@@ -126,8 +126,10 @@ def test_shards_joined_equal_one_run(tmp_path, one_thread):
     with pytest.raises(ValueError, match=r"missing \[0"):  # rollout 0's shard not there yet
         main(ARGS + ["--out", str(parts), "--join"])
     assert main(ARGS + ["--out", str(parts), "--shard", "0/2"])["rollouts"] == [0, 2, 4]
-    joined = main(ARGS + ["--out", str(parts), "--join"])
+    joined = main(ARGS + ["--out", str(parts), "--join", "--looks", "2"])
     assert [r["rollout"] for r in joined["per_rollout"]] == list(range(6))
+    assert joined["looks"] == 2 and joined["summary"]["alpha"] == pytest.approx(0.025)
+    assert "97.5 % interval" in (parts / "gradient_quality.md").read_text()
     for a, b in zip(joined["per_rollout"], whole["per_rollout"]):
         for arm in a["arms"]:
             for k, v in a["arms"][arm].items():
@@ -135,6 +137,12 @@ def test_shards_joined_equal_one_run(tmp_path, one_thread):
     np.testing.assert_allclose(joined["grams"]["GF"], whole["grams"]["GF"], rtol=1e-6, atol=1e-12)
     assert joined["summary"]["arms"]["pro-q"]["per_rollout"]["est"] == \
         pytest.approx(whole["summary"]["arms"]["pro-q"]["per_rollout"]["est"])
+    pc = "positive_control/per_rollout", "plain-2K - plain-K"
+    one, two = whole["summary"]["families"][pc[0]][pc[1]], joined["summary"]["families"][pc[0]][pc[1]]
+    assert two["nominal"]["lo"] == pytest.approx(one["lo"]) and two["lo"] < one["lo"]  # the second look: wider
+    with pytest.raises(SystemExit) as bad:
+        main(ARGS + ["--out", str(parts), "--join", "--looks", "0"])
+    assert bad.value.code == 2
 
 
 def test_proxy_quality_summary_of_a_csv_log(tmp_path):
@@ -149,3 +157,64 @@ def test_proxy_quality_summary_of_a_csv_log(tmp_path):
     # mean 0.6, sd 0.1, t_{0.975, 2} = 4.3027: half-width 0.1 * 4.3027 / sqrt(3)
     assert out["pruning/audit_overlap"]["hi"] == pytest.approx(0.6 + 0.1 * 4.302653 / 3 ** 0.5, rel=1e-5)
     assert out["pruning/audit_proxy_corr_full_0"]["mean"] == pytest.approx(0.8)  # blank cells skipped
+
+
+def test_packed_grams_keep_what_the_scoring_reads():
+    """grams.npz holds float32 blocks (cross-half GF, within-half GG and FF): unpacked they equal the
+    full matrices there, NaN elsewhere, and score as the full float64 matrices do (odd R)."""
+    from benchmarks.gradient_quality import pack_grams, summarize, unpack_grams
+    from benchmarks.gradient_quality_sim import simulate_run
+
+    res = simulate_run(9, 2, 12, 2, 4, ["q=pro:4>3@4>2@6"], seed=1, signal=2.0)
+    full = res["grams"]
+    back = unpack_grams(pack_grams(full))
+    half = np.arange(9) % 2
+    same = half[:, None] == half[None, :]  # [R, R]
+    for k in ("GF", "GG", "FF"):
+        stored = ~same if k == "GF" else same
+        np.testing.assert_allclose(back[k][..., stored], full[k][..., stored], rtol=1e-6)
+        assert np.isnan(back[k][..., ~stored]).all()
+    a, b = summarize(res), summarize(dict(res, grams=back))
+    for fam, comps in a["families"].items():
+        for nm, c in comps.items():
+            assert b["families"][fam][nm]["est"] == pytest.approx(c["est"], rel=1e-5, abs=1e-9)
+            assert b["families"][fam][nm]["se"] == pytest.approx(c["se"], rel=1e-4)
+
+
+def test_the_first_look_is_recomputed_from_its_stored_grams():
+    """docs/results/gradient_quality/main: its Gram matrices (full float64) give its stored summary
+    and tables (the fast jackknife and the looks option change nothing at one look)."""
+    from pathlib import Path
+
+    from benchmarks.gradient_quality import ROOT, load, summarize, table
+
+    out = Path(ROOT / "docs/results/gradient_quality/main")
+    res = load(out)
+    s = summarize(res)
+    assert table(s) + "\n" == (out / "gradient_quality.md").read_text()
+    for fam, comps in res["summary"]["families"].items():
+        for nm, c in comps.items():
+            for k, v in c.items():
+                assert s["families"][fam][nm][k] == (pytest.approx(v, rel=1e-10, abs=1e-15)
+                                                     if isinstance(v, float) else v), (fam, nm, k)
+
+
+def test_the_second_look_continues_the_first():
+    """docs/results/gradient_quality/extension continued the first look's saved states: its rollouts
+    0..127 are the first look's (per-rollout values equal, Gram matrices to float32 precision, the
+    first look's tables recomputed from them), and its stored summary is recomputed at two looks."""
+    from pathlib import Path
+
+    from benchmarks.gradient_quality import ROOT, load, summarize, table
+
+    first, second = (load(Path(ROOT / "docs/results/gradient_quality" / d)) for d in ("main", "extension"))
+    R1 = first["rollouts"]
+    assert second["rollouts"] > R1 and second["looks"] == 2
+    assert second["per_rollout"][:R1] == first["per_rollout"]
+    sub = dict(second, per_rollout=second["per_rollout"][:R1],
+               grams={k: v[..., :R1, :R1] for k, v in second["grams"].items()})  # rollouts 0..127
+    first_md = (ROOT / "docs/results/gradient_quality/main/gradient_quality.md").read_text()
+    assert table(summarize(sub, looks=1)) + "\n" == first_md
+    again = summarize(second)
+    assert again["alpha"] == pytest.approx(0.025) and table(again) + "\n" == \
+        (ROOT / "docs/results/gradient_quality/extension/gradient_quality.md").read_text()

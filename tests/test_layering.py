@@ -169,7 +169,7 @@ def plan(backend, reward, net):
     net._modules["blocks"] = None                 # private state, through a subscript
     setattr(backend, "attach_lora", print)
     del backend.attach_lora
-    backend.vae_decode_chunk += 1
+    backend.decode_chunk += 1
 
 
 class Fine:
@@ -183,7 +183,7 @@ class Fine:
     hits = reaching_in(planted, "planted.py")
     assert [h.split(": ", 1)[1] for h in hits] == [
         "writes backend.load_components", "calls reward._load", "writes net._modules",
-        "setattr(backend, ...)", "writes backend.attach_lora", "writes backend.vae_decode_chunk"], hits
+        "setattr(backend, ...)", "writes backend.attach_lora", "writes backend.decode_chunk"], hits
 
 
 def test_readme_layout_names_every_module():

@@ -237,12 +237,12 @@ def test_plan_of_a_paper_config_is_a_bounded_number_of_traces(one_thread):
     every other row count (the rollout's calls, the audit, each lever) is extrapolated, so the
     count does not grow with the schedule or the levers. For this config (a UNet: no block stack,
     traced whole): prompt encoding 1, denoiser 2, decode 2, rewards 2, update 2 with and 2 without
-    gradient checkpointing, and the ``vae_decode_chunk: 4`` lever's decodes of the 48 / 32 / 8
+    gradient checkpointing, and the ``decode_chunk: 4`` lever's decodes of the 48 / 32 / 8
     rows the schedule scores, all extrapolated from the same 2 traces (8 and 12 rows)."""
     r = plan.report("configs/sd15_hps_pro_grpo.yaml", gpu_memory=plan.parse_memory("24GB"))
     assert r["traces"] == 13, r["traces"]
     assert r["peak"] == max(p["peak"] for p in r["phases"]) > 2 * 2**30
-    assert {lv["name"] for lv in r["levers"]} >= {"gradient_checkpointing", "vae_decode_chunk"}
+    assert {lv["name"] for lv in r["levers"]} >= {"gradient_checkpointing", "decode_chunk"}
 
 
 def test_gradient_checkpointing_and_chunks_lower_the_plan(one_thread):
@@ -255,7 +255,7 @@ def test_gradient_checkpointing_and_chunks_lower_the_plan(one_thread):
     assert denoise.transient == planner.denoise(12)  # P x G_max rows in one call by default
     assert denoise_chunked.transient == planner.denoise(3) < denoise.transient
     names = {lv.name for lv in planner.levers(st)}
-    assert {"sample_batch_size", "train_batch_size", "gradient_checkpointing", "vae_decode_chunk"} <= names
+    assert {"sample_batch_size", "train_batch_size", "gradient_checkpointing", "decode_chunk"} <= names
 
 
 def test_recorded_step_means_grow_the_stored_trajectories(one_thread):
@@ -336,9 +336,10 @@ def test_plan_input_errors_are_one_line_before_any_build(tmp_path, capsys, monke
     def never(*args, **kwargs):  # noqa: ANN002, ANN003
         raise AssertionError("the plan built a run")
 
-    cases = {("--config", str(tmp_path / "missing.yaml")): "no such file",
+    cases = {("--config", str(tmp_path / "missing.yaml")): "File does not exist",
              ("--config", "configs/tiny_sd3.yaml", "--gpu_memory", "lots"): "gpu_memory",
-             ("--json",): "--config"}
+             ("--config", "configs/tiny_sd3.yaml", "--gpu_memroy", "8GB"): "did you mean gpu_memory?",
+             ("--json",): "required: model.backend"}
     for args, words in cases.items():
         monkeypatch.setattr(plan.report_module, "report", never)
         assert cli.command_main(["plan", *args]) == 2, args

@@ -75,10 +75,10 @@ def test_previews_use_the_tiny_decoder_and_final_images_the_vae(family, decoders
     assert (preview - backend.decode(x)).abs().max() > 0.05  # a different decoder, not the VAE again
     torch.testing.assert_close(plain.decode_preview(x), plain.decode(x), rtol=0, atol=0)  # no option: VAE
 
-    # chunked like the VAE (vae_decode_chunk latents per call): same values
-    backend.vae_decode_chunk = 1
+    # chunked like the VAE (decode_chunk latents per call): same values
+    backend.decode_chunk = 1
     torch.testing.assert_close(backend.decode_preview(x), preview, rtol=1e-5, atol=1e-6)
-    backend.vae_decode_chunk = None
+    backend.decode_chunk = None
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))

@@ -161,7 +161,7 @@ def test_bad_arguments_fail_in_one_line():
                           "pro_grpo_lightning.rewards.image_stats.Brightness", "--init_args", "[1]"],
                          cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
     assert out.returncode == 2 and out.stderr.strip().splitlines() == [
-        "reward_server: --init_args '[1]' must be a JSON object (not an object)"]
+        "error: pro-grpo serve-reward: init_args=[1]: expected dict[str, Any] or None"]
 
 
 # ---- training against a served reward -----------------------------------------------------------

@@ -97,7 +97,7 @@ def test_a_token_is_required_beyond_loopback_and_checked(monkeypatch):
                          cwd=ROOT, env={k: v for k, v in ENV.items() if k != "PRO_GRPO_REWARD_TOKEN"},
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 2 and out.stderr.strip().splitlines() == [
-        "reward_server: --host 0.0.0.0: binding beyond loopback needs a token (--token, or the environment variable "
+        "error: --host 0.0.0.0: binding beyond loopback needs a token (--token, or the environment variable "
         "PRO_GRPO_REWARD_TOKEN); clients send it with RemoteReward(token=...) or the same variable"]
     monkeypatch.delenv("PRO_GRPO_REWARD_TOKEN", raising=False)
     with served(token="s3cret") as server:
@@ -119,7 +119,7 @@ def test_a_busy_port_is_one_line():
                               "pro_grpo_lightning.rewards.image_stats.Brightness", "--port", str(port)],
                              cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
     assert out.returncode == 2 and out.stderr.strip().splitlines() == [
-        f"reward_server: --host 127.0.0.1 --port {port}: cannot listen there (Address already in use)"]
+        f"error: --host 127.0.0.1 --port {port}: cannot listen there (Address already in use)"]
 
 
 def test_the_client_deadline_bounds_a_dripping_server():

@@ -91,7 +91,7 @@ def test_seeded_generation_is_deterministic_and_decodes(backend, cond):
     images = backend.decode(a)
     assert images.shape == (4, 3, 64, 64) and images.dtype == torch.float32
     assert images.min() >= 0 and images.max() <= 1
-    chunked = TinySD15Backend(vae_decode_chunk=3)
+    chunked = TinySD15Backend(decode_chunk=3)
     chunked.configure_model()
     torch.testing.assert_close(chunked.decode(a), images, rtol=1e-5, atol=1e-6)
 

@@ -54,10 +54,10 @@ ROOT = Path(__file__).resolve().parents[2]
 C = "configs/"
 LEVERS_ON = ["--model.backend.init_args.gradient_checkpointing=true",
              "--model.backend.init_args.offload_text_encoders=true",
-             "--model.backend.init_args.vae_decode_chunk=8"]
+             "--model.backend.init_args.decode_chunk=8"]
 LEVERS_OFF = ["--model.backend.init_args.gradient_checkpointing=false",
               "--model.backend.init_args.offload_text_encoders=false",
-              "--model.backend.init_args.vae_decode_chunk=null"]
+              "--model.backend.init_args.decode_chunk=null"]
 #: name -> (configs, overrides, iterations). Order: what no GPU run has measured yet first (the
 #: SD3.5-M variants were measured on 2026-11-30: docs/results/gpu_memory/).
 VARIANTS: dict[str, tuple[list[str], list[str], int]] = {

@@ -284,16 +284,19 @@ class PipelineBackend(DiffusionBackend):
     A family sets the class attributes and implements ``load_components``, ``_setup`` (what it
     keeps from the components: tokenizers, schedule tables), ``guided_output`` (via ``_guided``),
     ``_transition`` (its step function), ``_negative_rows`` (CFG's negative prompt), plus the
-    text encoding, initial latents and decoding of ``DiffusionBackend``.
+    text encoding, initial latents and decoding of ``DiffusionBackend``. Its arguments are
+    ``DiffusionBackend``'s and these:
 
-    Args (beyond ``DiffusionBackend``'s):
+    Args:
         pretrained: a local diffusers folder, a ``pkg://`` folder or a hub id; checked here
             (``_check_source``, which the code-built tiny models override), loaded in
             ``configure_model``.
         revision: hub revision of ``pretrained``.
         gradient_checkpointing: recompute the denoiser's activations in the backward pass.
-        vae_decode_chunk: decode at most this many latents per VAE call (memory); None: all. The
-            preview decoder decodes the same number per call.
+        decode_chunk: decode at most this many latents per decoder call, in both decodes: the VAE's
+            (final images) and the preview decoder's (pruning previews); memory only, the images are
+            the same; None: all at once. (Called ``vae_decode_chunk`` before it named both: a
+            config or checkpoint with the old key is read as this one, ``checkpointing.RENAMED``.)
         preview_decoder: a diffusers ``AutoencoderTiny`` (local folder, ``pkg://`` folder or hub id)
             that decodes the pruning previews instead of the VAE; the final images (true reward,
             training, evaluation) always use the VAE. The TAESD family matches the families:
@@ -336,7 +339,7 @@ class PipelineBackend(DiffusionBackend):
     built_in_code: ClassVar[bool] = False
 
     def __init__(self, pretrained: str, *, revision: str | None = None, gradient_checkpointing: bool = False,
-                 vae_decode_chunk: int | None = None, finetune: str = "lora",
+                 decode_chunk: int | None = None, finetune: str = "lora",
                  preview_decoder: str | None = None, compile: bool = False,
                  compile_backend: str = "inductor", **kwargs: Any) -> None:
         super().__init__(**kwargs)
@@ -349,12 +352,12 @@ class PipelineBackend(DiffusionBackend):
         #: full fine-tuning only: keep a frozen copy of the base denoiser as the KL reference.
         self.keep_reference = True
         self.reference_denoiser: nn.Module | None = None
-        if vae_decode_chunk is not None and vae_decode_chunk < 1:
-            raise ValueError(f"vae_decode_chunk must be >= 1 or None, got {vae_decode_chunk}")
+        if decode_chunk is not None and decode_chunk < 1:
+            raise ValueError(f"decode_chunk must be >= 1 or None, got {decode_chunk}")
         self.pretrained = resolve_pretrained_source(pretrained)  # pkg://... -> a folder
         self.revision = revision
         self.gradient_checkpointing = gradient_checkpointing
-        self.vae_decode_chunk = vae_decode_chunk
+        self.decode_chunk = decode_chunk
         self._check_source(pretrained)
         #: ``preview_decoder`` as configured (the module that decodes is ``self.preview_decoder``)
         self.preview_source = preview_decoder
@@ -378,12 +381,12 @@ class PipelineBackend(DiffusionBackend):
             raise RuntimeError(f"{type(self).__name__}.use_networks: the networks are already built")
         self.networks = source
 
-    def set_decode_batch_size(self, n: int | None) -> None:
+    def set_decode_chunk(self, n: int | None) -> None:
         """At most ``n`` latents per VAE / preview-decoder call (None: all at once); the
-        ``vae_decode_chunk`` setting, changed on a built backend (the memory plan's lever)."""
+        ``decode_chunk`` setting, changed on a built backend (the memory plan's lever)."""
         if n is not None and n < 1:
             raise ValueError(f"decode batch size must be >= 1 or None, got {n}")
-        self.vae_decode_chunk = n
+        self.decode_chunk = n
 
     def set_keep_reference(self, keep: bool) -> None:
         """Full fine-tuning: whether ``configure_model`` keeps a frozen copy of the base denoiser as
@@ -397,7 +400,7 @@ class PipelineBackend(DiffusionBackend):
     def memory_settings(self) -> dict[str, Any]:
         """The settings that decide this backend's memory, by their config names, as the memory
         plan reads them and its levers change them; a family adds its own (offloading, T5)."""
-        return {"gradient_checkpointing": self.gradient_checkpointing, "vae_decode_chunk": self.vae_decode_chunk}
+        return {"gradient_checkpointing": self.gradient_checkpointing, "decode_chunk": self.decode_chunk}
 
     def build_components(self) -> dict[str, Any]:
         """The pipeline components from ``self.networks``: ``load_components()`` for pretrained
@@ -617,7 +620,7 @@ class PipelineBackend(DiffusionBackend):
     @torch.no_grad()
     def decode_preview(self, latents: Tensor) -> Tensor:
         """x0 previews [B, *latent] -> images [B, 3, H, W] in [0, 1]: the preview decoder when one is
-        configured (``vae_decode_chunk`` latents per call), else the VAE (``decode``).
+        configured (``decode_chunk`` latents per call), else the VAE (``decode``).
 
         Latent convention: diffusers' pipelines decode with whatever ``pipe.vae`` is, as
         ``latents / vae.config.scaling_factor + vae.config.shift_factor`` (``StableDiffusion3Pipeline``
@@ -638,7 +641,7 @@ class PipelineBackend(DiffusionBackend):
             return self.decode(latents)
         cfg = decoder.config
         shift = cfg.shift_factor if getattr(cfg, "shift_factor", None) is not None else 0.0
-        chunks = latents.split(self.vae_decode_chunk) if self.vae_decode_chunk else (latents,)
+        chunks = latents.split(self.decode_chunk) if self.decode_chunk else (latents,)
         images = []
         for part in chunks:  # a few calls, never one per sample
             z = part.float().to(decoder.device) / cfg.scaling_factor + shift  # [b, C, h, w]

@@ -71,9 +71,10 @@ class VariableTextMixin:
 
 
 class FlowMatchingBackend(PipelineBackend):
-    """Shared machinery of the rectified-flow backends; see the module docstring.
+    """Shared machinery of the rectified-flow backends; see the module docstring. Its arguments are
+    ``PipelineBackend``'s and these:
 
-    Args (beyond ``PipelineBackend``'s):
+    Args:
         noise_level: the SDE's noise level (a for "flow_grpo"/"cps", eta for "dance").
         sde_kind: one of ``steps.flow.FLOW_STEP_KINDS``.
         max_sequence_length: T5 tokens per prompt.
@@ -87,7 +88,7 @@ class FlowMatchingBackend(PipelineBackend):
                  resolution: int,
                  lora: LoraSettings | None, dtype: str, negative_prompt: str, noise_level: float,
                  sde_kind: str, max_sequence_length: int, gradient_checkpointing: bool,
-                 offload_text_encoders: bool, vae_decode_chunk: int | None,
+                 offload_text_encoders: bool, decode_chunk: int | None,
                  sde_window: Sequence[int] | None = None, finetune: str = "lora",
                  preview_decoder: str | None = None, compile: bool = False,
                  compile_backend: str = "inductor") -> None:
@@ -101,7 +102,7 @@ class FlowMatchingBackend(PipelineBackend):
         if max_sequence_length < 1:
             raise ValueError(f"max_sequence_length must be >= 1, got {max_sequence_length}")
         super().__init__(pretrained, revision=revision, gradient_checkpointing=gradient_checkpointing,
-                         vae_decode_chunk=vae_decode_chunk, num_steps=num_steps, guidance_scale=guidance_scale,
+                         decode_chunk=decode_chunk, num_steps=num_steps, guidance_scale=guidance_scale,
                          resolution=resolution, lora=lora, dtype=dtype, negative_prompt=negative_prompt,
                          sde_window=sde_window, finetune=finetune, preview_decoder=preview_decoder, compile=compile,
             compile_backend=compile_backend)
@@ -269,11 +270,11 @@ class FlowMatchingBackend(PipelineBackend):
     def decode(self, latents: Tensor) -> Tensor:
         self._require_configured()
         self.vae.eval()
-        chunks = latents.split(self.vae_decode_chunk) if self.vae_decode_chunk else (latents,)
-        images = [self._decode_chunk(c) for c in chunks]  # a few VAE calls, never one per sample
+        chunks = latents.split(self.decode_chunk) if self.decode_chunk else (latents,)
+        images = [self._decode_latents(c) for c in chunks]  # a few VAE calls, never one per sample
         return torch.cat(images)  # [B, 3, H, W]
 
-    def _decode_chunk(self, latents: Tensor) -> Tensor:
+    def _decode_latents(self, latents: Tensor) -> Tensor:
         cfg = self.vae.config
         shift = cfg.shift_factor if cfg.shift_factor is not None else 0.0
         z = latents.float().to(self.vae.device) / cfg.scaling_factor + shift  # [b, C, h, w]

@@ -69,7 +69,7 @@ class FluxBackend(FlowMatchingBackend):
         num_steps, resolution, lora, dtype: see ``DiffusionBackend`` (DanceGRPO's FLUX: 16 steps).
         guidance_scale: the dev model's guidance embedding (3.5 is FLUX-dev's default); no CFG.
         noise_level, sde_kind, max_sequence_length, gradient_checkpointing, offload_text_encoders,
-            vae_decode_chunk: see ``FlowMatchingBackend`` (T5 tokens: dev 512, schnell 256 max).
+            decode_chunk: see ``FlowMatchingBackend`` (T5 tokens: dev 512, schnell 256 max).
         revision: hub revision of ``pretrained``.
         preview_decoder: an ``AutoencoderTiny`` for the pruning previews (``madebyollin/taef1``);
             see ``PipelineBackend``.
@@ -82,7 +82,7 @@ class FluxBackend(FlowMatchingBackend):
                  resolution: int = 512, lora: LoraSettings | None = None, dtype: str = "float32",
                  noise_level: float = 0.7, sde_kind: str = "flow_grpo", max_sequence_length: int = 512,
                  gradient_checkpointing: bool = False, offload_text_encoders: bool = False,
-                 vae_decode_chunk: int | None = None, revision: str | None = None,
+                 decode_chunk: int | None = None, revision: str | None = None,
                  sde_window: list[int] | None = None, finetune: str = "lora",
                  preview_decoder: str | None = None, compile: bool = False,
                  compile_backend: str = "inductor") -> None:
@@ -91,7 +91,7 @@ class FluxBackend(FlowMatchingBackend):
             resolution=resolution, lora=lora, dtype=dtype, negative_prompt="", noise_level=noise_level,
             sde_kind=sde_kind, max_sequence_length=max_sequence_length,
             gradient_checkpointing=gradient_checkpointing, offload_text_encoders=offload_text_encoders,
-            vae_decode_chunk=vae_decode_chunk, sde_window=sde_window, finetune=finetune,
+            decode_chunk=decode_chunk, sde_window=sde_window, finetune=finetune,
             preview_decoder=preview_decoder, compile=compile,
             compile_backend=compile_backend)
 
@@ -211,8 +211,12 @@ def save_tiny_flux_pipeline(path: str, resolution: int = 64, seed: int = 0,
 class TinyFluxBackend(FluxBackend):
     """FLUX architecture at toy size, random weights built in code (no files, no hub); seeded.
 
-    ``guidance_embeds=True`` behaves like dev (guidance embedding), False like schnell.
     Defaults: 64 px, 4 steps, T5 truncated to 32 tokens.
+
+    Args:
+        seed: seed of the random weights built in code (the same seed builds the same model).
+        guidance_embeds: True: a guidance embedding, like dev (``guidance_scale`` is its input);
+            False: none, like schnell (``guidance_scale`` is ignored).
     """
 
     built_in_code = True
@@ -221,7 +225,7 @@ class TinyFluxBackend(FluxBackend):
                  guidance_scale: float = 3.5, resolution: int = 64, lora: LoraSettings | None = None,
                  dtype: str = "float32", noise_level: float = 0.7, sde_kind: str = "flow_grpo",
                  max_sequence_length: int = 32, gradient_checkpointing: bool = False,
-                 offload_text_encoders: bool = False, vae_decode_chunk: int | None = None,
+                 offload_text_encoders: bool = False, decode_chunk: int | None = None,
                  sde_window: list[int] | None = None, finetune: str = "lora",
                  preview_decoder: str | None = None, compile: bool = False,
                  compile_backend: str = "inductor") -> None:
@@ -229,7 +233,7 @@ class TinyFluxBackend(FluxBackend):
             TINY_FLUX_SOURCE, num_steps=num_steps, guidance_scale=guidance_scale, resolution=resolution,
             lora=lora, dtype=dtype, noise_level=noise_level, sde_kind=sde_kind,
             max_sequence_length=max_sequence_length, gradient_checkpointing=gradient_checkpointing,
-            offload_text_encoders=offload_text_encoders, vae_decode_chunk=vae_decode_chunk, sde_window=sde_window,
+            offload_text_encoders=offload_text_encoders, decode_chunk=decode_chunk, sde_window=sde_window,
             finetune=finetune, preview_decoder=preview_decoder, compile=compile,
             compile_backend=compile_backend)
         self.seed = seed

@@ -55,8 +55,9 @@ QWENIMAGE_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add
 
 class QwenImageBackend(VariableTextMixin, FlowMatchingBackend):
     """Qwen-Image from a diffusers folder or hub id ("Qwen/Qwen-Image"); see the module docstring.
+    Its arguments are ``SD3Backend``'s (without ``drop_t5``: it has no T5), except:
 
-    Args: as ``SD3Backend``'s, except
+    Args:
         guidance_scale: the pipeline's ``true_cfg_scale`` (default 4.0, the model card's); <= 1: no CFG.
         negative_prompt: CFG's negative prompt (default " ", the model card's).
         max_sequence_length: text tokens kept per prompt after the template (pipeline: 512, at most 1024).
@@ -70,7 +71,7 @@ class QwenImageBackend(VariableTextMixin, FlowMatchingBackend):
                  resolution: int = 512, lora: LoraSettings | None = None, dtype: str = "float32",
                  negative_prompt: str = " ", noise_level: float = 0.7, sde_kind: str = "flow_grpo",
                  max_sequence_length: int = 512, gradient_checkpointing: bool = False,
-                 offload_text_encoders: bool = False, vae_decode_chunk: int | None = None,
+                 offload_text_encoders: bool = False, decode_chunk: int | None = None,
                  revision: str | None = None, sde_window: list[int] | None = None, finetune: str = "lora",
                  preview_decoder: str | None = None, compile: bool = False,
                  compile_backend: str = "inductor") -> None:
@@ -85,7 +86,7 @@ class QwenImageBackend(VariableTextMixin, FlowMatchingBackend):
             resolution=resolution, lora=lora, dtype=dtype, negative_prompt=negative_prompt,
             noise_level=noise_level, sde_kind=sde_kind, max_sequence_length=max_sequence_length,
             gradient_checkpointing=gradient_checkpointing, offload_text_encoders=offload_text_encoders,
-            vae_decode_chunk=vae_decode_chunk, sde_window=sde_window, finetune=finetune, compile=compile,
+            decode_chunk=decode_chunk, sde_window=sde_window, finetune=finetune, compile=compile,
             compile_backend=compile_backend)
 
     # ---- the one place the networks come from -------------------------------------------------
@@ -129,7 +130,7 @@ class QwenImageBackend(VariableTextMixin, FlowMatchingBackend):
         side = self.resolution // self.vae_scale_factor
         return (int(self.vae.config.z_dim), side, side)
 
-    def _decode_chunk(self, latents: Tensor) -> Tensor:
+    def _decode_latents(self, latents: Tensor) -> Tensor:
         cfg, vae = self.vae.config, self.vae
         mean = torch.tensor(cfg.latents_mean, device=vae.device).view(1, -1, 1, 1)  # [1, C, 1, 1]
         std = torch.tensor(cfg.latents_std, device=vae.device).view(1, -1, 1, 1)  # [1, C, 1, 1]
@@ -226,7 +227,11 @@ def save_tiny_qwenimage_pipeline(path: str, resolution: int = 64, seed: int = 0)
 
 
 class TinyQwenImageBackend(QwenImageBackend):
-    """Qwen-Image architecture at toy size, random weights built in code (no files); seeded."""
+    """Qwen-Image architecture at toy size, random weights built in code (no files); seeded.
+
+    Args:
+        seed: seed of the random weights built in code (the same seed builds the same model).
+    """
 
     built_in_code = True
 
@@ -234,14 +239,14 @@ class TinyQwenImageBackend(QwenImageBackend):
                  lora: LoraSettings | None = None, dtype: str = "float32", negative_prompt: str = " ",
                  noise_level: float = 0.7, sde_kind: str = "flow_grpo", max_sequence_length: int = 512,
                  gradient_checkpointing: bool = False, offload_text_encoders: bool = False,
-                 vae_decode_chunk: int | None = None, sde_window: list[int] | None = None,
+                 decode_chunk: int | None = None, sde_window: list[int] | None = None,
                  finetune: str = "lora", compile: bool = False,
                  compile_backend: str = "inductor") -> None:
         super().__init__(
             TINY_QWENIMAGE_SOURCE, num_steps=num_steps, guidance_scale=guidance_scale, resolution=resolution,
             lora=lora, dtype=dtype, negative_prompt=negative_prompt, noise_level=noise_level, sde_kind=sde_kind,
             max_sequence_length=max_sequence_length, gradient_checkpointing=gradient_checkpointing,
-            offload_text_encoders=offload_text_encoders, vae_decode_chunk=vae_decode_chunk,
+            offload_text_encoders=offload_text_encoders, decode_chunk=decode_chunk,
             sde_window=sde_window, finetune=finetune, compile=compile, compile_backend=compile_backend)
         self.seed = seed
 

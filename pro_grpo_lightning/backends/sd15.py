@@ -47,7 +47,8 @@ class SD15Backend(PipelineBackend):
         dtype: dtype of the frozen weights and the UNet forward; the step math runs in float32.
         negative_prompt: CFG's unconditional prompt, encoded once in ``configure_model``.
         revision: hub revision of ``pretrained``.
-        vae_decode_chunk: decode at most this many latents per VAE call (memory); None: all.
+        decode_chunk: decode at most this many latents per call of the VAE (final images) and of the
+            preview decoder (pruning previews); memory only; None: all at once.
         gradient_checkpointing: recompute UNet activations in the backward pass.
         sde_window: ``[start, end)`` steps sampled with ``eta``; the others are DDIM with eta 0
             (see ``DiffusionBackend``).
@@ -66,7 +67,7 @@ class SD15Backend(PipelineBackend):
     def __init__(self, pretrained: str, num_steps: int = 50, guidance_scale: float = 5.0,
                  resolution: int = 512, eta: float = 1.0, lora: LoraSettings | None = None,
                  dtype: str = "float32", negative_prompt: str = "", revision: str | None = None,
-                 vae_decode_chunk: int | None = None, gradient_checkpointing: bool = False,
+                 decode_chunk: int | None = None, gradient_checkpointing: bool = False,
                  sde_window: list[int] | None = None, finetune: str = "lora",
                  preview_decoder: str | None = None, compile: bool = False,
                  compile_backend: str = "inductor") -> None:
@@ -75,7 +76,7 @@ class SD15Backend(PipelineBackend):
         if resolution % 8:
             raise ValueError(f"resolution must be a multiple of 8 (the SD VAE factor), got {resolution}")
         super().__init__(pretrained, revision=revision, gradient_checkpointing=gradient_checkpointing,
-                         vae_decode_chunk=vae_decode_chunk, num_steps=num_steps, guidance_scale=guidance_scale,
+                         decode_chunk=decode_chunk, num_steps=num_steps, guidance_scale=guidance_scale,
                          resolution=resolution, lora=lora, dtype=dtype, negative_prompt=negative_prompt,
                          sde_window=sde_window, finetune=finetune, preview_decoder=preview_decoder, compile=compile,
             compile_backend=compile_backend)
@@ -195,7 +196,7 @@ class SD15Backend(PipelineBackend):
         z = latents.to(device=vae.device, dtype=self.weight_dtype) / vae.config.scaling_factor  # [B, C, h, w]
         if getattr(vae.config, "shift_factor", None):
             z = z + vae.config.shift_factor
-        chunk = self.vae_decode_chunk or max(1, z.shape[0])
+        chunk = self.decode_chunk or max(1, z.shape[0])
         images = torch.cat([vae.decode(part).sample for part in z.split(chunk)])  # [B, 3, H, W]
         return (images.float() / 2 + 0.5).clamp(0, 1)  # [B, 3, H, W]
 
@@ -267,19 +268,23 @@ def save_tiny_sd15_pipeline(path: str, resolution: int = 64, seed: int = 0) -> s
 
 
 class TinySD15Backend(SD15Backend):
-    """``SD15Backend`` on the code-built tiny model (``build_tiny_sd15_components``): no files."""
+    """``SD15Backend`` on the code-built tiny model (``build_tiny_sd15_components``): no files.
+
+    Args:
+        seed: seed of the random weights built in code (the same seed builds the same model).
+    """
 
     built_in_code = True
 
     def __init__(self, num_steps: int = 4, guidance_scale: float = 3.0, resolution: int = 64,
                  eta: float = 1.0, lora: LoraSettings | None = None, dtype: str = "float32",
-                 negative_prompt: str = "", seed: int = 0, vae_decode_chunk: int | None = None,
+                 negative_prompt: str = "", seed: int = 0, decode_chunk: int | None = None,
                  gradient_checkpointing: bool = False, sde_window: list[int] | None = None,
                  finetune: str = "lora", preview_decoder: str | None = None, compile: bool = False,
                  compile_backend: str = "inductor") -> None:
         super().__init__(TINY_SD15_SOURCE, num_steps=num_steps, guidance_scale=guidance_scale,
                          resolution=resolution, eta=eta, lora=lora, dtype=dtype,
-                         negative_prompt=negative_prompt, vae_decode_chunk=vae_decode_chunk,
+                         negative_prompt=negative_prompt, decode_chunk=decode_chunk,
                          gradient_checkpointing=gradient_checkpointing, sde_window=sde_window, finetune=finetune,
                          preview_decoder=preview_decoder, compile=compile,
             compile_backend=compile_backend)

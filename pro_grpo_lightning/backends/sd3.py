@@ -42,7 +42,7 @@ class SD3Backend(FlowMatchingBackend):
         num_steps, guidance_scale, resolution, lora, dtype, negative_prompt: see ``DiffusionBackend``
             (defaults: Flow-GRPO's SD3.5-M setting, 10 steps at CFG 4.5).
         noise_level, sde_kind, max_sequence_length, gradient_checkpointing, offload_text_encoders,
-            vae_decode_chunk: see ``FlowMatchingBackend``.
+            decode_chunk: see ``FlowMatchingBackend``.
         revision: hub revision of ``pretrained``.
         drop_t5: never load T5 (saves ~9 GB in bf16); its tokens become zeros, as diffusers does
             when ``text_encoder_3`` is None.
@@ -59,7 +59,7 @@ class SD3Backend(FlowMatchingBackend):
                  negative_prompt: str = "", noise_level: float = 0.7, sde_kind: str = "flow_grpo",
                  max_sequence_length: int = 256, drop_t5: bool = False,
                  gradient_checkpointing: bool = False, offload_text_encoders: bool = False,
-                 vae_decode_chunk: int | None = None, revision: str | None = None,
+                 decode_chunk: int | None = None, revision: str | None = None,
                  sde_window: list[int] | None = None, finetune: str = "lora",
                  preview_decoder: str | None = None, compile: bool = False,
                  compile_backend: str = "inductor") -> None:
@@ -68,7 +68,7 @@ class SD3Backend(FlowMatchingBackend):
             resolution=resolution, lora=lora, dtype=dtype, negative_prompt=negative_prompt,
             noise_level=noise_level, sde_kind=sde_kind, max_sequence_length=max_sequence_length,
             gradient_checkpointing=gradient_checkpointing, offload_text_encoders=offload_text_encoders,
-            vae_decode_chunk=vae_decode_chunk, sde_window=sde_window, finetune=finetune,
+            decode_chunk=decode_chunk, sde_window=sde_window, finetune=finetune,
             preview_decoder=preview_decoder, compile=compile,
             compile_backend=compile_backend)
         self.drop_t5 = drop_t5
@@ -222,6 +222,9 @@ class TinySD3Backend(SD3Backend):
 
     Same code path as ``SD3Backend`` after the components exist. For tests, the quickstart and
     CPU benchmarks. Defaults: 64 px, 4 steps, T5 truncated to 32 tokens.
+
+    Args:
+        seed: seed of the random weights built in code (the same seed builds the same model).
     """
 
     built_in_code = True
@@ -232,7 +235,7 @@ class TinySD3Backend(SD3Backend):
                  lora: LoraSettings | None = None, dtype: str = "float32", negative_prompt: str = "",
                  noise_level: float = 0.7, sde_kind: str = "flow_grpo", max_sequence_length: int = 32,
                  drop_t5: bool = False, gradient_checkpointing: bool = False,
-                 offload_text_encoders: bool = False, vae_decode_chunk: int | None = None,
+                 offload_text_encoders: bool = False, decode_chunk: int | None = None,
                  sde_window: list[int] | None = None, finetune: str = "lora",
                  preview_decoder: str | None = None, compile: bool = False,
                  compile_backend: str = "inductor") -> None:
@@ -241,7 +244,7 @@ class TinySD3Backend(SD3Backend):
             lora=lora, dtype=dtype, negative_prompt=negative_prompt, noise_level=noise_level,
             sde_kind=sde_kind, max_sequence_length=max_sequence_length, drop_t5=drop_t5,
             gradient_checkpointing=gradient_checkpointing, offload_text_encoders=offload_text_encoders,
-            vae_decode_chunk=vae_decode_chunk, sde_window=sde_window, finetune=finetune,
+            decode_chunk=decode_chunk, sde_window=sde_window, finetune=finetune,
             preview_decoder=preview_decoder, compile=compile,
             compile_backend=compile_backend)
         self.seed = seed

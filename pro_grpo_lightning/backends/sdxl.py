@@ -37,8 +37,9 @@ TINY_SDXL_SOURCE = "<tiny-sdxl>"
 
 class SDXLBackend(SD15Backend):
     """SDXL (base 1.0 and fine-tunes of it) from a diffusers folder or hub id; see the module docstring.
+    Its arguments are ``SD15Backend``'s, except:
 
-    Args: as ``SD15Backend``, except
+    Args:
         negative_prompt: CFG's unconditional prompt; None (the default): zero embeddings, as the
             stock pipeline does when it is given no negative prompt.
         resolution: image side in pixels, a multiple of the VAE factor times the UNet's
@@ -53,13 +54,13 @@ class SDXLBackend(SD15Backend):
     def __init__(self, pretrained: str, num_steps: int = 50, guidance_scale: float = 5.0,
                  resolution: int = 1024, eta: float = 1.0, lora: LoraSettings | None = None,
                  dtype: str = "float32", negative_prompt: str | None = None, revision: str | None = None,
-                 vae_decode_chunk: int | None = None, gradient_checkpointing: bool = False,
+                 decode_chunk: int | None = None, gradient_checkpointing: bool = False,
                  sde_window: list[int] | None = None, finetune: str = "lora",
                  preview_decoder: str | None = None, compile: bool = False,
                  compile_backend: str = "inductor") -> None:
         super().__init__(pretrained, num_steps=num_steps, guidance_scale=guidance_scale, resolution=resolution,
                          eta=eta, lora=lora, dtype=dtype, negative_prompt=negative_prompt or "",
-                         revision=revision, vae_decode_chunk=vae_decode_chunk,
+                         revision=revision, decode_chunk=decode_chunk,
                          gradient_checkpointing=gradient_checkpointing, sde_window=sde_window,
                          finetune=finetune, preview_decoder=preview_decoder,
                          compile=compile, compile_backend=compile_backend)
@@ -204,19 +205,23 @@ def save_tiny_sdxl_pipeline(path: str, resolution: int = 64, seed: int = 0) -> s
 
 
 class TinySDXLBackend(SDXLBackend):
-    """``SDXLBackend`` on the code-built tiny model (``build_tiny_sdxl_components``): no files."""
+    """``SDXLBackend`` on the code-built tiny model (``build_tiny_sdxl_components``): no files.
+
+    Args:
+        seed: seed of the random weights built in code (the same seed builds the same model).
+    """
 
     built_in_code = True
 
     def __init__(self, num_steps: int = 4, guidance_scale: float = 3.0, resolution: int = 64,
                  eta: float = 1.0, lora: LoraSettings | None = None, dtype: str = "float32",
-                 negative_prompt: str | None = None, seed: int = 0, vae_decode_chunk: int | None = None,
+                 negative_prompt: str | None = None, seed: int = 0, decode_chunk: int | None = None,
                  gradient_checkpointing: bool = False, sde_window: list[int] | None = None,
                  finetune: str = "lora", preview_decoder: str | None = None, compile: bool = False,
                  compile_backend: str = "inductor") -> None:
         super().__init__(TINY_SDXL_SOURCE, num_steps=num_steps, guidance_scale=guidance_scale,
                          resolution=resolution, eta=eta, lora=lora, dtype=dtype, negative_prompt=negative_prompt,
-                         vae_decode_chunk=vae_decode_chunk, gradient_checkpointing=gradient_checkpointing,
+                         decode_chunk=decode_chunk, gradient_checkpointing=gradient_checkpointing,
                          sde_window=sde_window, finetune=finetune, preview_decoder=preview_decoder,
                          compile=compile, compile_backend=compile_backend)
         self.seed = seed

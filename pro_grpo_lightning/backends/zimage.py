@@ -39,8 +39,9 @@ ZIMAGE_LORA_TARGETS = ("attention.to_q", "attention.to_k", "attention.to_v", "at
 
 class ZImageBackend(VariableTextMixin, FlowMatchingBackend):
     """Z-Image (Turbo) from a diffusers folder or hub id ("Tongyi-MAI/Z-Image-Turbo"); see the module docstring.
+    Its arguments are ``SD3Backend``'s (without ``drop_t5``: it has no T5), except:
 
-    Args: as ``SD3Backend``'s, except
+    Args:
         num_steps: default 8 (Turbo's).
         guidance_scale: the pipeline's: > 0 runs CFG as ``pos + s (pos - neg)``; 0 (Turbo's) none.
         cfg_normalization: > 0 caps each guided sample's norm at this multiple of the conditional
@@ -58,7 +59,7 @@ class ZImageBackend(VariableTextMixin, FlowMatchingBackend):
                  negative_prompt: str = "", noise_level: float = 0.7, sde_kind: str = "flow_grpo",
                  max_sequence_length: int = 512, cfg_normalization: float = 0.0,
                  gradient_checkpointing: bool = False, offload_text_encoders: bool = False,
-                 vae_decode_chunk: int | None = None, revision: str | None = None,
+                 decode_chunk: int | None = None, revision: str | None = None,
                  sde_window: list[int] | None = None, finetune: str = "lora",
                  preview_decoder: str | None = None, compile: bool = False,
                  compile_backend: str = "inductor") -> None:
@@ -69,7 +70,7 @@ class ZImageBackend(VariableTextMixin, FlowMatchingBackend):
             resolution=resolution, lora=lora, dtype=dtype, negative_prompt=negative_prompt,
             noise_level=noise_level, sde_kind=sde_kind, max_sequence_length=max_sequence_length,
             gradient_checkpointing=gradient_checkpointing, offload_text_encoders=offload_text_encoders,
-            vae_decode_chunk=vae_decode_chunk, sde_window=sde_window, finetune=finetune,
+            decode_chunk=decode_chunk, sde_window=sde_window, finetune=finetune,
             preview_decoder=preview_decoder, compile=compile, compile_backend=compile_backend)
         self.cfg_normalization = float(cfg_normalization)
 
@@ -197,7 +198,11 @@ def save_tiny_zimage_pipeline(path: str, resolution: int = 64, seed: int = 0) ->
 
 class TinyZImageBackend(ZImageBackend):
     """Z-Image architecture at toy size, random weights built in code (no files); seeded. CFG on by
-    default (``guidance_scale`` 2.0), so the tests exercise it (Turbo runs without)."""
+    default (``guidance_scale`` 2.0), so the tests exercise it (Turbo runs without).
+
+    Args:
+        seed: seed of the random weights built in code (the same seed builds the same model).
+    """
 
     built_in_code = True
 
@@ -205,7 +210,7 @@ class TinyZImageBackend(ZImageBackend):
                  lora: LoraSettings | None = None, dtype: str = "float32", negative_prompt: str = "",
                  noise_level: float = 0.7, sde_kind: str = "flow_grpo", max_sequence_length: int = 128,
                  cfg_normalization: float = 0.0, gradient_checkpointing: bool = False,
-                 offload_text_encoders: bool = False, vae_decode_chunk: int | None = None,
+                 offload_text_encoders: bool = False, decode_chunk: int | None = None,
                  sde_window: list[int] | None = None, finetune: str = "lora",
                  preview_decoder: str | None = None, compile: bool = False,
                  compile_backend: str = "inductor") -> None:
@@ -214,7 +219,7 @@ class TinyZImageBackend(ZImageBackend):
             lora=lora, dtype=dtype, negative_prompt=negative_prompt, noise_level=noise_level, sde_kind=sde_kind,
             max_sequence_length=max_sequence_length, cfg_normalization=cfg_normalization,
             gradient_checkpointing=gradient_checkpointing, offload_text_encoders=offload_text_encoders,
-            vae_decode_chunk=vae_decode_chunk, sde_window=sde_window, finetune=finetune,
+            decode_chunk=decode_chunk, sde_window=sde_window, finetune=finetune,
             preview_decoder=preview_decoder, compile=compile, compile_backend=compile_backend)
         self.seed = seed
 

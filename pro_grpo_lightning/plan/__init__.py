@@ -39,7 +39,7 @@ Phases (each: resident weights + what lives through the phase + the call's trans
     rollout denoiser call  the stored trajectory so far + one denoiser call on ``sample_batch_size``
                            rows (CFG doubles the network batch inside the call)
     rollout previews       x0 previews decoded and scored (``sample_batch_size`` rows per decode and
-                           per reward call, ``vae_decode_chunk`` per VAE call inside a decode)
+                           per reward call, ``decode_chunk`` per VAE call inside a decode)
     rollout final          final images decoded and scored (the same), survivors' trajectories gathered
     audit rollout          the same with the whole group alive (``audit_every_n_rollouts``)
     update minibatch       the stored rollout + LoRA gradients + forward and backward of
@@ -52,7 +52,7 @@ The plan's cost is its traces (``Planner.traces`` counts them; each runs one lib
 - rows: denoiser calls, update minibatches, decodes in one VAE call and reward calls are traced at
   1 and 2 rows and extrapolated linearly (``Planner._linear``: every activation is [batch, ...]),
   so every row count of the schedule and every chunk size a lever tries is free; a decode in
-  ``vae_decode_chunk`` chunks is extrapolated in the number of chunks (``Planner.decode``), and a
+  ``decode_chunk`` chunks is extrapolated in the number of chunks (``Planner.decode``), and a
   decode + reward split by ``sample_batch_size`` is assembled from those (``Planner.score``);
 - depth: the denoiser's calls are traced on shallow copies of it, one block of every run of
   identical blocks (``block_stacks``: SD3.5-M's 13 + 10 + 1, FLUX's 19 double and 38 single

@@ -11,12 +11,24 @@ import torch
 from torch import Tensor
 
 from ..networks import UnknownArchitecture
+from ..rewards.base import Reward
 from .tracking import CUDA_BLOCK, CpuWorkspace, Depth, LiveBytes, fake_backend, fake_reward, module_bytes, tensor_bytes
 
 #: The weights-table row of what the optimizer trains: the LoRA adapter, or the whole denoiser
 #: with ``finetune: full`` (then its frozen copy, the KL reference, is the ``reference_denoiser`` row).
 TRAINED = "LoRA adapter (fp32)"
 TRAINED_FULL = "denoiser, fully fine-tuned"
+
+
+class UntracedRewards(Reward):
+    """Stands in for a run's rewards when none of them scores fake images (e.g. the shapes reward,
+    whose scoring reads pixel values): the rollout's decodes are still traced, the rewards' own
+    activations are left out (the plan notes each), their weights counted."""
+
+    default_name = "untraced"
+
+    def score(self, images: Tensor, prompts: Sequence[str]) -> Tensor:
+        return images.new_zeros(images.shape[0])  # [B]
 
 
 @dataclasses.dataclass
@@ -28,7 +40,7 @@ class Settings:
     train_batch_size: int
     gradient_checkpointing: bool
     offload_text_encoders: bool
-    vae_decode_chunk: int | None
+    decode_chunk: int | None
     drop_t5: bool
     weight_bytes_scale: float = 1.0  # 0.5: frozen weights fp32 -> bf16 (the "dtype" lever)
 
@@ -82,7 +94,7 @@ class TracedCalls:
             train_batch_size=module.settings.train_batch_size,
             gradient_checkpointing=bool(memory["gradient_checkpointing"]),
             offload_text_encoders=bool(memory.get("offload_text_encoders", False)),
-            vae_decode_chunk=memory["vae_decode_chunk"], drop_t5=bool(memory.get("drop_t5", False)))
+            decode_chunk=memory["decode_chunk"], drop_t5=bool(memory.get("drop_t5", False)))
         if self.settings.offload_text_encoders:  # the plan counts offloading itself: nothing moves
             b.set_offload_text_encoders(False)
         self.weights = self._weights()
@@ -221,14 +233,14 @@ class TracedCalls:
         have) and holds a few [B, n] statistics, nothing next to a reward model's activations."""
         from ..rewards.combine import RewardSet
 
-        return RewardSet(list(rewards), normalize="none")
+        return RewardSet(list(rewards) or [UntracedRewards()], normalize="none")
 
     def score_call(self, rows: int, chunk: int | None, preview_scale: float = 1.0, backend: Any = None,
                    rewards: Sequence[Any] | None = None, sample_batch_size: int | None = None,
                    preview: bool = False) -> Callable[[], Any]:
         """The rollout's own decode-and-score step (``ExpandPruneRollout.decode_and_score``) on ``rows``
         latents: ``sample_batch_size`` rows per decode and per reward call, ``chunk``
-        (``vae_decode_chunk``) latents per decoder call; ``preview``: the x0 previews at
+        (``decode_chunk``) latents per decoder call; ``preview``: the x0 previews at
         ``preview_scale`` (the backend's preview decoder), else the final images."""
         from ..rollout import ExpandPruneRollout
 
@@ -241,7 +253,7 @@ class TracedCalls:
         texts = [self.prompt] * rows
 
         def run() -> None:
-            backend.set_decode_batch_size(chunk)
+            backend.set_decode_chunk(chunk)
             rollout.decode_and_score(x, texts, preview=preview)
         return run
 
@@ -257,7 +269,7 @@ class TracedCalls:
         decode = backend.decode_preview if preview else backend.decode
 
         def run():
-            backend.set_decode_batch_size(chunk)
+            backend.set_decode_chunk(chunk)
             images = decode(x)  # [rows, 3, H, W]
             self.image_row_bytes[preview_scale, preview] = images[0].numel() * images.element_size()
         return run

@@ -162,7 +162,7 @@ class Planner(TracedCalls):
                 scale = self.module.rollout_settings.preview_scale
                 phases.append(Phase(f"{tag}: previews after step {t}, {rows[t]} rows", res,
                                     history + rows[t] * (self.cond_row_bytes + L),  # + the step's x0
-                                    self.score(rows[t], st.vae_decode_chunk, scale, st.sample_batch_size,
+                                    self.score(rows[t], st.decode_chunk, scale, st.sample_batch_size,
                                                preview=True)))
         phases.insert(0, best)
         final = rows[-1]
@@ -170,7 +170,7 @@ class Planner(TracedCalls):
         result = survivors * ((T + 1) * L + T * M + 4 * T + self.image_bytes)
         phases.append(Phase(f"{tag}: final decode + reward, {final} rows", res,
                             history + final * self.cond_row_bytes,
-                            self.score(final, st.vae_decode_chunk, 1.0, st.sample_batch_size)))
+                            self.score(final, st.decode_chunk, 1.0, st.sample_batch_size)))
         phases.append(Phase(f"{tag}: gather survivors ({survivors} trajectories)", res,
                             history + final * self.image_bytes, result))
         return phases
@@ -217,10 +217,10 @@ class Planner(TracedCalls):
         if offloadable and not st.offload_text_encoders:
             options.append(("offload_text_encoders", "model.backend.init_args.offload_text_encoders: true",
                             {"offload_text_encoders": True}, False))
-        if st.vae_decode_chunk is None or st.vae_decode_chunk > 4:
-            options.append(("vae_decode_chunk", "model.backend.init_args.vae_decode_chunk: 4",
-                            {"vae_decode_chunk": 4}, False))
-        # after vae_decode_chunk: on a tie (both split the decodes) the one that leaves the denoiser
+        if st.decode_chunk is None or st.decode_chunk > 4:
+            options.append(("decode_chunk", "model.backend.init_args.decode_chunk: 4",
+                            {"decode_chunk": 4}, False))
+        # after decode_chunk: on a tie (both split the decodes) the one that leaves the denoiser
         # and reward calls whole, which costs less time, comes first
         smaller = self.G if current > self.G else max(1, current // 2)
         if smaller < current:
@@ -266,7 +266,7 @@ def _lever_kwargs(lever: Lever, st: Settings, planner: Planner) -> dict[str, Any
             "train_batch_size": {"train_batch_size": max(1, st.train_batch_size // 4)},
             "gradient_checkpointing": {"gradient_checkpointing": True},
             "offload_text_encoders": {"offload_text_encoders": True},
-            "vae_decode_chunk": {"vae_decode_chunk": 4},
+            "decode_chunk": {"decode_chunk": 4},
             "drop_t5": {"drop_t5": True},
             "prompts_per_step": {"prompts_per_step": 1},
             "dtype": {"weight_bytes_scale": 0.5}}[lever.name]

@@ -6,13 +6,14 @@ import contextlib
 import dataclasses
 import json
 import os
+import sys
 import warnings
 from collections.abc import Iterator, Sequence
 from typing import Any
 
-from ..errors import ConfigError, OneLineParser
+from ..errors import ConfigError
 from .planner import Planner
-from .tracking import GiB, MiB, build_run
+from .tracking import GiB, MiB, build_cli, build_run
 
 #: Added to the allocator peak before comparing with the GPU's memory: CUDA context (~0.3-0.6 GiB),
 #: cuBLAS / attention workspaces, caching-allocator fragmentation. An assumption, not a measurement.
@@ -67,11 +68,13 @@ def quiet() -> Iterator[None]:
 
 
 def report(config: str | Sequence[str], gpu_memory: int | None = None, overrides: Sequence[str] = (),
-           sample_batch_size: int | None = None, target: str = "cuda") -> dict[str, Any]:
+           sample_batch_size: int | None = None, target: str = "cuda", built: tuple[Any, Any] | None = None
+           ) -> dict[str, Any]:
     """The plan of ``config`` as a dict (what ``--json`` prints). ``cards``: for each of ``CARDS``
-    (and ``gpu_memory``), whether the peak + overhead fits and the levers that make it fit."""
+    (and ``gpu_memory``), whether the peak + overhead fits and the levers that make it fit.
+    ``built``: the run's (module, datamodule) when the caller built them (the command)."""
     with quiet():
-        module, datamodule = build_run(config, overrides)
+        module, datamodule = built if built is not None else build_run(config, overrides)
         sbs = sample_batch_size if sample_batch_size is not None else module.rollout_settings.sample_batch_size
         first = datamodule.prompts[0]
         prompt = first if isinstance(first, str) else str(getattr(first, "prompt", first))
@@ -129,7 +132,7 @@ def format_report(r: dict[str, Any]) -> str:
              f"settings: prompts_per_step {st['prompts_per_step']}, rows per denoiser / decode / reward call "
              f"{rows}, train_batch_size {st['train_batch_size']}, gradient_checkpointing "
              f"{st['gradient_checkpointing']}, offload_text_encoders {st['offload_text_encoders']}, "
-             f"vae_decode_chunk {st['vae_decode_chunk']}", "", f"{'weights by component':<50}{'GiB':>8}"]
+             f"decode_chunk {st['decode_chunk']}", "", f"{'weights by component':<50}{'GiB':>8}"]
     offloaded = st["offload_text_encoders"]
     for name, n in r["weights"].items():
         where = " (offloaded to CPU)" if offloaded and name.startswith("text_encoder") else ""
@@ -198,32 +201,38 @@ def fit_table(reports: Sequence[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def plan_parser() -> OneLineParser:
-    parser = OneLineParser(
-        prog="pro-grpo plan",
-        description="Expected peak GPU memory of a training config, per phase, without a GPU or weights: "
-                    "whether it fits 24 / 40 / 80 GiB cards (and --gpu_memory) and which settings to change. "
-                    "Extra arguments (e.g. --model.update.train_batch_size 2) override the config as in `fit`.")
-    parser.add_argument("--config", required=True, action="append",
-                        help="the run's YAML, as given to `fit` (repeatable: a base config, then its overlay)")
-    parser.add_argument("--gpu_memory", "--gpu-memory", default=None,
-                        help="another card's memory, e.g. 48GB or 81559MiB")
-    parser.add_argument("--sample_batch_size", "--sample-batch-size", type=int, default=None,
-                        help="rows per denoiser, decode and reward call in the rollout "
-                             "(default: the config's, else all rows)")
-    parser.add_argument("--json", action="store_true", help="print the plan as JSON")
-    return parser
+@dataclasses.dataclass
+class PlanOptions:
+    """The plan's own settings, beside the run's (``fit``'s: ``--config`` and any override).
+
+    Args:
+        gpu_memory: another card's memory to plan for (besides 24 / 40 / 80 GiB), e.g. 48GB or 81559MiB.
+        sample_batch_size: rows per denoiser, decode and reward call in the rollout (default: the
+            run's model.rollout.sample_batch_size, else all rows).
+        json: print the plan as JSON.
+    """
+
+    gpu_memory: str | None = None
+    sample_batch_size: int | None = None
+    json: bool = False
+
+
+DESCRIPTION = ("Expected peak GPU memory of a training config, per phase, without a GPU or weights: whether it "
+               "fits 24 / 40 / 80 GiB cards (and --gpu_memory) and which settings to change. The run's settings "
+               "are fit's (--config files, overrides such as --model.update.train_batch_size 2).")
 
 
 def run(argv: Sequence[str] | None = None) -> None:
-    """Parse, check, plan, print; errors raise (``main`` turns them into one line and exit 2)."""
-    args, overrides = plan_parser().parse_known_args(argv)
-    gpu = parse_memory(args.gpu_memory) if args.gpu_memory else None
-    for path in args.config:
-        if not os.path.isfile(path):
-            raise ConfigError(f"plan: --config {path!r}: no such file")
-    r = report(args.config[0] if len(args.config) == 1 else args.config, gpu, overrides, args.sample_batch_size)
-    print(json.dumps(r, indent=1) if args.json else format_report(r))
+    """Parse (``fit``'s parser plus ``PlanOptions``), plan, print; errors raise (``main`` turns
+    them into one line and exit 2)."""
+    with quiet():
+        cli = build_cli(sys.argv[1:] if argv is None else argv, PlanOptions, DESCRIPTION, "pro-grpo plan")
+    options = cli.config
+    gpu = parse_memory(options.gpu_memory) if options.gpu_memory else None
+    configs = [str(c) for c in options.get("config") or []]
+    r = report(configs[0] if len(configs) == 1 else configs, gpu, sample_batch_size=options.sample_batch_size,
+               built=(cli.model, cli.datamodule))
+    print(json.dumps(r, indent=1) if options.json else format_report(r))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -244,18 +244,25 @@ def allocator_levels(fn: Callable[[], Any]) -> tuple[list[Any], list[int], list[
 
 
 # ---- building without weights ------------------------------------------------------------------------
-def build_run(config: str | Sequence[str], overrides: Sequence[str] = ()) -> tuple[Any, Any]:
-    """(module, datamodule) of ``fit --config config`` (several: a base and its overlays, in order),
-    nothing loaded (backends load lazily)."""
+def build_cli(argv: Sequence[str], options: Any = None, description: str | None = None, prog: str | None = None) -> Any:
+    """``fit``'s CLI on ``argv`` without running it (``cli.main(run=False)``): the module and
+    datamodule built, nothing loaded (backends load lazily), pretrained sources unchecked;
+    ``options``: the command's own settings beside the run's (``cli.ProGRPOCLI``)."""
     from ..cli import main
     from ..loading import source_checks_skipped
 
-    configs = [config] if isinstance(config, str) else list(config)
     with source_checks_skipped(), warnings.catch_warnings():
         # LightningCLI reads only ``args`` here, and warns when the process's own argv has more
         warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
-        cli = main([a for c in configs for a in ("--config", c)] + list(overrides), run=False, save_config=False,
-                   exit_on_error=False)
+        return main(list(argv), run=False, save_config=False, exit_on_error=False, options=options,
+                    description=description, prog=prog)
+
+
+def build_run(config: str | Sequence[str], overrides: Sequence[str] = ()) -> tuple[Any, Any]:
+    """(module, datamodule) of ``fit --config config`` (several: a base and its overlays, in order),
+    nothing loaded (``build_cli``)."""
+    configs = [config] if isinstance(config, str) else list(config)
+    cli = build_cli([a for c in configs for a in ("--config", c)] + list(overrides))
     return cli.model, cli.datamodule
 
 

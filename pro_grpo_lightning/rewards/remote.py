@@ -3,7 +3,7 @@
 Run a reward where it fits (another environment, another GPU, another machine of the cluster) and
 train against it over HTTP::
 
-    python -m pro_grpo_lightning.reward_server --reward my_pkg.scorers.OCRReward \\
+    pro-grpo serve-reward --reward my_pkg.scorers.OCRReward \\
         --init_args '{"lang": "en"}' --host 127.0.0.1 --port 8000
 
     model:
