@@ -45,7 +45,8 @@ from pro_grpo_lightning.loading import source_checks_skipped  # noqa: E402
 from pro_grpo_lightning.module import ProGRPOModule  # noqa: E402
 from pro_grpo_lightning.networks import EMPTY, NetworkSource  # noqa: E402
 from pro_grpo_lightning.objectives import group_advantages  # noqa: E402
-from pro_grpo_lightning.plan import Planner, measured_peak_bytes  # noqa: E402
+from pro_grpo_lightning.plan import LiveBytes, Planner  # noqa: E402
+from pro_grpo_lightning.plan.tracking import allocator_levels  # noqa: E402
 from pro_grpo_lightning.rewards import Brightness, RewardSet  # noqa: E402
 from pro_grpo_lightning.rollout import ExpandPruneRollout  # noqa: E402
 from pro_grpo_lightning.schedules import ProGRPOSchedule  # noqa: E402
@@ -131,9 +132,17 @@ def run_family(family: str, seed: int, log: Any) -> dict[str, Any]:
              "update minibatch of 2": (planner.update(2, False), planner.update_call(2, False, backend=backend))}
     plan_vs = {}
     for what, (planned, fn) in pairs.items():
-        measured = measured_peak_bytes(fn)
-        plan_vs[what] = {"planned_bytes": planned, "measured_bytes": measured, "ratio": planned / measured}
-        log(f"{family}: {what}: plan {planned / 2**20:.1f} MiB vs CPU allocator {measured / 2**20:.1f} MiB")
+        measured, inside = allocator_peak(fn)
+        plan_vs[what] = {"planned_bytes": planned, "measured_bytes": measured, "ratio": planned / measured,
+                         "allocator_peak_inside": inside,
+                         "largest_op_workspace_planned_bytes": max(planner.workspace.bytes.values(), default=0)}
+        log(f"{family}: {what}: plan {planned / 2**20:.1f} MiB vs CPU allocator {measured / 2**20:.1f} MiB "
+            f"(peak inside {' > '.join(inside['ops'])})")
+    # the tracker on the real call: what the ops return, without the workspace (the plan's old figure)
+    tracker = LiveBytes()
+    with tracker:
+        pairs["denoiser call, 2 rows"][1]()
+    plan_vs["denoiser call, 2 rows"]["tensors_returned_on_real_weights"] = tracker.peak
     return {
         "hub_id": FAMILIES[family][1], "settings": {k: str(v) for k, v in FAMILIES[family][2].items()},
         "schedule": dict(zip(("T", "G", "K", "pruned_after_step"), FAMILIES[family][3])), "resolution": 128,
@@ -147,6 +156,36 @@ def run_family(family: str, seed: int, log: Any) -> dict[str, Any]:
         "plan_vs_cpu_allocator": plan_vs,
         "peak_rss_gib_so_far": _peak_rss_gib(),
     }
+
+
+def allocator_peak(fn: Any) -> tuple[int, dict[str, Any]]:
+    """The CPU allocator's peak during ``fn()`` (as ``measured_peak_bytes`` reads it) and where it
+    is: the ops running at that moment (outermost first), the bytes alive when the innermost began,
+    and per op name the most it held inside itself beyond what it returned (its peak minus the
+    larger of the bytes alive at its start and at its end)."""
+    import bisect
+
+    events, times, levels = allocator_levels(fn)
+    peak = max(levels, default=0)
+    at = times[levels.index(peak)] if levels else 0
+
+    def before(t: int) -> int:
+        i = bisect.bisect_left(times, t)
+        return levels[i - 1] if i else 0
+
+    ops = [e for e in events if e.name().startswith("aten::")]
+    running = sorted((e for e in ops if e.start_ns() <= at <= e.start_ns() + e.duration_ns()),
+                     key=lambda e: -e.duration_ns())
+    inside: dict[str, int] = {}
+    for e in ops:
+        i, j = bisect.bisect_left(times, e.start_ns()), bisect.bisect_right(times, e.start_ns() + e.duration_ns())
+        if i < j:
+            held = max(levels[i:j]) - max(before(e.start_ns()), levels[j - 1])
+            inside[e.name()] = max(inside.get(e.name(), 0), held)
+    top = dict(sorted(inside.items(), key=lambda kv: -kv[1])[:8])
+    return peak, {"ops": [e.name() for e in running],
+                  "alive_at_innermost_start": before(running[-1].start_ns()) if running else 0,
+                  "most_held_inside_by_op": top}
 
 
 def flux_on_meta() -> dict[str, Any]:
@@ -170,6 +209,19 @@ def _flux_module() -> ProGRPOModule:
                          schedule=ProGRPOSchedule(group_size=4, checkpoints=[1], keep=[2], rule="ovf"))
 
 
+def replan(path: Path, log: Any) -> None:
+    """The plan figures of a stored ``<family>.json`` made again by the current code (no real
+    weights: the plan's fake build), stored beside the old ones as ``replanned``."""
+    stored = json.loads(path.read_text())
+    family = stored["family"]
+    planner = Planner(_module(_backend(family), family), prompts_per_step=1, target="cpu")
+    figures = {"denoiser call, 2 rows": planner.denoise(2), "update minibatch of 2": planner.update(2, False)}
+    for what, planned in figures.items():
+        log(f"{family}: {what}: plan {planned} (stored {stored['result']['plan_vs_cpu_allocator'][what]['planned_bytes']})")
+    stored["replanned"] = {"git_commit": git_commit(), "planned_bytes": figures}
+    path.write_text(json.dumps(stored, indent=1))
+
+
 def _peak_rss_gib() -> float:
     import resource
 
@@ -181,11 +233,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--families", nargs="+", default=[*FAMILIES, "flux"], choices=[*FAMILIES, "flux"])
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--replan", action="store_true",
+                   help="only make the plan figures of the stored <family>.json files in --out again")
     args = p.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
 
     def log(msg: str) -> None:
         print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+    if args.replan:
+        for family in args.families:
+            if family != "flux":
+                replan(args.out / f"{family}.json", log)
+        return 0
 
     result: dict[str, Any] = {"command": "python -m benchmarks.real_architectures " + " ".join(argv or sys.argv[1:]),
                               "git_commit": git_commit(), "torch": torch.__version__,

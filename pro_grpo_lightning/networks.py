@@ -239,8 +239,15 @@ def fake_tensors(module: nn.Module, fake_mode: Any) -> None:
     Unlike ``Module.to_empty`` this keeps tied weights tied (T5's shared embedding): one fake
     tensor per original tensor, set on every module that holds it. Meta tensors are wrapped as they
     are (what ``empty_like`` under the mode makes, 100x faster).
+
+    The fakes never move: ``Module.to`` swaps a fake parameter (``torch.utils.swap_tensors``),
+    which refuses a tensor that the mode's converter holds a weak reference to, and every fake made
+    here is held that way. That is why they are made with the mode's dispatch cache off: the cache
+    is one for the whole process (``FakeTensorMode.cache``, shared by every mode), and a parameter
+    whose ``detach`` came from it (an identical one was faked earlier in the process) was not held,
+    so it moved where the first one refused: offloading then behaved by what ran before.
     """
-    from torch._subclasses.fake_tensor import FakeTensor
+    from torch._subclasses.fake_tensor import FakeTensor, disable_fake_tensor_cache
 
     memo: dict[int, tuple[Tensor, Tensor]] = {}  # id -> (original, fake); the original kept alive
     persistent = set(module.state_dict(keep_vars=True))
@@ -255,9 +262,10 @@ def fake_tensors(module: nn.Module, fake_mode: Any) -> None:
             memo[id(t)] = (t, nn.Parameter(new, requires_grad=t.requires_grad) if param else new)
         return memo[id(t)][1]
 
-    for prefix, mod in module.named_modules():
-        dot = f"{prefix}." if prefix else ""
-        for name, p in list(mod.named_parameters(recurse=False)):
-            mod.register_parameter(name, fake(p, True))
-        for name, b in list(mod.named_buffers(recurse=False)):
-            mod.register_buffer(name, fake(b, False), persistent=dot + name in persistent)
+    with disable_fake_tensor_cache(fake_mode):
+        for prefix, mod in module.named_modules():
+            dot = f"{prefix}." if prefix else ""
+            for name, p in list(mod.named_parameters(recurse=False)):
+                mod.register_parameter(name, fake(p, True))
+            for name, b in list(mod.named_buffers(recurse=False)):
+                mod.register_buffer(name, fake(b, False), persistent=dot + name in persistent)

@@ -20,14 +20,19 @@ sum is the extra memory the call needs on top of what existed before (weights, s
 
 Checked against measurement (``tests/test_plan.py``): on the CPU the same calls on real weights,
 measured by the allocator's own events (``torch.profiler`` memory events), peak within 2% of the
-plan (+ 16 KiB) for the tiny models and the ``mini`` architectures. On a GPU the plan is an
+plan (+ 16 KiB) for the tiny models and the ``mini`` architectures, and equal to it for one
+denoiser call and one update minibatch of the real SD1.5 and SD3.5-M (docs/results/real_architectures).
+The CPU target (``target="cpu"``) adds what convolutions and 16-bit matrix products allocate
+inside themselves (oneDNN's weight copies: not ops, so no trace sees them), measured once per op
+signature on real zeros (``CpuWorkspace``). On a GPU the plan is an
 estimate of
 ``torch.cuda.max_memory_allocated``: allocations are rounded to the CUDA caching allocator's 512 B
 blocks, and ``RUNTIME_OVERHEAD`` (CUDA context, cuBLAS workspace, allocator fragmentation) is
 added before comparing with a card's memory. What is not modelled: Lightning's ``bf16-mixed``
 autocast copies (the frozen weights are already bf16; only the small LoRA weights are cast), the
-attention kernel's own workspace on GPU (the plan traces PyTorch's CPU flash-attention path,
-which like the GPU flash / memory-efficient kernels never materialises the attention matrix).
+workspaces of cuDNN's convolutions and of the attention kernel on GPU (the plan traces PyTorch's
+CPU flash-attention path, which like the GPU flash / memory-efficient kernels never materialises
+the attention matrix).
 
 Phases (each: resident weights + what lives through the phase + the call's transient peak):
     encode prompts         text encoders on the device (offloaded ones too, while they encode)
@@ -67,9 +72,9 @@ from .calls import TRAINED, TRAINED_FULL, Settings, TracedCalls
 from .planner import Lever, Phase, Planner
 from . import report as report_module
 from .report import CARDS, RUNTIME_OVERHEAD, allocator_note, fit_table, format_report, main, parse_memory, report
-from .tracking import (CUDA_BLOCK, GiB, LiveBytes, MiB, block_stacks, build_run, fake_backend, fake_reward,
+from .tracking import (CUDA_BLOCK, CpuWorkspace, GiB, LiveBytes, MiB, block_stacks, build_run, fake_backend, fake_reward,
                        measured_peak_bytes)
 
-__all__ = ["CARDS", "CUDA_BLOCK", "allocator_note", "GiB", "Lever", "LiveBytes", "MiB", "Phase", "Planner", "RUNTIME_OVERHEAD", "Settings",
+__all__ = ["CARDS", "CUDA_BLOCK", "CpuWorkspace", "allocator_note", "GiB", "Lever", "LiveBytes", "MiB", "Phase", "Planner", "RUNTIME_OVERHEAD", "Settings",
            "TRAINED", "TRAINED_FULL", "TracedCalls", "block_stacks", "build_run", "fake_backend", "fake_reward",
            "fit_table", "format_report", "main", "measured_peak_bytes", "parse_memory", "report"]

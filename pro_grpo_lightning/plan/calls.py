@@ -12,7 +12,7 @@ from torch import Tensor
 
 from ..networks import UnknownArchitecture
 from ..rewards.base import Reward
-from .tracking import CUDA_BLOCK, Depth, LiveBytes, fake_backend, fake_reward, module_bytes, tensor_bytes
+from .tracking import CUDA_BLOCK, CpuWorkspace, Depth, LiveBytes, fake_backend, fake_reward, module_bytes, tensor_bytes
 
 #: The weights-table row of what the optimizer trains: the LoRA adapter, or the whole denoiser
 #: with ``finetune: full`` (then its frozen copy, the KL reference, is the ``reference_denoiser`` row).
@@ -55,7 +55,8 @@ class TracedCalls:
         prompts_per_step: P, prompts per rollout on one device.
         sample_batch_size: rows per denoiser, decode and reward call in the rollout (None: all live rows).
         prompt: a prompt of the run's task (task rewards may parse it).
-        target: "cuda" (round allocations to CUDA blocks) or "cpu" (exact bytes).
+        target: "cuda" (round allocations to CUDA blocks) or "cpu" (exact bytes, and what each
+            convolution allocates inside itself: ``CpuWorkspace``).
     """
 
     def __init__(self, module: Any, prompts_per_step: int, target: str = "cuda",
@@ -66,6 +67,8 @@ class TracedCalls:
         self.prompt = prompt  # every row's prompt (text is padded to fixed lengths: any prompt of the task)
         self.backend = module.backend
         self.block = CUDA_BLOCK if target == "cuda" else 1
+        #: on the CPU, what convolutions allocate inside themselves (measured once per signature)
+        self.workspace = CpuWorkspace() if target == "cpu" else None
         self.fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
         self.notes: list[str] = []
         fake_backend(self.backend, self.fake_mode)
@@ -96,7 +99,8 @@ class TracedCalls:
             b.set_offload_text_encoders(False)
         self.weights = self._weights()
         self._depth_setup()
-        self._cache: dict[tuple, int] = {}
+        self._cache: dict[tuple, dict[str, int]] = {}  # key -> {"all", "tensors", "inside"}: peaks
+        self._part = "all"  # which peak ``_trace`` answers (``_split``)
         self.image_row_bytes: dict[tuple[float, bool], int] = {}  # (preview_scale, preview) -> one image's bytes
         self.latent_row_bytes: dict[float, int] = {}  # preview_scale -> bytes of one latent decoded
         #: Fake-tensor traces run so far (each runs one library call op by op; the plan's cost).
@@ -177,11 +181,30 @@ class TracedCalls:
             self.traces += 1
             with self.fake_mode, self.depth.at(depth):
                 fn = make()  # inputs: created before tracking (counted as persistent, not transient)
-                tracker = LiveBytes(self.block)
+                tracker = LiveBytes(self.block, self.workspace)
                 with torch.set_grad_enabled(grad), tracker:
                     fn()
-            self._cache[key] = tracker.peak
-        return self._cache[key]
+                tracker.settle()
+            self._cache[key] = {"all": tracker.peak, "tensors": tracker.tensor_peak, "inside": tracker.inside_peak}
+        return self._cache[key][self._part]
+
+    def _split(self, figure: Callable[[], int]) -> int:
+        """``figure`` (extrapolated from traces) as it is, or, where ops hold a workspace (the CPU
+        target), made twice, from the traces' peaks of what ops return and from their peaks inside
+        the ops that hold one, each extrapolated on its own, and the larger taken. The two sit at
+        different ops and grow differently with rows (a convolution's copy of its weight is the same
+        at every row count): a line through the maximum's values at 1 and 2 rows would fall below
+        it further out (tiny SD1.5's decode of 6 rows: 6 % low)."""
+        if self.workspace is None:
+            return figure()
+        out = 0
+        for part in ("tensors", "inside"):
+            self._part = part
+            try:
+                out = max(out, figure())
+            finally:
+                self._part = "all"
+        return out
 
     def _rows(self, n: int, backend: Any) -> tuple[Tensor, dict[str, Tensor]]:
         if id(backend) not in self._cond:
@@ -296,11 +319,12 @@ class TracedCalls:
 
     def denoise(self, rows: int) -> int:
         """Transient of one sampling call ``backend.step`` on ``rows`` samples (no grad)."""
-        return self._linear(lambda n: self.deep(lambda d: self.denoise_traced(n, d)), rows)
+        return self._split(lambda: self._linear(lambda n: self.deep(lambda d: self.denoise_traced(n, d)), rows))
 
     def update(self, batch: int, checkpointing: bool) -> int:
         """Transient of one update minibatch of ``batch`` pairs (see ``update_call``)."""
-        return self._linear(lambda n: self.deep(lambda d: self.update_traced(n, checkpointing, d)), batch)
+        return self._split(lambda: self._linear(lambda n: self.deep(lambda d: self.update_traced(n, checkpointing, d)),
+                                                batch))
 
     def denoise_traced(self, rows: int, depth: tuple | None = None) -> int:
         """One sampling call traced as it runs (``depth`` None: the whole denoiser)."""

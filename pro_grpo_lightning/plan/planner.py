@@ -59,6 +59,9 @@ class Planner(TracedCalls):
         traces at ``chunk + r`` and ``2 * chunk + r`` rows, so the levers' chunked decodes of many
         rows cost two traces of two and three VAE calls."""
         preview = self._previews_differ(preview)
+        return self._split(lambda: self._decode(rows, chunk, preview_scale, preview))
+
+    def _decode(self, rows: int, chunk: int | None, preview_scale: float, preview: bool) -> int:
         if chunk is None or chunk >= rows:
             return self._linear(lambda n: self._trace(("decode", n, None, preview_scale, preview),
                                                       lambda: self.decode_call(n, None, preview_scale, preview)),
@@ -88,7 +91,7 @@ class Planner(TracedCalls):
                     raise
                 self.rewards = kept
                 return self._trace(key, lambda: self.reward_call(n, side))
-        return self._linear(traced, rows)
+        return self._split(lambda: self._linear(traced, rows))
 
     def score(self, rows: int, chunk: int | None, preview_scale: float = 1.0,
               sample_batch_size: int | None = None, preview: bool = False) -> int:

@@ -6,6 +6,7 @@ full depth."""
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import warnings
 import weakref
@@ -38,14 +39,18 @@ class LiveBytes(TorchDispatchMode):
     them, and a storage is known by its ``id`` while a weak reference to it is alive.
     """
 
-    def __init__(self, block: int = 1) -> None:
+    def __init__(self, block: int = 1, workspace: CpuWorkspace | None = None) -> None:
         super().__init__()
         self.block = block
+        self.workspace = workspace  # what ops hold inside themselves (``CpuWorkspace``; ``settle()``)
         self.current = 0
         self.peak = 0
         self.peaks: list[int] = [0]
         self.starts: list[int] = [0]
         self._live: dict[int, weakref.ref] = {}  # id(storage) -> its weak reference (callback: freed)
+        self._inside: list[tuple[int, int, tuple]] = []  # (segment, bytes alive with its outputs, op's key)
+        self.tensor_peak = 0  # ``settle()``: the peak of what ops return alone ...
+        self.inside_peak = 0  # ... and the peak inside the ops that hold a workspace
 
     def mark(self) -> None:
         """Start a new segment (its peak is counted from the bytes alive now)."""
@@ -61,18 +66,39 @@ class LiveBytes(TorchDispatchMode):
         fresh = _FRESH.get(func)
         if fresh is None:  # per return value: may it be a new storage (no alias annotation)?
             fresh = _FRESH[func] = tuple(r.alias_info is None for r in func._schema.returns)
+        if self.workspace is not None:  # inside the op, with its outputs: a peak, nothing kept
+            key = self.workspace.key(func, args, kwargs or {})
+            if key is not None:
+                self._count_outputs(out, fresh, args)
+                self._inside.append((len(self.peaks) - 1, self.current, key))
         if not any(fresh):
             return out
+        self._count_outputs(out, fresh, args)
+        if self.current > self.peaks[-1]:
+            self.peaks[-1] = self.current
+            self.peak = max(self.peak, self.current)
+        return out
+
+    def settle(self) -> None:
+        """After the trace: the workspace of the ops that hold one (measured now, all at once) added
+        to the bytes alive at each, into the peaks."""
+        self.tensor_peak = self.peak
+        if not self._inside:
+            return
+        size = self.workspace.measure({key for _, _, key in self._inside})
+        for segment, alive, key in self._inside:
+            self.peaks[segment] = max(self.peaks[segment], alive + size[key])
+            self.inside_peak = max(self.inside_peak, alive + size[key])
+        self.peak = max(self.peak, *self.peaks)
+        self._inside.clear()
+
+    def _count_outputs(self, out: Any, fresh: tuple[bool, ...], args: tuple) -> None:
         outs = (out,) if len(fresh) == 1 else out
         for o, new in zip(outs, fresh):
             if new:
                 for t in (o if isinstance(o, (list, tuple)) else (o,)):
                     if isinstance(t, Tensor):
                         self._count(t, args)
-        if self.current > self.peaks[-1]:
-            self.peaks[-1] = self.current
-            self.peak = max(self.peak, self.current)
-        return out
 
     def _count(self, t: Tensor, args: tuple) -> None:
         st = t.untyped_storage()
@@ -90,6 +116,99 @@ class LiveBytes(TorchDispatchMode):
 
 #: Per op (``OpOverload``): for each return value, whether it may be a fresh storage.
 _FRESH: dict[Any, tuple[bool, ...]] = {}
+
+
+class CpuWorkspace:
+    """Bytes an op allocates inside itself on the CPU, on top of its outputs, for the ops found to
+    do so at real size: convolutions, and matrix products in 16-bit floats. Measured once per
+    signature (op, shapes, strides, dtypes, other arguments) on real zeros, by the allocator's
+    events (``measured_peak_bytes``).
+
+    A dispatch-level trace sees what ops return, not what they allocate while they run. On the CPU
+    oneDNN's convolution copies its weight and its input into its own blocked layout on every call
+    and frees the copies when it returns: at SD1.5's real width that copy (118 MB for an up block's
+    2560 -> 1280 3x3 convolution) is most of a no-grad denoiser call's peak, its activations (16 x 16
+    latents at 128 px) being small. A bfloat16 matrix product accumulates in a float32 buffer, and
+    ``bmm`` of a strided input packs a copy first (SD3.5-M's peak). How much depends on the CPU
+    (oneDNN picks the layout per instruction set), hence a measurement on this machine rather than
+    a rule (docs/results/real_architectures/). float32 matrix products allocate nothing inside
+    (measured) and are not probed: every op run for real would be running the network. The GPU
+    plan has no such figure (cuDNN's and cuBLAS's workspaces are not modelled).
+    """
+
+    CONVOLUTIONS = ("convolution", "convolution_backward")
+    PRODUCTS = ("mm", "addmm", "bmm", "baddbmm")
+
+    def __init__(self) -> None:
+        self.bytes: dict[tuple, int] = {}  # op's key -> bytes it held inside (measured)
+        self._ops: dict[tuple, tuple[Any, tuple, dict]] = {}  # op's key -> (op, arguments described)
+
+    def key(self, func: Any, args: tuple, kwargs: dict) -> tuple | None:
+        """The key of this call when it is one of the ops measured (else None); kept for ``measure``."""
+        name = func.overloadpacket.__name__
+        half = any(isinstance(a, Tensor) and a.dtype in (torch.bfloat16, torch.float16) for a in args)
+        if name not in self.CONVOLUTIONS and not (name in self.PRODUCTS and half):
+            return None
+        described = (tuple(_describe(a) for a in args), {k: _describe(v) for k, v in kwargs.items()})
+        key = (str(func), repr(described))
+        self._ops.setdefault(key, (func, *described))
+        return key
+
+    def measure(self, keys: set[tuple]) -> dict[tuple, int]:
+        """``keys``' workspace: those not measured yet run on real zeros, all in one profiler session
+        (starting one costs ~0.1 s: one per op made the CPU plan of a tiny UNet take a minute), each
+        in its own ``record_function`` range: the allocator's peak inside it above the bytes alive
+        when it began, less what it returned."""
+        todo = [k for k in keys if k not in self.bytes]
+        if todo:
+            from torch._subclasses.fake_tensor import unset_fake_temporarily
+            from torch.profiler import record_function
+
+            returned: dict[str, int] = {}
+
+            def run() -> None:
+                for i, k in enumerate(todo):
+                    func, args, kwargs = self._ops[k]
+                    r_args, r_kwargs = [_real(a) for a in args], {n: _real(v) for n, v in kwargs.items()}
+                    with record_function(f"workspace {i}"):
+                        out = func(*r_args, **r_kwargs)
+                    outs = out if isinstance(out, (tuple, list)) else (out,)  # backward: (dx, dw, db)
+                    returned[f"workspace {i}"] = sum(t.untyped_storage().nbytes() for t in outs
+                                                     if isinstance(t, Tensor))
+                    del out, outs, r_args, r_kwargs
+
+            with unset_fake_temporarily(), torch.no_grad():
+                events, times, levels = allocator_levels(run)
+            for e in events:
+                if e.name() in returned:
+                    i = bisect.bisect_left(times, e.start_ns())
+                    j = bisect.bisect_right(times, e.start_ns() + e.duration_ns())
+                    before = levels[i - 1] if i else 0
+                    held = max(levels[i:j], default=before) - before - returned[e.name()]
+                    self.bytes[todo[int(e.name().split()[1])]] = max(0, held)
+            for k in todo:  # an op that allocated nothing at all has no events in its range
+                self.bytes.setdefault(k, 0)
+        return {k: self.bytes[k] for k in keys}
+
+
+def _real(a: Any) -> Any:
+    """A described argument as a real value: tensors as zeros of their shape, strides and dtype."""
+    if isinstance(a, tuple) and a[:1] == ("tensor",):
+        _, shape, stride, dtype = a
+        return torch.empty_strided(shape, stride, dtype=dtype, device="cpu").zero_()
+    if isinstance(a, tuple):
+        return [_real(x) for x in a]
+    return a
+
+
+def _describe(a: Any) -> Any:
+    if isinstance(a, Tensor):
+        return ("tensor", tuple(a.shape), a.stride(), a.dtype)
+    if isinstance(a, (list, tuple)):
+        return tuple(_describe(x) for x in a)
+    return a
+
+
 def measured_peak_bytes(fn: Callable[[], Any], device: torch.device | str = "cpu") -> int:
     """The allocator's peak during ``fn()`` above what was allocated before it, on real tensors.
 
@@ -104,17 +223,24 @@ def measured_peak_bytes(fn: Callable[[], Any], device: torch.device | str = "cpu
         fn()
         torch.cuda.synchronize(device)
         return torch.cuda.max_memory_allocated(device) - base
+    levels = allocator_levels(fn)[2]
+    return max(levels, default=0)
+
+
+def allocator_levels(fn: Callable[[], Any]) -> tuple[list[Any], list[int], list[int]]:
+    """``fn()`` under ``torch.profiler`` with the CPU allocator's events: (every profiler event, the
+    allocator events' times, the bytes allocated since the start after each, in time order)."""
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
-    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
-                    if e.name() == "[memory]")
-    current = peak = 0
-    for _, n in events:
+    events = list(prof.profiler.kineto_results.events())
+    memory = sorted((e.start_ns(), e.nbytes()) for e in events if e.name() == "[memory]")
+    levels, current = [], 0
+    for _, n in memory:
         current += n
-        peak = max(peak, current)
-    return peak
+        levels.append(current)
+    return events, [t for t, _ in memory], levels
 
 
 # ---- building without weights ------------------------------------------------------------------------
