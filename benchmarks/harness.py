@@ -61,7 +61,7 @@ def base_parser(name: str, description: str) -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=1, help="unrecorded rounds first")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: 1 on CPU; 0 leaves torch's setting)")
     p.add_argument("--lora-rank", type=int, default=8)
-    p.add_argument("--vae-decode-chunk", type=int, default=None)
+    p.add_argument("--decode-chunk", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-plot", action="store_true", help="skip the PNG")
     p.add_argument("--out", default=None, help=f"output folder (default benchmarks/results/{name})")
