@@ -315,6 +315,11 @@ class TracedCalls:
         (checked against direct traces and measurements in tests/test_plan.py). Two traces then
         serve every chunk size the levers try."""
         one, two = measure(1), measure(2)
+        if two < one and rows > 2:  # what ops hold inside (``CpuWorkspace``) follows the kernel library's
+            # choice of algorithm by batch size: oneDNN's convolutions hold more at 1 row than at 2 (a
+            # tiny TAESD decoder: 395 KB vs 332 KB, then 166 KB per row), so a line through them falls;
+            # beyond 2 rows the 2-row figure per row is taken instead
+            return two * rows // 2
         return one + (two - one) * (rows - 1)
 
     def denoise(self, rows: int) -> int:
