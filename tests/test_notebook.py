@@ -78,6 +78,9 @@ def test_quickstart_notebook_executes(tmp_path, monkeypatch):
     monkeypatch.setenv("QUICKSTART_STEPS", "2")
     monkeypatch.setenv("QUICKSTART_EVAL_PROMPTS", "2")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    # one thread in the kernel: the suite's other worker holds the second core, and two threads on a
+    # busy core wait on each other (the kernel's run took several times longer)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
     monkeypatch.setenv("PYTHONPATH", str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     NotebookClient(nb, timeout=600, kernel_name="python3", coalesce_streams=True,
                    resources={"metadata": {"path": str(tmp_path)}}).execute()
