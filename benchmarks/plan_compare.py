@@ -2,6 +2,7 @@
 
     python -m benchmarks.plan_compare --out docs/results/plan/compared.json
     python -m benchmarks.plan_compare --summary A.json B.json   # two such outputs: the same differences?
+    python -m benchmarks.plan_compare --write --out OUT.json     # and store the new plans in their place
 
 Each stored file is the ``pro-grpo plan --json`` of the configs its ``config`` field names (with
 the ``--gpu_memory`` it was made with, and the overrides ``OVERRIDES`` lists for the file that had
@@ -47,6 +48,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--plans", type=Path, default=Path("docs/results/plan"))
     p.add_argument("--out", type=Path)
     p.add_argument("--only", nargs="*", default=None, help="these plans' names only")
+    p.add_argument("--write", action="store_true",
+                   help="also replace each stored plan with the new one (what `pro-grpo plan --json` prints)")
     p.add_argument("--summary", nargs=2, type=Path, default=None, metavar=("A", "B"),
                    help="instead: whether two outputs of this script found the same differences, plan by plan")
     args = p.parse_args(argv)
@@ -73,6 +76,8 @@ def main(argv: list[str] | None = None) -> int:
                                       "seconds": time.perf_counter() - t0}
         print(f"{path.stem}: {'identical' if not diff else f'{len(diff)} differences'} "
               f"({time.perf_counter() - t0:.0f} s)", *diff[:8], sep="\n  ", flush=True)
+        if args.write:
+            path.write_text(json.dumps(new, indent=1) + "\n")
         args.out.write_text(json.dumps(result, indent=1))  # after each plan: a stopped run keeps what it made
     return 0 if all(r["identical"] for r in result["plans"].values()) else 1
 
