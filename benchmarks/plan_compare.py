@@ -46,7 +46,7 @@ def differences(old: Any, new: Any, path: str = "") -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.plan_compare", description=__doc__.split("\n\n")[0])
     p.add_argument("--plans", type=Path, default=Path("docs/results/plan"))
-    p.add_argument("--out", type=Path)
+    p.add_argument("--out", type=Path, default=None, help="write the differences here (JSON)")
     p.add_argument("--only", nargs="*", default=None, help="these plans' names only")
     p.add_argument("--write", action="store_true",
                    help="also replace each stored plan with the new one (what `pro-grpo plan --json` prints)")
@@ -78,7 +78,8 @@ def main(argv: list[str] | None = None) -> int:
               f"({time.perf_counter() - t0:.0f} s)", *diff[:8], sep="\n  ", flush=True)
         if args.write:
             path.write_text(json.dumps(new, indent=1) + "\n")
-        args.out.write_text(json.dumps(result, indent=1))  # after each plan: a stopped run keeps what it made
+        if args.out is not None:
+            args.out.write_text(json.dumps(result, indent=1))  # after each plan: a stopped run keeps what it made
     return 0 if all(r["identical"] for r in result["plans"].values()) else 1
 
 
